@@ -1,0 +1,176 @@
+// Per-sample cross-entropy (ES_SPEC section 5): one pass over the logits with
+// an online log-sum-exp over chunks of the class axis, float32 arithmetic,
+// float32 / bfloat16 / float16 input, parallel over rows.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "ops.h"
+
+namespace es_kernels {
+namespace {
+
+constexpr int kLanes = 16;       // independent accumulators: lets the compiler vectorise
+constexpr int64_t kChunk = 2048;  // classes per chunk (8 KiB of float32, stays in L1)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) to about 2 ulp for finite x, branch-free so that loops over it
+// vectorise (Cephes expf polynomial with a 2^n scale).
+inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t < 0.0f ? -0.5f : 0.5f));
+  const float fn = static_cast<float>(n);
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// Running log-sum-exp state of one row: max, sum of exp(x - max), sum of x.
+struct RowAcc {
+  float m = kNegInf;
+  float s = 0.0f;
+  float sx = 0.0f;
+
+  void add_chunk(const float* x, int64_t n) {
+    float mx[kLanes];
+    for (int l = 0; l < kLanes; ++l) mx[l] = kNegInf;
+    const int64_t nv = n / kLanes * kLanes;
+    for (int64_t i = 0; i < nv; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) mx[l] = x[i + l] > mx[l] ? x[i + l] : mx[l];
+    float cm = kNegInf;
+    for (int l = 0; l < kLanes; ++l) cm = mx[l] > cm ? mx[l] : cm;
+    for (int64_t i = nv; i < n; ++i) cm = x[i] > cm ? x[i] : cm;
+
+    float acc[kLanes] = {0.0f}, accx[kLanes] = {0.0f};
+    for (int64_t i = 0; i < nv; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        acc[l] += exp_poly(x[i + l] - cm);
+        accx[l] += x[i + l];
+      }
+    float cs = 0.0f, csx = 0.0f;
+    for (int l = 0; l < kLanes; ++l) {
+      cs += acc[l];
+      csx += accx[l];
+    }
+    for (int64_t i = nv; i < n; ++i) {
+      cs += exp_poly(x[i] - cm);
+      csx += x[i];
+    }
+    sx += csx;
+    if (cm == kNegInf) return;  // the chunk adds nothing to the sum
+    if (cm > m) {
+      s = s * std::exp(m - cm) + cs;
+      m = cm;
+    } else {
+      s += cs * std::exp(cm - m);
+    }
+  }
+};
+
+// Loss of one token row; `x` holds C logits of type T.
+template <typename T>
+float row_loss(const T* x, int64_t C, int64_t target, double eps, float* buf) {
+  if (target < 0 || target >= C) return std::numeric_limits<float>::quiet_NaN();
+  RowAcc acc;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, C - c0);
+    if constexpr (std::is_same_v<T, float>) {
+      acc.add_chunk(x + c0, n);
+    } else {
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[c0 + i]);
+      acc.add_chunk(buf, n);
+    }
+  }
+  if (!std::isfinite(acc.sx)) return std::numeric_limits<float>::quiet_NaN();
+  const float lse = acc.m + std::log(acc.s);
+  const float nll = lse - static_cast<float>(x[target]);
+  if (eps == 0.0) return nll;
+  const float smooth = lse - acc.sx / static_cast<float>(C);
+  return static_cast<float>(1.0 - eps) * nll + static_cast<float>(eps) * smooth;
+}
+
+template <typename T, typename I>
+void token_losses(const T* logits, const I* targets, int64_t rows, int64_t C,
+                  int64_t ignore_index, double eps, float* out) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : kChunk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = static_cast<int64_t>(targets[r]);
+      out[r] = t == ignore_index ? 0.0f : row_loss(logits + r * C, C, t, eps, buf.data());
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor per_sample_cross_entropy(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                                    int64_t ignore_index, double label_smoothing) {
+  check_cpu(logits_in, "logits");
+  check_cpu(targets_in, "targets");
+  const int64_t dim = logits_in.dim();
+  TORCH_CHECK_VALUE(dim == 2 || dim == 3, "logits must be [B, C] or [B, T, V], got ",
+                    logits_in.sizes());
+  TORCH_CHECK_VALUE(targets_in.dim() == dim - 1 &&
+                        targets_in.sizes() == logits_in.sizes().slice(0, dim - 1),
+                    "targets must have shape ", logits_in.sizes().slice(0, dim - 1), ", got ",
+                    targets_in.sizes());
+  TORCH_CHECK_VALUE(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
+                    "targets must be int64 or int32, got ", targets_in.scalar_type());
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor targets = targets_in.contiguous();
+  const int64_t B = logits.size(0);
+  const int64_t C = logits.size(dim - 1);
+  const int64_t rows = targets.numel();
+  at::Tensor out = at::empty({B}, logits.options().dtype(at::kFloat));
+  if (B == 0) return out;
+  TORCH_CHECK_VALUE(C > 0, "logits must have at least one class");
+  at::Tensor tok = dim == 2 ? out : at::empty({rows}, out.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "per_sample_ce", [&] {
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "per_sample_ce_targets", [&] {
+      token_losses(logits.data_ptr<scalar_t>(), targets.data_ptr<index_t>(), rows, C,
+                   ignore_index, label_smoothing, tok.data_ptr<float>());
+    });
+  });
+
+  if (dim == 3) {  // mean over the non-ignored tokens of each sequence
+    const int64_t T = logits.size(1);
+    const float* tk = tok.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "per_sample_ce_mean", [&] {
+      const index_t* tg = targets.data_ptr<index_t>();
+      at::parallel_for(0, B, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t bi = begin; bi < end; ++bi) {
+          float sum = 0.0f;
+          int64_t count = 0;
+          for (int64_t t = 0; t < T; ++t) {
+            if (static_cast<int64_t>(tg[bi * T + t]) == ignore_index) continue;
+            sum += tk[bi * T + t];
+            ++count;
+          }
+          o[bi] = count > 0 ? sum / static_cast<float>(count) : 0.0f;
+        }
+      });
+    });
+  }
+  return out;
+}
+
+}  // namespace es_kernels
