@@ -12,13 +12,13 @@ TORCH_LIBRARY(es_kernels, m) {
         "float label_smoothing=0.0) -> Tensor");
   m.def("es_update(Tensor ids, Tensor losses, Tensor(a!) s, Tensor(b!) d, Tensor(c!) errors, "
         "float beta1, float beta2, float w_min=1e-08) -> Tensor");
-  m.def("weighted_select(Tensor weights, int b, str mode=\"sample\", int seed=0, int step=0) "
+  m.def("weighted_select(Tensor weights, int b, str select_mode=\"sample\", int seed=0, int step=0) "
         "-> Tensor");
   m.def("es_step_losses(Tensor losses, Tensor ids, Tensor(a!) s, Tensor(b!) d, "
-        "Tensor(c!) errors, int b, float beta1, float beta2, str mode=\"sample\", int seed=0, "
+        "Tensor(c!) errors, int b, float beta1, float beta2, str select_mode=\"sample\", int seed=0, "
         "int step=0, float w_min=1e-08) -> (Tensor, Tensor, Tensor)");
   m.def("es_step(Tensor logits, Tensor targets, Tensor ids, Tensor(a!) s, Tensor(b!) d, "
-        "Tensor(c!) errors, int b, float beta1, float beta2, str mode=\"sample\", int seed=0, "
+        "Tensor(c!) errors, int b, float beta1, float beta2, str select_mode=\"sample\", int seed=0, "
         "int step=0, int ignore_index=-100, float label_smoothing=0.0, float w_min=1e-08) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("eswp_prune(Tensor s, Tensor d, float prune_ratio, int seed=0, int epoch=0, "

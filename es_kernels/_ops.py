@@ -1,6 +1,8 @@
 """The ``torch.ops.es_kernels`` ops: loads the C++ library (which defines the
 schemas and the CPU kernels) and registers the fake (meta) implementations
-that let the ops trace under ``torch.compile`` and ``opcheck``. The Triton
+that let the ops trace under ``torch.compile`` and ``opcheck``. (The schema
+calls the selection mode ``select_mode``: an argument named ``mode`` collides
+with torch's auto-functionalization of mutating ops.) The Triton
 module registers the CUDA kernels of the same ops when Triton is present."""
 from __future__ import annotations
 
@@ -36,22 +38,22 @@ def _(ids, losses, s, d, errors, beta1, beta2, w_min=1e-8):
 
 
 @torch.library.register_fake("es_kernels::weighted_select")
-def _(weights, b, mode="sample", seed=0, step=0):
-    _checks.select(weights, b, mode, seed, step)
+def _(weights, b, select_mode="sample", seed=0, step=0):
+    _checks.select(weights, b, select_mode, seed, step)
     return _empty(b, weights, torch.int64)
 
 
 @torch.library.register_fake("es_kernels::es_step_losses")
-def _(losses, ids, s, d, errors, b, beta1, beta2, mode="sample", seed=0, step=0, w_min=1e-8):
-    _checks.step_from_losses(losses, ids, s, d, errors, b, beta1, beta2, mode, seed, step, w_min)
+def _(losses, ids, s, d, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0, w_min=1e-8):
+    _checks.step_from_losses(losses, ids, s, d, errors, b, beta1, beta2, select_mode, seed, step, w_min)
     n = ids.shape[0]
     return _empty(b, s, torch.int64), _empty(n, s, torch.float32), _empty(n, s, torch.float32)
 
 
 @torch.library.register_fake("es_kernels::es_step")
-def _(logits, targets, ids, s, d, errors, b, beta1, beta2, mode="sample", seed=0, step=0,
+def _(logits, targets, ids, s, d, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
       ignore_index=-100, label_smoothing=0.0, w_min=1e-8):
-    _checks.step_from_logits(logits, targets, ids, s, d, errors, b, beta1, beta2, mode, seed, step,
+    _checks.step_from_logits(logits, targets, ids, s, d, errors, b, beta1, beta2, select_mode, seed, step,
                              ignore_index, label_smoothing, w_min)
     n = ids.shape[0]
     return _empty(b, s, torch.int64), _empty(n, s, torch.float32), _empty(n, s, torch.float32)

@@ -1,0 +1,78 @@
+"""Shared fixtures: the backends under test, random inputs, hypothesis profile.
+
+Each backend exposes the six ops with the schema's positional signature (see
+csrc/register.cpp). Every op test runs on every backend present here and
+compares against es_kernels.reference.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import es_kernels
+from es_kernels import reference as R
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+OP_NAMES = ("per_sample_cross_entropy", "es_update", "weighted_select", "es_step_losses",
+            "es_step", "eswp_prune")
+
+
+def _torch_ops_backend():
+    return types.SimpleNamespace(name="cpp", device="cpu",
+                                 **{n: getattr(torch.ops.es_kernels, n) for n in OP_NAMES})
+
+
+BACKENDS = {"cpp": _torch_ops_backend}
+
+
+def register_backend(name, factory):
+    BACKENDS[name] = factory
+
+
+@pytest.fixture(params=sorted(BACKENDS), scope="session")
+def backend(request):
+    return BACKENDS[request.param]()
+
+
+def new_state(n, dtype=torch.float32, observed=0.5, seed=0):
+    """An ESState-like triple (s, d, errors) with a fraction of observed samples."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.full((n,), float("nan"), dtype=dtype)
+    seen = torch.rand(n, generator=g) < observed
+    s[seen] = (torch.rand(int(seen.sum()), generator=g) * 4).to(dtype)
+    d = torch.zeros(n, dtype=dtype)
+    d[seen] = (torch.randn(int(seen.sum()), generator=g) * 0.3).to(dtype)
+    return s, d, torch.zeros(2, dtype=torch.int64)
+
+
+def clone3(t):
+    return tuple(x.clone() for x in t)
+
+
+def assert_state_equal(a, b):
+    """Bit-exact equality of (s, d, errors), NaN == NaN."""
+    for x, y, name in zip(a, b, ("s", "d", "errors")):
+        assert torch.equal(torch.isnan(x), torch.isnan(y)) if x.is_floating_point() else True, name
+        if x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(x, y), name
+
+
+@pytest.fixture
+def reference():
+    return R
+
+
+@pytest.fixture
+def api():
+    return es_kernels

@@ -1,0 +1,201 @@
+"""The public API: validation of bad input (ES_SPEC section 8), check(),
+the checked mode, ESState, opcheck and torch.compile."""
+import io
+
+import pytest
+import torch
+
+import es_kernels as ek
+from conftest import new_state
+
+
+def fresh(n=16):
+    st = ek.ESState(n)
+    ek.es_step_from_losses(torch.rand(8), torch.arange(8), st, 4)
+    return st
+
+
+def snapshot(st):
+    return {k: v.clone() for k, v in st.state_dict().items()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k].nan_to_num(-1.0), b[k].nan_to_num(-1.0)) for k in a)
+
+
+LOGITS, TARGETS, IDS = torch.randn(8, 5), torch.randint(0, 5, (8,)), torch.arange(8)
+
+BAD_STEP_CALLS = [  # (kwargs overriding a good es_step call, the argument the error names)
+    (dict(logits=torch.randn(8)), "logits"),
+    (dict(logits=torch.randn(8, 5).double()), "logits"),
+    (dict(logits=torch.randint(0, 3, (8, 5))), "logits"),
+    (dict(targets=torch.randint(0, 5, (7,))), "targets"),
+    (dict(targets=torch.rand(8)), "targets"),
+    (dict(ids=torch.arange(7)), "ids"),
+    (dict(ids=torch.arange(8).float()), "ids"),
+    (dict(ids=torch.arange(8).reshape(2, 4)), "ids"),
+    (dict(b=9), "b"),
+    (dict(b=-1), "b"),
+    (dict(b=2.0), "b"),
+    (dict(beta1=1.5), "beta1"),
+    (dict(beta2=-0.1), "beta2"),
+    (dict(beta1=float("nan")), "beta1"),
+    (dict(mode="greedy"), "mode"),
+    (dict(seed=-1), "seed"),
+    (dict(step=torch.tensor(3)), "step"),
+    (dict(label_smoothing=2.0), "label_smoothing"),
+    (dict(w_min=0.0), "w_min"),
+    (dict(ids=torch.arange(8, device="meta")), "ids"),
+]
+
+
+@pytest.mark.parametrize("override,name", BAD_STEP_CALLS)
+def test_bad_step_input_names_argument_and_keeps_state(override, name):
+    st = fresh()
+    before = snapshot(st)
+    kw = dict(logits=LOGITS, targets=TARGETS, ids=IDS, b=4, beta1=0.2, beta2=0.9, mode="sample",
+              seed=0, step=0, label_smoothing=0.0, w_min=1e-8)
+    kw.update(override)
+    args = [kw.pop(k) for k in ("logits", "targets", "ids")]
+    b = kw.pop("b")
+    with pytest.raises(ValueError, match=name):
+        ek.es_step(*args, st, b, **kw)
+    assert same(before, snapshot(st))
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda st: ek.es_step_from_losses(torch.rand(7), torch.arange(8), st, 2), "losses"),
+    (lambda st: ek.es_step_from_losses(torch.arange(8), torch.arange(8), st, 2), "losses"),
+    (lambda st: ek.es_update(torch.arange(8), torch.rand(8, 1), st), "losses"),
+    (lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st.s, 2), "state"),
+    (lambda st: ek.weighted_select(torch.rand(4), 5), "b"),
+    (lambda st: ek.weighted_select(torch.rand(4, 1), 1), "weights"),
+    (lambda st: ek.weighted_select(torch.arange(4), 1), "weights"),
+    (lambda st: ek.eswp_prune(st, 1.0), "prune_ratio"),
+    (lambda st: ek.eswp_prune(st, -0.1), "prune_ratio"),
+    (lambda st: ek.eswp_prune(st, 0.5, num_epochs=0), "num_epochs"),
+    (lambda st: ek.eswp_prune(st, 0.5, anneal_frac=1.5), "anneal_frac"),
+    (lambda st: ek.per_sample_cross_entropy(torch.randn(2, 3, 4, 5), torch.zeros(2, 3, 4).long()), "logits"),
+])
+def test_other_bad_input(call, name):
+    st = fresh()
+    before = snapshot(st)
+    with pytest.raises(ValueError, match=name):
+        call(st)
+    assert same(before, snapshot(st))
+
+
+def test_direct_op_call_is_guarded_too():
+    s, d, e = new_state(8)
+    with pytest.raises(ValueError, match="b must be"):
+        torch.ops.es_kernels.es_step_losses(torch.rand(4), torch.arange(4), s, d, e, 5, 0.2, 0.9)
+    with pytest.raises(ValueError, match="losses"):
+        torch.ops.es_kernels.es_update(torch.arange(4), torch.rand(3), s, d, e, 0.2, 0.9)
+
+
+def test_check_reports_bad_values_and_state_is_untouched():
+    st = ek.ESState(10)
+    ek.es_step_from_losses(torch.rand(4), torch.arange(4), st, 2)
+    before = snapshot(st)
+    ek.es_step_from_losses(torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([10, 1, -3]), st, 1)
+    assert torch.equal(st.s.nan_to_num(-1), before["s"].nan_to_num(-1))
+    with pytest.raises(RuntimeError, match=r"2 id\(s\) out of range \[0, 10\) and 1 non-finite"):
+        st.check()
+    st.reset_errors()
+    st.check()
+
+
+def test_checked_mode(monkeypatch):
+    st = ek.ESState(10)
+    monkeypatch.setenv("ES_KERNELS_CHECKED", "1")
+    with pytest.raises(RuntimeError, match="distinct"):
+        ek.es_step_from_losses(torch.rand(3), torch.tensor([1, 2, 1]), st, 1)
+    assert torch.isnan(st.s).all()  # refused before anything was written
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ek.es_step_from_losses(torch.tensor([1.0, float("inf")]), torch.tensor([1, 2]), st, 1)
+    monkeypatch.delenv("ES_KERNELS_CHECKED")
+    ek.es_step_from_losses(torch.rand(3), torch.tensor([1, 2, 1]), st, 1)  # unchecked: no error
+
+
+def test_empty_meta_batch_and_noncontiguous():
+    st = fresh()
+    before = snapshot(st)
+    r = ek.es_step(torch.empty(0, 5), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), st, 0)
+    assert r.positions.shape == (0,) and r.losses.shape == (0,) and r.weights.shape == (0,)
+    assert same(before, snapshot(st))
+    logits = torch.randn(5, 16)[:, ::2]
+    ids = torch.arange(20)[::2]
+    r = ek.es_step(logits, torch.randint(0, 8, (5, 2))[:, 0], ids[:5], st, 2)
+    assert r.positions.shape == (2,)
+
+
+def test_state_round_trip_through_torch_save():
+    st = fresh(32)
+    ek.es_update(torch.tensor([30, 31]), torch.tensor([float("nan"), 1.0]), st)
+    buf = io.BytesIO()
+    torch.save(st.state_dict(), buf)
+    buf.seek(0)
+    other = ek.ESState(32)
+    other.load_state_dict(torch.load(buf))
+    assert same(st.state_dict(), other.state_dict())
+    assert other.errors.tolist() == [0, 1]
+    # both continue identically
+    a = ek.es_step_from_losses(torch.rand(8), torch.arange(8, 16), st, 3, step=1)
+    b = ek.es_step_from_losses(a.losses, torch.arange(8, 16), other, 3, step=1)
+    assert torch.equal(a.positions, b.positions) and same(st.state_dict(), other.state_dict())
+
+
+def test_load_state_dict_validates_before_writing():
+    st = fresh(16)
+    before = snapshot(st)
+    bad = snapshot(st)
+    bad["d"] = torch.zeros(15)
+    with pytest.raises(ValueError, match="'d'"):
+        st.load_state_dict(bad)
+    with pytest.raises(ValueError, match="missing 'errors'"):
+        st.load_state_dict({"s": before["s"], "d": before["d"]})
+    assert same(before, snapshot(st))
+    with pytest.raises(ValueError, match="dtype"):
+        ek.ESState(4, dtype=torch.float16)
+
+
+def test_prune_result():
+    st = ek.ESState(100)
+    ek.es_update(torch.arange(100), torch.rand(100), st)
+    res = ek.eswp_prune(st, 0.5, seed=1)
+    kept = res.kept_ids
+    assert kept.shape == (int(res.num_kept),) and len(set(kept.tolist())) == kept.numel()
+
+
+def op_samples():
+    s, d, e = new_state(20, seed=1)
+    logits, targets = torch.randn(6, 7), torch.randint(0, 7, (6,))
+    seq_logits, seq_targets = torch.randn(3, 4, 7).bfloat16(), torch.randint(0, 7, (3, 4))
+    ids = torch.tensor([3, 0, 7, 19, 12, 5])
+    return [
+        ("per_sample_cross_entropy", (logits, targets, -100, 0.1)),
+        ("per_sample_cross_entropy", (seq_logits, seq_targets, -100, 0.0)),
+        ("es_update", (ids, torch.rand(6), s, d, e, 0.2, 0.9, 1e-8)),
+        ("weighted_select", (torch.rand(9), 4, "sample", 1, 2)),
+        ("es_step_losses", (torch.rand(6), ids, s, d, e, 3, 0.2, 0.9, "topk", 0, 0, 1e-8)),
+        ("es_step", (logits, targets, ids, s, d, e, 3, 0.2, 0.9, "sample", 1, 2, -100, 0.0, 1e-8)),
+        ("eswp_prune", (s, d, 0.5, 0, 0, 4, 0.125, True)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", op_samples(), ids=lambda x: x if isinstance(x, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.es_kernels, name).default, args)
+
+
+def test_torch_compile_traces_the_step():
+    st = ek.ESState(64)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(logits, targets, ids, s, d, e):
+        return torch.ops.es_kernels.es_step(logits, targets, ids, s, d, e, 4, 0.2, 0.9, "sample", 0, 0,
+                                            -100, 0.0, 1e-8)
+
+    logits, targets, ids = torch.randn(16, 10), torch.randint(0, 10, (16,)), torch.arange(16)
+    pos, losses, w = step(logits, targets, ids, st.s, st.d, st.errors)
+    assert pos.shape == (4,) and not torch.isnan(st.s[:16]).any()
