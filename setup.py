@@ -36,8 +36,11 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('ES_KERNELS_BUILD_TYPE', 'Release')}",
             f"-DES_KERNELS_NATIVE={os.environ.get('ES_KERNELS_NATIVE', 'ON')}",
         ]
-        subprocess.check_call(configure, cwd=build_dir)
-        subprocess.check_call(["cmake", "--build", str(build_dir)], cwd=build_dir)
+        # cmake and ninja may come from pip, next to this interpreter
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        subprocess.check_call(configure, cwd=build_dir, env=env)
+        subprocess.check_call(["cmake", "--build", str(build_dir)], cwd=build_dir, env=env)
 
 
 setup(
