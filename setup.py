@@ -25,7 +25,8 @@ class CMakeBuild(build_ext):
         import torch.utils
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # a persistent build folder: rebuilds after an edit are incremental
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}"
         build_dir.mkdir(parents=True, exist_ok=True)
         prefix = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
         configure = [

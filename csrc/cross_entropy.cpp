@@ -14,7 +14,6 @@
 namespace es_kernels {
 namespace {
 
-constexpr int kLanes = 16;       // independent accumulators: lets the compiler vectorise
 constexpr int64_t kChunk = 2048;  // classes per chunk (8 KiB of float32, stays in L1)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -24,8 +23,8 @@ inline float exp_poly(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(t + (t < 0.0f ? -0.5f : 0.5f));
-  const float fn = static_cast<float>(n);
+  const float fn = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
+  const int32_t n = static_cast<int32_t>(fn);
   float r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -48,33 +47,23 @@ struct RowAcc {
   float sx = 0.0f;
 
   void add_chunk(const float* x, int64_t n) {
-    float mx[kLanes];
-    for (int l = 0; l < kLanes; ++l) mx[l] = kNegInf;
-    const int64_t nv = n / kLanes * kLanes;
-    for (int64_t i = 0; i < nv; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) mx[l] = x[i + l] > mx[l] ? x[i + l] : mx[l];
+    // `omp simd` reductions (-fopenmp-simd, no OpenMP runtime) let the
+    // compiler vectorise without -ffast-math, which would drop NaN checks.
     float cm = kNegInf;
-    for (int l = 0; l < kLanes; ++l) cm = mx[l] > cm ? mx[l] : cm;
-    for (int64_t i = nv; i < n; ++i) cm = x[i] > cm ? x[i] : cm;
-
-    float acc[kLanes] = {0.0f}, accx[kLanes] = {0.0f};
-    for (int64_t i = 0; i < nv; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        acc[l] += exp_poly(x[i + l] - cm);
-        accx[l] += x[i + l];
-      }
+#pragma omp simd reduction(max : cm)
+    for (int64_t i = 0; i < n; ++i) cm = x[i] > cm ? x[i] : cm;
     float cs = 0.0f, csx = 0.0f;
-    for (int l = 0; l < kLanes; ++l) {
-      cs += acc[l];
-      csx += accx[l];
-    }
-    for (int64_t i = nv; i < n; ++i) {
+#pragma omp simd reduction(+ : cs, csx)
+    for (int64_t i = 0; i < n; ++i) {
       cs += exp_poly(x[i] - cm);
       csx += x[i];
     }
     sx += csx;
     if (cm == kNegInf) return;  // the chunk adds nothing to the sum
-    if (cm > m) {
+    if (m == kNegInf) {  // first chunk with a finite max: no rescale
+      m = cm;
+      s = cs;
+    } else if (cm > m) {
       s = s * std::exp(m - cm) + cs;
       m = cm;
     } else {
