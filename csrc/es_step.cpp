@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -78,32 +79,42 @@ bool parse_mode(c10::string_view mode) {
   return mode == "sample";
 }
 
-// Section 4: ascending positions of the b largest keys, ties to the lower position.
+// Order-preserving map of a float key to uint32 (NaN counts as -inf).
+inline uint32_t ordered_bits(float k) {
+  if (std::isnan(k)) k = kNegInf;
+  if (k == 0.0f) k = 0.0f;  // -0 ties with +0, as in a float sort
+  uint32_t u;
+  std::memcpy(&u, &k, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Section 4: ascending positions of the b largest keys, ties to the lower
+// position. Keys: w for topk; w / E with E = -log(u) ~ Exp(1) for sample
+// (the exponential race, equivalent to log w + Gumbel), in float64 rounded to
+// float32 so that every backend's libm gives the same key.
 at::Tensor select_kernel(const float* w, int64_t B, int64_t b, bool sample, int64_t seed,
                          int64_t step, const at::TensorOptions& opts) {
   TORCH_CHECK_VALUE(b >= 0 && b <= B, "b must be in [0, B] = [0, ", B, "], got ", b);
   at::Tensor out = at::empty({b}, opts.dtype(at::kLong));
   if (b == 0) return out;
-  std::vector<float> keys(B);
+  // packed = (~ordered key) << 32 | position: ascending packed is descending
+  // key, ties to the lower position; plain integer compares from here on.
+  std::vector<uint64_t> packed(B);
   const uint64_t useed = static_cast<uint64_t>(seed), ustep = static_cast<uint64_t>(step);
   at::parallel_for(0, B, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       float k = w[j];
       if (sample) {
         const double u = uniform_from_bits(philox4x32_10(useed, j, ustep, kStreamSelect).x[0]);
-        k = static_cast<float>(std::log(static_cast<double>(w[j])) - std::log(-std::log(u)));
+        k = static_cast<float>(static_cast<double>(w[j]) / -std::log(u));
       }
-      keys[j] = std::isnan(k) ? kNegInf : k;
+      packed[j] = (static_cast<uint64_t>(~ordered_bits(k)) << 32) | static_cast<uint64_t>(j);
     }
   });
-  std::vector<int64_t> idx(B);
-  std::iota(idx.begin(), idx.end(), int64_t(0));
-  auto before = [&](int64_t a, int64_t c) {
-    return keys[a] > keys[c] || (keys[a] == keys[c] && a < c);
-  };
-  if (b < B) std::nth_element(idx.begin(), idx.begin() + b, idx.end(), before);
-  std::sort(idx.begin(), idx.begin() + b);
-  std::copy(idx.begin(), idx.begin() + b, out.data_ptr<int64_t>());
+  if (b < B) std::nth_element(packed.begin(), packed.begin() + b, packed.end());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t k = 0; k < b; ++k) o[k] = static_cast<int64_t>(packed[k] & 0xFFFFFFFFu);
+  std::sort(o, o + b);
   return out;
 }
 
@@ -150,6 +161,7 @@ at::Tensor weighted_select(const at::Tensor& weights_in, int64_t b, c10::string_
   TORCH_CHECK_VALUE(weights_in.dim() == 1, "weights must be 1-D [B], got ", weights_in.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(weights_in.scalar_type()), "weights must be floating point");
   const bool sample = parse_mode(mode);
+  TORCH_CHECK_VALUE(weights_in.size(0) < (int64_t(1) << 32), "weights: at most 2^32 - 1 positions");
   const at::Tensor w = weights_in.to(at::kFloat).contiguous();
   return select_kernel(w.data_ptr<float>(), w.size(0), b, sample, seed, step, w.options());
 }

@@ -160,17 +160,19 @@ def es_update(
 # Section 4: selection
 # --------------------------------------------------------------------------
 def selection_keys(weights: torch.Tensor, mode: str, seed: int, step: int) -> torch.Tensor:
-    """The float32 key of each position: ``w`` for ``topk``, and
-    ``log(w) - log(-log(u))`` (log weight plus Gumbel noise) for ``sample``,
-    computed in float64 and rounded to float32 so that every backend's libm
-    gives the same float32 key. A NaN key counts as -inf."""
+    """The float32 key of each position; the ``b`` largest keys are selected.
+
+    ``topk``: the weight. ``sample``: ``w / E`` with ``E = -log(u)`` a standard
+    exponential (the exponential race: ranking by ``w / E`` is ranking by
+    ``log w + Gumbel``, which draws successively without replacement in
+    proportion to ``w``). Computed in float64 and rounded to float32 so that
+    every backend's libm gives the same key. A NaN key counts as -inf.
+    """
     w = weights.float()
-    if mode == "topk":
-        return torch.nan_to_num(w, nan=-math.inf)
-    x0, _, _, _ = _philox_words(w.shape[0], seed, step, STREAM_SELECT, w.device)
-    u = uniform_from_bits(x0).double()
-    keys = (torch.log(w.double()) - torch.log(-torch.log(u))).float()
-    return torch.nan_to_num(keys, nan=-math.inf)
+    if mode == "sample":
+        x0, _, _, _ = _philox_words(w.shape[0], seed, step, STREAM_SELECT, w.device)
+        w = (w.double() / -torch.log(uniform_from_bits(x0).double())).float()
+    return torch.nan_to_num(w, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def _top_positions(keys: torch.Tensor, b: int) -> torch.Tensor:
