@@ -21,9 +21,26 @@ from .functional import (
 )
 from .state import ESState
 
+
+def _register_triton() -> bool:
+    """Register the Triton kernels for CUDA tensors, where CUDA and Triton are."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from ._triton import ops as _triton_ops  # noqa: F401  (registers the CUDA kernels)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TRITON_CUDA = _register_triton()
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "HAS_TRITON_CUDA",
     "DEFAULT_BETA1",
     "DEFAULT_BETA2",
     "ESState",

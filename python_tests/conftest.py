@@ -13,8 +13,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-import es_kernels
-from es_kernels import reference as R
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors, interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import es_kernels  # noqa: E402
+from es_kernels import reference as R  # noqa: E402
+
+try:
+    from es_kernels._triton import ops as triton_ops
+except ImportError:  # Triton not installed: the C++ backend alone is tested
+    triton_ops = None
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,
@@ -27,15 +37,18 @@ OP_NAMES = ("per_sample_cross_entropy", "es_update", "weighted_select", "es_step
 
 
 def _torch_ops_backend():
-    return types.SimpleNamespace(name="cpp", device="cpu",
+    return types.SimpleNamespace(name="cpp", device="cpu", state_dtypes=(torch.float32, torch.float64),
                                  **{n: getattr(torch.ops.es_kernels, n) for n in OP_NAMES})
 
 
+def _triton_backend():
+    return types.SimpleNamespace(name="triton", device=DEVICE, state_dtypes=(torch.float32,),
+                                 **triton_ops.OPS)
+
+
 BACKENDS = {"cpp": _torch_ops_backend}
-
-
-def register_backend(name, factory):
-    BACKENDS[name] = factory
+if triton_ops is not None:
+    BACKENDS["triton"] = _triton_backend
 
 
 @pytest.fixture(params=sorted(BACKENDS), scope="session")

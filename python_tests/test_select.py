@@ -77,10 +77,16 @@ def successive_inclusion(w, b):
 def test_sample_inclusion_frequencies(backend, b):
     """K fixed-seed trials (steps 0..K-1); each position's count is compared to
     K * pi with a z-score bound of 4.5: false-failure rate below 6 * 6.8e-6
-    = 4e-5 per case (normal approximation, Bonferroni over positions)."""
+    = 4e-5 per case (normal approximation, Bonferroni over positions).
+    The interpreted Triton kernels cost ~60 ms a call on the CPU: they run
+    one case with fewer trials (their positions also equal the reference's
+    exactly, test_against_reference)."""
     w = [0.1, 0.5, 1.0, 1.5, 3.0, 6.0]
     pi = successive_inclusion(w, b)
-    K = 12000 if backend.name == "cpp" else 1500
+    interpreted = backend.name == "triton" and backend.device == "cpu"
+    if interpreted and b != 2:
+        pytest.skip("interpreted Triton: one case")
+    K = 600 if interpreted else 12000
     weights = torch.tensor(w)
     counts = torch.zeros(len(w))
     for step in range(K):
