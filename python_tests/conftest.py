@@ -41,9 +41,26 @@ def _torch_ops_backend():
                                  **{n: getattr(torch.ops.es_kernels, n) for n in OP_NAMES})
 
 
+def _on_device(fn, device):
+    """Run an op on ``device`` for tests written with CPU tensors: inputs are
+    copied there, in-place arguments copied back, outputs returned on the CPU."""
+    if device == "cpu":
+        return fn
+
+    def call(*args):
+        moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        out = fn(*moved)
+        for a, m in zip(args, moved):  # the state the op mutated (inputs copy back unchanged)
+            if isinstance(a, torch.Tensor):
+                a.copy_(m.cpu())
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+
+    return call
+
+
 def _triton_backend():
-    return types.SimpleNamespace(name="triton", device=DEVICE, state_dtypes=(torch.float32,),
-                                 **triton_ops.OPS)
+    ops = {n: _on_device(f, DEVICE) for n, f in triton_ops.OPS.items()}
+    return types.SimpleNamespace(name="triton", device=DEVICE, state_dtypes=(torch.float32,), **ops)
 
 
 BACKENDS = {"cpp": _torch_ops_backend}

@@ -5,10 +5,11 @@ import contextlib
 import pytest
 import torch
 
-from conftest import clone3, new_state, triton_ops
+from conftest import BACKENDS, DEVICE, clone3, new_state, triton_ops
 
 pytestmark = pytest.mark.skipif(triton_ops is None, reason="Triton is not installed")
 CPP = torch.ops.es_kernels
+T = BACKENDS["triton"]() if triton_ops is not None else None  # CPU tensors in, CPU tensors out
 
 
 @pytest.mark.parametrize("seed,step", [(0, 0), (7, 123), (2**40 + 3, 2**33 + 5)])
@@ -20,10 +21,10 @@ def test_same_positions_as_cpp(seed, step, mode):
     losses = torch.rand(batch, generator=g) * 4
     state = new_state(n, seed=3)
     a, c = clone3(state), clone3(state)
-    pos_t, _, w_t = triton_ops.es_step_losses(losses, ids, *a, b, 0.3, 0.8, mode, seed, step, 1e-8)
+    pos_t, _, w_t = T.es_step_losses(losses, ids, *a, b, 0.3, 0.8, mode, seed, step, 1e-8)
     pos_c, _, w_c = CPP.es_step_losses(losses, ids, *c, b, 0.3, 0.8, mode, seed, step, 1e-8)
     assert torch.equal(pos_t, pos_c) and torch.equal(w_t, w_c)
-    assert torch.equal(triton_ops.weighted_select(w_t, b, mode, seed, step), CPP.weighted_select(w_c, b, mode, seed, step))
+    assert torch.equal(T.weighted_select(w_t, b, mode, seed, step), CPP.weighted_select(w_c, b, mode, seed, step))
 
 
 def test_step_from_logits_close_to_cpp():
@@ -34,7 +35,7 @@ def test_step_from_logits_close_to_cpp():
     ids = torch.randperm(90, generator=g)[:40]
     state = new_state(90, seed=1)
     a, c = clone3(state), clone3(state)
-    pos_t, l_t, w_t = triton_ops.es_step(logits, targets, ids, *a, 10, 0.2, 0.9, "sample", 1, 2, -100, 0.1, 1e-8)
+    pos_t, l_t, w_t = T.es_step(logits, targets, ids, *a, 10, 0.2, 0.9, "sample", 1, 2, -100, 0.1, 1e-8)
     pos_c, l_c, w_c = CPP.es_step(logits, targets, ids, *c, 10, 0.2, 0.9, "sample", 1, 2, -100, 0.1, 1e-8)
     torch.testing.assert_close(l_t, l_c, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(w_t, w_c, rtol=2e-5, atol=2e-5)
@@ -44,7 +45,7 @@ def test_step_from_logits_close_to_cpp():
 def test_prune_same_as_cpp():
     s, d, _ = new_state(5000, observed=0.7, seed=9)
     for epoch in (0, 3, 9):
-        t = triton_ops.eswp_prune(s, d, 0.4, 11, epoch, 10, 0.125, True)
+        t = T.eswp_prune(s, d, 0.4, 11, epoch, 10, 0.125, True)
         c = CPP.eswp_prune(s, d, 0.4, 11, epoch, 10, 0.125, True)
         assert torch.equal(t[0], c[0]) and int(t[1]) == int(c[1]) and torch.equal(t[2], c[2])
 
@@ -52,7 +53,7 @@ def test_prune_same_as_cpp():
 def test_float64_state_is_refused_by_name():
     s, d, e = new_state(10, dtype=torch.float64)
     with pytest.raises(ValueError, match="s must be float32"):
-        triton_ops.es_update(torch.arange(3), torch.rand(3), s, d, e, 0.2, 0.9, 1e-8)
+        T.es_update(torch.arange(3), torch.rand(3), s, d, e, 0.2, 0.9, 1e-8)
 
 
 @contextlib.contextmanager
@@ -97,16 +98,19 @@ def test_the_guard_catches_a_sync():
 
 def test_op_paths_make_no_host_round_trip():
     g = torch.Generator().manual_seed(0)
-    logits, targets = torch.randn(16, 9, generator=g), torch.randint(0, 9, (16,), generator=g)
-    seq_logits, seq_targets = torch.randn(4, 3, 9, generator=g), torch.randint(0, 9, (4, 3), generator=g)
-    ids = torch.randperm(40, generator=g)[:16]
-    s, d, e = new_state(40, seed=2)
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    logits, targets = dev(torch.randn(16, 9, generator=g)), dev(torch.randint(0, 9, (16,), generator=g))
+    seq_logits = dev(torch.randn(4, 3, 9, generator=g))
+    seq_targets = dev(torch.randint(0, 9, (4, 3), generator=g))
+    ids = dev(torch.randperm(40, generator=g)[:16])
+    s, d, e = (dev(x) for x in new_state(40, seed=2))
+    losses, weights = dev(torch.rand(16)), dev(torch.rand(16))
     with no_host_sync():
         triton_ops.per_sample_cross_entropy(logits, targets, -100, 0.0)
         triton_ops.per_sample_cross_entropy(seq_logits, seq_targets, -100, 0.0)
-        triton_ops.es_update(ids, torch.rand(16), s, d, e, 0.2, 0.9, 1e-8)
-        triton_ops.weighted_select(torch.rand(16), 4, "sample", 0, 1)
-        triton_ops.es_step_losses(torch.rand(16), ids, s, d, e, 4, 0.2, 0.9, "sample", 0, 1, 1e-8)
+        triton_ops.es_update(ids, losses, s, d, e, 0.2, 0.9, 1e-8)
+        triton_ops.weighted_select(weights, 4, "sample", 0, 1)
+        triton_ops.es_step_losses(losses, ids, s, d, e, 4, 0.2, 0.9, "sample", 0, 1, 1e-8)
         triton_ops.es_step(logits, targets, ids, s, d, e, 4, 0.2, 0.9, "topk", 0, 1, -100, 0.0, 1e-8)
         triton_ops.es_step(seq_logits, seq_targets, ids[:4], s, d, e, 2, 0.2, 0.9, "sample", 0, 1, -100, 0.0, 1e-8)
         triton_ops.eswp_prune(s, d, 0.5, 0, 1, 10, 0.125, True)
