@@ -19,6 +19,7 @@ from .functional import (
     per_sample_cross_entropy,
     weighted_select,
 )
+from .sampler import ESWPSampler, EvolvedSampler, IndexedDataset, Selection
 from .state import ESState
 
 
@@ -44,6 +45,10 @@ __all__ = [
     "DEFAULT_BETA1",
     "DEFAULT_BETA2",
     "ESState",
+    "ESWPSampler",
+    "EvolvedSampler",
+    "IndexedDataset",
+    "Selection",
     "PruneResult",
     "StepResult",
     "checked_mode",
