@@ -1,8 +1,10 @@
 # The project's commands. Each works on a fresh machine with Python 3.9+ and a
 # C++17 compiler: it creates .venv (CPU torch pinned), builds the C++ kernels,
 # then runs.
-#   make bench   the main job: the op benchmark (bench/bench_ops.py)
+#   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
+#                and compare (es-kernels demo; DEMO_ARGS=--quick for 2 minutes)
 #   make test    the test suite
+#   make bench   the op benchmark (bench/bench_ops.py)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
@@ -11,7 +13,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install test bench clean
+.PHONY: install test bench demo clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,9 @@ test: install
 
 bench: install
 	$(PY) bench/bench_ops.py
+
+demo: install
+	$(PY) -m es_kernels demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build es_kernels/_C*.so *.egg-info

@@ -1,0 +1,19 @@
+"""``es-kernels <command>`` / ``python -m es_kernels <command>``."""
+import sys
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: es-kernels demo [options]   (es-kernels demo --help for the options)")
+        return 0 if argv else 2
+    if argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    print(f"es-kernels: unknown command {argv[0]!r}; try: es-kernels demo", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The bundled samplers and the demo: against the reference ops, resume,
+ESWP annealing and rescale, DataLoader use, and the demo end to end."""
+import io
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import es_kernels as ek
+from conftest import assert_state_equal
+from es_kernels import reference as R
+
+
+def ref_state(n):
+    return torch.full((n,), float("nan")), torch.zeros(n), torch.zeros(2, dtype=torch.int64)
+
+
+def test_select_matches_reference_ops():
+    n, B, b = 200, 40, 10
+    es = ek.EvolvedSampler(n, b, beta1=0.3, beta2=0.8, seed=5)
+    ref = ref_state(n)
+    g = torch.Generator().manual_seed(1)
+    for step in range(12):
+        ids = torch.randperm(n, generator=g)[:B]
+        logits, targets = torch.randn(B, 7, generator=g), torch.randint(0, 7, (B,), generator=g)
+        if step % 2:
+            sel = es.select(ids, logits=logits, targets=targets)
+            losses = R.per_sample_cross_entropy(logits, targets)
+            want = R.es_step_from_losses(sel.losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step)
+            torch.testing.assert_close(sel.losses, losses, rtol=2e-5, atol=2e-5)
+        else:
+            losses = torch.rand(B, generator=g)
+            sel = es.select(ids, losses=losses)
+            want = R.es_step_from_losses(losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step)
+        assert torch.equal(sel.positions, want[0]) and torch.equal(sel.weights, want[2])
+        assert torch.equal(sel.scales, torch.ones(b))
+    assert es.step == 12
+    assert_state_equal((es.state.s, es.state.d, es.state.errors), ref)
+
+
+def test_short_last_meta_batch_and_bad_calls():
+    es = ek.EvolvedSampler(10, 8)
+    sel = es.select(torch.arange(5), losses=torch.rand(5))
+    assert sel.positions.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="either logits"):
+        es.select(torch.arange(3), losses=torch.rand(3), logits=torch.randn(3, 2), targets=torch.zeros(3).long())
+    with pytest.raises(ValueError, match="targets"):
+        es.select(torch.arange(3), logits=torch.randn(3, 2))
+    with pytest.raises(ValueError, match="mini_batch"):
+        ek.EvolvedSampler(10, 0)
+    with pytest.raises(ValueError, match="beta2"):
+        ek.EvolvedSampler(10, 2, beta2=2.0)
+
+
+def run(es, pruner, epochs, start_epoch=0, g_seed=0):
+    """A tiny training-free loop: meta-batches of the pruner's order, losses from ids."""
+    picks = []
+    for epoch in range(start_epoch, epochs):
+        pruner.set_epoch(epoch)
+        order = torch.tensor(list(pruner))
+        for k in range(0, len(order), 16):
+            ids = order[k : k + 16]
+            losses = torch.sin(ids.float() * 0.37 + epoch) ** 2 + 0.1 / (epoch + 1)
+            sel = es.select(ids, losses=losses)
+            picks.append((ids[sel.positions].tolist(), sel.scales.tolist()))
+    return picks
+
+
+def test_resume_is_bit_exact(tmp_path):
+    n, E = 120, 6
+    es_a = ek.EvolvedSampler(n, 4, seed=3)
+    pr_a = ek.ESWPSampler(es_a, num_epochs=E, prune_ratio=0.5)
+    full = run(es_a, pr_a, E)
+
+    es_b = ek.EvolvedSampler(n, 4, seed=3)
+    pr_b = ek.ESWPSampler(es_b, num_epochs=E, prune_ratio=0.5)
+    first = run(es_b, pr_b, 3)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"es": es_b.state_dict(), "pruner": pr_b.state_dict()}, path)
+
+    es_c = ek.EvolvedSampler(n, 4, seed=99, beta1=0.9)  # settings come from the checkpoint
+    pr_c = ek.ESWPSampler(es_c, num_epochs=1)
+    ck = torch.load(path)
+    es_c.load_state_dict(ck["es"])
+    pr_c.load_state_dict(ck["pruner"])
+    rest = run(es_c, pr_c, E, start_epoch=3)
+    assert first + rest == full
+    assert_state_equal((es_a.state.s, es_a.state.d, es_a.state.errors),
+                       (es_c.state.s, es_c.state.d, es_c.state.errors))
+
+
+def test_eswp_prunes_rescales_and_anneals():
+    n, E, r = 2000, 8, 0.6
+    es = ek.EvolvedSampler(n, 8, seed=1)
+    ek.es_update(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(0)), es.state)
+    pr = ek.ESWPSampler(es, num_epochs=E, prune_ratio=r, anneal_frac=0.25)
+    kept = list(pr)
+    want = R.eswp_prune(es.state.s, es.state.d, r, 1, 0, E, 0.25, True)
+    assert kept == want[0][: int(want[1])].tolist() and torch.equal(es.scale, want[2])
+    assert 0.6 * n < len(kept) < 0.8 * n  # about half below the mean, 60% of those dropped
+    assert int((es.scale == 1 / (1 - r)).sum()) > 0 and set(es.scale.unique().tolist()) <= {0.0, 1.0, float(torch.tensor(1 / (1 - r)))}
+    assert pr.epoch == 1  # one pass advanced the epoch
+    sel = es.select(torch.tensor(kept[:20]), losses=torch.rand(20))
+    assert torch.equal(sel.scales, es.scale[torch.tensor(kept[:20])[sel.positions]])
+    for epoch in (6, 7):  # (1 - 0.25) * 8 = 6: annealing keeps everything at scale 1
+        pr.set_epoch(epoch)
+        assert sorted(pr) == list(range(n)) and torch.all(pr.scale == 1)
+
+
+def test_with_a_dataloader():
+    x, y = torch.randn(100, 3), torch.randint(0, 4, (100,))
+    es = ek.EvolvedSampler(100, 5)
+    ek.es_update(torch.arange(100), torch.rand(100), es.state)
+    pr = ek.ESWPSampler(es, num_epochs=4, prune_ratio=0.5)
+    loader = DataLoader(ek.IndexedDataset(TensorDataset(x, y)), batch_size=20, sampler=pr)
+    seen = []
+    for ids, xb, yb in loader:
+        assert torch.equal(xb, x[ids]) and torch.equal(yb, y[ids])
+        sel = es.select(ids, logits=torch.randn(len(ids), 4), targets=yb)
+        assert sel.positions.shape[0] == min(5, len(ids))
+        seen += ids.tolist()
+    assert len(seen) == len(set(seen)) < 100
+    assert pr.epoch == 1
+
+
+def test_state_dict_checks_the_state():
+    es = ek.EvolvedSampler(10, 2)
+    es.select(torch.tensor([3, 11]), losses=torch.rand(2))
+    with pytest.raises(RuntimeError, match="out of range"):
+        es.state_dict()
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    from es_kernels.demo import METHODS, main
+
+    rc = main(["--quick", "--seeds", "2", "--epochs", "2", "--mnist1d-samples", "800",
+               "--label-noise", "0.2", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert set(res["datasets"]) == {"mnist1d", "digits"}
+    for ds in res["datasets"].values():
+        assert set(ds["summary"]) == set(METHODS)
+        for m in METHODS:
+            s = ds["summary"][m]
+            assert s["wall_s"]["mean"] > 0 and 0 <= s["test_acc"]["mean"] <= 100
+            assert len(ds["runs"][m]) == 2 and len(ds["runs"][m][0]["curve"]) == 2
+        assert ds["summary"]["es"]["backward_samples"]["mean"] < ds["summary"]["full"]["backward_samples"]["mean"]
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+def test_label_noise_is_symmetric():
+    from es_kernels.demo import corrupt_labels
+
+    y = torch.arange(10).repeat(2000)
+    z = corrupt_labels(y, 0.4, 10, seed=0)
+    flipped = z != y
+    assert abs(flipped.float().mean().item() - 0.4) < 0.02
+    counts = torch.bincount(z[flipped], minlength=10).float()
+    assert counts.min() > 0.8 * counts.mean()
