@@ -48,12 +48,7 @@ def state_for(n):
 
 
 def row(op, size, dtype, mine, ref=None, baseline=None, base=None, bytes_=None, bw=None):
-    r = {"op": op, "size": size, "dtype": dtype, "triton_ms": mine["median_ms"],
-         "triton_p20_ms": mine["p20_ms"], "triton_p80_ms": mine["p80_ms"]}
-    if ref is not None:
-        r.update(ref_ms=ref["median_ms"], x_ref=ref["median_ms"] / mine["median_ms"])
-    if base is not None:
-        r.update(baseline=baseline, baseline_ms=base["median_ms"], x_baseline=base["median_ms"] / mine["median_ms"])
+    r = harness.make_row(op, size, dtype, "triton", mine, ref, baseline, base)
     if bytes_ is not None:
         gbs = bytes_ / (mine["median_ms"] * 1e-3) / 1e9
         r.update(GBps=gbs, x_read_time=bw / gbs)  # time over the time to read the bytes once at copy bandwidth

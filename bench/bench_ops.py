@@ -57,11 +57,8 @@ def step_rows(sizes, dtypes):
             ref = bench(lambda: R.es_step(logits, targets, ids, st.s, st.d, st.errors, b, *BETAS,
                                           "sample", 0, 1))
             ce = bench(lambda: F.cross_entropy(logits.float(), targets, reduction="none"))
-            rows.append({"op": "es_step (logits)", "size": f"B={B} C={C}", "dtype": str(dtype)[6:],
-                         "cpp_ms": cpp["median_ms"], "cpp_p20_ms": cpp["p20_ms"], "cpp_p80_ms": cpp["p80_ms"],
-                         "ref_ms": ref["median_ms"], "x_ref": ref["median_ms"] / cpp["median_ms"],
-                         "baseline": "F.cross_entropy", "baseline_ms": ce["median_ms"],
-                         "x_baseline": ce["median_ms"] / cpp["median_ms"]})
+            rows.append(harness.make_row("es_step (logits)", f"B={B} C={C}", str(dtype)[6:], "cpp", cpp, ref,
+                                         "F.cross_entropy", ce))
             print(rows[-1], flush=True)
     return rows
 
@@ -78,11 +75,8 @@ def select_rows(sizes):
             cpp = bench(lambda: OPS.weighted_select(w, b, mode, 0, 1))
             ref = bench(lambda: R.weighted_select(w, b, mode, 0, 1))
             base = bench(base_fn)
-            rows.append({"op": f"weighted_select ({mode})", "size": f"B={B} b={b}", "dtype": "float32",
-                         "cpp_ms": cpp["median_ms"], "cpp_p20_ms": cpp["p20_ms"], "cpp_p80_ms": cpp["p80_ms"],
-                         "ref_ms": ref["median_ms"], "x_ref": ref["median_ms"] / cpp["median_ms"],
-                         "baseline": baseline, "baseline_ms": base["median_ms"],
-                         "x_baseline": base["median_ms"] / cpp["median_ms"]})
+            rows.append(harness.make_row(f"weighted_select ({mode})", f"B={B} b={b}", "float32", "cpp", cpp,
+                                         ref, baseline, base))
             print(rows[-1], flush=True)
     return rows
 
@@ -93,9 +87,7 @@ def prune_rows(sizes):
         st = state_for(n)
         cpp = bench(lambda: OPS.eswp_prune(st.s, st.d, 0.5, 0, 1, 10, 0.125, True))
         ref = bench(lambda: R.eswp_prune(st.s, st.d, 0.5, 0, 1, 10, 0.125, True), budget_s=6.0)
-        rows.append({"op": "eswp_prune", "size": f"N={n:.0e}", "dtype": "float32",
-                     "cpp_ms": cpp["median_ms"], "cpp_p20_ms": cpp["p20_ms"], "cpp_p80_ms": cpp["p80_ms"],
-                     "ref_ms": ref["median_ms"], "x_ref": ref["median_ms"] / cpp["median_ms"]})
+        rows.append(harness.make_row("eswp_prune", f"N={n:.0e}", "float32", "cpp", cpp, ref))
         print(rows[-1], flush=True)
     return rows
 

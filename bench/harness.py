@@ -40,6 +40,19 @@ def repeats_for(seconds_per_call: float, budget_s: float = 3.0, lo: int = 3, hi:
     return int(max(lo, min(hi, budget_s / max(seconds_per_call, 1e-6))))
 
 
+def make_row(op: str, size: str, dtype: str, backend: str, mine: dict, ref: dict | None = None,
+             baseline: str | None = None, base: dict | None = None) -> dict:
+    """One result row: ``backend``'s median and p20/p80, and the ratios to the
+    reference and to a baseline (their time over ours: higher is better)."""
+    r = {"op": op, "size": size, "dtype": dtype, f"{backend}_ms": mine["median_ms"],
+         f"{backend}_p20_ms": mine["p20_ms"], f"{backend}_p80_ms": mine["p80_ms"]}
+    if ref is not None:
+        r.update(ref_ms=ref["median_ms"], x_ref=ref["median_ms"] / mine["median_ms"])
+    if base is not None:
+        r.update(baseline=baseline, baseline_ms=base["median_ms"], x_baseline=base["median_ms"] / mine["median_ms"])
+    return r
+
+
 def machine_info() -> dict:
     cpu = platform.processor()
     try:
