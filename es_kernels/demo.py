@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .functional import es_update
+from .functional import DEFAULT_BETA1, DEFAULT_BETA2, es_update
 from .sampler import ESWPSampler, EvolvedSampler
 
 METHODS = ("full", "uniform", "es", "eswp", "infobatch")
@@ -52,8 +52,8 @@ class Config:
     lr: float = 1e-3
     mnist1d_samples: int = 20000
     label_noise: float = 0.0
-    beta1: float = 0.2
-    beta2: float = 0.9
+    beta1: float = DEFAULT_BETA1
+    beta2: float = DEFAULT_BETA2
     prune_ratio: float = 0.5
     anneal_frac: float = 0.125
     methods: tuple = METHODS

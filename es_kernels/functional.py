@@ -17,7 +17,7 @@ from ._ops import ops
 from .state import ESState
 
 DEFAULT_BETA1 = 0.2
-DEFAULT_BETA2 = 0.9
+DEFAULT_BETA2 = 0.5  # from the demo ablation (bench/results/demo_ablation/ablation.json)
 DEFAULT_W_MIN = 1e-8
 
 
