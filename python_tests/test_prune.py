@@ -1,7 +1,6 @@
 """ESWP pruning (ES_SPEC section 7) on every backend."""
 import math
 
-import pytest
 import torch
 from hypothesis import given, strategies as st
 

@@ -1,6 +1,5 @@
 """The bundled samplers and the demo: against the reference ops, resume,
 ESWP annealing and rescale, DataLoader use, and the demo end to end."""
-import io
 import json
 
 import pytest

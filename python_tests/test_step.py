@@ -1,5 +1,4 @@
 """The fused step (ES_SPEC section 6) on every backend."""
-import pytest
 import torch
 from hypothesis import given, strategies as st
 

@@ -1,5 +1,4 @@
 """State update (ES_SPEC section 3) on every backend, bit-exact against the reference."""
-import math
 
 import pytest
 import torch
