@@ -182,11 +182,9 @@ Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::T
                 at::Tensor& s, at::Tensor& d, at::Tensor& errors, int64_t b, double beta1,
                 double beta2, c10::string_view mode, int64_t seed, int64_t step,
                 int64_t ignore_index, double label_smoothing, double w_min) {
-  parse_mode(mode);
+  // mode and b are checked by es_step_losses before it writes any state
   TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == logits.size(0),
                     "ids must be 1-D with the batch size of logits (", logits.size(0), ")");
-  TORCH_CHECK_VALUE(b >= 0 && b <= ids.numel(), "b must be in [0, B] = [0, ", ids.numel(),
-                    "], got ", b);
   at::Tensor losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing);
   return es_step_losses(losses, ids, s, d, errors, b, beta1, beta2, mode, seed, step, w_min);
 }

@@ -59,11 +59,15 @@ def real(x, name: str, lo: float, hi: float, *, hi_open: bool = False, lo_open: 
     return x
 
 
-def state(s, d, errors) -> None:
+def state_pair(s, d) -> None:
     tensor(s, "s", dim=1, dtypes=STATE_DTYPES)
     tensor(d, "d", dim=1, dtypes=STATE_DTYPES, device=s.device)
     if d.shape != s.shape or d.dtype != s.dtype:
         raise ValueError(f"d must match s ({tuple(s.shape)}, {s.dtype}), got ({tuple(d.shape)}, {d.dtype})")
+
+
+def state(s, d, errors) -> None:
+    state_pair(s, d)
     tensor(errors, "errors", dim=1, dtypes=(torch.int64,), device=s.device)
     if errors.shape[0] != 2:
         raise ValueError(f"errors must have shape (2,), got {tuple(errors.shape)}")
@@ -135,10 +139,7 @@ def select(weights, b, mode, seed, step) -> None:
 
 
 def prune(s, d, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale) -> None:
-    tensor(s, "s", dim=1, dtypes=STATE_DTYPES)
-    tensor(d, "d", dim=1, dtypes=STATE_DTYPES, device=s.device)
-    if d.shape != s.shape or d.dtype != s.dtype:
-        raise ValueError(f"d must match s ({tuple(s.shape)}, {s.dtype}), got ({tuple(d.shape)}, {d.dtype})")
+    state_pair(s, d)
     if s.shape[0] >= 1 << 32:
         raise ValueError(f"s: at most 2**32 - 1 samples, got {s.shape[0]}")
     real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True)

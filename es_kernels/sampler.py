@@ -123,15 +123,19 @@ class ESWPSampler(Sampler[int]):
     def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
                  anneal_frac: float = 0.125, rescale: bool = True, seed: int | None = None):
         self.es = es
+        self._configure(num_epochs, prune_ratio, anneal_frac, rescale, es.seed if seed is None else seed)
+        self.epoch = 0
+        self._kept: list[int] | None = None
+
+    def _configure(self, num_epochs, prune_ratio, anneal_frac, rescale, seed) -> None:
+        """Validate and set the settings (from the constructor or a state_dict)."""
         self.num_epochs = _checks.integer(num_epochs, "num_epochs", 1)
         self.prune_ratio = _checks.real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True)
         self.anneal_frac = _checks.real(anneal_frac, "anneal_frac", 0.0, 1.0)
         if not isinstance(rescale, bool):
             raise ValueError(f"rescale must be a bool, got {type(rescale).__name__}")
         self.rescale = rescale
-        self.seed = es.seed if seed is None else _checks.integer(seed, "seed", 0, 2**63 - 1)
-        self.epoch = 0
-        self._kept: list[int] | None = None
+        self.seed = _checks.integer(seed, "seed", 0, 2**63 - 1)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -166,11 +170,7 @@ class ESWPSampler(Sampler[int]):
                 "prune_ratio": self.prune_ratio, "anneal_frac": self.anneal_frac, "rescale": self.rescale}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.num_epochs = _checks.integer(sd["num_epochs"], "num_epochs", 1)
-        self.prune_ratio = _checks.real(sd["prune_ratio"], "prune_ratio", 0.0, 1.0, hi_open=True)
-        self.anneal_frac = _checks.real(sd["anneal_frac"], "anneal_frac", 0.0, 1.0)
-        self.rescale = bool(sd["rescale"])
-        self.seed = _checks.integer(sd["seed"], "seed", 0, 2**63 - 1)
+        self._configure(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
         self.set_epoch(sd["epoch"])
 
 
