@@ -70,9 +70,9 @@ def main(argv=None):
         ids = torch.randperm(4 * B, device="cuda")[:B]
         st = state_for(4 * B)
         b = B // 4
-        mine = bench(lambda: OPS.es_step(logits, targets, ids, st.s, st.d, st.errors, b, *BETAS,
-                                         "sample", 0, 1, -100, 0.0, 1e-8))
-        ref = bench(lambda: R.es_step(logits, targets, ids, st.s, st.d, st.errors, b, *BETAS, "sample", 0, 1))
+        mine = bench(lambda: OPS.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS,
+                                         "sample", 0, 1))
+        ref = bench(lambda: R.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1))
         ce = bench(lambda: F.cross_entropy(logits, targets, reduction="none"))
         rows.append(row("es_step (logits)", f"B={B} C={C}", "bfloat16", mine, ref, "F.cross_entropy", ce,
                         logits.numel() * 2, bw))
@@ -80,8 +80,8 @@ def main(argv=None):
         losses = torch.rand(B, device="cuda")
         ids = torch.randperm(4 * B, device="cuda")[:B]
         st = state_for(4 * B)
-        mine = bench(lambda: OPS.es_step_losses(losses, ids, st.s, st.d, st.errors, B // 4, *BETAS, "sample", 0, 1, 1e-8))
-        ref = bench(lambda: R.es_step_from_losses(losses, ids, st.s, st.d, st.errors, B // 4, *BETAS, "sample", 0, 1))
+        mine = bench(lambda: OPS.es_step_from_losses(losses, ids, st.tensor, st.errors, B // 4, *BETAS, "sample", 0, 1))
+        ref = bench(lambda: R.es_step_from_losses(losses, ids, st.tensor, st.errors, B // 4, *BETAS, "sample", 0, 1))
         rows.append(row("es_step (losses)", f"B={B} b={B // 4}", "float32", mine, ref))
     for B in (4096, 65536):
         w = torch.rand(B, device="cuda") * 3 + 1e-3
@@ -93,8 +93,8 @@ def main(argv=None):
             rows.append(row(f"weighted_select ({mode})", f"B={B} b={b}", "float32", mine, ref, name, bench(fn)))
     for n in (10**5, 10**6, 10**7):
         st = state_for(n)
-        mine = bench(lambda: OPS.eswp_prune(st.s, st.d, 0.5, 0, 1, 10, 0.125, True))
-        ref = bench(lambda: R.eswp_prune(st.s, st.d, 0.5, 0, 1, 10, 0.125, True))
+        mine = bench(lambda: OPS.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True))
+        ref = bench(lambda: R.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True))
         rows.append(row("eswp_prune", f"N={n:.0e}", "float32", mine, ref, bytes_=n * 8, bw=bw))
     info = harness.machine_info()
     info["copy_GBps"] = bw

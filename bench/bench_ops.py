@@ -52,9 +52,9 @@ def step_rows(sizes, dtypes):
             ids = torch.randperm(4 * B)[:B]
             st = state_for(4 * B)
             b = B // 4
-            cpp = bench(lambda: OPS.es_step(logits, targets, ids, st.s, st.d, st.errors, b, *BETAS,
-                                            "sample", 0, 1, -100, 0.0, 1e-8))
-            ref = bench(lambda: R.es_step(logits, targets, ids, st.s, st.d, st.errors, b, *BETAS,
+            cpp = bench(lambda: OPS.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS,
+                                            "sample", 0, 1))
+            ref = bench(lambda: R.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS,
                                           "sample", 0, 1))
             ce = bench(lambda: F.cross_entropy(logits.float(), targets, reduction="none"))
             rows.append(harness.make_row("es_step (logits)", f"B={B} C={C}", str(dtype)[6:], "cpp", cpp, ref,
@@ -85,8 +85,8 @@ def prune_rows(sizes):
     rows = []
     for n in sizes:
         st = state_for(n)
-        cpp = bench(lambda: OPS.eswp_prune(st.s, st.d, 0.5, 0, 1, 10, 0.125, True))
-        ref = bench(lambda: R.eswp_prune(st.s, st.d, 0.5, 0, 1, 10, 0.125, True), budget_s=6.0)
+        cpp = bench(lambda: OPS.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True))
+        ref = bench(lambda: R.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True), budget_s=6.0)
         rows.append(harness.make_row("eswp_prune", f"N={n:.0e}", "float32", "cpp", cpp, ref))
         print(rows[-1], flush=True)
     return rows

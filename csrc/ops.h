@@ -1,35 +1,42 @@
-// Declarations of the es_kernels CPU ops (ES_SPEC sections 3-7).
+// Declarations of the es_kernels CPU ops (docs/spec.md sections 3-7). The
+// schemas are defined in Python (es_kernels/_ops.py); these functions take
+// the schemas' arguments in order.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace es_kernels {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor per_sample_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
                                     int64_t ignore_index, double label_smoothing);
 
-at::Tensor es_update(const at::Tensor& ids, const at::Tensor& losses, at::Tensor& s,
-                     at::Tensor& d, at::Tensor& errors, double beta1, double beta2,
-                     double w_min);
+at::Tensor es_update(const at::Tensor& ids, const at::Tensor& losses, at::Tensor& state,
+                     at::Tensor& errors, double beta1, double beta2, double lam, double w_min);
 
-at::Tensor weighted_select(const at::Tensor& weights, int64_t b, c10::string_view mode,
-                           int64_t seed, int64_t step);
+at::Tensor weighted_select(const at::Tensor& weights, int64_t b, c10::string_view select_mode,
+                           int64_t seed, int64_t step, const OptTensor& seed_tensor,
+                           const OptTensor& step_tensor, double eps);
 
-Tensor3 es_step_losses(const at::Tensor& losses, const at::Tensor& ids, at::Tensor& s,
-                       at::Tensor& d, at::Tensor& errors, int64_t b, double beta1,
-                       double beta2, c10::string_view mode, int64_t seed, int64_t step,
-                       double w_min);
+Tensor3 es_step_from_losses(const at::Tensor& losses, const at::Tensor& ids, at::Tensor& state,
+                            at::Tensor& errors, int64_t b, double beta1, double beta2,
+                            c10::string_view select_mode, int64_t seed, int64_t step,
+                            const OptTensor& seed_tensor, const OptTensor& step_tensor,
+                            bool advance_step, double lam, double eps, double w_min);
 
 Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& ids,
-                at::Tensor& s, at::Tensor& d, at::Tensor& errors, int64_t b, double beta1,
-                double beta2, c10::string_view mode, int64_t seed, int64_t step,
-                int64_t ignore_index, double label_smoothing, double w_min);
+                at::Tensor& state, at::Tensor& errors, int64_t b, double beta1, double beta2,
+                c10::string_view select_mode, int64_t seed, int64_t step,
+                const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step,
+                int64_t ignore_index, double label_smoothing, double lam, double eps,
+                double w_min);
 
-Tensor3 eswp_prune(const at::Tensor& s, const at::Tensor& d, double prune_ratio, int64_t seed,
-                   int64_t epoch, int64_t num_epochs, double anneal_frac, bool rescale);
+Tensor3 eswp_prune(const at::Tensor& state, double prune_ratio, int64_t seed, int64_t epoch,
+                   int64_t num_epochs, double anneal_frac, bool rescale);
 
 // Memory-safety guards shared by the kernels. The Python API validates every
 // argument first with messages that name it; these keep a direct call of
@@ -37,6 +44,15 @@ Tensor3 eswp_prune(const at::Tensor& s, const at::Tensor& d, double prune_ratio,
 inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for this kernel, got ",
                     t.device());
+}
+
+inline void check_state(const at::Tensor& state) {
+  check_cpu(state, "state");
+  TORCH_CHECK_VALUE(state.dim() == 2 && state.size(1) == 2, "state must be [N, 2], got ",
+                    state.sizes());
+  TORCH_CHECK_VALUE(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
+                    "state must be float32 or float64, got ", state.scalar_type());
+  TORCH_CHECK_VALUE(state.size(0) < (int64_t(1) << 32), "state: at most 2^32 - 1 samples");
 }
 
 // Runs `fn` on a contiguous view of the in-place argument `t` and writes the

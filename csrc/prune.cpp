@@ -1,4 +1,4 @@
-// ESWP set-level pruning at the start of an epoch (ES_SPEC section 7).
+// ESWP set-level pruning at the start of an epoch (docs/spec.md section 7).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -8,11 +8,12 @@
 
 #include "ops.h"
 #include "philox.h"
+#include "spec.h"
 
 namespace es_kernels {
 namespace {
 
-constexpr int64_t kReduceChunks = 256;  // fixed, so the mean is the same on any thread count
+constexpr int64_t kReduceChunks = 256;  // work split of the reductions (the result does not depend on it)
 
 // Sorts packed (key << 32 | id) values by key, stably: two LSD passes of 16
 // bits over the high word. Input is in ascending id, so ties stay by id.
@@ -33,34 +34,60 @@ void radix_sort_by_high_word(std::vector<uint64_t>& v) {
   }
 }
 
+// Section 7's threshold: the mean of score = float64(s) + float64(d) over
+// observed samples (finite score), as an exact fixed-point int64 sum of
+// trunc(score 2^(30 - e)), e from the largest |score|: any thread count and
+// any backend get the same bits.
 template <typename S>
-void prune_kernel(const S* s, const S* d, int64_t N, double r, uint64_t seed, uint64_t epoch,
-                  bool annealing, bool rescale, int64_t* order, int64_t* num_kept, float* scale) {
-  // tau: mean of s + d over observed samples, in float64, fixed reduction tree
-  std::vector<double> psum(kReduceChunks, 0.0);
-  std::vector<int64_t> pcount(kReduceChunks, 0);
+double prune_threshold(const S* st, int64_t N) {
+  auto score = [&](int64_t i) { return static_cast<double>(st[2 * i]) + static_cast<double>(st[2 * i + 1]); };
+  std::vector<double> pmax(kReduceChunks, 0.0);
+  std::vector<int64_t> pcount(kReduceChunks, 0), psum(kReduceChunks, 0);
   const int64_t per = (N + kReduceChunks - 1) / kReduceChunks;
   at::parallel_for(0, kReduceChunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      double acc = 0.0;
+      double m = 0.0;
       int64_t cnt = 0;
       for (int64_t i = c * per; i < std::min(N, (c + 1) * per); ++i) {
-        if (std::isnan(s[i])) continue;
-        acc += static_cast<double>(s[i] + d[i]);
+        const double x = score(i);
+        if (!std::isfinite(x)) continue;
+        m = std::max(m, std::fabs(x));
         ++cnt;
       }
-      psum[c] = acc;
+      pmax[c] = m;
       pcount[c] = cnt;
     }
   });
-  double total = 0.0;
+  double big = 0.0;
   int64_t observed = 0;
   for (int64_t c = 0; c < kReduceChunks; ++c) {
-    total += psum[c];
+    big = std::max(big, pmax[c]);
     observed += pcount[c];
   }
-  const double tau = observed > 0 ? total / static_cast<double>(observed)
-                                  : std::numeric_limits<double>::quiet_NaN();
+  if (observed == 0) return std::numeric_limits<double>::quiet_NaN();
+  if (big == 0.0) return 0.0;
+  int e = 0;
+  std::frexp(big, &e);
+  const double up = std::ldexp(1.0, kPruneMeanBits - e);
+  at::parallel_for(0, kReduceChunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      int64_t acc = 0;
+      for (int64_t i = c * per; i < std::min(N, (c + 1) * per); ++i) {
+        const double x = score(i);
+        if (std::isfinite(x)) acc += static_cast<int64_t>(std::trunc(x * up));
+      }
+      psum[c] = acc;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c = 0; c < kReduceChunks; ++c) total += psum[c];
+  return static_cast<double>(total) * std::ldexp(1.0, e - kPruneMeanBits) / static_cast<double>(observed);
+}
+
+template <typename S>
+void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoch,
+                  bool annealing, bool rescale, int64_t* order, int64_t* num_kept, float* scale) {
+  const double tau = prune_threshold(st, N);
   const float kept_scale = rescale ? static_cast<float>(1.0 / (1.0 - r)) : 1.0f;
 
   // per sample: drop decision, scale, order key
@@ -68,7 +95,8 @@ void prune_kernel(const S* s, const S* d, int64_t N, double r, uint64_t seed, ui
   std::vector<uint8_t> dropped(N);
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const bool below = !annealing && !std::isnan(s[i]) && static_cast<double>(s[i] + d[i]) < tau;
+      const double score = static_cast<double>(st[2 * i]) + static_cast<double>(st[2 * i + 1]);
+      const bool below = !annealing && std::isfinite(score) && score < tau;
       const Philox4 p = philox4x32_10(seed, i, epoch, kStreamPrune);
       const bool drop = below && static_cast<double>(uniform_from_bits(p.x[0])) < r;
       dropped[i] = drop;
@@ -97,29 +125,22 @@ void prune_kernel(const S* s, const S* d, int64_t N, double r, uint64_t seed, ui
 
 }  // namespace
 
-Tensor3 eswp_prune(const at::Tensor& s_in, const at::Tensor& d_in, double prune_ratio,
-                   int64_t seed, int64_t epoch, int64_t num_epochs, double anneal_frac,
-                   bool rescale) {
-  check_cpu(s_in, "s");
-  check_cpu(d_in, "d");
-  TORCH_CHECK_VALUE(s_in.dim() == 1, "s must be 1-D [N], got ", s_in.sizes());
-  TORCH_CHECK_VALUE(d_in.sizes() == s_in.sizes() && d_in.scalar_type() == s_in.scalar_type(),
-                    "d must have the shape and dtype of s");
-  TORCH_CHECK_VALUE(s_in.size(0) < (int64_t(1) << 32), "s: at most 2^32 - 1 samples");
+Tensor3 eswp_prune(const at::Tensor& state_in, double prune_ratio, int64_t seed, int64_t epoch,
+                   int64_t num_epochs, double anneal_frac, bool rescale) {
+  check_state(state_in);
   TORCH_CHECK_VALUE(prune_ratio >= 0.0 && prune_ratio < 1.0, "prune_ratio must be in [0, 1), got ",
                     prune_ratio);
-  const at::Tensor s = s_in.contiguous(), d = d_in.contiguous();
-  const int64_t N = s.size(0);
-  at::Tensor order = at::empty({N}, s.options().dtype(at::kLong));
-  at::Tensor num_kept = at::zeros({}, s.options().dtype(at::kLong));
-  at::Tensor scale = at::empty({N}, s.options().dtype(at::kFloat));
+  const at::Tensor st = state_in.contiguous();
+  const int64_t N = st.size(0);
+  at::Tensor order = at::empty({N}, st.options().dtype(at::kLong));
+  at::Tensor num_kept = at::zeros({}, st.options().dtype(at::kLong));
+  at::Tensor scale = at::empty({N}, st.options().dtype(at::kFloat));
   if (N == 0) return {order, num_kept, scale};
-  const bool annealing = static_cast<double>(epoch) >= (1.0 - anneal_frac) * static_cast<double>(num_epochs);
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "eswp_prune", [&] {
-    prune_kernel<scalar_t>(s.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), N, prune_ratio,
-                           static_cast<uint64_t>(seed), static_cast<uint64_t>(epoch), annealing,
-                           rescale, order.data_ptr<int64_t>(), num_kept.data_ptr<int64_t>(),
-                           scale.data_ptr<float>());
+  const bool annealing = epoch >= anneal_stop(num_epochs, anneal_frac);
+  AT_DISPATCH_FLOATING_TYPES(st.scalar_type(), "eswp_prune", [&] {
+    prune_kernel<scalar_t>(st.data_ptr<scalar_t>(), N, prune_ratio, static_cast<uint64_t>(seed),
+                           static_cast<uint64_t>(epoch), annealing, rescale, order.data_ptr<int64_t>(),
+                           num_kept.data_ptr<int64_t>(), scale.data_ptr<float>());
   });
   return {order, num_kept, scale};
 }

@@ -1,10 +1,10 @@
-"""Argument validation shared by every backend (ES_SPEC section 8).
+"""Argument validation shared by every path (docs/spec.md section 8).
 
-Every check reads metadata only (shapes, dtypes, devices, host scalars), never
-a tensor's values, so it costs no host round-trip on a GPU. Each failure is a
-``ValueError`` that names the argument. The public API, the fake (meta)
-implementations and the Triton launchers all call these, before anything is
-written to the per-sample state.
+Every check reads metadata only (shapes, dtypes, devices, strides, host
+scalars), never a tensor's values, so it costs no host round-trip on a GPU.
+Each failure is a ``ValueError`` that names the argument. The public API, the
+fake (meta) implementations and the Triton launchers all call these, before
+anything is written to the per-sample state.
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import numbers
 
 import torch
 
+from . import _spec
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 STATE_DTYPES = (torch.float32, torch.float64)
-MODES = ("sample", "topk")
-_U63 = 1 << 63
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _names(dtypes) -> str:
@@ -32,18 +33,21 @@ def tensor(x, name: str, *, dim=None, dtypes=None, device=None) -> None:
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in ({_names(dtypes)}), got {x.dtype}")
-    if device is not None and x.device != device:
+    if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name} must be on {device} (where the state is), got {x.device}")
+    if x.device.type == "meta" and (device is None or torch.device(device).type != "meta"):
+        raise ValueError(f"{name} is a meta tensor: it holds no values")
 
 
-def integer(x, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    """A host integer in [lo, hi]; a tensor is refused, reading it would sync."""
+def integer(x, name: str, lo: int | None = _spec.INT64_MIN, hi: int | None = _spec.INT64_MAX) -> int:
+    """A host integer in [lo, hi] (int64 by default); a tensor is refused here,
+    reading it would sync."""
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise ValueError(f"{name} must be a Python int, got {type(x).__name__}")
     x = int(x)
-    if (lo is not None and x < lo) or (hi is not None and x > hi):
-        if hi is None:
-            raise ValueError(f"{name} must be >= {lo}, got {x}")
+    lo = _spec.INT64_MIN if lo is None else lo
+    hi = _spec.INT64_MAX if hi is None else hi
+    if x < lo or x > hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
     return x
 
@@ -51,7 +55,10 @@ def integer(x, name: str, lo: int | None = None, hi: int | None = None) -> int:
 def real(x, name: str, lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"{name} must be a Python float, got {type(x).__name__}")
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite float, got {x}") from None
     bad = not math.isfinite(x) or x < lo or x > hi or (hi_open and x == hi) or (lo_open and x == lo)
     if bad:
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
@@ -59,32 +66,70 @@ def real(x, name: str, lo: float, hi: float, *, hi_open: bool = False, lo_open: 
     return x
 
 
-def state_pair(s, d) -> None:
-    tensor(s, "s", dim=1, dtypes=STATE_DTYPES)
-    tensor(d, "d", dim=1, dtypes=STATE_DTYPES, device=s.device)
-    if d.shape != s.shape or d.dtype != s.dtype:
-        raise ValueError(f"d must match s ({tuple(s.shape)}, {s.dtype}), got ({tuple(d.shape)}, {d.dtype})")
+def flag(x, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise ValueError(f"{name} must be a bool, got {type(x).__name__}")
+    return x
 
 
-def state(s, d, errors) -> None:
-    state_pair(s, d)
-    tensor(errors, "errors", dim=1, dtypes=(torch.int64,), device=s.device)
-    if errors.shape[0] != 2:
-        raise ValueError(f"errors must have shape (2,), got {tuple(errors.shape)}")
+def writable(x: torch.Tensor, name: str) -> None:
+    """An in-place argument must own distinct memory for every element."""
+    if x.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(x.stride(), x.shape)):
+        raise ValueError(f"{name} is expanded (a stride is 0): it cannot be written in place")
 
 
-def hyper(beta1, beta2, w_min) -> None:
+def state(st, errors=None) -> None:
+    """The per-sample state: one [N, 2] float tensor (s, d), and int64 [2] errors."""
+    tensor(st, "state", dim=2, dtypes=STATE_DTYPES)
+    if st.shape[1] != 2:
+        raise ValueError(f"state must have shape [N, 2] (s, d), got {tuple(st.shape)}")
+    if st.shape[0] > _spec.MAX_POSITIONS:
+        raise ValueError(f"state: at most 2**32 - 1 samples, got {st.shape[0]}")
+    writable(st, "state")
+    if errors is not None:
+        tensor(errors, "errors", dim=1, dtypes=(torch.int64,), device=st.device)
+        if errors.shape[0] != 2:
+            raise ValueError(f"errors must have shape (2,), got {tuple(errors.shape)}")
+        writable(errors, "errors")
+
+
+def hyper(beta1, beta2, lam, w_min) -> None:
     real(beta1, "beta1", 0.0, 1.0)
     real(beta2, "beta2", 0.0, 1.0)
-    real(w_min, "w_min", 0.0, math.inf, lo_open=True)
+    real(lam, "lam", 0.0, FLOAT32_MAX)
+    real(w_min, "w_min", 0.0, FLOAT32_MAX, lo_open=True)
 
 
-def selection(b, batch: int, mode, seed, step) -> None:
+def noise(value, name: str, device, *, mutable: bool = False) -> None:
+    """``seed`` / ``step``: a host int in [0, 2**63) or a 0-d int64 tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        tensor(value, name, dtypes=(torch.int64,), device=device)
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a 0-d int64 tensor, got shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"{name} must not require grad")
+    else:
+        integer(value, name, 0, _spec.INT64_MAX)
+
+
+def split_noise(value):
+    """(host int, tensor or None): how the op schemas take ``seed`` and ``step``."""
+    return (0, value) if isinstance(value, torch.Tensor) else (int(value), None)
+
+
+def selection(b, batch: int, select_mode, seed, step, eps, device) -> None:
     integer(b, "b", 0, batch)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    integer(seed, "seed", 0, _U63 - 1)
-    integer(step, "step", 0, _U63 - 1)
+    if select_mode not in _spec.SELECT_MODES:
+        raise ValueError(f"select_mode must be one of {_spec.SELECT_MODES}, got {select_mode!r}")
+    noise(seed, "seed", device)
+    noise(step, "step", device)
+    if isinstance(seed, torch.Tensor) and seed is step:
+        raise ValueError("seed and step must be different tensors")
+    real(eps, "eps", 0.0, 1.0)
+    if eps > 0.0 and select_mode == "topk":
+        raise ValueError("eps (the exploration mix) needs select_mode='sample'; topk takes eps=0")
+    if batch > _spec.MAX_POSITIONS:
+        raise ValueError(f"at most 2**32 - 1 positions per call, got {batch}")
 
 
 def logits_targets(logits, targets, ignore_index, label_smoothing, device=None) -> None:
@@ -92,60 +137,66 @@ def logits_targets(logits, targets, ignore_index, label_smoothing, device=None) 
     tensor(targets, "targets", dtypes=INDEX_DTYPES, device=logits.device)
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
-    if logits.shape[-1] == 0 and logits.shape[0] > 0:
-        raise ValueError("logits must have at least one class")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     integer(ignore_index, "ignore_index")
     real(label_smoothing, "label_smoothing", 0.0, 1.0)
 
 
-def ids_losses(ids, losses, s) -> None:
-    tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=s.device)
-    tensor(losses, "losses", dim=1, device=s.device)
+def ids_losses(ids, losses, device) -> None:
+    tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=device)
+    tensor(losses, "losses", dim=1, device=device)
     if not losses.dtype.is_floating_point:
         raise ValueError(f"losses must be floating point, got {losses.dtype}")
     if losses.shape[0] != ids.shape[0]:
         raise ValueError(f"ids and losses must have the same length, got {ids.shape[0]} and {losses.shape[0]}")
 
 
-def step_from_logits(logits, targets, ids, s, d, errors, b, beta1, beta2, mode, seed, step,
-                     ignore_index, label_smoothing, w_min) -> None:
-    state(s, d, errors)
-    logits_targets(logits, targets, ignore_index, label_smoothing, device=s.device)
-    tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=s.device)
+def update(ids, losses, st, errors, beta1, beta2, lam, w_min) -> None:
+    state(st, errors)
+    ids_losses(ids, losses, st.device)
+    hyper(beta1, beta2, lam, w_min)
+
+
+def step_tensor(step, advance_step) -> None:
+    flag(advance_step, "advance_step")
+    if advance_step and not isinstance(step, torch.Tensor):
+        raise ValueError("advance_step=True needs step as a 0-d int64 tensor (the counter to advance)")
+    if isinstance(step, torch.Tensor):
+        writable(step, "step")
+
+
+def step_from_losses(losses, ids, st, errors, b, beta1, beta2, select_mode, seed, step, advance_step,
+                     lam, eps, w_min) -> None:
+    update(ids, losses, st, errors, beta1, beta2, lam, w_min)
+    selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
+    step_tensor(step, advance_step)
+
+
+def step_from_logits(logits, targets, ids, st, errors, b, beta1, beta2, select_mode, seed, step,
+                     advance_step, ignore_index, label_smoothing, lam, eps, w_min) -> None:
+    state(st, errors)
+    logits_targets(logits, targets, ignore_index, label_smoothing, device=st.device)
+    tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=st.device)
     if ids.shape[0] != logits.shape[0]:
         raise ValueError(f"ids must have the batch size of logits ({logits.shape[0]}), got {ids.shape[0]}")
-    hyper(beta1, beta2, w_min)
-    selection(b, ids.shape[0], mode, seed, step)
+    hyper(beta1, beta2, lam, w_min)
+    selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
+    step_tensor(step, advance_step)
 
 
-def step_from_losses(losses, ids, s, d, errors, b, beta1, beta2, mode, seed, step, w_min) -> None:
-    state(s, d, errors)
-    ids_losses(ids, losses, s)
-    hyper(beta1, beta2, w_min)
-    selection(b, ids.shape[0], mode, seed, step)
-
-
-def update(ids, losses, s, d, errors, beta1, beta2, w_min) -> None:
-    state(s, d, errors)
-    ids_losses(ids, losses, s)
-    hyper(beta1, beta2, w_min)
-
-
-def select(weights, b, mode, seed, step) -> None:
+def select(weights, b, select_mode, seed, step, eps) -> None:
     tensor(weights, "weights", dim=1)
     if not weights.dtype.is_floating_point:
         raise ValueError(f"weights must be floating point, got {weights.dtype}")
-    selection(b, weights.shape[0], mode, seed, step)
+    selection(b, weights.shape[0], select_mode, seed, step, eps, weights.device)
 
 
-def prune(s, d, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale) -> None:
-    state_pair(s, d)
-    if s.shape[0] >= 1 << 32:
-        raise ValueError(f"s: at most 2**32 - 1 samples, got {s.shape[0]}")
+def prune(st, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale) -> None:
+    state(st)
     real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True)
-    integer(seed, "seed", 0, _U63 - 1)
+    integer(seed, "seed", 0)
     integer(num_epochs, "num_epochs", 1)
     integer(epoch, "epoch", 0)
     real(anneal_frac, "anneal_frac", 0.0, 1.0)
-    if not isinstance(rescale, bool):
-        raise ValueError(f"rescale must be a bool, got {type(rescale).__name__}")
+    flag(rescale, "rescale")

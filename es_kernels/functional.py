@@ -1,7 +1,8 @@
 """The functional API: validate (metadata only), then call the op of the
-inputs' device (C++ on CPU, Triton on CUDA) through ``torch.ops.es_kernels``.
+inputs' device through ``torch.ops.es_kernels`` (C++ on CPU, Triton on CUDA,
+the reference elsewhere). docs/spec.md defines what each op computes.
 
-Set ``ES_KERNELS_CHECKED=1`` for the checked mode of ES_SPEC section 8: every
+Set ``ES_KERNELS_CHECKED=1`` for the checked mode (spec section 8): every
 step then also refuses duplicate ids and calls ``state.check()`` afterwards
 (both read device values: for debugging, not for speed).
 """
@@ -14,17 +15,18 @@ import torch
 
 from . import _checks
 from ._ops import ops
+from ._spec import (DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM,
+                    DEFAULT_W_MIN, DEFAULT_ANNEAL_FRAC)
 from .state import ESState
 
-DEFAULT_BETA1 = 0.2
-DEFAULT_BETA2 = 0.5  # from the demo ablation (bench/results/demo_ablation/ablation.json)
-DEFAULT_W_MIN = 1e-8
+__all__ = ["StepResult", "PruneResult", "checked_mode", "per_sample_cross_entropy", "es_update",
+           "weighted_select", "es_step", "es_step_from_losses", "eswp_prune"]
 
 
 class StepResult(NamedTuple):
     positions: torch.Tensor  # int64 [b], ascending positions into the meta-batch
     losses: torch.Tensor  # float32 [B], per-sample losses
-    weights: torch.Tensor  # float32 [B], the weights the selection used
+    weights: torch.Tensor  # float32 [B], the weights of the update (w_min for a skipped observation)
 
 
 class PruneResult(NamedTuple):
@@ -39,6 +41,7 @@ class PruneResult(NamedTuple):
 
 
 def checked_mode() -> bool:
+    """True when ``ES_KERNELS_CHECKED`` is set to 1 / true / yes / on."""
     return os.environ.get("ES_KERNELS_CHECKED", "").lower() in ("1", "true", "yes", "on")
 
 
@@ -48,69 +51,176 @@ def _state(state) -> ESState:
     return state
 
 
-def _refuse_duplicates(ids: torch.Tensor) -> None:
-    if ids.numel() != torch.unique(ids).numel():
-        raise RuntimeError("es_kernels checked mode: ids within one call must be distinct")
-
-
 def _run_checked(state: ESState, ids: torch.Tensor, call):
     if not checked_mode():
         return call()
-    _refuse_duplicates(ids)
+    if ids.numel() != torch.unique(ids).numel():
+        raise RuntimeError("es_kernels checked mode: ids within one call must be distinct")
     out = call()
     state.check()
     return out
 
 
-def per_sample_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0):
-    """float32 ``[B]`` per-sample cross-entropy of ``[B, C]`` logits, or the mean
-    token cross-entropy of each sequence of ``[B, T, V]`` logits."""
+def per_sample_cross_entropy(logits, targets, ignore_index: int = DEFAULT_IGNORE_INDEX,
+                             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-sample cross-entropy (spec section 5).
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, C]`` or ``[B, T, V]``, float32 / bfloat16 / float16, any strides.
+    targets : Tensor
+        int64 or int32, ``[B]`` or ``[B, T]``; ``ignore_index`` marks a token not scored.
+    ignore_index : int
+    label_smoothing : float in [0, 1]
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B]``: the row's cross-entropy, or the mean over a
+        sequence's scored tokens (0 when it has none). Arithmetic in float32.
+        No host synchronisation.
+
+    Raises
+    ------
+    ValueError
+        naming the argument, for a wrong shape, dtype or value.
+    """
     _checks.logits_targets(logits, targets, ignore_index, label_smoothing)
-    return ops.per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
+    return ops.per_sample_cross_entropy(logits, targets, ignore_index, float(label_smoothing))
 
 
-def es_update(ids, losses, state, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2, w_min=DEFAULT_W_MIN):
-    """Update ``state`` with one observation per position; return the weights ``[B]``."""
+def es_update(ids, losses, state, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2, *, lam=DEFAULT_LAM,
+              w_min=DEFAULT_W_MIN) -> torch.Tensor:
+    """Update ``state`` with one observation per position (spec section 3).
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 / int32 ``[B]`` sample ids on the state's device (distinct).
+    losses : Tensor
+        floating ``[B]``, the observed loss of each id.
+    state : ESState
+        Mutated in place: ``state.tensor`` and ``state.errors``.
+    beta1, beta2 : float in [0, 1]
+        Smoothing of the level ``s`` and of the trend ``d``.
+    lam : float >= 0
+        Trend gain of the weight ``w = max(s + lam * d, w_min)``.
+    w_min : float > 0
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B]`` weights (``w_min`` where an observation was skipped and counted).
+        No host synchronisation (except in the checked mode).
+    """
     st = _state(state)
-    _checks.update(ids, losses, st.s, st.d, st.errors, beta1, beta2, w_min)
-    return _run_checked(st, ids, lambda: ops.es_update(ids, losses, st.s, st.d, st.errors,
-                                                         float(beta1), float(beta2), float(w_min)))
+    _checks.update(ids, losses, st.tensor, st.errors, beta1, beta2, lam, w_min)
+    return _run_checked(st, ids, lambda: ops.es_update(
+        ids, losses, st.tensor, st.errors, float(beta1), float(beta2), float(lam), float(w_min)))
 
 
-def weighted_select(weights, b: int, mode: str = "sample", seed: int = 0, step: int = 0):
-    """int64 ascending positions of ``b`` of the weights: sampled without
-    replacement in proportion to the weights (``"sample"``) or the largest
-    (``"topk"``)."""
-    _checks.select(weights, b, mode, seed, step)
-    return ops.weighted_select(weights, b, mode, seed, step)
+def weighted_select(weights, b: int, select_mode: str = "sample", seed=0, step=0, *,
+                    eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """Positions of ``b`` of the ``B`` weights (spec section 4).
+
+    Parameters
+    ----------
+    weights : Tensor
+        floating ``[B]``; NaN counts as never selected.
+    b : int in [0, B]
+    select_mode : {"sample", "topk"}
+        ``"sample"``: without replacement, in proportion to the weights
+        (exponential race on counter-based Philox noise); ``"topk"``: the
+        ``b`` largest, ties to the lower position.
+    seed, step : int in [0, 2**63) or 0-d int64 tensor on the weights' device
+        The noise is a function of (seed, step, position) alone: the same
+        values give the same positions on every run and backend. A tensor is
+        read on the device (no synchronisation; CUDA-graph friendly).
+    eps : float in [0, 1]
+        Exploration mix (``"sample"`` only): selection by
+        ``(1 - eps) w / mean(w) + eps``.
+
+    Returns
+    -------
+    Tensor
+        int64 ``[b]``, ascending. No host synchronisation.
+    """
+    _checks.select(weights, b, select_mode, seed, step, eps)
+    seed_i, seed_t = _checks.split_noise(seed)
+    step_i, step_t = _checks.split_noise(step)
+    return ops.weighted_select(weights, b, select_mode, seed_i, step_i, seed_t, step_t, float(eps))
 
 
 def es_step(logits, targets, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2,
-            mode="sample", seed=0, step=0, ignore_index=-100, label_smoothing=0.0,
+            lam=DEFAULT_LAM, select_mode="sample", eps=DEFAULT_EPS, seed=0, step=0,
+            advance_step=False, ignore_index=DEFAULT_IGNORE_INDEX, label_smoothing=0.0,
             w_min=DEFAULT_W_MIN) -> StepResult:
-    """The fused ES step from logits: per-sample losses, state update, selection."""
+    """The fused ES step from logits: per-sample losses (section 5), the state
+    update (section 3) and the selection of ``b`` positions (section 4), in
+    one op (two launches on a GPU). Arguments as in
+    :func:`per_sample_cross_entropy`, :func:`es_update` and
+    :func:`weighted_select`; with ``advance_step=True`` the op adds one to the
+    ``step`` tensor after reading it.
+
+    Returns
+    -------
+    StepResult
+        ``(positions int64 [b], losses float32 [B], weights float32 [B])``.
+        No host synchronisation (except in the checked mode).
+    """
     st = _state(state)
-    _checks.step_from_logits(logits, targets, ids, st.s, st.d, st.errors, b, beta1, beta2, mode,
-                             seed, step, ignore_index, label_smoothing, w_min)
+    _checks.step_from_logits(logits, targets, ids, st.tensor, st.errors, b, beta1, beta2, select_mode,
+                             seed, step, advance_step, ignore_index, label_smoothing, lam, eps, w_min)
+    seed_i, seed_t = _checks.split_noise(seed)
+    step_i, step_t = _checks.split_noise(step)
     return StepResult(*_run_checked(st, ids, lambda: ops.es_step(
-        logits, targets, ids, st.s, st.d, st.errors, b, float(beta1), float(beta2), mode, seed,
-        step, ignore_index, float(label_smoothing), float(w_min))))
+        logits, targets, ids, st.tensor, st.errors, b, float(beta1), float(beta2), select_mode, seed_i,
+        step_i, seed_t, step_t, advance_step, ignore_index, float(label_smoothing), float(lam),
+        float(eps), float(w_min))))
 
 
 def es_step_from_losses(losses, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2,
-                        mode="sample", seed=0, step=0, w_min=DEFAULT_W_MIN) -> StepResult:
-    """The ES step from precomputed per-sample losses (any loss)."""
+                        lam=DEFAULT_LAM, select_mode="sample", eps=DEFAULT_EPS, seed=0, step=0,
+                        advance_step=False, w_min=DEFAULT_W_MIN) -> StepResult:
+    """The ES step from precomputed per-sample losses ``[B]`` (any loss); see
+    :func:`es_step`."""
     st = _state(state)
-    _checks.step_from_losses(losses, ids, st.s, st.d, st.errors, b, beta1, beta2, mode, seed, step, w_min)
-    return StepResult(*_run_checked(st, ids, lambda: ops.es_step_losses(
-        losses, ids, st.s, st.d, st.errors, b, float(beta1), float(beta2), mode, seed, step,
-        float(w_min))))
+    _checks.step_from_losses(losses, ids, st.tensor, st.errors, b, beta1, beta2, select_mode, seed, step,
+                             advance_step, lam, eps, w_min)
+    seed_i, seed_t = _checks.split_noise(seed)
+    step_i, step_t = _checks.split_noise(step)
+    return StepResult(*_run_checked(st, ids, lambda: ops.es_step_from_losses(
+        losses, ids, st.tensor, st.errors, b, float(beta1), float(beta2), select_mode, seed_i, step_i,
+        seed_t, step_t, advance_step, float(lam), float(eps), float(w_min))))
 
 
 def eswp_prune(state, prune_ratio: float, *, seed: int = 0, epoch: int = 0, num_epochs: int = 1,
-               anneal_frac: float = 0.125, rescale: bool = True) -> PruneResult:
-    """ESWP set-level pruning at the start of ``epoch`` (ES_SPEC section 7)."""
+               anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True) -> PruneResult:
+    """ESWP set-level pruning at the start of ``epoch`` (spec section 7).
+
+    Parameters
+    ----------
+    state : ESState
+    prune_ratio : float in [0, 1)
+        Probability of dropping a sample whose score ``s + d`` is below the mean.
+    seed, epoch : int >= 0
+        The noise of the drops and of the kept order.
+    num_epochs : int >= 1
+    anneal_frac : float in [0, 1]
+        From epoch ``floor((1 - anneal_frac) * num_epochs)`` on nothing is pruned.
+    rescale : bool
+        Scale a kept below-mean sample's loss by ``1 / (1 - prune_ratio)``.
+
+    Returns
+    -------
+    PruneResult
+        ``order`` int64 ``[N]`` (kept ids in the epoch's random order, then the
+        dropped ids ascending), ``num_kept`` 0-d int64 on the device and
+        ``scale`` float32 ``[N]``. No host synchronisation; ``.kept_ids`` reads
+        ``num_kept`` (one).
+    """
     st = _state(state)
-    _checks.prune(st.s, st.d, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
-    return PruneResult(*ops.eswp_prune(st.s, st.d, float(prune_ratio), seed, epoch, num_epochs,
+    _checks.prune(st.tensor, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
+    return PruneResult(*ops.eswp_prune(st.tensor, float(prune_ratio), seed, epoch, num_epochs,
                                        float(anneal_frac), rescale))

@@ -2,8 +2,12 @@
 
 This module is the oracle of the tests and the baseline of the benchmarks. It
 favours clarity over speed, runs on any device PyTorch supports, and follows
-``ES_SPEC.md`` line by line. Nothing here validates arguments: the public API
-(:mod:`es_kernels.functional`) does that before any backend runs.
+``docs/spec.md`` section by section. Nothing here validates arguments: the
+public API (:mod:`es_kernels.functional`) and the fake implementations do
+that before any kernel runs. Each op takes the positional arguments of its
+schema (:mod:`es_kernels._ops`), so the reference is also the fallback kernel
+of every device without a native one (it reads ``seed_tensor`` and
+``step_tensor`` on the host there).
 
 The noise of every random decision is counter-based Philox 4x32-10 (the
 generator behind Triton's ``tl.rand``), so that the reference, the C++ kernels
@@ -22,6 +26,8 @@ import math
 
 import torch
 
+from . import _spec
+
 __all__ = [
     "philox4x32",
     "uniform_from_bits",
@@ -32,12 +38,14 @@ __all__ = [
     "es_step",
     "es_step_from_losses",
     "eswp_prune",
+    "exact_mean_weights",
+    "prune_threshold",
     "STREAM_SELECT",
     "STREAM_PRUNE",
 ]
 
-STREAM_SELECT = 0
-STREAM_PRUNE = 1
+STREAM_SELECT = _spec.STREAM_SELECT
+STREAM_PRUNE = _spec.STREAM_PRUNE
 
 _M32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -119,59 +127,77 @@ def per_sample_cross_entropy(
 # --------------------------------------------------------------------------
 # Section 3: state update
 # --------------------------------------------------------------------------
-def es_update(
-    ids: torch.Tensor,
-    losses: torch.Tensor,
-    s: torch.Tensor,
-    d: torch.Tensor,
-    errors: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    w_min: float = 1e-8,
-) -> torch.Tensor:
+def es_update(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
     """Apply one observation ``(ids[j], losses[j])`` per position, in place on
-    ``s``, ``d``, ``errors``; return the float32 weights ``[B]``."""
-    n = s.shape[0]
+    ``state`` ``[N, 2]`` (columns s, d) and ``errors``; return the float32
+    weights ``[B]``. An observation whose new s, d or weight would not be
+    finite is counted in ``errors[1]`` and leaves the state as it was."""
+    n = state.shape[0]
     ids = ids.long()
-    l = losses.to(s.dtype)
+    l = losses.to(state.dtype)
     in_range = (ids >= 0) & (ids < n)
     finite = torch.isfinite(l)
-    good = in_range & finite
-    errors[0] += (~in_range).sum()
-    errors[1] += (in_range & ~finite).sum()
+    cand = in_range & finite
 
-    gid = ids[good]
-    lg = l[good]
-    s_old = s[gid]
-    d_old = d[gid]
+    gid = ids[cand]
+    lg = l[cand]
+    s_old = state[gid, 0]
+    d_old = state[gid, 1]
     unseen = torch.isnan(s_old)
     delta = lg - s_old
     s_new = torch.where(unseen, lg, beta1 * s_old + (1.0 - beta1) * lg)
     d_new = torch.where(unseen, torch.zeros_like(lg), beta2 * d_old + (1.0 - beta2) * delta)
-    s[gid] = s_new
-    d[gid] = d_new
+    w_new = torch.clamp(s_new + lam * d_new, min=w_min).float()
+    ok = torch.isfinite(s_new) & torch.isfinite(d_new) & torch.isfinite(w_new)
+    state[gid[ok]] = torch.stack([s_new[ok], d_new[ok]], dim=1)
 
-    w = torch.full(ids.shape, w_min, dtype=s.dtype, device=s.device)
-    w[good] = torch.clamp(s_new + d_new, min=w_min)
-    return w.float()
+    good = cand.clone()
+    good[cand] = ok
+    errors[0] += (~in_range).sum()
+    errors[1] += (in_range & ~good).sum()
+    w = torch.full(ids.shape, w_min, dtype=torch.float32, device=state.device)
+    w[good] = w_new[ok]
+    return w
 
 
 # --------------------------------------------------------------------------
 # Section 4: selection
 # --------------------------------------------------------------------------
-def selection_keys(weights: torch.Tensor, mode: str, seed: int, step: int) -> torch.Tensor:
+def _noise_value(value: int, tensor) -> int:
+    """The host value of ``seed`` / ``step`` (a 0-d tensor wins over the int)."""
+    return value if tensor is None else int(tensor) & ((1 << 64) - 1)
+
+
+def exact_mean_weights(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 ``v_j = (1 - eps) w_j / mean(w) + eps`` (section 4) with the
+    order-independent fixed-point mean: ``w`` finite and > 0 counts, anything
+    else as 0; all-zero weights give ``v = 1``."""
+    wp = torch.where(torch.isfinite(w) & (w > 0), w, 0.0).double()
+    big = float(wp.max()) if wp.numel() else 0.0
+    if big == 0.0:
+        return torch.ones_like(wp)
+    e = math.frexp(big)[1]
+    bits = _spec.SELECT_MEAN_BITS
+    q = torch.floor(wp * 2.0 ** (bits - e)).long()
+    mean = float(q.sum()) * 2.0 ** (e - bits) / w.shape[0]
+    return ((1.0 - eps) * wp) / mean + eps
+
+
+def selection_keys(weights, select_mode: str, seed: int, step: int, eps: float = 0.0) -> torch.Tensor:
     """The float32 key of each position; the ``b`` largest keys are selected.
 
-    ``topk``: the weight. ``sample``: ``w / E`` with ``E = -log(u)`` a standard
-    exponential (the exponential race: ranking by ``w / E`` is ranking by
-    ``log w + Gumbel``, which draws successively without replacement in
-    proportion to ``w``). Computed in float64 and rounded to float32 so that
-    every backend's libm gives the same key. A NaN key counts as -inf.
+    ``topk``: the weight. ``sample``: ``v / E`` with ``E = -log(u)`` a standard
+    exponential (the exponential race: ranking by ``v / E`` is ranking by
+    ``log v + Gumbel``, which draws successively without replacement in
+    proportion to ``v``), ``v = w`` when ``eps = 0``, else the exploration mix.
+    Computed in float64 and rounded to float32 so that every backend's libm
+    gives the same key. A NaN key counts as -inf.
     """
     w = weights.float()
-    if mode == "sample":
+    if select_mode == "sample":
         x0, _, _, _ = _philox_words(w.shape[0], seed, step, STREAM_SELECT, w.device)
-        w = (w.double() / -torch.log(uniform_from_bits(x0).double())).float()
+        v = exact_mean_weights(w, eps) if eps > 0.0 else w.double()
+        w = (v / -torch.log(uniform_from_bits(x0).double())).float()
     return torch.nan_to_num(w, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
@@ -181,55 +207,71 @@ def _top_positions(keys: torch.Tensor, b: int) -> torch.Tensor:
     return torch.sort(order[:b]).values
 
 
-def weighted_select(weights: torch.Tensor, b: int, mode: str = "sample", seed: int = 0, step: int = 0):
+def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None,
+                    eps=0.0):
     """int64 ascending positions of ``b`` of the ``B`` weights."""
-    return _top_positions(selection_keys(weights, mode, seed, step), b)
+    keys = selection_keys(weights, select_mode, _noise_value(seed, seed_tensor),
+                          _noise_value(step, step_tensor), eps)
+    return _top_positions(keys, b)
 
 
 # --------------------------------------------------------------------------
 # Section 6: the fused step
 # --------------------------------------------------------------------------
-def es_step_from_losses(losses, ids, s, d, errors, b, beta1, beta2, mode="sample", seed=0, step=0, w_min=1e-8):
-    weights = es_update(ids, losses, s, d, errors, beta1, beta2, w_min)
-    return weighted_select(weights, b, mode, seed, step), losses.float(), weights
+def es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
+                        seed_tensor=None, step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8):
+    weights = es_update(ids, losses, state, errors, beta1, beta2, lam, w_min)
+    positions = weighted_select(weights, b, select_mode, seed, step, seed_tensor, step_tensor, eps)
+    if advance_step and step_tensor is not None:
+        step_tensor.add_(1)
+    return positions, losses.to(torch.float32, copy=True), weights
 
 
-def es_step(
-    logits, targets, ids, s, d, errors, b, beta1, beta2, mode="sample", seed=0, step=0,
-    ignore_index=-100, label_smoothing=0.0, w_min=1e-8,
-):
+def es_step(logits, targets, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
+            seed_tensor=None, step_tensor=None, advance_step=False, ignore_index=-100, label_smoothing=0.0,
+            lam=1.0, eps=0.0, w_min=1e-8):
     losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
-    return es_step_from_losses(losses, ids, s, d, errors, b, beta1, beta2, mode, seed, step, w_min)
+    return es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode, seed, step,
+                               seed_tensor, step_tensor, advance_step, lam, eps, w_min)
 
 
 # --------------------------------------------------------------------------
 # Section 7: ESWP pruning
 # --------------------------------------------------------------------------
-def annealing(epoch: int, num_epochs: int, anneal_frac: float) -> bool:
-    """True in the last ``anneal_frac`` of the epochs, where nothing is pruned."""
-    return epoch >= (1.0 - anneal_frac) * num_epochs
+def prune_threshold(state) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(score float64 [N], observed [N], tau): the mean score over observed
+    samples by the order-independent fixed-point rule (NaN when none)."""
+    score = state[:, 0].double() + state[:, 1].double()
+    observed = torch.isfinite(score)  # s NaN (unseen) gives a NaN score
+    sc = score[observed]
+    if sc.numel() == 0:
+        return score, observed, math.nan
+    big = float(sc.abs().max())
+    if big == 0.0:
+        return score, observed, 0.0
+    e = math.frexp(big)[1]
+    bits = _spec.PRUNE_MEAN_BITS
+    q = torch.trunc(sc * 2.0 ** (bits - e)).long()
+    return score, observed, float(q.sum()) * 2.0 ** (e - bits) / sc.numel()
 
 
-def eswp_prune(s, d, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
+def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
     """Returns ``(order[N], num_kept, scale[N])``: the kept ids first, in the
     random order of ``(seed, epoch)``, then the dropped ones in ascending
-    order; ``num_kept`` a
-    0-d int64 tensor; ``scale`` float32 per sample (0 for a dropped one)."""
-    n = s.shape[0]
-    observed = ~torch.isnan(s)
-    score = (s + d).double()
-    count = observed.sum()
-    tau = torch.where(observed, score, 0.0).sum() / count  # NaN when nothing is observed
+    order; ``num_kept`` a 0-d int64 tensor; ``scale`` float32 per sample (0
+    for a dropped one)."""
+    n = state.shape[0]
+    dev = state.device
+    score, observed, tau = prune_threshold(state)
     below = observed & (score < tau)
-    x0, x1, _, _ = _philox_words(n, seed, epoch, STREAM_PRUNE, s.device)
-    if annealing(epoch, num_epochs, anneal_frac):
+    if epoch >= _spec.anneal_stop(num_epochs, anneal_frac):
         below = torch.zeros_like(below)
+    x0, x1, _, _ = _philox_words(n, seed, epoch, STREAM_PRUNE, dev)
     dropped = below & (uniform_from_bits(x0).double() < prune_ratio)
-    kept_scale = 1.0 / (1.0 - prune_ratio) if rescale else 1.0
-    scale = torch.ones(n, dtype=torch.float32, device=s.device)
-    scale[below] = float(kept_scale)
+    scale = torch.ones(n, dtype=torch.float32, device=dev)
+    scale[below] = _spec.kept_scale(prune_ratio, rescale)
     scale[dropped] = 0.0
     # kept ids ordered by (x1, id); dropped ids after them, ascending
-    sort_key = torch.where(dropped, (1 << 32) + torch.arange(n, device=s.device), x1)
+    sort_key = torch.where(dropped, (1 << 32) + torch.arange(n, device=dev), x1)
     order = torch.sort(sort_key, stable=True).indices
     return order, (~dropped).sum(), scale

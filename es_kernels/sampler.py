@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import _checks
-from .functional import (DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_W_MIN, es_step, es_step_from_losses,
-                         eswp_prune)
+from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
+from .functional import es_step, es_step_from_losses, eswp_prune
 from .state import ESState
 
 
@@ -31,45 +31,104 @@ class EvolvedSampler:
     """Evolved Sampling: picks ``mini_batch`` of each meta-batch by loss history.
 
     ``select(ids, logits=..., targets=...)`` (or ``losses=...``) updates the
-    state of ``ids`` and returns a :class:`Selection`; one fused op, no host
-    round-trip on a GPU. The step counter advances by one per call and, with
-    ``seed``, fixes the noise: a resumed run draws exactly what an
-    uninterrupted one would.
+    state of ``ids`` and returns a :class:`Selection`: one fused op, no host
+    round-trip on a GPU. The step counter is a 0-d int64 tensor on the
+    state's device that the op advances by one per call, so a captured CUDA
+    graph draws fresh noise each replay and ``torch.compile`` does not
+    specialise on it. With ``seed`` it fixes the noise: a resumed run draws
+    exactly what an uninterrupted one would.
+
+    Parameters
+    ----------
+    num_samples : int
+        Dataset size ``N``; ids are in ``[0, N)``.
+    mini_batch : int >= 1
+        ``b``, the samples trained on per meta-batch (fewer if a meta-batch is shorter).
+    beta1, beta2, lam, select_mode, eps, w_min
+        As in :func:`es_kernels.es_step`.
+    seed : int in [0, 2**63)
+    device : the state's device (``None``: the CPU).
     """
 
+    SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min")
+
     def __init__(self, num_samples: int, mini_batch: int, beta1: float = DEFAULT_BETA1,
-                 beta2: float = DEFAULT_BETA2, mode: str = "sample", seed: int = 0, device=None,
-                 w_min: float = DEFAULT_W_MIN):
-        _checks.integer(mini_batch, "mini_batch", 1)
-        _checks.hyper(beta1, beta2, w_min)
-        _checks.selection(0, 0, mode, seed, 0)
+                 beta2: float = DEFAULT_BETA2, select_mode: str = "sample", seed: int = 0, device=None,
+                 w_min: float = DEFAULT_W_MIN, *, lam: float = DEFAULT_LAM, eps: float = DEFAULT_EPS):
         self.state = ESState(num_samples, device=device)
-        self.mini_batch, self.beta1, self.beta2 = int(mini_batch), float(beta1), float(beta2)
-        self.mode, self.seed, self.w_min = mode, int(seed), float(w_min)
-        self.step = 0
+        self._configure(dict(mini_batch=mini_batch, beta1=beta1, beta2=beta2, lam=lam,
+                             select_mode=select_mode, eps=eps, seed=seed, w_min=w_min))
+        self._step = torch.zeros((), dtype=torch.int64, device=self.state.device)
         self.epoch = 0
         self.scale: torch.Tensor | None = None  # per-sample loss scale, set by ESWPSampler
+
+    @staticmethod
+    def _validate(cfg: dict) -> dict:
+        _checks.integer(cfg["mini_batch"], "mini_batch", 1)
+        _checks.hyper(cfg["beta1"], cfg["beta2"], cfg["lam"], cfg["w_min"])
+        _checks.selection(0, 0, cfg["select_mode"], cfg["seed"], 0, cfg["eps"], None)
+        return dict(mini_batch=int(cfg["mini_batch"]), beta1=float(cfg["beta1"]), beta2=float(cfg["beta2"]),
+                    lam=float(cfg["lam"]), select_mode=cfg["select_mode"], eps=float(cfg["eps"]),
+                    seed=int(cfg["seed"]), w_min=float(cfg["w_min"]))
+
+    def _configure(self, cfg: dict) -> None:
+        for k, v in self._validate(cfg).items():
+            setattr(self, k, v)
 
     @property
     def device(self) -> torch.device:
         return self.state.device
 
+    @property
+    def step(self) -> int:
+        """Calls of :meth:`select` so far (reads the device counter: one synchronisation)."""
+        return int(self._step)
+
+    @property
+    def step_tensor(self) -> torch.Tensor:
+        """The device step counter (0-d int64) that :meth:`select` advances."""
+        return self._step
+
     def select(self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100,
                label_smoothing: float = 0.0) -> Selection:
+        """Score a meta-batch, update its state, pick ``mini_batch`` of it.
+
+        Parameters
+        ----------
+        ids : Tensor
+            int64 / int32 ``[B]`` dataset ids of the meta-batch.
+        logits, targets : Tensor
+            ``[B, C]`` / ``[B]`` or ``[B, T, V]`` / ``[B, T]``, from a forward
+            pass without autograd (or give ``losses``).
+        losses : Tensor
+            floating ``[B]`` per-sample losses, any loss.
+
+        Returns
+        -------
+        Selection
+            ``positions`` int64 ``[b]`` ascending into the meta-batch,
+            ``scales`` float32 ``[b]`` (ESWP's loss scale, else 1), ``losses``
+            and ``weights`` float32 ``[B]``. No host synchronisation.
+        """
         if (losses is None) == (logits is None):
             raise ValueError("select takes either logits (with targets) or losses")
         if logits is not None and targets is None:
             raise ValueError("targets must be given with logits")
-        ids = torch.as_tensor(ids).to(self.device, non_blocking=True)
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dim() != 1:
+            raise ValueError(f"ids must have 1 dimensions, got shape {tuple(ids.shape)}")
+        if ids.device.type == "meta":
+            raise ValueError("ids is a meta tensor: it holds no values")
+        ids = ids.to(self.device, non_blocking=True)
         b = min(self.mini_batch, ids.shape[0])  # the last meta-batch of an epoch may be short
-        kw = dict(beta1=self.beta1, beta2=self.beta2, mode=self.mode, seed=self.seed, step=self.step,
-                  w_min=self.w_min)
+        kw = dict(beta1=self.beta1, beta2=self.beta2, lam=self.lam, select_mode=self.select_mode, eps=self.eps,
+                  seed=self.seed, step=self._step, advance_step=True, w_min=self.w_min)
         if losses is not None:
             res = es_step_from_losses(losses, ids, self.state, b, **kw)
         else:
             res = es_step(logits, targets, ids, self.state, b, ignore_index=ignore_index,
                           label_smoothing=label_smoothing, **kw)
-        self.step += 1
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
@@ -82,30 +141,45 @@ class EvolvedSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: checks the state once (raises on bad values seen)."""
+        epoch = _checks.integer(epoch, "epoch", 0)
         self.state.check()
-        self.epoch = _checks.integer(epoch, "epoch", 0)
+        self.epoch = epoch
 
     def state_dict(self) -> dict:
+        """Everything a resume needs: the state, step, epoch, settings and the
+        current ESWP scale. Checks the state first (one synchronisation)."""
         self.state.check()
-        return {
-            "state": self.state.state_dict(), "step": self.step, "epoch": self.epoch,
-            "seed": self.seed, "mini_batch": self.mini_batch, "beta1": self.beta1,
-            "beta2": self.beta2, "mode": self.mode, "w_min": self.w_min,
-            "scale": None if self.scale is None else self.scale.clone(),
-        }
+        out = {"state": self.state.state_dict(), "step": self.step, "epoch": self.epoch,
+               "scale": None if self.scale is None else self.scale.clone()}
+        out.update({k: getattr(self, k) for k in self.SETTINGS})
+        return out
 
     def load_state_dict(self, sd: dict) -> None:
-        for key in ("state", "step", "epoch", "seed", "mini_batch", "beta1", "beta2", "mode", "w_min"):
+        """Restore from :meth:`state_dict`: all or nothing (every entry is
+        validated before anything is written)."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(sd).__name__}")
+        for key in ("state", "step", "epoch", "scale") + self.SETTINGS:
             if key not in sd:
                 raise ValueError(f"state_dict is missing {key!r}")
-        _checks.hyper(sd["beta1"], sd["beta2"], sd["w_min"])
-        _checks.selection(0, 0, sd["mode"], sd["seed"], sd["step"])
-        self.state.load_state_dict(sd["state"])  # validates before writing
-        self.step, self.epoch, self.seed = int(sd["step"]), int(sd["epoch"]), int(sd["seed"])
-        self.mini_batch, self.beta1, self.beta2 = int(sd["mini_batch"]), float(sd["beta1"]), float(sd["beta2"])
-        self.mode, self.w_min = sd["mode"], float(sd["w_min"])
-        scale = sd.get("scale")
-        self.scale = None if scale is None else scale.to(self.device)
+        cfg = self._validate({k: sd[k] for k in self.SETTINGS})
+        step = _checks.integer(sd["step"], "state_dict['step']", 0)
+        epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0)
+        scale = sd["scale"]
+        if scale is not None:
+            n = self.state.num_samples
+            _checks.tensor(scale, "state_dict['scale']", dim=1, dtypes=(torch.float32,))
+            if scale.shape[0] != n:
+                raise ValueError(f"state_dict['scale'] must have length {n}, got {scale.shape[0]}")
+            if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+                raise ValueError("state_dict['scale'] must be finite and >= 0")
+        s, d, errors = self.state.validate_state_dict(sd["state"], "state_dict['state']")
+        # everything is valid: write
+        self.state._load_validated(s, d, errors)
+        self._configure(cfg)
+        self._step.fill_(step)
+        self.epoch = epoch
+        self.scale = None if scale is None else scale.to(self.device, copy=True)
 
 
 class ESWPSampler(Sampler[int]):
@@ -121,7 +195,7 @@ class ESWPSampler(Sampler[int]):
     """
 
     def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
-                 anneal_frac: float = 0.125, rescale: bool = True, seed: int | None = None):
+                 anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True, seed: int | None = None):
         self.es = es
         self._configure(num_epochs, prune_ratio, anneal_frac, rescale, es.seed if seed is None else seed)
         self.epoch = 0
@@ -132,10 +206,8 @@ class ESWPSampler(Sampler[int]):
         self.num_epochs = _checks.integer(num_epochs, "num_epochs", 1)
         self.prune_ratio = _checks.real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True)
         self.anneal_frac = _checks.real(anneal_frac, "anneal_frac", 0.0, 1.0)
-        if not isinstance(rescale, bool):
-            raise ValueError(f"rescale must be a bool, got {type(rescale).__name__}")
-        self.rescale = rescale
-        self.seed = _checks.integer(seed, "seed", 0, 2**63 - 1)
+        self.rescale = _checks.flag(rescale, "rescale")
+        self.seed = _checks.integer(seed, "seed", 0)
 
     @property
     def scale(self) -> torch.Tensor:

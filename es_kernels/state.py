@@ -1,5 +1,7 @@
-"""ESState: the per-sample state of ES_SPEC section 2, owned in one place."""
+"""ESState: the per-sample state of docs/spec.md section 2, owned in one place."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -9,40 +11,58 @@ from . import _checks
 class ESState:
     """Per-sample state of a dataset of ``num_samples`` samples.
 
-    * ``s`` (``[N]``): loss EMA, NaN for a sample never observed;
-    * ``d`` (``[N]``): EMA of the loss difference (the trend), 0 at first;
-    * ``errors`` (int64 ``[2]``): ids out of range and non-finite losses seen
-      so far. Kernels count bad values here on the device instead of writing
-      them into ``s`` or ``d``; :meth:`check` reads the counts and raises.
+    Attributes
+    ----------
+    tensor : torch.Tensor
+        float32 (or float64 on the CPU) ``[N, 2]``, contiguous: column 0 is
+        ``s``, the loss EMA (NaN for a sample never observed), column 1 is
+        ``d``, the EMA of the loss difference (the trend, 0 at first). One
+        observation's pair is written together; the ops take this tensor.
+    s, d : torch.Tensor
+        ``[N]`` views of the two columns.
+    errors : torch.Tensor
+        int64 ``[2]``: ids out of range and non-finite observations seen so
+        far. Kernels count bad values here on the device instead of writing
+        them into the state; :meth:`check` reads the counts and raises.
     """
 
+    KEYS = ("s", "d", "errors")
+
     def __init__(self, num_samples: int, device=None, dtype: torch.dtype = torch.float32):
-        num_samples = _checks.integer(num_samples, "num_samples", 0)
+        num_samples = _checks.integer(num_samples, "num_samples", 0, (1 << 32) - 1)
         if dtype not in _checks.STATE_DTYPES:
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-        self.s = torch.full((num_samples,), float("nan"), dtype=dtype, device=device)
-        self.d = torch.zeros((num_samples,), dtype=dtype, device=device)
+        self.tensor = torch.zeros((num_samples, 2), dtype=dtype, device=device)
+        self.tensor[:, 0] = math.nan
         self.errors = torch.zeros((2,), dtype=torch.int64, device=device)
 
     @property
+    def s(self) -> torch.Tensor:
+        return self.tensor[:, 0]
+
+    @property
+    def d(self) -> torch.Tensor:
+        return self.tensor[:, 1]
+
+    @property
     def num_samples(self) -> int:
-        return self.s.shape[0]
+        return self.tensor.shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.s.device
+        return self.tensor.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.s.dtype
+        return self.tensor.dtype
 
     def observed(self) -> torch.Tensor:
         """Boolean mask of the samples seen at least once."""
         return ~torch.isnan(self.s)
 
-    def weights(self, w_min: float = 1e-8) -> torch.Tensor:
-        """The current weight ``max(s + d, w_min)`` of every sample (NaN where unseen)."""
-        return torch.clamp(self.s + self.d, min=w_min)
+    def weights(self, lam: float = 1.0, w_min: float = 1e-8) -> torch.Tensor:
+        """The current weight ``max(s + lam * d, w_min)`` of every sample (NaN where unseen)."""
+        return torch.clamp(self.s + lam * self.d, min=w_min)
 
     def check(self) -> None:
         """Raise ``RuntimeError`` if any bad value was seen. Reads two integers
@@ -52,37 +72,61 @@ class ESState:
         if bad_ids or bad_losses:
             raise RuntimeError(
                 f"es_kernels: {bad_ids} id(s) out of range [0, {self.num_samples}) and "
-                f"{bad_losses} non-finite loss(es) were seen and skipped; the state of those "
-                "observations was left unchanged. Fix the data loader or the loss, then call "
-                "reset_errors()."
+                f"{bad_losses} non-finite observation(s) (a non-finite loss, or one whose state or "
+                "weight would overflow) were seen and skipped; the state of those observations was "
+                "left unchanged. Fix the data loader or the loss, then call reset_errors()."
             )
 
     def reset_errors(self) -> None:
         self.errors.zero_()
 
     def state_dict(self) -> dict:
+        """``{"s", "d", "errors"}``: copies (``s`` and ``d`` as ``[N]`` tensors)."""
         return {"s": self.s.clone(), "d": self.d.clone(), "errors": self.errors.clone()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Copy a saved state into this one (on this state's device). Every
-        entry is validated before anything is written."""
-        for key in ("s", "d", "errors"):
+    def validate_state_dict(self, state_dict, prefix: str = "state_dict") -> tuple:
+        """Check a saved state without writing anything; return ``(s, d, errors)``.
+
+        Keys, shapes, dtypes and values (``s`` finite or NaN, ``d`` finite,
+        ``errors >= 0``): a bad entry raises ``ValueError`` naming it. Reads
+        the values (one synchronisation on a GPU)."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{prefix} must be a dict, got {type(state_dict).__name__}")
+        for key in self.KEYS:
             if key not in state_dict:
-                raise ValueError(f"state_dict is missing {key!r}")
-        s, d, errors = state_dict["s"], state_dict["d"], state_dict["errors"]
-        for key, new, own in (("s", s, self.s), ("d", d, self.d), ("errors", errors, self.errors)):
-            _checks.tensor(new, f"state_dict[{key!r}]", dim=1)
-            if new.shape != own.shape:
-                raise ValueError(f"state_dict[{key!r}] has shape {tuple(new.shape)}, this state {tuple(own.shape)}")
-            if new.dtype != own.dtype:
-                raise ValueError(f"state_dict[{key!r}] has dtype {new.dtype}, this state {own.dtype}")
-        self.s.copy_(s)
-        self.d.copy_(d)
+                raise ValueError(f"{prefix} is missing {key!r}")
+        own = {"s": self.s, "d": self.d, "errors": self.errors}
+        for key in self.KEYS:
+            new, name = state_dict[key], f"{prefix}[{key!r}]"
+            _checks.tensor(new, name, dim=1)
+            if new.shape != own[key].shape:
+                raise ValueError(f"{name} has shape {tuple(new.shape)}, this state {tuple(own[key].shape)}")
+            if new.dtype != own[key].dtype:
+                raise ValueError(f"{name} has dtype {new.dtype}, this state {own[key].dtype}")
+        s, d, errors = (state_dict[k] for k in self.KEYS)
+        if bool(torch.isinf(s).any()):
+            raise ValueError(f"{prefix}['s'] holds an infinite value (s must be finite, or NaN = unseen)")
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(f"{prefix}['d'] holds a non-finite value")
+        if bool((errors < 0).any()):
+            raise ValueError(f"{prefix}['errors'] holds a negative count")
+        return s, d, errors
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Copy a saved state into this one (on this state's device): all or
+        nothing, every entry is validated before anything is written."""
+        s, d, errors = self.validate_state_dict(state_dict)
+        self._load_validated(s, d, errors)
+
+    def _load_validated(self, s, d, errors) -> None:
+        new = torch.stack([s.to(self.device), d.to(self.device)], dim=1)
+        errors = errors.to(self.device)
+        self.tensor.copy_(new)
         self.errors.copy_(errors)
 
     def to(self, device) -> "ESState":
         out = ESState.__new__(ESState)
-        out.s, out.d, out.errors = self.s.to(device), self.d.to(device), self.errors.to(device)
+        out.tensor, out.errors = self.tensor.to(device), self.errors.to(device)
         return out
 
     def __repr__(self) -> str:

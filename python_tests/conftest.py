@@ -1,8 +1,10 @@
 """Shared fixtures: the backends under test, random inputs, hypothesis profile.
 
-Each backend exposes the six ops with the schema's positional signature (see
-csrc/register.cpp). Every op test runs on every backend present here and
-compares against es_kernels.reference.
+Each backend exposes the six ops with the schemas' signatures (see
+es_kernels/_ops.py). Every op test runs on every backend present here and
+compares against es_kernels.reference. The "cpp" backend is whatever
+``torch.ops.es_kernels`` runs on CPU tensors: the C++ kernels, or, with
+ES_KERNELS_NO_CPP=1 (a pure-Python install), the reference fallback.
 """
 from __future__ import annotations
 
@@ -32,12 +34,12 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-OP_NAMES = ("per_sample_cross_entropy", "es_update", "weighted_select", "es_step_losses",
-            "es_step", "eswp_prune")
+OP_NAMES = es_kernels._ops.OP_NAMES
 
 
 def _torch_ops_backend():
-    return types.SimpleNamespace(name="cpp", device="cpu", state_dtypes=(torch.float32, torch.float64),
+    name = "cpp" if es_kernels._ops.HAS_CPP else "fallback"
+    return types.SimpleNamespace(name=name, device="cpu", state_dtypes=(torch.float32, torch.float64),
                                  **{n: getattr(torch.ops.es_kernels, n) for n in OP_NAMES})
 
 
@@ -47,10 +49,12 @@ def _on_device(fn, device):
     if device == "cpu":
         return fn
 
-    def call(*args):
+    def call(*args, **kwargs):
         moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-        out = fn(*moved)
-        for a, m in zip(args, moved):  # the state the op mutated (inputs copy back unchanged)
+        kmoved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        out = fn(*moved, **kmoved)
+        pairs = list(zip(args, moved)) + [(kwargs[k], kmoved[k]) for k in kwargs]
+        for a, m in pairs:  # what the op mutated (inputs copy back unchanged)
             if isinstance(a, torch.Tensor):
                 a.copy_(m.cpu())
         return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
@@ -74,25 +78,27 @@ def backend(request):
 
 
 def new_state(n, dtype=torch.float32, observed=0.5, seed=0):
-    """An ESState-like triple (s, d, errors) with a fraction of observed samples."""
+    """An (state [N, 2], errors [2]) pair with a fraction of observed samples."""
     g = torch.Generator().manual_seed(seed)
-    s = torch.full((n,), float("nan"), dtype=dtype)
+    state = torch.zeros((n, 2), dtype=dtype)
+    state[:, 0] = float("nan")
     seen = torch.rand(n, generator=g) < observed
-    s[seen] = (torch.rand(int(seen.sum()), generator=g) * 4).to(dtype)
-    d = torch.zeros(n, dtype=dtype)
-    d[seen] = (torch.randn(int(seen.sum()), generator=g) * 0.3).to(dtype)
-    return s, d, torch.zeros(2, dtype=torch.int64)
+    state[seen, 0] = (torch.rand(int(seen.sum()), generator=g) * 4).to(dtype)
+    state[seen, 1] = (torch.randn(int(seen.sum()), generator=g) * 0.3).to(dtype)
+    return state, torch.zeros(2, dtype=torch.int64)
 
 
-def clone3(t):
+def clone_all(t):
     return tuple(x.clone() for x in t)
 
 
 def assert_state_equal(a, b):
-    """Bit-exact equality of (s, d, errors), NaN == NaN."""
-    for x, y, name in zip(a, b, ("s", "d", "errors")):
+    """Bit-exact equality of (state, errors), NaN == NaN, -0 != +0."""
+    for x, y, name in zip(a, b, ("state", "errors")):
         if x.is_floating_point():
-            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=name)
+            assert x.shape == y.shape and x.dtype == y.dtype, name
+            assert torch.equal(x.nan_to_num(7.25).view(torch.int32 if x.dtype == torch.float32 else torch.int64),
+                               y.nan_to_num(7.25).view(torch.int32 if y.dtype == torch.float32 else torch.int64)), name
         else:
             assert torch.equal(x, y), name
 

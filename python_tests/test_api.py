@@ -1,4 +1,4 @@
-"""The public API: validation of bad input (ES_SPEC section 8), check(),
+"""The public API: validation of bad input (docs/spec.md section 8), check(),
 the checked mode, ESState, opcheck and torch.compile."""
 import io
 
@@ -40,9 +40,20 @@ BAD_STEP_CALLS = [  # (kwargs overriding a good es_step call, the argument the e
     (dict(beta1=1.5), "beta1"),
     (dict(beta2=-0.1), "beta2"),
     (dict(beta1=float("nan")), "beta1"),
-    (dict(mode="greedy"), "mode"),
+    (dict(select_mode="greedy"), "select_mode"),
+    (dict(select_mode="topk", eps=0.5), "eps"),
+    (dict(eps=1.5), "eps"),
+    (dict(lam=-1.0), "lam"),
+    (dict(lam=float("inf")), "lam"),
+    (dict(w_min=1e39), "w_min"),
+    (dict(seed=2**63), "seed"),
+    (dict(step=torch.tensor([3])), "step"),
+    (dict(step=torch.tensor(3.0)), "step"),
+    (dict(step=torch.tensor(3, dtype=torch.int32)), "step"),
+    (dict(advance_step=True), "advance_step"),
+    (dict(ignore_index=2**64), "ignore_index"),
+    (dict(logits=torch.randn(8, 0)), "logits"),
     (dict(seed=-1), "seed"),
-    (dict(step=torch.tensor(3)), "step"),
     (dict(label_smoothing=2.0), "label_smoothing"),
     (dict(w_min=0.0), "w_min"),
     (dict(ids=torch.arange(8, device="meta")), "ids"),
@@ -53,7 +64,7 @@ BAD_STEP_CALLS = [  # (kwargs overriding a good es_step call, the argument the e
 def test_bad_step_input_names_argument_and_keeps_state(override, name):
     st = fresh()
     before = snapshot(st)
-    kw = dict(logits=LOGITS, targets=TARGETS, ids=IDS, b=4, beta1=0.2, beta2=0.9, mode="sample",
+    kw = dict(logits=LOGITS, targets=TARGETS, ids=IDS, b=4, beta1=0.2, beta2=0.9, select_mode="sample",
               seed=0, step=0, label_smoothing=0.0, w_min=1e-8)
     kw.update(override)
     args = [kw.pop(k) for k in ("logits", "targets", "ids")]
@@ -68,6 +79,7 @@ def test_bad_step_input_names_argument_and_keeps_state(override, name):
     (lambda st: ek.es_step_from_losses(torch.arange(8), torch.arange(8), st, 2), "losses"),
     (lambda st: ek.es_update(torch.arange(8), torch.rand(8, 1), st), "losses"),
     (lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st.s, 2), "state"),
+    (lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st, 2, step=torch.tensor(0).expand(())), None),
     (lambda st: ek.weighted_select(torch.rand(4), 5), "b"),
     (lambda st: ek.weighted_select(torch.rand(4, 1), 1), "weights"),
     (lambda st: ek.weighted_select(torch.arange(4), 1), "weights"),
@@ -80,17 +92,33 @@ def test_bad_step_input_names_argument_and_keeps_state(override, name):
 def test_other_bad_input(call, name):
     st = fresh()
     before = snapshot(st)
+    if name is None:  # a good call (the list's controls)
+        call(st)
+        return
     with pytest.raises(ValueError, match=name):
         call(st)
     assert same(before, snapshot(st))
 
 
+def test_expanded_state_is_refused_before_writing():
+    st = ek.ESState(1)
+    st.tensor = st.tensor.expand(4, 2)  # 4 rows, one memory row: cannot be written in place
+    with pytest.raises(ValueError, match="state is expanded"):
+        ek.es_update(torch.arange(2), torch.rand(2), st)
+    assert torch.isnan(st.s).all()
+    st = ek.ESState(4)
+    st.errors = torch.zeros(1, dtype=torch.long).expand(2)
+    with pytest.raises(ValueError, match="errors is expanded"):
+        ek.es_update(torch.arange(2), torch.rand(2), st)
+    assert torch.isnan(st.s).all()
+
+
 def test_direct_op_call_is_guarded_too():
-    s, d, e = new_state(8)
+    st, e = new_state(8)
     with pytest.raises(ValueError, match="b must be"):
-        torch.ops.es_kernels.es_step_losses(torch.rand(4), torch.arange(4), s, d, e, 5, 0.2, 0.9)
+        torch.ops.es_kernels.es_step_from_losses(torch.rand(4), torch.arange(4), st, e, 5, 0.2, 0.9)
     with pytest.raises(ValueError, match="losses"):
-        torch.ops.es_kernels.es_update(torch.arange(4), torch.rand(3), s, d, e, 0.2, 0.9)
+        torch.ops.es_kernels.es_update(torch.arange(4), torch.rand(3), st, e, 0.2, 0.9)
 
 
 def test_check_reports_bad_values_and_state_is_untouched():
@@ -168,18 +196,22 @@ def test_prune_result():
 
 
 def op_samples():
-    s, d, e = new_state(20, seed=1)
+    st, e = new_state(20, seed=1)
     logits, targets = torch.randn(6, 7), torch.randint(0, 7, (6,))
     seq_logits, seq_targets = torch.randn(3, 4, 7).bfloat16(), torch.randint(0, 7, (3, 4))
     ids = torch.tensor([3, 0, 7, 19, 12, 5])
     return [
         ("per_sample_cross_entropy", (logits, targets, -100, 0.1)),
         ("per_sample_cross_entropy", (seq_logits, seq_targets, -100, 0.0)),
-        ("es_update", (ids, torch.rand(6), s, d, e, 0.2, 0.9, 1e-8)),
+        ("es_update", (ids, torch.rand(6), st, e, 0.2, 0.9, 1.5, 1e-8)),
         ("weighted_select", (torch.rand(9), 4, "sample", 1, 2)),
-        ("es_step_losses", (torch.rand(6), ids, s, d, e, 3, 0.2, 0.9, "topk", 0, 0, 1e-8)),
-        ("es_step", (logits, targets, ids, s, d, e, 3, 0.2, 0.9, "sample", 1, 2, -100, 0.0, 1e-8)),
-        ("eswp_prune", (s, d, 0.5, 0, 0, 4, 0.125, True)),
+        ("weighted_select", (torch.rand(9), 4, "sample", 1, 2, torch.tensor(3), torch.tensor(4), 0.25)),
+        ("es_step_from_losses", (torch.rand(6), ids, st, e, 3, 0.2, 0.9, "topk", 0, 0)),
+        ("es_step_from_losses", (torch.rand(6), ids, st, e, 3, 0.2, 0.9, "sample", 0, 0, torch.tensor(5),
+                                 torch.tensor(2), True, 1.0, 0.5, 1e-8)),
+        ("es_step", (logits, targets, ids, st, e, 3, 0.2, 0.9, "sample", 1, 2, None, torch.tensor(7), True,
+                     -100, 0.0, 0.5, 0.1, 1e-8)),
+        ("eswp_prune", (st, 0.5, 0, 0, 4, 0.125, True)),
     ]
 
 
@@ -192,10 +224,41 @@ def test_torch_compile_traces_the_step():
     st = ek.ESState(64)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(logits, targets, ids, s, d, e):
-        return torch.ops.es_kernels.es_step(logits, targets, ids, s, d, e, 4, 0.2, 0.9, "sample", 0, 0,
-                                            -100, 0.0, 1e-8)
+    def step(logits, targets, ids, state, e):
+        return torch.ops.es_kernels.es_step(logits, targets, ids, state, e, 4, 0.2, 0.9, "sample", 0, 0)
 
     logits, targets, ids = torch.randn(16, 10), torch.randint(0, 10, (16,)), torch.arange(16)
-    pos, losses, w = step(logits, targets, ids, st.s, st.d, st.errors)
+    pos, losses, w = step(logits, targets, ids, st.tensor, st.errors)
     assert pos.shape == (4,) and not torch.isnan(st.s[:16]).any()
+
+
+def test_compiled_sampler_loop_compiles_once():
+    """torch.compile(fullgraph=True) of a loop step that calls the sampler:
+    the device step counter keeps it from recompiling each step (issue: the
+    host int step was specialised and hit the recompile limit after 8)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counts = {"frames": 0}
+
+    def counting_backend(gm, example_inputs):
+        counts["frames"] += 1
+        return gm.forward
+
+    n, B, b = 400, 32, 8
+    es = ek.EvolvedSampler(n, b, seed=3)
+    ref = ek.EvolvedSampler(n, b, seed=3)
+
+    @torch.compile(fullgraph=True, backend=counting_backend)
+    def step(ids, losses):
+        sel = es.select(ids, losses=losses)
+        return sel.positions, sel.scales
+
+    g = torch.Generator().manual_seed(0)
+    for k in range(20):
+        ids = torch.randperm(n, generator=g)[:B]
+        losses = torch.rand(B, generator=g)
+        pos, _ = step(ids, losses)
+        assert torch.equal(pos, ref.select(ids, losses=losses).positions)
+    assert es.step == 20
+    assert counts["frames"] <= 2, counts

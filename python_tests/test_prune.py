@@ -1,4 +1,4 @@
-"""ESWP pruning (ES_SPEC section 7) on every backend."""
+"""ESWP pruning (docs/spec.md section 7) on every backend."""
 import math
 
 import torch
@@ -8,9 +8,9 @@ from conftest import new_state
 from es_kernels import reference as R
 
 
-def check_against_reference(backend, s, d, *args):
-    order, num_kept, scale = backend.eswp_prune(s, d, *args)
-    r_order, r_kept, r_scale = R.eswp_prune(s, d, *args)
+def check_against_reference(backend, st, *args):
+    order, num_kept, scale = backend.eswp_prune(st, *args)
+    r_order, r_kept, r_scale = R.eswp_prune(st, *args)
     assert order.dtype == torch.int64 and num_kept.dtype == torch.int64 and num_kept.dim() == 0
     assert int(num_kept) == int(r_kept)
     assert torch.equal(order, r_order)
@@ -22,17 +22,19 @@ def check_against_reference(backend, s, d, *args):
        epoch=st.integers(0, 12), rescale=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
        seed=st.integers(0, 2**62))
 def test_against_reference(backend, n, observed, r, epoch, rescale, dtype, seed):
-    s, d, _ = new_state(n, dtype, observed, seed=seed % 997)
-    check_against_reference(backend, s, d, r, seed, epoch, 10, 0.125, rescale)
+    st, _ = new_state(n, dtype, observed, seed=seed % 997)
+    check_against_reference(backend, st, r, seed, epoch, 10, 0.125, rescale)
 
 
 def test_semantics(backend):
     n, r = 20000, 0.6
-    s, d, _ = new_state(n, observed=0.8, seed=4)
-    order, kept, scale = check_against_reference(backend, s, d, r, 5, 0, 10, 0.125, True)
+    st, _ = new_state(n, observed=0.8, seed=4)
+    order, kept, scale = check_against_reference(backend, st, r, 5, 0, 10, 0.125, True)
+    s, d = st[:, 0], st[:, 1]
     observed = ~torch.isnan(s)
-    score = (s + d).double()
+    score = s.double() + d.double()
     tau = score[observed].mean()
+    assert abs(R.prune_threshold(st)[2] - float(tau)) < 1e-8 * float(score[observed].abs().max())
     below = observed & (score < tau)
     assert sorted(order.tolist()) == list(range(n))  # a permutation
     kept_ids = order[:kept]
@@ -52,25 +54,37 @@ def test_semantics(backend):
 
 
 def test_annealing_keeps_everything(backend):
-    s, d, _ = new_state(500, observed=1.0, seed=2)
-    for epoch in (9, 10, 15):  # (1 - 0.125) * 10 = 8.75
-        order, kept, scale = check_against_reference(backend, s, d, 0.9, 1, epoch, 10, 0.125, True)
+    st, _ = new_state(500, observed=1.0, seed=2)
+    for epoch in (8, 9, 10, 15):  # stop = floor((1 - 0.125) * 10) = 8
+        order, kept, scale = check_against_reference(backend, st, 0.9, 1, epoch, 10, 0.125, True)
         assert kept == 500 and torch.all(scale == 1)
-    _, kept, _ = check_against_reference(backend, s, d, 0.9, 1, 8, 10, 0.125, True)
+    _, kept, _ = check_against_reference(backend, st, 0.9, 1, 7, 10, 0.125, True)
+    assert kept < 500
+    _, kept, _ = check_against_reference(backend, st, 0.9, 1, 2**62 - 2**11, 2**62, 0.0, True)  # huge ints
     assert kept < 500
 
 
 def test_no_rescale_and_nothing_observed(backend):
-    s, d, _ = new_state(300, observed=1.0, seed=3)
-    _, kept, scale = check_against_reference(backend, s, d, 0.5, 0, 0, 4, 0.125, False)
+    st, _ = new_state(300, observed=1.0, seed=3)
+    _, kept, scale = check_against_reference(backend, st, 0.5, 0, 0, 4, 0.125, False)
     assert kept < 300 and set(scale.unique().tolist()) <= {0.0, 1.0}
-    s, d, _ = new_state(300, observed=0.0)
-    _, kept, scale = check_against_reference(backend, s, d, 0.5, 0, 0, 4, 0.125, True)
+    st, _ = new_state(300, observed=0.0)
+    _, kept, scale = check_against_reference(backend, st, 0.5, 0, 0, 4, 0.125, True)
     assert kept == 300 and torch.all(scale == 1)
 
 
 def test_other_epoch_other_order(backend):
-    s, d, _ = new_state(1000, observed=1.0, seed=8)
-    a = backend.eswp_prune(s, d, 0.5, 3, 1, 10, 0.125, True)[0]
-    assert torch.equal(a, backend.eswp_prune(s, d, 0.5, 3, 1, 10, 0.125, True)[0])
-    assert not torch.equal(a, backend.eswp_prune(s, d, 0.5, 3, 2, 10, 0.125, True)[0])
+    st, _ = new_state(1000, observed=1.0, seed=8)
+    a = backend.eswp_prune(st, 0.5, 3, 1, 10, 0.125, True)[0]
+    assert torch.equal(a, backend.eswp_prune(st, 0.5, 3, 1, 10, 0.125, True)[0])
+    assert not torch.equal(a, backend.eswp_prune(st, 0.5, 3, 2, 10, 0.125, True)[0])
+
+
+@given(mag=st.sampled_from([1e-40, 1e-3, 1.0, 1e30, 3e38]), n=st.integers(1, 2500), seed=st.integers(0, 99))
+def test_threshold_is_exact_at_any_magnitude(backend, mag, n, seed):
+    """The fixed-point mean (spec section 7) is the same bits on every
+    backend whatever the magnitudes, signs and block split."""
+    g = torch.Generator().manual_seed(seed)
+    st = torch.stack([torch.randn(n, generator=g) * mag, torch.randn(n, generator=g) * mag], 1).float()
+    st[torch.rand(n, generator=g) < 0.3, 0] = float("nan")
+    check_against_reference(backend, st, 0.5, seed, 0, 10, 0.125, True)

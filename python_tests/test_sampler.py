@@ -12,7 +12,7 @@ from es_kernels import reference as R
 
 
 def ref_state(n):
-    return torch.full((n,), float("nan")), torch.zeros(n), torch.zeros(2, dtype=torch.int64)
+    return ek.ESState(n).tensor, torch.zeros(2, dtype=torch.int64)
 
 
 def test_select_matches_reference_ops():
@@ -35,7 +35,7 @@ def test_select_matches_reference_ops():
         assert torch.equal(sel.positions, want[0]) and torch.equal(sel.weights, want[2])
         assert torch.equal(sel.scales, torch.ones(b))
     assert es.step == 12
-    assert_state_equal((es.state.s, es.state.d, es.state.errors), ref)
+    assert_state_equal((es.state.tensor, es.state.errors), ref)
 
 
 def test_short_last_meta_batch_and_bad_calls():
@@ -85,8 +85,7 @@ def test_resume_is_bit_exact(tmp_path):
     pr_c.load_state_dict(ck["pruner"])
     rest = run(es_c, pr_c, E, start_epoch=3)
     assert first + rest == full
-    assert_state_equal((es_a.state.s, es_a.state.d, es_a.state.errors),
-                       (es_c.state.s, es_c.state.d, es_c.state.errors))
+    assert_state_equal((es_a.state.tensor, es_a.state.errors), (es_c.state.tensor, es_c.state.errors))
 
 
 def test_eswp_prunes_rescales_and_anneals():
@@ -95,14 +94,14 @@ def test_eswp_prunes_rescales_and_anneals():
     ek.es_update(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(0)), es.state)
     pr = ek.ESWPSampler(es, num_epochs=E, prune_ratio=r, anneal_frac=0.25)
     kept = list(pr)
-    want = R.eswp_prune(es.state.s, es.state.d, r, 1, 0, E, 0.25, True)
+    want = R.eswp_prune(es.state.tensor, r, 1, 0, E, 0.25, True)
     assert kept == want[0][: int(want[1])].tolist() and torch.equal(es.scale, want[2])
     assert 0.6 * n < len(kept) < 0.8 * n  # about half below the mean, 60% of those dropped
     assert int((es.scale == 1 / (1 - r)).sum()) > 0 and set(es.scale.unique().tolist()) <= {0.0, 1.0, float(torch.tensor(1 / (1 - r)))}
     assert pr.epoch == 1  # one pass advanced the epoch
     sel = es.select(torch.tensor(kept[:20]), losses=torch.rand(20))
     assert torch.equal(sel.scales, es.scale[torch.tensor(kept[:20])[sel.positions]])
-    for epoch in (6, 7):  # (1 - 0.25) * 8 = 6: annealing keeps everything at scale 1
+    for epoch in (6, 7):  # floor((1 - 0.25) * 8) = 6: annealing keeps everything at scale 1
         pr.set_epoch(epoch)
         assert sorted(pr) == list(range(n)) and torch.all(pr.scale == 1)
 

@@ -1,4 +1,4 @@
-"""Selection (ES_SPEC section 4): exact top-k, Gumbel sampling, determinism,
+"""Selection (docs/spec.md section 4): exact top-k, Gumbel sampling, determinism,
 and inclusion frequencies against successive sampling without replacement."""
 import itertools
 import math
@@ -56,6 +56,27 @@ def test_determinism(backend):
     assert torch.equal(a, backend.weighted_select(w, 1024, "sample", 11, 5))
     assert not torch.equal(a, backend.weighted_select(w, 1024, "sample", 11, 6))  # another step
     assert not torch.equal(a, backend.weighted_select(w, 1024, "sample", 12, 5))  # another seed
+
+
+@given(n=st.integers(1, 400), frac=st.floats(0, 1), eps=st.sampled_from([1e-6, 0.1, 0.5, 1.0]),
+       scale=st.sampled_from([1e-42, 1e-8, 1.0, 1e35]), seed=st.integers(0, 2**62), step=st.integers(0, 2**40))
+def test_exploration_mix_against_reference(backend, n, frac, eps, scale, seed, step):
+    """eps > 0: the fixed-point mean makes the keys the same bits on every backend."""
+    g = torch.Generator().manual_seed(seed % 1000)
+    w = torch.rand(n, generator=g) * scale
+    w[torch.rand(n, generator=g) < 0.1] = 0.0
+    b = int(frac * n)
+    assert torch.equal(backend.weighted_select(w, b, "sample", seed, step, eps=eps),
+                       R.weighted_select(w, b, "sample", seed, step, eps=eps))
+
+
+def test_exploration_mix_limits(backend):
+    """eps = 1 is uniform sampling (the weights do not matter); all-zero weights too."""
+    w1, w2 = rand_weights(300, 1), rand_weights(300, 2) ** 4
+    for step in range(3):
+        a = backend.weighted_select(w1, 40, "sample", 5, step, eps=1.0)
+        assert torch.equal(a, backend.weighted_select(w2, 40, "sample", 5, step, eps=1.0))
+        assert torch.equal(backend.weighted_select(torch.zeros(300), 40, "sample", 5, step, eps=0.3), a)
 
 
 def successive_inclusion(w, b):

@@ -1,8 +1,8 @@
-"""The fused step (ES_SPEC section 6) on every backend."""
+"""The fused step (docs/spec.md section 6) on every backend."""
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import assert_state_equal, clone3, new_state
+from conftest import assert_state_equal, clone_all, new_state
 from es_kernels import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -21,30 +21,33 @@ def test_step_from_logits(backend, batch, c, n_extra, dtype, mode, frac, seq, se
     ids = torch.randperm(n, generator=g)[:batch]
     b = int(frac * batch)
     state = new_state(n, seed=seed)
-    mine, ref = clone3(state), clone3(state)
+    mine, ref = clone_all(state), clone_all(state)
     pos, losses, w = backend.es_step(logits, targets, ids, *mine, b, 0.3, 0.7, mode, seed, 17,
-                                     -100, 0.0, 1e-8)
+                                     ignore_index=-100, label_smoothing=0.0, w_min=1e-8)
     r_pos, r_losses, r_w = R.es_step(logits, targets, ids, *ref, b, 0.3, 0.7, mode, seed, 17)
     torch.testing.assert_close(losses, r_losses, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(w, r_w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mine[0], ref[0], rtol=1e-5, atol=1e-5, equal_nan=True)
-    torch.testing.assert_close(mine[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(mine[1], ref[1])
     # the selection is exact given the weights the kernel computed
     assert torch.equal(pos, R.weighted_select(w, b, mode, seed, 17))
 
 
 @given(batch=st.integers(0, 200), n_extra=st.integers(0, 50), mode=st.sampled_from(["sample", "topk"]),
-       frac=st.floats(0, 1), seed=st.integers(0, 2**16), step=st.integers(0, 2**33))
-def test_step_from_losses_exact(backend, batch, n_extra, mode, frac, seed, step):
+       frac=st.floats(0, 1), seed=st.integers(0, 2**16), step=st.integers(0, 2**33),
+       lam=st.sampled_from([0.0, 1.0, 2.5]), eps=st.sampled_from([0.0, 0.1, 1.0]))
+def test_step_from_losses_exact(backend, batch, n_extra, mode, frac, seed, step, lam, eps):
+    eps = eps if mode == "sample" else 0.0
     g = torch.Generator().manual_seed(seed)
     n = batch + n_extra
     ids = torch.randperm(n, generator=g)[:batch]
     losses = torch.rand(batch, generator=g) * 3
     b = int(frac * batch)
     state = new_state(n, seed=seed)
-    mine, ref = clone3(state), clone3(state)
-    pos, out_losses, w = backend.es_step_losses(losses, ids, *mine, b, 0.2, 0.9, mode, seed, step, 1e-8)
-    r = R.es_step_from_losses(losses, ids, *ref, b, 0.2, 0.9, mode, seed, step)
+    mine, ref = clone_all(state), clone_all(state)
+    pos, out_losses, w = backend.es_step_from_losses(losses, ids, *mine, b, 0.2, 0.9, mode, seed, step,
+                                                     lam=lam, eps=eps)
+    r = R.es_step_from_losses(losses, ids, *ref, b, 0.2, 0.9, mode, seed, step, lam=lam, eps=eps)
     assert torch.equal(pos, r[0]) and torch.equal(out_losses, r[1])
     torch.testing.assert_close(w, r[2], rtol=0, atol=0)
     assert_state_equal(mine, ref)
@@ -52,8 +55,8 @@ def test_step_from_losses_exact(backend, batch, n_extra, mode, frac, seed, step)
 
 def test_losses_output_does_not_alias_input(backend):
     losses = torch.rand(8)
-    s, d, e = new_state(8)
-    _, out, _ = backend.es_step_losses(losses, torch.arange(8), s, d, e, 4, 0.2, 0.9, "sample", 0, 0, 1e-8)
+    st, e = new_state(8)
+    _, out, _ = backend.es_step_from_losses(losses, torch.arange(8), st, e, 4, 0.2, 0.9, "sample", 0, 0)
     assert out.data_ptr() != losses.data_ptr()
 
 
@@ -68,9 +71,42 @@ def test_repeated_steps_track_reference(backend):
         for k in range(0, n, batch):
             ids = perm[k : k + batch]
             losses = torch.rand(batch, generator=g) / (epoch + 1)
-            p1 = backend.es_step_losses(losses, ids, *state, b, 0.2, 0.9, "sample", 3, step, 1e-8)[0]
+            p1 = backend.es_step_from_losses(losses, ids, *state, b, 0.2, 0.9, "sample", 3, step)[0]
             p2 = R.es_step_from_losses(losses, ids, *ref, b, 0.2, 0.9, "sample", 3, step)[0]
             assert torch.equal(p1, p2)
             step += 1
     assert_state_equal(state, ref)
     assert not torch.isnan(state[0]).any()
+
+
+def test_device_step_counter_equals_host_ints(backend):
+    """A 0-d int64 step tensor, advanced by the op, gives the positions of
+    host ints step = 5, 6, 7, ...; a seed tensor equals the host seed."""
+    n, batch, b = 50, 20, 6
+    host, dev = new_state(n, seed=1), new_state(n, seed=1)
+    step_t, seed_t = torch.tensor(5), torch.tensor(2**40 + 3)
+    g = torch.Generator().manual_seed(2)
+    for k in range(4):
+        ids = torch.randperm(n, generator=g)[:batch]
+        losses = torch.rand(batch, generator=g)
+        want = backend.es_step_from_losses(losses, ids, *host, b, 0.2, 0.5, "sample", 2**40 + 3, 5 + k,
+                                           eps=0.2)[0]
+        got = backend.es_step_from_losses(losses, ids, *dev, b, 0.2, 0.5, "sample", 0, 0, seed_t, step_t,
+                                          True, eps=0.2)[0]
+        assert torch.equal(got, want)
+        assert int(step_t) == 6 + k and int(seed_t) == 2**40 + 3
+    assert_state_equal(dev, host)
+    # an empty meta-batch still counts as a call
+    backend.es_step_from_losses(torch.empty(0), torch.empty(0, dtype=torch.long), *dev, 0, 0.2, 0.5, "sample",
+                                0, 0, None, step_t, True)
+    assert int(step_t) == 10
+
+
+def test_step_tensor_without_advance_is_read_only(backend):
+    st, e = new_state(30, seed=3)
+    step_t = torch.tensor(9)
+    w = torch.rand(30)
+    got = backend.weighted_select(w, 7, "sample", 4, 0, None, step_t)
+    assert torch.equal(got, backend.weighted_select(w, 7, "sample", 4, 9)) and int(step_t) == 9
+    backend.es_step_from_losses(w, torch.arange(30), st, e, 7, 0.2, 0.5, "sample", 4, 0, None, step_t, False)
+    assert int(step_t) == 9

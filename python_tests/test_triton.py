@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import BACKENDS, DEVICE, clone3, new_state, triton_ops
+from conftest import BACKENDS, DEVICE, clone_all, new_state, triton_ops
 
 pytestmark = pytest.mark.skipif(triton_ops is None, reason="Triton is not installed")
 CPP = torch.ops.es_kernels
@@ -20,9 +20,9 @@ def test_same_positions_as_cpp(seed, step, mode):
     ids = torch.randperm(n, generator=g)[:batch]
     losses = torch.rand(batch, generator=g) * 4
     state = new_state(n, seed=3)
-    a, c = clone3(state), clone3(state)
-    pos_t, _, w_t = T.es_step_losses(losses, ids, *a, b, 0.3, 0.8, mode, seed, step, 1e-8)
-    pos_c, _, w_c = CPP.es_step_losses(losses, ids, *c, b, 0.3, 0.8, mode, seed, step, 1e-8)
+    a, c = clone_all(state), clone_all(state)
+    pos_t, _, w_t = T.es_step_from_losses(losses, ids, *a, b, 0.3, 0.8, mode, seed, step)
+    pos_c, _, w_c = CPP.es_step_from_losses(losses, ids, *c, b, 0.3, 0.8, mode, seed, step)
     assert torch.equal(pos_t, pos_c) and torch.equal(w_t, w_c)
     assert torch.equal(T.weighted_select(w_t, b, mode, seed, step), CPP.weighted_select(w_c, b, mode, seed, step))
 
@@ -34,26 +34,27 @@ def test_step_from_logits_close_to_cpp():
     targets[0] = -100
     ids = torch.randperm(90, generator=g)[:40]
     state = new_state(90, seed=1)
-    a, c = clone3(state), clone3(state)
-    pos_t, l_t, w_t = T.es_step(logits, targets, ids, *a, 10, 0.2, 0.9, "sample", 1, 2, -100, 0.1, 1e-8)
-    pos_c, l_c, w_c = CPP.es_step(logits, targets, ids, *c, 10, 0.2, 0.9, "sample", 1, 2, -100, 0.1, 1e-8)
+    a, c = clone_all(state), clone_all(state)
+    kw = dict(ignore_index=-100, label_smoothing=0.1)
+    pos_t, l_t, w_t = T.es_step(logits, targets, ids, *a, 10, 0.2, 0.9, "sample", 1, 2, **kw)
+    pos_c, l_c, w_c = CPP.es_step(logits, targets, ids, *c, 10, 0.2, 0.9, "sample", 1, 2, **kw)
     torch.testing.assert_close(l_t, l_c, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(w_t, w_c, rtol=2e-5, atol=2e-5)
     assert len(set(pos_t.tolist()) ^ set(pos_c.tolist())) <= 2  # equal up to a near-tie the rounding may flip
 
 
 def test_prune_same_as_cpp():
-    s, d, _ = new_state(5000, observed=0.7, seed=9)
+    st, _ = new_state(5000, observed=0.7, seed=9)
     for epoch in (0, 3, 9):
-        t = T.eswp_prune(s, d, 0.4, 11, epoch, 10, 0.125, True)
-        c = CPP.eswp_prune(s, d, 0.4, 11, epoch, 10, 0.125, True)
+        t = T.eswp_prune(st, 0.4, 11, epoch, 10, 0.125, True)
+        c = CPP.eswp_prune(st, 0.4, 11, epoch, 10, 0.125, True)
         assert torch.equal(t[0], c[0]) and int(t[1]) == int(c[1]) and torch.equal(t[2], c[2])
 
 
 def test_float64_state_is_refused_by_name():
-    s, d, e = new_state(10, dtype=torch.float64)
-    with pytest.raises(ValueError, match="s must be float32"):
-        T.es_update(torch.arange(3), torch.rand(3), s, d, e, 0.2, 0.9, 1e-8)
+    st, e = new_state(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="state must be float32"):
+        T.es_update(torch.arange(3), torch.rand(3), st, e, 0.2, 0.9)
 
 
 @contextlib.contextmanager
@@ -103,17 +104,33 @@ def test_op_paths_make_no_host_round_trip():
     seq_logits = dev(torch.randn(4, 3, 9, generator=g))
     seq_targets = dev(torch.randint(0, 9, (4, 3), generator=g))
     ids = dev(torch.randperm(40, generator=g)[:16])
-    s, d, e = (dev(x) for x in new_state(40, seed=2))
+    st, e = (dev(x) for x in new_state(40, seed=2))
     losses, weights = dev(torch.rand(16)), dev(torch.rand(16))
+    seed_t, step_t = dev(torch.tensor(5)), dev(torch.tensor(9))
     with no_host_sync():
         triton_ops.per_sample_cross_entropy(logits, targets, -100, 0.0)
         triton_ops.per_sample_cross_entropy(seq_logits, seq_targets, -100, 0.0)
-        triton_ops.es_update(ids, losses, s, d, e, 0.2, 0.9, 1e-8)
+        triton_ops.es_update(ids, losses, st, e, 0.2, 0.9, 1.5, 1e-8)
         triton_ops.weighted_select(weights, 4, "sample", 0, 1)
-        triton_ops.es_step_losses(losses, ids, s, d, e, 4, 0.2, 0.9, "sample", 0, 1, 1e-8)
-        triton_ops.es_step(logits, targets, ids, s, d, e, 4, 0.2, 0.9, "topk", 0, 1, -100, 0.0, 1e-8)
-        triton_ops.es_step(seq_logits, seq_targets, ids[:4], s, d, e, 2, 0.2, 0.9, "sample", 0, 1, -100, 0.0, 1e-8)
-        triton_ops.eswp_prune(s, d, 0.5, 0, 1, 10, 0.125, True)
+        triton_ops.weighted_select(weights, 4, "sample", 0, 0, seed_t, step_t, 0.3)
+        triton_ops.es_step_from_losses(losses, ids, st, e, 4, 0.2, 0.9, "sample", 0, 1)
+        triton_ops.es_step_from_losses(losses, ids, st, e, 4, 0.2, 0.9, "sample", 0, 0, seed_t, step_t, True,
+                                       1.0, 0.2, 1e-8)
+        triton_ops.es_step(logits, targets, ids, st, e, 4, 0.2, 0.9, "topk", 0, 1)
+        triton_ops.es_step(seq_logits, seq_targets, ids[:4], st, e, 2, 0.2, 0.9, "sample", 0, 0, None, step_t,
+                           True)
+        triton_ops.eswp_prune(st, 0.5, 0, 1, 10, 0.125, True)
+    assert int(step_t) == 11
+
+
+def test_sampler_path_makes_no_host_round_trip():
+    """The device-step path a training loop runs: EvolvedSampler.select."""
+    es = __import__("es_kernels").EvolvedSampler(64, 4, seed=1, device=DEVICE, eps=0.1)
+    ids = torch.randperm(64)[:16].to(DEVICE)
+    with no_host_sync():
+        for _ in range(3):
+            es.select(ids, losses=torch.rand(16, device=DEVICE))
+    assert es.step == 3
 
 
 def test_registered_for_cuda():

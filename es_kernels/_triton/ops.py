@@ -7,18 +7,19 @@ and counts stay on the device.
 """
 from __future__ import annotations
 
-import math
+import struct
 
 import torch
 import triton
 
-from .. import _checks
-from ..reference import annealing
+from .. import _checks, _spec
+from .._ops import NAMESPACE
 from ._launch import launch
 from .cross_entropy import ce_token_kernel
 from .es_step import update_select_kernel
-from .prune import prune_decide_kernel, prune_partials_kernel
+from .prune import prune_decide_kernel, prune_max_kernel, prune_sum_kernel
 
+PRUNE_BLOCK = 1024
 
 
 def _meta(device: torch.device, **kw) -> dict:
@@ -34,9 +35,14 @@ def _select_block(device: torch.device) -> int:
     return 4096 if device.type == "cuda" else 1024
 
 
-def _float32_state(s: torch.Tensor) -> None:
-    if s.dtype != torch.float32:
-        raise ValueError(f"s must be float32 for the Triton kernels, got {s.dtype}")
+def _float32_state(state: torch.Tensor) -> None:
+    if state.dtype != torch.float32:
+        raise ValueError(f"state must be float32 for the Triton kernels, got {state.dtype}")
+
+
+def _f64_bits(x: float) -> int:
+    """The bit pattern of a float64 as an int64 (float arguments reach a kernel as float32)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 class _Contiguous:
@@ -65,33 +71,45 @@ def _token_losses(logits, targets, ignore_index, label_smoothing):
     out = torch.empty(x.shape[0], dtype=torch.float32, device=logits.device)
     if x.shape[0] > 0:
         block_v = min(triton.next_power_of_2(V), 4096 if logits.device.type == "cuda" else 1024)
-        launch(ce_token_kernel, (x.shape[0],), x, t, out, V, x.stride(0), ignore_index,
+        launch(ce_token_kernel, (x.shape[0],), logits.device, x, t, out, V, x.stride(0), ignore_index,
                float(label_smoothing), BLOCK_V=block_v,
                **_meta(logits.device, num_warps=8 if block_v >= 2048 else 4))
     return out
 
 
-def _update_select(B, tok, targets, T, ignore_index, ids, s, d, errors, beta1, beta2, w_min,
-                   b, mode, seed, step, *, store_losses, do_update, do_select):
-    """Launches update_select_kernel over B positions (tok holds B * T token
-    losses when targets are given, else B losses or weights)."""
-    dev = tok.device
-    losses = torch.empty(B, dtype=torch.float32, device=dev) if store_losses else tok
-    weights = torch.empty(B, dtype=torch.float32, device=dev) if do_update else tok
+def _update_select(src, *, targets=None, T=1, ignore_index=0, ids=None, state=None, errors=None,
+                   beta1=0.0, beta2=0.0, lam=1.0, w_min=1.0, b=0, select_mode="topk", seed=0, step=0,
+                   seed_tensor=None, step_tensor=None, advance_step=False, eps=0.0,
+                   store_losses=False, do_select=False):
+    """Launches update_select_kernel over the B positions of ``src`` (B * T
+    token losses when ``targets`` are given, else B losses or weights). With
+    ``state`` it updates; with ``do_select`` it selects ``b``."""
+    dev = src.device
+    B = ids.shape[0] if ids is not None else (targets.shape[0] if targets is not None else src.shape[0])
+    do_update = state is not None
+    losses = torch.empty(B, dtype=torch.float32, device=dev) if store_losses else src
+    weights = torch.empty(B, dtype=torch.float32, device=dev) if do_update else src
     positions = torch.empty(b if do_select else 0, dtype=torch.int64, device=dev)
+    advance = advance_step and step_tensor is not None
     if B == 0:
+        if advance:
+            step_tensor.add_(1)
         return positions, losses, weights
+    do_select = do_select and b > 0
     keys = torch.empty(B if do_select else 1, dtype=torch.int64, device=dev)
-    dummy = positions if targets is None else targets
-    launch(update_select_kernel, (1,), tok, dummy, T, ignore_index,
-           ids if ids is not None else positions, B,
-           s if s is not None else tok, d if d is not None else tok,
-           errors if errors is not None else keys, s.shape[0] if s is not None else 0,
-           float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(w_min),
-           losses, weights, keys, positions, b, seed, step & 0xFFFFFFFF,
+    any_ptr = positions if positions.numel() else keys  # unused pointer arguments
+    launch(update_select_kernel, (1,), dev,
+           src, targets if targets is not None else any_ptr, T, ignore_index,
+           ids if ids is not None else any_ptr, B,
+           state if do_update else src, errors if do_update else keys, state.shape[0] if do_update else 0,
+           float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(lam), float(w_min),
+           losses, weights, keys, positions, b,
+           seed, step & 0xFFFFFFFF, seed_tensor if seed_tensor is not None else keys,
+           step_tensor if step_tensor is not None else keys, _f64_bits(eps), _f64_bits(1.0 - eps),
            HAS_TARGETS=targets is not None, STORE_LOSSES=store_losses, DO_UPDATE=do_update,
-           DO_SELECT=do_select and b > 0, SAMPLE=mode == "sample", BLOCK=_select_block(dev),
-           **_meta(dev, num_warps=16))
+           DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=do_select and eps > 0.0,
+           SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None,
+           ADVANCE_STEP=advance, BLOCK=_select_block(dev), **_meta(dev, num_warps=16))
     return positions, losses, weights
 
 
@@ -102,78 +120,78 @@ def per_sample_cross_entropy(logits, targets, ignore_index=-100, label_smoothing
     if logits.dim() == 2:
         return tok
     t = targets.contiguous()
-    _, losses, _ = _update_select(logits.shape[0], tok, t, t.shape[1], ignore_index, None, None, None, None, 0.0, 0.0,
-                                  1.0, 0, "topk", 0, 0, store_losses=True, do_update=False,
-                                  do_select=False)
+    _, losses, _ = _update_select(tok, targets=t, T=t.shape[1], ignore_index=ignore_index, store_losses=True)
     return losses
 
 
-def es_update(ids, losses, s, d, errors, beta1, beta2, w_min=1e-8):
-    _checks.update(ids, losses, s, d, errors, beta1, beta2, w_min)
-    _float32_state(s)
-    with _Contiguous(s, d, errors) as (sc, dc, ec):
-        _, _, w = _update_select(ids.shape[0], losses.to(torch.float32).contiguous(), None, 1, 0, ids.contiguous(),
-                                 sc, dc, ec, beta1, beta2, w_min, 0, "topk", 0, 0,
-                                 store_losses=False, do_update=True, do_select=False)
+def es_update(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
+    _checks.update(ids, losses, state, errors, beta1, beta2, lam, w_min)
+    _float32_state(state)
+    with _Contiguous(state, errors) as (st, er):
+        _, _, w = _update_select(losses.to(torch.float32).contiguous(), ids=ids.contiguous(), state=st,
+                                 errors=er, beta1=beta1, beta2=beta2, lam=lam, w_min=w_min)
     return w
 
 
-def weighted_select(weights, b, select_mode="sample", seed=0, step=0):
-    _checks.select(weights, b, select_mode, seed, step)
+def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None,
+                    eps=0.0):
+    _checks.select(weights, b, select_mode, seed if seed_tensor is None else seed_tensor,
+                   step if step_tensor is None else step_tensor, eps)
     w = weights.to(torch.float32).contiguous()
-    pos, _, _ = _update_select(w.shape[0], w, None, 1, 0, None, None, None, None, 0.0, 0.0, 1.0, b, select_mode,
-                               seed, step, store_losses=False, do_update=False, do_select=True)
+    pos, _, _ = _update_select(w, b=b, select_mode=select_mode, seed=seed, step=step, seed_tensor=seed_tensor,
+                               step_tensor=step_tensor, eps=eps, do_select=True)
     return pos
 
 
-def es_step_losses(losses, ids, s, d, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
-                   w_min=1e-8):
-    _checks.step_from_losses(losses, ids, s, d, errors, b, beta1, beta2, select_mode, seed, step, w_min)
-    _float32_state(s)
-    with _Contiguous(s, d, errors) as (sc, dc, ec):
-        return _update_select(ids.shape[0], losses.to(torch.float32).contiguous(), None, 1, 0, ids.contiguous(),
-                              sc, dc, ec, beta1, beta2, w_min, b, select_mode, seed, step,
-                              store_losses=True, do_update=True, do_select=True)
+def es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
+                        seed_tensor=None, step_tensor=None, advance_step=False, lam=1.0, eps=0.0,
+                        w_min=1e-8):
+    _checks.step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode,
+                             seed if seed_tensor is None else seed_tensor,
+                             step if step_tensor is None else step_tensor, advance_step, lam, eps, w_min)
+    _float32_state(state)
+    with _Contiguous(state, errors) as (st, er):
+        return _update_select(losses.to(torch.float32).contiguous(), ids=ids.contiguous(), state=st, errors=er,
+                              beta1=beta1, beta2=beta2, lam=lam, w_min=w_min, b=b, select_mode=select_mode,
+                              seed=seed, step=step, seed_tensor=seed_tensor, step_tensor=step_tensor,
+                              advance_step=advance_step, eps=eps, store_losses=True, do_select=True)
 
 
-def es_step(logits, targets, ids, s, d, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
-            ignore_index=-100, label_smoothing=0.0, w_min=1e-8):
-    _checks.step_from_logits(logits, targets, ids, s, d, errors, b, beta1, beta2, select_mode, seed,
-                             step, ignore_index, label_smoothing, w_min)
-    _float32_state(s)
+def es_step(logits, targets, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
+            seed_tensor=None, step_tensor=None, advance_step=False, ignore_index=-100, label_smoothing=0.0,
+            lam=1.0, eps=0.0, w_min=1e-8):
+    _checks.step_from_logits(logits, targets, ids, state, errors, b, beta1, beta2, select_mode,
+                             seed if seed_tensor is None else seed_tensor,
+                             step if step_tensor is None else step_tensor, advance_step, ignore_index,
+                             label_smoothing, lam, eps, w_min)
+    _float32_state(state)
     tok = _token_losses(logits, targets, ignore_index, label_smoothing)  # launch 1
     t = targets.contiguous()
     T = t.shape[1] if t.dim() == 2 else 1
-    with _Contiguous(s, d, errors) as (sc, dc, ec):  # launch 2
-        return _update_select(ids.shape[0], tok, t, T, ignore_index, ids.contiguous(), sc, dc, ec, beta1, beta2,
-                              w_min, b, select_mode, seed, step, store_losses=True, do_update=True,
-                              do_select=True)
+    with _Contiguous(state, errors) as (st, er):  # launch 2
+        return _update_select(tok, targets=t if t.dim() == 2 else None, T=T, ignore_index=ignore_index,
+                              ids=ids.contiguous(), state=st, errors=er, beta1=beta1, beta2=beta2, lam=lam,
+                              w_min=w_min, b=b, select_mode=select_mode, seed=seed, step=step,
+                              seed_tensor=seed_tensor, step_tensor=step_tensor, advance_step=advance_step,
+                              eps=eps, store_losses=True, do_select=True)
 
 
-def drop_below(prune_ratio: float) -> int:
-    """The number of 23-bit levels k with (2k + 1) * 2**-24 < prune_ratio: a
-    sample below the mean is dropped iff (x0 >> 9) < this, exactly u < r."""
-    return int(min(max(math.ceil((prune_ratio * 2.0**24 - 1.0) / 2.0), 0), 2**23))
-
-
-def eswp_prune(s, d, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
-    _checks.prune(s, d, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
-    n = s.shape[0]
-    dev = s.device
+def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
+    _checks.prune(state, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
+    n = state.shape[0]
+    dev = state.device
     scale = torch.empty(n, dtype=torch.float32, device=dev)
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev), scale
-    s, d = s.contiguous(), d.contiguous()
-    block = 1024
-    p = triton.cdiv(n, block)
-    psum = torch.empty(p, dtype=torch.float64, device=dev)
-    pcnt = torch.empty(p, dtype=torch.int64, device=dev)
-    launch(prune_partials_kernel, (p,), s, d, n, psum, pcnt, BLOCK=block, **_meta(dev))
+    st = state.contiguous()
+    grid = (triton.cdiv(n, PRUNE_BLOCK),)
+    acc = torch.zeros(3, dtype=torch.int64, device=dev)  # max |score| bits, count, fixed-point sum
+    launch(prune_max_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
+    launch(prune_sum_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
     sort_key = torch.empty(n, dtype=torch.int64, device=dev)
-    kept_scale = float(1.0 / (1.0 - prune_ratio)) if rescale else 1.0
-    launch(prune_decide_kernel, (p,), s, d, n, psum, pcnt, p, seed, epoch & 0xFFFFFFFF,
-           drop_below(prune_ratio), kept_scale, scale, sort_key,
-           ANNEALING=annealing(epoch, num_epochs, anneal_frac), BLOCK=block, PBLOCK=1024, **_meta(dev))
+    launch(prune_decide_kernel, grid, dev, st, n, acc, seed, epoch & 0xFFFFFFFF, _spec.drop_levels(prune_ratio),
+           _spec.kept_scale(prune_ratio, rescale), scale, sort_key,
+           ANNEALING=epoch >= _spec.anneal_stop(num_epochs, anneal_frac), BLOCK=PRUNE_BLOCK, **_meta(dev))
     order = torch.sort(sort_key, stable=True).indices
     num_kept = (sort_key < 2**32).sum()
     return order, num_kept, scale
@@ -183,10 +201,10 @@ OPS = {
     "per_sample_cross_entropy": per_sample_cross_entropy,
     "es_update": es_update,
     "weighted_select": weighted_select,
-    "es_step_losses": es_step_losses,
+    "es_step_from_losses": es_step_from_losses,
     "es_step": es_step,
     "eswp_prune": eswp_prune,
 }
 
 for _name, _fn in OPS.items():
-    torch.library.register_kernel(f"es_kernels::{_name}", "cuda", _fn)
+    torch.library.register_kernel(f"{NAMESPACE}::{_name}", "cuda", _fn)

@@ -1,0 +1,32 @@
+// Constants and small rules of docs/spec.md shared by the CPU kernels; the
+// Python side keeps the same values in es_kernels/_spec.py (a test checks
+// that both agree through the ops' results).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include <ATen/ATen.h>
+
+namespace es_kernels {
+
+// Fixed-point exponents of the order-independent means (sections 4 and 7).
+constexpr int kSelectMeanBits = 31;
+constexpr int kPruneMeanBits = 30;
+
+// First epoch of the annealing phase: floor((1 - anneal_frac) * num_epochs)
+// in float64, compared with the epoch as integers (section 7).
+inline int64_t anneal_stop(int64_t num_epochs, double anneal_frac) {
+  return static_cast<int64_t>(std::floor((1.0 - anneal_frac) * static_cast<double>(num_epochs)));
+}
+
+// The value of `seed` / `step` (section 9): a 0-d int64 tensor, when given,
+// wins over the host int; taken as its 64-bit two's complement.
+inline uint64_t noise_value(int64_t value, const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return static_cast<uint64_t>(value);
+  TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kLong && t->numel() == 1,
+                    name, "_tensor must be a 0-d int64 CPU tensor for this kernel");
+  return static_cast<uint64_t>(t->data_ptr<int64_t>()[0]);
+}
+
+}  // namespace es_kernels

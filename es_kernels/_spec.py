@@ -1,0 +1,51 @@
+"""Constants and small rules of the spec (docs/spec.md) that every backend shares.
+
+Nothing here imports a backend or the reference: the reference, the C++
+launch path, the Triton launchers, the samplers and the checks all take these
+from here, so a rule changes in one place (and in the spec).
+"""
+from __future__ import annotations
+
+import math
+
+# Defaults (spec sections 3 and 4). beta2 = 0.5 comes from the demo's ablation.
+DEFAULT_BETA1 = 0.2
+DEFAULT_BETA2 = 0.5
+DEFAULT_LAM = 1.0
+DEFAULT_EPS = 0.0
+DEFAULT_W_MIN = 1e-8
+DEFAULT_IGNORE_INDEX = -100
+DEFAULT_ANNEAL_FRAC = 0.125
+
+SELECT_MODES = ("sample", "topk")
+
+# Philox streams (spec section 9): the fourth counter word.
+STREAM_SELECT = 0
+STREAM_PRUNE = 1
+
+# Fixed-point exponents of the order-independent means (spec sections 4 and 7).
+SELECT_MEAN_BITS = 31  # weights: q_j = floor(w_j * 2**(31 - e)) < 2**31
+PRUNE_MEAN_BITS = 30  # scores: q_i = trunc(score_i * 2**(30 - e)), |q_i| < 2**30
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+MAX_POSITIONS = (1 << 32) - 1  # positions / sample ids enter Philox as one 32-bit word
+
+
+def anneal_stop(num_epochs: int, anneal_frac: float) -> int:
+    """First epoch of the annealing phase, where nothing is pruned (spec section 7):
+    ``floor((1 - anneal_frac) * num_epochs)`` in float64, computed once on the host;
+    backends then compare ``epoch >= stop`` as integers."""
+    return int(math.floor((1.0 - anneal_frac) * float(num_epochs)))
+
+
+def drop_levels(prune_ratio: float) -> int:
+    """The number of 23-bit levels k with ``(2k + 1) * 2**-24 < prune_ratio``: a
+    below-mean sample is dropped iff ``(x0 >> 9) < drop_levels(r)``, which is
+    exactly ``u < r`` for ``u = (x0 >> 9) * 2**-23 + 2**-24``."""
+    return int(min(max(math.ceil((prune_ratio * 2.0**24 - 1.0) / 2.0), 0), 2**23))
+
+
+def kept_scale(prune_ratio: float, rescale: bool) -> float:
+    """Loss scale of a below-mean sample that pruning kept."""
+    return float(1.0 / (1.0 - prune_ratio)) if rescale else 1.0
