@@ -27,15 +27,22 @@ void check_errors(const at::Tensor& errors) {
 // Section 3, serial over positions: distinct ids are the contract, and a
 // duplicate then only decides which observation wins, never memory safety.
 // `st` holds the (s, d) pairs; each observation writes its pair together.
+// `scored` (may be null: every position) marks the observations; the other
+// positions (a row or sequence with nothing to score) are skipped: no read,
+// no write, no count, weight 0.
 template <typename S, typename I>
-void update_kernel(const I* ids, const S* l, int64_t B, S* st, int64_t N, int64_t* errors,
-                   float* w, double beta1, double beta2, double lam, double w_min) {
+void update_kernel(const I* ids, const S* l, const bool* scored, int64_t B, S* st, int64_t N,
+                   int64_t* errors, float* w, double beta1, double beta2, double lam, double w_min) {
   const S b1 = static_cast<S>(beta1), ob1 = static_cast<S>(1.0 - beta1);
   const S b2 = static_cast<S>(beta2), ob2 = static_cast<S>(1.0 - beta2);
   const S lm = static_cast<S>(lam), wmin = static_cast<S>(w_min);
   const float wmin_f = static_cast<float>(wmin);
   int64_t bad_id = 0, bad_obs = 0;
   for (int64_t j = 0; j < B; ++j) {
+    if (scored != nullptr && !scored[j]) {
+      w[j] = 0.0f;
+      continue;
+    }
     const int64_t i = static_cast<int64_t>(ids[j]);
     w[j] = wmin_f;
     if (i < 0 || i >= N) {
@@ -141,8 +148,11 @@ at::Tensor select_kernel(const float* w, int64_t B, int64_t b, bool sample, uint
 
 }  // namespace
 
-at::Tensor es_update(const at::Tensor& ids_in, const at::Tensor& losses_in, at::Tensor& state,
-                     at::Tensor& errors, double beta1, double beta2, double lam, double w_min) {
+namespace {
+
+at::Tensor update(const at::Tensor& ids_in, const at::Tensor& losses_in, const bool* scored,
+                  at::Tensor& state, at::Tensor& errors, double beta1, double beta2, double lam,
+                  double w_min) {
   check_state(state);
   check_errors(errors);
   check_cpu(ids_in, "ids");
@@ -163,7 +173,7 @@ at::Tensor es_update(const at::Tensor& ids_in, const at::Tensor& losses_in, at::
     with_contiguous(errors, [&](at::Tensor& ec) {
       AT_DISPATCH_FLOATING_TYPES(sc.scalar_type(), "es_update", [&] {
         AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "es_update_ids", [&] {
-          update_kernel<scalar_t, index_t>(ids.data_ptr<index_t>(), losses.data_ptr<scalar_t>(), B,
+          update_kernel<scalar_t, index_t>(ids.data_ptr<index_t>(), losses.data_ptr<scalar_t>(), scored, B,
                                            sc.data_ptr<scalar_t>(), sc.size(0), ec.data_ptr<int64_t>(),
                                            w.data_ptr<float>(), beta1, beta2, lam, w_min);
         });
@@ -171,6 +181,62 @@ at::Tensor es_update(const at::Tensor& ids_in, const at::Tensor& losses_in, at::
     });
   });
   return w;
+}
+
+// Per-row means of token losses [B, T] where `mask` (bool [B, T], or none:
+// every token) holds, accumulated in float64 in token order, rounded to
+// float32; `scored` says which rows had a token.
+at::Tensor sequence_means(const at::Tensor& losses_in, const OptTensor& mask_in, std::vector<uint8_t>& scored) {
+  const at::Tensor l = losses_in.to(at::kDouble).contiguous();
+  const int64_t B = l.size(0), T = l.size(1);
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    check_cpu(*mask_in, "mask");
+    TORCH_CHECK_VALUE(mask_in->scalar_type() == at::kBool && mask_in->sizes() == l.sizes(),
+                      "mask must be bool with the shape of losses ", l.sizes());
+    mask = mask_in->contiguous();
+  }
+  at::Tensor out = at::empty({B}, l.options().dtype(at::kFloat));
+  scored.assign(B, 0);
+  const double* lp = l.data_ptr<double>();
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r) {
+    double acc = 0.0;
+    int64_t count = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (mp != nullptr && !mp[r * T + t]) continue;
+      acc += lp[r * T + t];
+      ++count;
+    }
+    o[r] = count > 0 ? static_cast<float>(acc / static_cast<double>(count)) : 0.0f;
+    scored[r] = count > 0;
+  }
+  return out;
+}
+
+Tensor3 fused_step(const at::Tensor& losses, const bool* scored, const at::Tensor& ids, at::Tensor& state,
+             at::Tensor& errors, int64_t b, double beta1, double beta2, c10::string_view select_mode,
+             int64_t seed, int64_t step, const OptTensor& seed_tensor, const OptTensor& step_tensor,
+             bool advance_step, double lam, double eps, double w_min) {
+  const bool sample = parse_mode(select_mode, eps);
+  TORCH_CHECK_VALUE(b >= 0 && b <= ids.numel(), "b must be in [0, B] = [0, ", ids.numel(), "], got ", b);
+  const uint64_t useed = noise_value(seed, seed_tensor, "seed");
+  const uint64_t ustep = noise_value(step, step_tensor, "step");
+  at::Tensor w = update(ids, losses, scored, state, errors, beta1, beta2, lam, w_min);
+  at::Tensor pos = select_kernel(w.data_ptr<float>(), w.size(0), b, sample, useed, ustep, eps, w.options());
+  if (advance_step && step_tensor.has_value()) {
+    int64_t* p = step_tensor->data_ptr<int64_t>();
+    *p = static_cast<int64_t>(static_cast<uint64_t>(*p) + 1u);
+  }
+  return {pos, losses.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true), w};
+}
+
+}  // namespace
+
+at::Tensor es_update(const at::Tensor& ids, const at::Tensor& losses, at::Tensor& state,
+                     at::Tensor& errors, double beta1, double beta2, double lam, double w_min) {
+  return update(ids, losses, nullptr, state, errors, beta1, beta2, lam, w_min);
 }
 
 at::Tensor weighted_select(const at::Tensor& weights_in, int64_t b, c10::string_view select_mode,
@@ -190,32 +256,37 @@ Tensor3 es_step_from_losses(const at::Tensor& losses, const at::Tensor& ids, at:
                             at::Tensor& errors, int64_t b, double beta1, double beta2,
                             c10::string_view select_mode, int64_t seed, int64_t step,
                             const OptTensor& seed_tensor, const OptTensor& step_tensor,
-                            bool advance_step, double lam, double eps, double w_min) {
-  const bool sample = parse_mode(select_mode, eps);
-  TORCH_CHECK_VALUE(b >= 0 && b <= ids.numel(), "b must be in [0, B] = [0, ", ids.numel(), "], got ", b);
-  const uint64_t useed = noise_value(seed, seed_tensor, "seed");
-  const uint64_t ustep = noise_value(step, step_tensor, "step");
-  at::Tensor w = es_update(ids, losses, state, errors, beta1, beta2, lam, w_min);
-  at::Tensor pos = select_kernel(w.data_ptr<float>(), w.size(0), b, sample, useed, ustep, eps, w.options());
-  if (advance_step && step_tensor.has_value()) {
-    int64_t* p = step_tensor->data_ptr<int64_t>();
-    *p = static_cast<int64_t>(static_cast<uint64_t>(*p) + 1u);
+                            bool advance_step, double lam, double eps, double w_min,
+                            const OptTensor& mask) {
+  check_cpu(losses, "losses");
+  TORCH_CHECK_VALUE(losses.dim() == 1 || losses.dim() == 2, "losses must be [B] or [B, T], got ",
+                    losses.sizes());
+  if (losses.dim() == 1) {
+    TORCH_CHECK_VALUE(!mask.has_value(), "mask goes with token losses [B, T]");
+    return fused_step(losses, nullptr, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
+                step_tensor, advance_step, lam, eps, w_min);
   }
-  return {pos, losses.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true), w};
+  TORCH_CHECK_VALUE(at::isFloatingType(losses.scalar_type()), "losses must be floating point");
+  std::vector<uint8_t> scored;
+  const at::Tensor means = sequence_means(losses, mask, scored);
+  return fused_step(means, reinterpret_cast<const bool*>(scored.data()), ids, state, errors, b, beta1, beta2,
+              select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min);
 }
 
 Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& ids,
                 at::Tensor& state, at::Tensor& errors, int64_t b, double beta1, double beta2,
-                c10::string_view select_mode, int64_t seed, int64_t step,
-                const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step,
-                int64_t ignore_index, double label_smoothing, double lam, double eps,
-                double w_min) {
-  // select_mode, eps and b are checked by es_step_from_losses before it writes any state
+                c10::string_view select_mode, int64_t seed, int64_t step, const OptTensor& seed_tensor,
+                const OptTensor& step_tensor, bool advance_step, int64_t ignore_index,
+                double label_smoothing, double lam, double eps, double w_min) {
+  // select_mode, eps and b are checked by fused_step() before it writes any state
   TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == logits.size(0),
                     "ids must be 1-D with the batch size of logits (", logits.size(0), ")");
   at::Tensor losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing);
-  return es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode, seed, step,
-                             seed_tensor, step_tensor, advance_step, lam, eps, w_min);
+  // a row (or sequence) with no target to score is skipped by the update
+  const at::Tensor has = (targets != ignore_index);
+  const at::Tensor scored = (has.dim() == 2 ? has.any(1) : has).contiguous();
+  return fused_step(losses, scored.data_ptr<bool>(), ids, state, errors, b, beta1, beta2, select_mode, seed, step,
+              seed_tensor, step_tensor, advance_step, lam, eps, w_min);
 }
 
 }  // namespace es_kernels

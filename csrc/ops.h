@@ -26,7 +26,8 @@ Tensor3 es_step_from_losses(const at::Tensor& losses, const at::Tensor& ids, at:
                             at::Tensor& errors, int64_t b, double beta1, double beta2,
                             c10::string_view select_mode, int64_t seed, int64_t step,
                             const OptTensor& seed_tensor, const OptTensor& step_tensor,
-                            bool advance_step, double lam, double eps, double w_min);
+                            bool advance_step, double lam, double eps, double w_min,
+                            const OptTensor& mask);
 
 Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& ids,
                 at::Tensor& state, at::Tensor& errors, int64_t b, double beta1, double beta2,

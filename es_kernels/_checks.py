@@ -143,9 +143,14 @@ def logits_targets(logits, targets, ignore_index, label_smoothing, device=None) 
     real(label_smoothing, "label_smoothing", 0.0, 1.0)
 
 
-def ids_losses(ids, losses, device) -> None:
+def ids_losses(ids, losses, device, token_losses: bool = False, mask=None) -> None:
     tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=device)
-    tensor(losses, "losses", dim=1, device=device)
+    tensor(losses, "losses", dim=(1, 2) if token_losses else 1, device=device)
+    if mask is not None:
+        tensor(mask, "mask", dtypes=(torch.bool,), device=device)
+        if losses.dim() != 2 or mask.shape != losses.shape:
+            raise ValueError(f"mask goes with token losses [B, T] and must have their shape, got mask "
+                             f"{tuple(mask.shape)} and losses {tuple(losses.shape)}")
     if not losses.dtype.is_floating_point:
         raise ValueError(f"losses must be floating point, got {losses.dtype}")
     if losses.shape[0] != ids.shape[0]:
@@ -167,8 +172,10 @@ def step_tensor(step, advance_step) -> None:
 
 
 def step_from_losses(losses, ids, st, errors, b, beta1, beta2, select_mode, seed, step, advance_step,
-                     lam, eps, w_min) -> None:
-    update(ids, losses, st, errors, beta1, beta2, lam, w_min)
+                     lam, eps, w_min, mask=None) -> None:
+    state(st, errors)
+    ids_losses(ids, losses, st.device, token_losses=True, mask=mask)
+    hyper(beta1, beta2, lam, w_min)
     selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
     step_tensor(step, advance_step)
 

@@ -42,7 +42,7 @@ SCHEMAS = {
     "es_step_from_losses":
         "(Tensor losses, Tensor ids, Tensor(a!) state, Tensor(b!) errors, int b, float beta1, float beta2, "
         f"str select_mode=\"sample\", {_NOISE}, Tensor(c!)? step_tensor=None, bool advance_step=False, "
-        "float lam=1.0, float eps=0.0, float w_min=1e-08) -> (Tensor, Tensor, Tensor)",
+        "float lam=1.0, float eps=0.0, float w_min=1e-08, Tensor? mask=None) -> (Tensor, Tensor, Tensor)",
     "es_step":
         "(Tensor logits, Tensor targets, Tensor ids, Tensor(a!) state, Tensor(b!) errors, int b, "
         f"float beta1, float beta2, str select_mode=\"sample\", {_NOISE}, Tensor(c!)? step_tensor=None, "
@@ -102,10 +102,10 @@ def _(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_t
 
 @_fake("es_step_from_losses")
 def _(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0, seed_tensor=None,
-      step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8):
+      step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8, mask=None):
     _checks.step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode,
                              _noise_arg(seed, seed_tensor), _noise_arg(step, step_tensor), advance_step,
-                             lam, eps, w_min)
+                             lam, eps, w_min, mask)
     n = ids.shape[0]
     return _empty(b, state, torch.int64), _empty(n, state, torch.float32), _empty(n, state, torch.float32)
 

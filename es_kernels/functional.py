@@ -161,7 +161,9 @@ def es_step(logits, targets, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAUL
     one op (two launches on a GPU). Arguments as in
     :func:`per_sample_cross_entropy`, :func:`es_update` and
     :func:`weighted_select`; with ``advance_step=True`` the op adds one to the
-    ``step`` tensor after reading it.
+    ``step`` tensor after reading it. A row (``[B, C]``) whose target is
+    ``ignore_index``, or a sequence (``[B, T, V]``) with no target to score,
+    is skipped by the update: state untouched, nothing counted, weight 0.
 
     Returns
     -------
@@ -180,19 +182,26 @@ def es_step(logits, targets, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAUL
         float(eps), float(w_min))))
 
 
-def es_step_from_losses(losses, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2,
+def es_step_from_losses(losses, ids, state, b, *, mask=None, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2,
                         lam=DEFAULT_LAM, select_mode="sample", eps=DEFAULT_EPS, seed=0, step=0,
                         advance_step=False, w_min=DEFAULT_W_MIN) -> StepResult:
-    """The ES step from precomputed per-sample losses ``[B]`` (any loss); see
-    :func:`es_step`."""
+    """The ES step from precomputed losses (any loss); see :func:`es_step`.
+
+    ``losses`` is ``[B]`` (one loss per sample), or token losses ``[B, T]``
+    whose per-row means over the tokens where ``mask`` (bool ``[B, T]``;
+    None: every token) holds are taken inside the op (float64 accumulation
+    in token order). A row with no token to score is skipped: its state is
+    untouched, nothing is counted and its weight is 0. The returned
+    ``losses`` are the per-row values ``[B]``.
+    """
     st = _state(state)
     _checks.step_from_losses(losses, ids, st.tensor, st.errors, b, beta1, beta2, select_mode, seed, step,
-                             advance_step, lam, eps, w_min)
+                             advance_step, lam, eps, w_min, mask)
     seed_i, seed_t = _checks.split_noise(seed)
     step_i, step_t = _checks.split_noise(step)
     return StepResult(*_run_checked(st, ids, lambda: ops.es_step_from_losses(
         losses, ids, st.tensor, st.errors, b, float(beta1), float(beta2), select_mode, seed_i, step_i,
-        seed_t, step_t, advance_step, float(lam), float(eps), float(w_min))))
+        seed_t, step_t, advance_step, float(lam), float(eps), float(w_min), mask)))
 
 
 def eswp_prune(state, prune_ratio: float, *, seed: int = 0, epoch: int = 0, num_epochs: int = 1,

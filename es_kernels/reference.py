@@ -39,6 +39,7 @@ __all__ = [
     "es_step_from_losses",
     "eswp_prune",
     "exact_mean_weights",
+    "sequence_means",
     "prune_threshold",
     "STREAM_SELECT",
     "STREAM_PRUNE",
@@ -132,12 +133,20 @@ def es_update(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
     ``state`` ``[N, 2]`` (columns s, d) and ``errors``; return the float32
     weights ``[B]``. An observation whose new s, d or weight would not be
     finite is counted in ``errors[1]`` and leaves the state as it was."""
+    return _update(ids, losses, state, errors, beta1, beta2, lam, w_min, None)
+
+
+def _update(ids, losses, state, errors, beta1, beta2, lam, w_min, scored):
+    """es_update where only the positions with ``scored`` (bool ``[B]``, None:
+    all) are observations; the others (sequences with nothing to score) are
+    skipped: no read, no write, no count, weight 0."""
     n = state.shape[0]
     ids = ids.long()
     l = losses.to(state.dtype)
+    active = torch.ones_like(ids, dtype=torch.bool) if scored is None else scored
     in_range = (ids >= 0) & (ids < n)
     finite = torch.isfinite(l)
-    cand = in_range & finite
+    cand = active & in_range & finite
 
     gid = ids[cand]
     lg = l[cand]
@@ -153,11 +162,25 @@ def es_update(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
 
     good = cand.clone()
     good[cand] = ok
-    errors[0] += (~in_range).sum()
-    errors[1] += (in_range & ~good).sum()
+    errors[0] += (active & ~in_range).sum()
+    errors[1] += (active & in_range & ~good).sum()
     w = torch.full(ids.shape, w_min, dtype=torch.float32, device=state.device)
+    w[~active] = 0.0
     w[good] = w_new[ok]
     return w
+
+
+def sequence_means(losses, mask):
+    """float32 ``[B]`` mean of each row's token losses where ``mask`` (bool
+    ``[B, T]``, None: every token) is true, accumulated in float64 in token
+    order; 0 for a row with none. Also returns ``scored`` (bool ``[B]``)."""
+    keep = torch.ones_like(losses, dtype=torch.bool) if mask is None else mask
+    acc = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
+    for t in range(losses.shape[1]):
+        acc = acc + torch.where(keep[:, t], losses[:, t].double(), 0.0)
+    count = keep.sum(dim=1)
+    mean = torch.where(count > 0, acc / count.clamp(min=1), 0.0).float()
+    return mean, count > 0
 
 
 # --------------------------------------------------------------------------
@@ -218,21 +241,36 @@ def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tenso
 # --------------------------------------------------------------------------
 # Section 6: the fused step
 # --------------------------------------------------------------------------
-def es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
-                        seed_tensor=None, step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8):
-    weights = es_update(ids, losses, state, errors, beta1, beta2, lam, w_min)
+def _step(losses, scored, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
+          step_tensor, advance_step, lam, eps, w_min):
+    weights = _update(ids, losses, state, errors, beta1, beta2, lam, w_min, scored)
     positions = weighted_select(weights, b, select_mode, seed, step, seed_tensor, step_tensor, eps)
     if advance_step and step_tensor is not None:
         step_tensor.add_(1)
     return positions, losses.to(torch.float32, copy=True), weights
 
 
+def es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
+                        seed_tensor=None, step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8,
+                        mask=None):
+    """``losses`` ``[B]``, or token losses ``[B, T]`` (with an optional bool
+    ``mask``) whose per-row means are taken inside the op; a row with no
+    token to score is skipped (state untouched, not counted, weight 0)."""
+    scored = None
+    if losses.dim() == 2:
+        losses, scored = sequence_means(losses, mask)
+    return _step(losses, scored, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
+                 step_tensor, advance_step, lam, eps, w_min)
+
+
 def es_step(logits, targets, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
             seed_tensor=None, step_tensor=None, advance_step=False, ignore_index=-100, label_smoothing=0.0,
             lam=1.0, eps=0.0, w_min=1e-8):
     losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
-    return es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode, seed, step,
-                               seed_tensor, step_tensor, advance_step, lam, eps, w_min)
+    scored = targets != ignore_index  # a row or sequence with no target to score is skipped
+    scored = scored.any(dim=1) if logits.dim() == 3 else scored
+    return _step(losses, scored, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
+                 step_tensor, advance_step, lam, eps, w_min)
 
 
 # --------------------------------------------------------------------------

@@ -110,3 +110,47 @@ def test_step_tensor_without_advance_is_read_only(backend):
     assert torch.equal(got, backend.weighted_select(w, 7, "sample", 4, 9)) and int(step_t) == 9
     backend.es_step_from_losses(w, torch.arange(30), st, e, 7, 0.2, 0.5, "sample", 4, 0, None, step_t, False)
     assert int(step_t) == 9
+
+
+@given(batch=st.integers(0, 40), T=st.integers(0, 9), n_extra=st.integers(0, 30), frac=st.floats(0, 1),
+       masked=st.booleans(), seed=st.integers(0, 2**16), mode=st.sampled_from(["sample", "topk"]))
+def test_token_losses_with_mask_exact(backend, batch, T, n_extra, frac, masked, seed, mode):
+    """[B, T] token losses: per-row means inside the op (float64 in token
+    order), a row with no token skipped; bit-exact with the reference."""
+    g = torch.Generator().manual_seed(seed)
+    n = batch + n_extra
+    ids = torch.randperm(n, generator=g)[:batch]
+    losses = torch.rand(batch, T, generator=g) * 3
+    mask = torch.rand(batch, T, generator=g) < 0.6 if masked else None
+    if masked and batch > 0:
+        mask[0] = False  # a row with nothing to score
+        losses[~mask] = float("nan")  # never read where masked out
+    b = int(frac * batch)
+    state = new_state(n, seed=seed)
+    mine, ref = clone_all(state), clone_all(state)
+    got = backend.es_step_from_losses(losses, ids, *mine, b, 0.2, 0.9, mode, seed, 3, mask=mask)
+    want = R.es_step_from_losses(losses, ids, *ref, b, 0.2, 0.9, mode, seed, 3, mask=mask)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    assert_state_equal(mine, ref)
+    if masked and batch > 0:
+        assert got[1][0].item() == 0.0 and got[2][0].item() == 0.0  # skipped: loss 0, weight 0
+        assert torch.equal(mine[0][ids[0]].nan_to_num(-1), state[0][ids[0]].nan_to_num(-1))
+
+
+def test_rows_without_targets_are_skipped(backend):
+    """es_step: a sequence (or a [B, C] row) with no target to score leaves its
+    state untouched, counts nothing and gets weight 0 (not w_min forever)."""
+    logits = torch.randn(4, 3, 5)
+    targets = torch.randint(0, 5, (4, 3))
+    targets[1] = -100
+    ids = torch.tensor([0, 1, 2, 3])
+    st, e = new_state(4, observed=1.0, seed=2)
+    before = st.clone()
+    _, losses, w = backend.es_step(logits, targets, ids, st, e, 4, 0.2, 0.9, "sample", 0, 0)
+    assert losses[1].item() == 0.0 and w[1].item() == 0.0 and e.tolist() == [0, 0]
+    assert torch.equal(st[1], before[1]) and not torch.equal(st[0], before[0])
+    flat_targets = targets[:, 0].clone()
+    flat_targets[2] = -100
+    _, losses, w = backend.es_step(logits[:, 0], flat_targets, ids, st, e, 2, 0.2, 0.9, "topk", 0, 0)
+    assert w[2].item() == 0.0 and e.tolist() == [0, 0]

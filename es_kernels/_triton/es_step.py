@@ -3,8 +3,9 @@
 One kernel serves es_update, weighted_select, es_step_from_losses and the
 second launch of es_step (after the cross-entropy kernel):
 
-1. per position j: the loss (the mean of the sequence's non-ignored token
-   losses when targets are given), the update of the (s, d) pair of ids[j]
+1. per position j: the loss (the mean of the row's scored token losses when
+   targets, or token losses with an optional mask, are given; a row with
+   none is skipped by the update), the update of the (s, d) pair of ids[j]
    (one 8-byte load and store of the pair), the weight, and, without the
    exploration mix, the selection key as an order-preserving uint32 (in int64);
 2. with the exploration mix (eps > 0): the exact fixed-point mean of the
@@ -64,12 +65,13 @@ def _key(w, v, j, seed, step_lo, SAMPLE: tl.constexpr):
 @triton.jit(do_not_specialize=["T", "B", "N", "b", "seed", "step_lo_arg", "ignore_index", "eps_bits",
                                "one_m_eps_bits"])
 def update_select_kernel(
-    tok_ptr, targets_ptr, T, ignore_index,  # token losses [B * T] (or losses / weights [B])
+    tok_ptr, targets_ptr, mask_ptr, T, ignore_index,  # token losses [B * T] (or losses / weights [B])
     ids_ptr, B, state_ptr, err_ptr, N,
     beta1, one_m_beta1, beta2, one_m_beta2, lam, w_min,
     losses_out_ptr, weights_out_ptr, keys_ptr, pos_out_ptr, b,
     seed, step_lo_arg, seed_ptr, step_ptr, eps_bits, one_m_eps_bits,
-    HAS_TARGETS: tl.constexpr, STORE_LOSSES: tl.constexpr, DO_UPDATE: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, TOKENS: tl.constexpr, HAS_MASK: tl.constexpr,
+    STORE_LOSSES: tl.constexpr, DO_UPDATE: tl.constexpr,
     DO_SELECT: tl.constexpr, SAMPLE: tl.constexpr, EPS_MIX: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr, ADVANCE_STEP: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -88,24 +90,36 @@ def update_select_kernel(
     for start in range(0, B, BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
         inb = j < B
-        if HAS_TARGETS:
-            acc = tl.zeros((BLOCK,), tl.float32)
+        if HAS_TARGETS or TOKENS:  # per-row means of token losses over the scored tokens
+            if TOKENS:
+                acc = tl.zeros((BLOCK,), tl.float64)
+            else:
+                acc = tl.zeros((BLOCK,), tl.float32)
             cnt = tl.zeros((BLOCK,), tl.int32)
             for t in range(0, T):
-                tg = tl.load(targets_ptr + j * T + t, mask=inb, other=ignore_index)
-                keep = tg != ignore_index
-                acc += tl.where(keep, tl.load(tok_ptr + j * T + t, mask=inb & keep, other=0.0), 0.0)
+                if TOKENS:
+                    if HAS_MASK:
+                        keep = inb & (tl.load(mask_ptr + j * T + t, mask=inb, other=0) != 0)
+                    else:
+                        keep = inb
+                else:
+                    keep = tl.load(targets_ptr + j * T + t, mask=inb, other=ignore_index) != ignore_index
+                x = tl.load(tok_ptr + j * T + t, mask=inb & keep, other=0.0)
+                acc += tl.where(keep, x.to(acc.dtype), 0.0)
                 cnt += keep.to(tl.int32)
-            loss = tl.where(cnt > 0, acc / tl.maximum(cnt, 1).to(tl.float32), 0.0)
+            loss = tl.where(cnt > 0, (acc / tl.maximum(cnt, 1).to(acc.dtype)).to(tl.float32), 0.0)
+            scored = cnt > 0
         else:
             loss = tl.load(tok_ptr + j, mask=inb, other=0.0).to(tl.float32)
+            scored = inb
         if STORE_LOSSES:
             tl.store(losses_out_ptr + j, loss, mask=inb)
         if DO_UPDATE:
             i = tl.load(ids_ptr + j, mask=inb, other=0).to(tl.int64)
+            active = inb & scored  # a row with no token to score is skipped
             in_range = (i >= 0) & (i < N)
             finite = (loss == loss) & (tl.abs(loss) < float("inf"))
-            cand = inb & in_range & finite
+            cand = active & in_range & finite
             offs = i[:, None] * 2 + pair[None, :]
             s_old, d_old = tl.split(tl.load(state_ptr + offs, mask=cand[:, None], other=0.0))
             unseen = s_old != s_old
@@ -119,9 +133,9 @@ def update_select_kernel(
                   & (tl.abs(w_new) < float("inf")))  # False for NaN too
             good = cand & ok
             tl.store(state_ptr + offs, tl.join(s_new, d_new), mask=good[:, None])
-            bad_ids += tl.sum((inb & ~in_range).to(tl.int64), 0)
-            bad_obs += tl.sum((inb & in_range & ~good).to(tl.int64), 0)
-            w = tl.where(good, w_new, w_min)
+            bad_ids += tl.sum((active & ~in_range).to(tl.int64), 0)
+            bad_obs += tl.sum((active & in_range & ~good).to(tl.int64), 0)
+            w = tl.where(good, w_new, tl.where(active, w_min, 0.0))
             tl.store(weights_out_ptr + j, w, mask=inb)
         else:
             w = loss  # weighted_select: the input is the weights

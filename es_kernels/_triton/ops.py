@@ -77,15 +77,20 @@ def _token_losses(logits, targets, ignore_index, label_smoothing):
     return out
 
 
-def _update_select(src, *, targets=None, T=1, ignore_index=0, ids=None, state=None, errors=None,
+def _update_select(src, *, targets=None, token_mask=None, tokens=False, T=1, ignore_index=0, ids=None,
+                   state=None, errors=None,
                    beta1=0.0, beta2=0.0, lam=1.0, w_min=1.0, b=0, select_mode="topk", seed=0, step=0,
                    seed_tensor=None, step_tensor=None, advance_step=False, eps=0.0,
                    store_losses=False, do_select=False):
     """Launches update_select_kernel over the B positions of ``src`` (B * T
-    token losses when ``targets`` are given, else B losses or weights). With
-    ``state`` it updates; with ``do_select`` it selects ``b``."""
+    token losses when ``targets`` are given or ``tokens`` is set, with an
+    optional bool ``token_mask``; else B losses or weights). With ``state``
+    it updates; with ``do_select`` it selects ``b``."""
     dev = src.device
     B = ids.shape[0] if ids is not None else (targets.shape[0] if targets is not None else src.shape[0])
+    if B > 0 and T == 0:  # rows without tokens: nothing to score, nothing to read
+        T, tokens, targets, token_mask = 1, True, None, torch.zeros(B, 1, dtype=torch.bool, device=dev)
+        src = torch.zeros(B, dtype=torch.float32, device=dev)
     do_update = state is not None
     losses = torch.empty(B, dtype=torch.float32, device=dev) if store_losses else src
     weights = torch.empty(B, dtype=torch.float32, device=dev) if do_update else src
@@ -99,14 +104,16 @@ def _update_select(src, *, targets=None, T=1, ignore_index=0, ids=None, state=No
     keys = torch.empty(B if do_select else 1, dtype=torch.int64, device=dev)
     any_ptr = positions if positions.numel() else keys  # unused pointer arguments
     launch(update_select_kernel, (1,), dev,
-           src, targets if targets is not None else any_ptr, T, ignore_index,
+           src, targets if targets is not None else any_ptr, token_mask if token_mask is not None else any_ptr,
+           T, ignore_index,
            ids if ids is not None else any_ptr, B,
            state if do_update else src, errors if do_update else keys, state.shape[0] if do_update else 0,
            float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(lam), float(w_min),
            losses, weights, keys, positions, b,
            seed, step & 0xFFFFFFFF, seed_tensor if seed_tensor is not None else keys,
            step_tensor if step_tensor is not None else keys, _f64_bits(eps), _f64_bits(1.0 - eps),
-           HAS_TARGETS=targets is not None, STORE_LOSSES=store_losses, DO_UPDATE=do_update,
+           HAS_TARGETS=targets is not None, TOKENS=tokens, HAS_MASK=token_mask is not None,
+           STORE_LOSSES=store_losses, DO_UPDATE=do_update,
            DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=do_select and eps > 0.0,
            SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None,
            ADVANCE_STEP=advance, BLOCK=_select_block(dev), **_meta(dev, num_warps=16))
@@ -145,13 +152,17 @@ def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tenso
 
 def es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
                         seed_tensor=None, step_tensor=None, advance_step=False, lam=1.0, eps=0.0,
-                        w_min=1e-8):
+                        w_min=1e-8, mask=None):
     _checks.step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode,
                              seed if seed_tensor is None else seed_tensor,
-                             step if step_tensor is None else step_tensor, advance_step, lam, eps, w_min)
+                             step if step_tensor is None else step_tensor, advance_step, lam, eps, w_min, mask)
     _float32_state(state)
+    tokens = losses.dim() == 2
+    src = losses.to(torch.float64 if tokens else torch.float32).contiguous()
     with _Contiguous(state, errors) as (st, er):
-        return _update_select(losses.to(torch.float32).contiguous(), ids=ids.contiguous(), state=st, errors=er,
+        return _update_select(src, tokens=tokens, T=losses.shape[1] if tokens else 1,
+                              token_mask=mask.contiguous() if mask is not None else None,
+                              ids=ids.contiguous(), state=st, errors=er,
                               beta1=beta1, beta2=beta2, lam=lam, w_min=w_min, b=b, select_mode=select_mode,
                               seed=seed, step=step, seed_tensor=seed_tensor, step_tensor=step_tensor,
                               advance_step=advance_step, eps=eps, store_losses=True, do_select=True)
@@ -169,7 +180,7 @@ def es_step(logits, targets, ids, state, errors, b, beta1, beta2, select_mode="s
     t = targets.contiguous()
     T = t.shape[1] if t.dim() == 2 else 1
     with _Contiguous(state, errors) as (st, er):  # launch 2
-        return _update_select(tok, targets=t if t.dim() == 2 else None, T=T, ignore_index=ignore_index,
+        return _update_select(tok, targets=t, T=T, ignore_index=ignore_index,
                               ids=ids.contiguous(), state=st, errors=er, beta1=beta1, beta2=beta2, lam=lam,
                               w_min=w_min, b=b, select_mode=select_mode, seed=seed, step=step,
                               seed_tensor=seed_tensor, step_tensor=step_tensor, advance_step=advance_step,
