@@ -1,6 +1,8 @@
 // Per-sample cross-entropy (ES_SPEC section 5): one pass over the logits with
 // an online log-sum-exp over chunks of the class axis, float32 arithmetic,
-// float32 / bfloat16 / float16 input, parallel over rows.
+// float32 / bfloat16 / float16 input, parallel over rows. The logits are read
+// in place with their batch and sequence strides (class stride 1). Non-finite
+// logits are treated as in F.cross_entropy (see RowAcc).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

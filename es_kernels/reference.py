@@ -103,7 +103,8 @@ def per_sample_cross_entropy(
     smoothing any -inf logit gives +inf (its log-probability enters the
     smoothing term), or NaN where ``(1 - eps) * inf`` is ``0 * inf``. A row
     with a NaN or +inf logit, or of -inf only, gives NaN. Huge finite logits
-    (up to the float32 maximum) give finite losses."""
+    (up to the float32 maximum) are fine: the loss is +inf only where it, or
+    with smoothing ``sum_c -log p_c``, exceeds the float32 range."""
     num_classes = logits.shape[-1]
     x = logits.float().reshape(-1, num_classes)
     t = targets.reshape(-1).long()
