@@ -1,6 +1,8 @@
 // Per-sample cross-entropy (ES_SPEC section 5): one pass over the logits with
 // an online log-sum-exp over chunks of the class axis, float32 arithmetic,
-// float32 / bfloat16 / float16 input, parallel over rows.
+// float32 / bfloat16 / float16 input, parallel over rows. The logits are read
+// in place with their batch and sequence strides (class stride 1). Non-finite
+// logits are treated as in F.cross_entropy (see RowAcc).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -71,15 +73,25 @@ inline V exp_poly(V x) {
 inline float exp1(float x) { return exp_poly<float, int32_t>(x); }
 inline vf exp8(vf x) { return exp_poly<vf, vi>(x); }
 
-// Running log-sum-exp state of one row: max, sum of exp(x - max), sum of x.
+// Running state of one row: max m, sum s of exp(x - m), and (for label
+// smoothing only) d = sum of (m - x), a sum of non-negative terms that stays
+// finite for huge finite logits; `bad` marks a NaN or +inf logit.
+//
+// Non-finite logits, as F.cross_entropy treats them: a -inf logit (masked
+// class) adds nothing to s, and +inf to d (its log-probability is -inf); a NaN
+// or +inf logit, or a row of -inf only, makes the loss NaN.
+template <bool Smooth>
 struct RowAcc {
   float m = kNegInf;
   float s = 0.0f;
-  float sx = 0.0f;
+  float d = 0.0f;
+  int64_t n = 0;  // classes seen
+  bool bad = false;
 
-  void add_chunk(const float* x, int64_t n) {
-    // max: four independent vector accumulators
-    const int64_t n32 = n / (4 * kW) * (4 * kW), n16 = n / (2 * kW) * (2 * kW);
+  void add_chunk(const float* x, int64_t nc) {
+    // max: four independent vector accumulators (a NaN is skipped here and
+    // caught through the sum below)
+    const int64_t n32 = nc / (4 * kW) * (4 * kW), n16 = nc / (2 * kW) * (2 * kW);
     vf m0 = splat(kNegInf), m1 = m0, m2 = m0, m3 = m0;
     for (int64_t i = 0; i < n32; i += 4 * kW) {
       m0 = vmax(vload(x + i), m0);
@@ -88,41 +100,59 @@ struct RowAcc {
       m3 = vmax(vload(x + i + 3 * kW), m3);
     }
     float cm = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
-    for (int64_t i = n32; i < n; ++i) cm = x[i] > cm ? x[i] : cm;
-    // sum of exp(x - cm) and of x: two vectors per iteration
-    const vf cmv = splat(cm);
-    vf s0 = vf{}, s1 = vf{}, x0 = vf{}, x1 = vf{};
+    for (int64_t i = n32; i < nc; ++i) cm = x[i] > cm ? x[i] : cm;
+    // sum of exp(x - ref), and of (ref - x) when smoothing: two vectors per
+    // iteration. A NaN logit, or +inf (then ref = +inf and inf - inf), makes
+    // the sum NaN; ref = 0 for a chunk of -inf only keeps that check.
+    const float ref = cm == kNegInf ? 0.0f : cm;
+    const vf refv = splat(ref);
+    vf s0 = vf{}, s1 = vf{}, d0 = vf{}, d1 = vf{};
     for (int64_t i = 0; i < n16; i += 2 * kW) {
       const vf a = vload(x + i), b = vload(x + i + kW);
-      s0 += exp8(a - cmv);
-      s1 += exp8(b - cmv);
-      x0 += a;
-      x1 += b;
+      s0 += exp8(a - refv);
+      s1 += exp8(b - refv);
+      if constexpr (Smooth) {
+        d0 += refv - a;
+        d1 += refv - b;
+      }
     }
-    float cs = hsum(s0 + s1), csx = hsum(x0 + x1);
-    for (int64_t i = n16; i < n; ++i) {
-      cs += exp1(x[i] - cm);
-      csx += x[i];
+    float cs = hsum(s0 + s1), cd = 0.0f;
+    if constexpr (Smooth) cd = hsum(d0 + d1);
+    for (int64_t i = n16; i < nc; ++i) {
+      cs += exp1(x[i] - ref);
+      if constexpr (Smooth) cd += ref - x[i];
     }
-    sx += csx;
-    if (cm == kNegInf) return;  // the chunk adds nothing to the sum
-    if (m == kNegInf) {  // first chunk with a finite max: no rescale
+    if (cs != cs) bad = true;
+    const int64_t prev = n;
+    n += nc;
+    if (cm == kNegInf) {  // masked classes only: nothing to s, +inf to d
+      if constexpr (Smooth) d = std::numeric_limits<float>::infinity();
+      return;
+    }
+    if (m == kNegInf) {  // first chunk with a finite max: no rescale (d is 0 or +inf)
       m = cm;
       s = cs;
+      if constexpr (Smooth) d += cd;
     } else if (cm > m) {
       s = s * std::exp(m - cm) + cs;
+      if constexpr (Smooth) d += static_cast<float>(prev) * (cm - m) + cd;
       m = cm;
     } else {
       s += cs * std::exp(cm - m);
+      if constexpr (Smooth) d += cd + static_cast<float>(nc) * (m - cm);
     }
   }
 };
 
-// Loss of one token row; `x` holds C logits of type T.
-template <typename T>
+// Loss of one token row; `x` holds C logits of type T (unit stride). As in
+// F.cross_entropy: nll = (m - x_t) + log s, and with smoothing eps
+// (1 - eps) * nll + eps / C * sum_c -log p_c, where sum_c -log p_c =
+// d + C log s; a -inf target logit gives +inf (NaN when 0 * inf arises).
+template <bool Smooth, typename T>
 float row_loss(const T* x, int64_t C, int64_t target, double eps, float* buf) {
-  if (target < 0 || target >= C) return std::numeric_limits<float>::quiet_NaN();
-  RowAcc acc;
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  if (target < 0 || target >= C) return kNaN;
+  RowAcc<Smooth> acc;
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     if constexpr (std::is_same_v<T, float>) {
@@ -132,23 +162,33 @@ float row_loss(const T* x, int64_t C, int64_t target, double eps, float* buf) {
       acc.add_chunk(buf, n);
     }
   }
-  if (!std::isfinite(acc.sx)) return std::numeric_limits<float>::quiet_NaN();
-  const float lse = acc.m + std::log(acc.s);
-  const float nll = lse - static_cast<float>(x[target]);
-  if (eps == 0.0) return nll;
-  const float smooth = lse - acc.sx / static_cast<float>(C);
-  return static_cast<float>(1.0 - eps) * nll + static_cast<float>(eps) * smooth;
+  if (acc.bad || acc.m == kNegInf) return kNaN;
+  const float log_s = std::log(acc.s);
+  const float nll = (acc.m - static_cast<float>(x[target])) + log_s;
+  if constexpr (!Smooth) {
+    return nll;
+  } else {
+    const float smooth = acc.d + static_cast<float>(C) * log_s;
+    return static_cast<float>(1.0 - eps) * nll + static_cast<float>(eps / static_cast<double>(C)) * smooth;
+  }
 }
 
-template <typename T, typename I>
-void token_losses(const T* logits, const I* targets, int64_t rows, int64_t C,
-                  int64_t ignore_index, double eps, float* out) {
+// Token row r of the logits starts at (r / T) * stride_b + (r % T) * stride_t.
+template <bool Smooth, typename T, typename I>
+void token_losses(const T* logits, int64_t stride_b, int64_t stride_t, int64_t T_len,
+                  const I* targets, int64_t rows, int64_t C, int64_t ignore_index, double eps,
+                  float* out) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : kChunk);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = static_cast<int64_t>(targets[r]);
-      out[r] = t == ignore_index ? 0.0f : row_loss(logits + r * C, C, t, eps, buf.data());
+      if (t == ignore_index) {  // the row is not read
+        out[r] = 0.0f;
+        continue;
+      }
+      const T* x = logits + (r / T_len) * stride_b + (r % T_len) * stride_t;
+      out[r] = row_loss<Smooth>(x, C, t, eps, buf.data());
     }
   });
 }
@@ -168,7 +208,11 @@ at::Tensor per_sample_cross_entropy(const at::Tensor& logits_in, const at::Tenso
                     targets_in.sizes());
   TORCH_CHECK_VALUE(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
                     "targets must be int64 or int32, got ", targets_in.scalar_type());
-  const at::Tensor logits = logits_in.contiguous();
+  // The logits are read in place with their batch (and sequence) strides, so
+  // that a view such as logits[:, :-1] costs no copy; only a class stride
+  // other than 1 is copied.
+  const at::Tensor logits =
+      logits_in.size(dim - 1) <= 1 || logits_in.stride(dim - 1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor targets = targets_in.contiguous();
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(dim - 1);
@@ -177,11 +221,19 @@ at::Tensor per_sample_cross_entropy(const at::Tensor& logits_in, const at::Tenso
   if (B == 0) return out;
   TORCH_CHECK_VALUE(C > 0, "logits must have at least one class");
   at::Tensor tok = dim == 2 ? out : at::empty({rows}, out.options());
+  const int64_t T_len = dim == 3 ? logits.size(1) : 1;
+  const int64_t stride_b = logits.stride(0), stride_t = dim == 3 ? logits.stride(1) : 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "per_sample_ce", [&] {
     AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "per_sample_ce_targets", [&] {
-      token_losses(logits.data_ptr<scalar_t>(), targets.data_ptr<index_t>(), rows, C,
-                   ignore_index, label_smoothing, tok.data_ptr<float>());
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      const index_t* tg = targets.const_data_ptr<index_t>();
+      float* o = tok.data_ptr<float>();
+      if (label_smoothing > 0.0) {
+        token_losses<true>(x, stride_b, stride_t, T_len, tg, rows, C, ignore_index, label_smoothing, o);
+      } else {
+        token_losses<false>(x, stride_b, stride_t, T_len, tg, rows, C, ignore_index, label_smoothing, o);
+      }
     });
   });
 

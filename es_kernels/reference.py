@@ -105,7 +105,15 @@ def per_sample_cross_entropy(
     mean token cross-entropy over non-ignored tokens for ``[B, T, V]`` logits
     (0 for a row or sequence with nothing to score). A target outside
     ``[0, C)`` that is not ``ignore_index`` gives NaN (counted later as a
-    non-finite loss) instead of reading out of bounds."""
+    non-finite loss) instead of reading out of bounds.
+
+    Non-finite logits follow ``F.cross_entropy``: a -inf logit (a masked
+    class) is allowed, and a -inf target logit gives +inf; with label
+    smoothing any -inf logit gives +inf (its log-probability enters the
+    smoothing term), or NaN where ``(1 - eps) * inf`` is ``0 * inf``. A row
+    with a NaN or +inf logit, or of -inf only, gives NaN. Huge finite logits
+    (up to the float32 maximum) are fine: the loss is +inf only where it, or
+    with smoothing ``sum_c -log p_c``, exceeds the float32 range."""
     num_classes = logits.shape[-1]
     x = logits.float().reshape(-1, num_classes)
     t = targets.reshape(-1).long()
@@ -113,9 +121,9 @@ def per_sample_cross_entropy(
     valid = (t >= 0) & (t < num_classes)
     logp = torch.log_softmax(x, dim=-1)
     nll = -logp.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
-    if label_smoothing > 0.0:
-        smooth = -logp.mean(dim=-1)
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    if label_smoothing > 0.0:  # F.cross_entropy's form: eps / C * sum_c -log p_c
+        smooth = -logp.sum(dim=-1)
+        nll = (1.0 - label_smoothing) * nll + smooth * (label_smoothing / num_classes)
     nll = torch.where(valid, nll, torch.full_like(nll, float("nan")))
     tok = torch.where(ignored, torch.zeros_like(nll), nll)
     if logits.dim() == 2:

@@ -63,16 +63,20 @@ class _Contiguous:
 
 
 def _token_losses(logits, targets, ignore_index, label_smoothing):
+    """float32 loss of every token row, ``[B]`` or ``[B * T]``. The logits are
+    read in place with their batch (and sequence) strides, so that a view such
+    as ``logits[:, :-1]`` costs no copy; only a class stride other than 1 is
+    copied."""
     V = logits.shape[-1]
-    x = logits.reshape(-1, V)
-    if x.shape[0] > 0 and x.stride(1) != 1:
-        x = x.contiguous()
+    x = logits if V <= 1 or logits.stride(-1) == 1 else logits.contiguous()
+    T, stride_t = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
     t = targets.reshape(-1).contiguous()
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=logits.device)
-    if x.shape[0] > 0:
+    out = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
+    if t.shape[0] > 0:
+        eps = float(label_smoothing)
         block_v = min(triton.next_power_of_2(V), 4096 if logits.device.type == "cuda" else 1024)
-        launch(ce_token_kernel, (x.shape[0],), logits.device, x, t, out, V, x.stride(0), ignore_index,
-               float(label_smoothing), BLOCK_V=block_v,
+        launch(ce_token_kernel, (t.shape[0],), logits.device, x, t, out, V, T, x.stride(0), stride_t,
+               ignore_index, 1.0 - eps, eps / V, SMOOTH=eps > 0.0, BLOCK_V=block_v,
                **_meta(logits.device, num_warps=8 if block_v >= 2048 else 4))
     return out
 
