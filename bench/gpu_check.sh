@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine (made for an H200; under 6 minutes): build the
+# One command on a CUDA machine (made for an H200; under 8 minutes): build the
 # package with the machine's torch, run the tests (the Triton backend on
 # CUDA), run the fused path under torch.cuda.set_sync_debug_mode("error"),
-# and time the Triton ops (bench/bench_gpu.py). Results go to
-# bench/results/gpu_<date>.{json,md}, or to $OUT when set (the device tool).
+# and time the Triton ops (bench/bench_gpu.py, BENCH_BUDGET_S seconds of
+# timing, default 180). Results go to bench/results/gpu_ops_<date>.{json,md}
+# and bench/results/history.csv, or to $OUT when set (the device tool); merge
+# a device run's history with `python bench/harness.py merge $OUT/history.csv`.
+# Where the tree has no .git (a copy), pass the commit: BENCH_COMMIT=<sha>[+].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -50,4 +53,4 @@ print("no synchronisation in the fused path: ok")
 PY
 
 echo "== timings"
-$PY bench/bench_gpu.py --out "$RESULTS"
+$PY bench/bench_gpu.py --out "$RESULTS" --budget-s "${BENCH_BUDGET_S:-180}"
