@@ -129,8 +129,8 @@ def main(argv=None):
         rows = (step_rows(args.step or [], [torch.float32]) + select_rows(args.select or [])
                 + prune_rows(args.prune or []))
     elif args.quick:
-        rows = (step_rows([(256, 10), (256, 1000)], [torch.float32]) + select_rows([4096])
-                + prune_rows([10**5]))
+        rows = (step_rows([(256, 10), (256, 1000)], [torch.float32]) + select_rows([1024, 16384])
+                + prune_rows([10**4, 10**5]))
     else:
         sizes = [(B, C) for B in (256, 4096, 65536) for C in (10, 1000, 32000)]
         rows = (step_rows(sizes, [torch.float32]) + step_rows([(4096, 1000), (4096, 32000)], [torch.bfloat16])

@@ -128,7 +128,7 @@ def noise_check(t: dict, cores: int | None = None) -> list[str]:
         on = sum(abs(s - SLICE_MS * round(s / SLICE_MS)) <= 0.02 * SLICE_MS * round(s / SLICE_MS) for s in window)
         if on >= 0.5 * len(window):
             reasons.append(f"{on}/{len(window)} samples on {SLICE_MS:g} ms slices")
-    if len(samples) >= 3 and t["median_ms"] >= 1.0 and min(samples) * 4 < t["median_ms"]:
+    if len(samples) >= 3 and t.get("median_ms", 0) >= 1.0 and min(samples) * 4 < t["median_ms"]:
         reasons.append(f"median {t['median_ms']:.3g} ms > 4x the fastest run ({min(samples):.3g} ms)")
     return reasons
 
@@ -279,10 +279,13 @@ def make_row(op: str, size: str, n: int, dtype: str, backend: str, mine: dict, r
         r.update(GBps=gbs, x_read_once=copy_GBps / gbs)
     if mem:
         r.update(mem)
-    reasons = []
-    for t in [mine, ref, *(baselines or {}).values()]:
-        if t is not None:
-            reasons += [x for x in noise_check(t) if x not in reasons]
+    timings = {backend: mine, "reference": ref, **(baselines or {})}
+    timings = {k: t for k, t in timings.items() if t is not None}
+    loads = [t.get(k) for t in timings.values() for k in ("load_start", "load_end")]
+    loads = [x for x in loads if x is not None]
+    reasons = noise_check({"load_start": max(loads)} if loads else {})
+    for name, t in timings.items():
+        reasons += [f"{name}: {x}" for x in noise_check({k: v for k, v in t.items() if not k.startswith("load")})]
     r.update(noisy=bool(reasons), noise="; ".join(reasons),
              load_start=mine.get("load_start"), load_end=mine.get("load_end"))
     if reasons:

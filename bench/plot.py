@@ -8,9 +8,10 @@
 For each bench in the history (cpu_ops, gpu_ops) it draws one figure,
 bench/results/<bench>.png (or --out for one bench): a panel per op and
 dtype, the x axis the op's size in elements (B*C logits, B weights, N
-samples, B*T*V tokens' logits), the y axis the median time (ms; the band is
-p20-p80) or the throughput (elements per microsecond), one line per backend:
-es-kernels (cpp or triton), the plain-PyTorch reference and the baselines.
+samples, B*T*V tokens' logits), the y axis the median time (ms; es-kernels'
+error bar is p20-p80) or the throughput (elements per microsecond), one
+line per backend: es-kernels (cpp or triton), the plain-PyTorch reference
+and the baselines.
 For a commit it uses that commit's latest run (the last run_id); rows
 flagged noisy are drawn with hollow markers.
 """
@@ -79,6 +80,15 @@ def series(run: list[dict], metric: str) -> dict[tuple[str, str], dict[str, list
     return out
 
 
+def _role(label: str) -> tuple[int, str]:
+    """Colour index and sort key: es-kernels, the reference, then baselines."""
+    if label.startswith("es-kernels"):
+        return 0, label
+    if label == "reference":
+        return 1, label
+    return 2 + sum(map(ord, label)) % 6, label
+
+
 def plot_bench(runs: dict[str, list[dict]], bench: str, metric: str, out: Path) -> Path:
     per_commit = {c: series(run, metric) for c, run in runs.items()}
     keys = sorted({k for s in per_commit.values() for k in s})
@@ -88,16 +98,20 @@ def plot_bench(runs: dict[str, list[dict]], bench: str, metric: str, out: Path) 
     styles = ["-", "--", ":", "-."]
     for ax, key in zip(axes.flat, keys):
         for ci, (commit, s) in enumerate(per_commit.items()):
-            for li, (label, pts) in enumerate(sorted(s.get(key, {}).items())):
-                pts.sort()
+            labels = sorted(s.get(key, {}), key=_role)
+            for label in labels:
+                pts = sorted(s[key][label])
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                color = f"C{li}"
+                color = f"C{_role(label)[0]}"
                 name = label if len(per_commit) == 1 else f"{label} @{commit}"
                 ax.plot(xs, ys, styles[ci % len(styles)], color=color, label=name)
                 for p in pts:
-                    ax.plot(p[0], p[1], "o", color=color, mfc="none" if p[4] else color, ms=4)
-                if all(p[2] is not None for p in pts):
-                    ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=color, alpha=0.2)
+                    err = None
+                    if p[2] is not None:  # the p20-p80 band as an error bar
+                        lo, hi = sorted((p[2], p[3]))
+                        err = [[max(p[1] - lo, 0)], [max(hi - p[1], 0)]]
+                    ax.errorbar([p[0]], [p[1]], yerr=err, fmt="o", color=color, mfc="none" if p[4] else color,
+                                ms=4, capsize=2)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{key[0]} [{key[1]}]", fontsize=9)
