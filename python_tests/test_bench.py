@@ -106,3 +106,21 @@ def test_peak_memory_cpu():
     assert m["mem_method"] in ("vmhwm", "ru_maxrss")
     if m["mem_method"] == "vmhwm":
         assert 60 <= m["peak_mem_mb"] <= 200
+
+
+def test_bench_gpu_cases_build_and_run_on_cpu():
+    """The GPU bench's input builders and callables, at tiny sizes on the CPU."""
+    bench_gpu = _load("bench_gpu")
+    cases = [bench_gpu.step_case(64, 100), bench_gpu.losses_case(64), bench_gpu.select_case(256, "sample"),
+             bench_gpu.select_case(256, "topk"), bench_gpu.seq_case(2, 16, 50), bench_gpu.prune_case(1000)]
+    for c in cases:
+        fns = c.build("cpu")
+        for fn in [fns["mine"], fns["ref"], *fns["baselines"].values()]:
+            fn()
+    seq = cases[4].build("cpu")
+    mine, ref, base = seq["mine"](), seq["ref"](), seq["baselines"]["F.cross_entropy"]()
+    assert mine.shape == ref.shape == base.shape == (2,)
+    import torch  # (not torch.testing: its import takes seconds)
+
+    assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(base, ref, rtol=2e-2, atol=2e-2)  # F.cross_entropy on bf16 returns bf16
