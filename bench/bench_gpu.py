@@ -12,6 +12,7 @@ committed one with `python bench/harness.py merge $OUT/history.csv`).
 
     python bench/bench_gpu.py --dry-run      # print the plan of shapes (no CUDA needed)
     python bench/bench_gpu.py --out DIR      # run (CUDA), within --budget-s seconds of timing
+    python bench/bench_gpu.py --device cpu --quick --out /tmp/x   # test the whole script on a CPU
 
 The shapes issue 13 asks for come first: es_step from logits B=4096 C=32000
 bf16; weighted_select B=65536 b=16384 and B=1e6 b=250000; per-sequence mean
@@ -193,13 +194,15 @@ class Timer:
     """do_bench within a total budget of seconds: ``rep_ms`` of repeats per
     measurement while the budget lasts, 20 ms once under a quarter is left."""
 
-    def __init__(self, budget_s: float, rep_ms: float):
-        self.t0, self.budget_s, self.rep_ms = time.monotonic(), budget_s, rep_ms
+    def __init__(self, budget_s: float, rep_ms: float, device: str = "cuda"):
+        self.t0, self.budget_s, self.rep_ms, self.device = time.monotonic(), budget_s, rep_ms, device
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
 
     def __call__(self, fn) -> dict:
+        if self.device == "cpu":  # --device cpu: a smoke test of this script, not a measurement
+            return harness.bench_cpu(fn, budget_s=0.05)
         import triton.testing
 
         rep = self.rep_ms if self.left() > self.budget_s / 4 else 20
@@ -209,26 +212,25 @@ class Timer:
                 "load_start": load0, "load_end": harness.load_average()}
 
 
-def copy_bandwidth(timer) -> float:
+def copy_bandwidth(timer, device="cuda") -> float:
     """GB/s of a 1 GiB device-to-device copy, bytes read plus bytes written."""
-    x = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+    x = torch.empty(2**28 if device == "cuda" else 2**22, dtype=torch.float32, device=device).uniform_()
     y = torch.empty_like(x)
     t = timer(lambda: y.copy_(x))["median_ms"]
-    del x, y
-    return 2 * 2**28 * 4 / (t * 1e-3) / 1e9
+    return 2 * x.numel() * 4 / (t * 1e-3) / 1e9
 
 
-def run_case(c: Case, timer: Timer, bw: float, notes: list[str]) -> dict | None:
-    free = torch.cuda.mem_get_info()[0]
+def run_case(c: Case, timer: Timer, bw: float, notes: list[str], device: str = "cuda") -> dict | None:
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 16 * GB
     if c.mem_mine > 0.9 * free:
         notes.append(f"skip {c.op} {c.size}: needs ~{c.mem_mine / GB:.0f} GB, {free / GB:.0f} GB free")
         return None
     if timer.left() <= 0:
         notes.append(f"skip {c.op} {c.size}: time budget spent")
         return None
-    fns = c.build("cuda")
+    fns = c.build(device)
     mine = timer(fns["mine"])
-    mem = harness.peak_memory(fns["mine"], device="cuda")
+    mem = harness.peak_memory(fns["mine"], device=device)
     ref = None
     if fns["ref"] is not None and c.mem_ref is not None and c.mem_ref <= 0.9 * free:
         ref = timer(fns["ref"])
@@ -236,8 +238,10 @@ def run_case(c: Case, timer: Timer, bw: float, notes: list[str]) -> dict | None:
         notes.append(f"{c.op} {c.size}: reference not timed (needs ~{c.mem_ref / GB:.0f} GB)")
     bases = {name: timer(fn) for name, fn in fns["baselines"].items()}
     del fns
-    torch.cuda.empty_cache()
-    r = harness.make_row(c.op, c.size, c.n, c.dtype, "triton", mine, ref, bases, mem, c.bytes_read, bw)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    backend = "triton" if device == "cuda" else "cpp"
+    r = harness.make_row(c.op, c.size, c.n, c.dtype, backend, mine, ref, bases, mem, c.bytes_read, bw)
     r.update(us=r["median_ms"] * 1e3, ref_us=ref["median_ms"] * 1e3 if ref else None)
     return r
 
@@ -258,21 +262,23 @@ def main(argv=None):
                     help="seconds of timing in all (default 180: the GPU check's 8 minutes include the build "
                          "and the tests); cases left when it is spent are skipped")
     ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench's repetition time per measurement")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: run the whole script on the CPU with wall-clock timing, to test it (not a benchmark)")
     args = ap.parse_args(argv)
     cases = plan(args.quick)
     if args.dry_run:
         print_plan(cases)
         return cases
-    if not torch.cuda.is_available():
-        sys.exit("bench_gpu.py needs CUDA (use --dry-run to see the plan)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs CUDA (use --dry-run to see the plan, --device cpu to test the script)")
     torch.manual_seed(0)
-    timer = Timer(args.budget_s, args.rep_ms)
-    bw = copy_bandwidth(timer)
+    timer = Timer(args.budget_s, args.rep_ms, args.device)
+    bw = copy_bandwidth(timer, args.device)
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     rows, notes = [], []
     for c in cases:
         try:
-            r = run_case(c, timer, bw, notes)
+            r = run_case(c, timer, bw, notes, args.device)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             notes.append(f"skip {c.op} {c.size}: out of memory")
@@ -287,7 +293,7 @@ def main(argv=None):
     info["copy_GBps"] = bw
     table = harness.format_table(rows, COLUMNS)
     header = f"{harness.header_line(info)}, copy {bw:.0f} GB/s"
-    paths = harness.write_results("gpu_ops", rows, info, out=args.out, history=args.history, quick=args.quick,
+    paths = harness.write_results("gpu_ops" if args.device == "cuda" else "gpu_ops_on_cpu", rows, info, out=args.out, history=args.history, quick=args.quick,
                                   extra={"notes": notes})
     paths["json"].with_suffix(".md").write_text(f"{header}\n\n{table}\n" + "".join(f"\n- {n}" for n in notes)
                                                 + "\n")
