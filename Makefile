@@ -4,7 +4,9 @@
 #   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
 #                and compare (es-kernels demo; DEMO_ARGS=--quick for 2 minutes)
 #   make test    the test suite
-#   make bench   the op benchmark (bench/bench_ops.py)
+#   make bench   the op benchmark (bench/bench_ops.py; BENCH_ARGS=--quick for a
+#                smoke run): writes bench/results/cpu_ops_<date>.json, appends
+#                to bench/results/history.csv, redraws bench/results/cpu_ops.png
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
@@ -31,7 +33,8 @@ test: install
 	$(PY) -m pytest -q python_tests
 
 bench: install
-	$(PY) bench/bench_ops.py
+	$(PY) bench/bench_ops.py $(BENCH_ARGS)
+	$(PY) bench/plot.py --bench cpu_ops
 
 demo: install
 	$(PY) -m es_kernels demo $(DEMO_ARGS)

@@ -4,8 +4,11 @@
 # CUDA), run the GPU checks (bench/gpu_checks.py: no host sync under
 # torch.cuda.set_sync_debug_mode("error"), a CUDA graph of a sampler step
 # replayed with fresh noise, torch.compile, the device guard), and time the
-# Triton ops (bench/bench_gpu.py). Results go to
-# bench/results/gpu_<date>.{json,md}, or to $OUT when set (the device tool).
+# Triton ops (bench/bench_gpu.py, BENCH_BUDGET_S seconds of timing, default
+# 180). Results go to bench/results/gpu_ops_<date>.{json,md} and
+# bench/results/history.csv, or to $OUT when set (the device tool); merge a
+# device run's history with `python bench/harness.py merge $OUT/history.csv`.
+# Where the tree has no .git (a copy), pass the commit: BENCH_COMMIT=<sha>[+].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,4 +28,4 @@ echo "== no host sync, CUDA graph replay, torch.compile, device guard"
 $PY bench/gpu_checks.py --out "$RESULTS"
 
 echo "== timings"
-$PY bench/bench_gpu.py --out "$RESULTS"
+$PY bench/bench_gpu.py --out "$RESULTS" --budget-s "${BENCH_BUDGET_S:-180}"
