@@ -16,7 +16,8 @@ from .. import _checks, _spec
 from .._ops import NAMESPACE
 from ._launch import launch
 from .cross_entropy import ce_token_kernel
-from .es_step import update_select_kernel
+from .es_step import (SCRATCH, mix_keys_kernel, mix_sum_kernel, observe_kernel, radix_hist_kernel,
+                      select_count_kernel, select_write_kernel)
 from .prune import prune_decide_kernel, prune_max_kernel, prune_sum_kernel
 
 PRUNE_BLOCK = 1024
@@ -31,8 +32,9 @@ def _meta(device: torch.device, **kw) -> dict:
     return kw
 
 
-def _select_block(device: torch.device) -> int:
-    return 4096 if device.type == "cuda" else 1024
+def _block(device: torch.device) -> int:
+    """Positions per program of the update/selection launches."""
+    return 1024
 
 
 def _float32_state(state: torch.Tensor) -> None:
@@ -82,11 +84,10 @@ def _token_losses(logits, targets, ignore_index, label_smoothing):
 
 
 def _update_select(src, *, targets=None, token_mask=None, tokens=False, T=1, ignore_index=0, ids=None,
-                   state=None, errors=None,
-                   beta1=0.0, beta2=0.0, lam=1.0, w_min=1.0, b=0, select_mode="topk", seed=0, step=0,
-                   seed_tensor=None, step_tensor=None, advance_step=False, eps=0.0,
-                   store_losses=False, do_select=False):
-    """Launches update_select_kernel over the B positions of ``src`` (B * T
+                   state=None, errors=None, beta1=0.0, beta2=0.0, lam=1.0, w_min=1.0, b=0,
+                   select_mode="topk", seed=0, step=0, seed_tensor=None, step_tensor=None,
+                   advance_step=False, eps=0.0, store_losses=False, do_select=False):
+    """The launches of es_step.py over the B positions of ``src`` (B * T
     token losses when ``targets`` are given or ``tokens`` is set, with an
     optional bool ``token_mask``; else B losses or weights). With ``state``
     it updates; with ``do_select`` it selects ``b``."""
@@ -100,27 +101,42 @@ def _update_select(src, *, targets=None, token_mask=None, tokens=False, T=1, ign
     weights = torch.empty(B, dtype=torch.float32, device=dev) if do_update else src
     positions = torch.empty(b if do_select else 0, dtype=torch.int64, device=dev)
     advance = advance_step and step_tensor is not None
-    if B == 0:
-        if advance:
-            step_tensor.add_(1)
-        return positions, losses, weights
-    do_select = do_select and b > 0
-    keys = torch.empty(B if do_select else 1, dtype=torch.int64, device=dev)
-    any_ptr = positions if positions.numel() else keys  # unused pointer arguments
-    launch(update_select_kernel, (1,), dev,
-           src, targets if targets is not None else any_ptr, token_mask if token_mask is not None else any_ptr,
-           T, ignore_index,
-           ids if ids is not None else any_ptr, B,
-           state if do_update else src, errors if do_update else keys, state.shape[0] if do_update else 0,
-           float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(lam), float(w_min),
-           losses, weights, keys, positions, b,
-           seed, step & 0xFFFFFFFF, seed_tensor if seed_tensor is not None else keys,
-           step_tensor if step_tensor is not None else keys, _f64_bits(eps), _f64_bits(1.0 - eps),
-           HAS_TARGETS=targets is not None, TOKENS=tokens, HAS_MASK=token_mask is not None,
-           STORE_LOSSES=store_losses, DO_UPDATE=do_update,
-           DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=do_select and eps > 0.0,
-           SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None,
-           ADVANCE_STEP=advance, BLOCK=_select_block(dev), **_meta(dev, num_warps=16))
+    do_select = do_select and b > 0 and B > 0
+    if B > 0:
+        block = _block(dev)
+        grid = (triton.cdiv(B, block),)
+        keys = torch.empty(B if do_select else 1, dtype=torch.int64, device=dev)
+        scratch = torch.zeros(SCRATCH if do_select else 1, dtype=torch.int64, device=dev)
+        any_ptr = keys  # stands in for the pointers a variant does not read
+        noise = dict(seed=seed, step_lo_arg=step & 0xFFFFFFFF,
+                     seed_ptr=seed_tensor if seed_tensor is not None else any_ptr,
+                     step_ptr=step_tensor if step_tensor is not None else any_ptr)
+        flags = dict(SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None)
+        eps_mix = do_select and eps > 0.0
+        launch(observe_kernel, grid, dev,
+               src, targets if targets is not None else any_ptr, token_mask if token_mask is not None else any_ptr,
+               T, ignore_index, ids if ids is not None else any_ptr, B,
+               state if do_update else src, errors if do_update else any_ptr, state.shape[0] if do_update else 0,
+               float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(lam), float(w_min),
+               losses, weights, keys, scratch, noise["seed"], noise["step_lo_arg"], noise["seed_ptr"],
+               noise["step_ptr"], HAS_TARGETS=targets is not None, TOKENS=tokens,
+               HAS_MASK=token_mask is not None, STORE_LOSSES=store_losses, DO_UPDATE=do_update,
+               DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=eps_mix, BLOCK=block,
+               **flags, **_meta(dev))
+        if eps_mix:
+            launch(mix_sum_kernel, grid, dev, weights, B, scratch, BLOCK=block, **_meta(dev))
+            launch(mix_keys_kernel, grid, dev, weights, B, scratch, keys, _f64_bits(eps), _f64_bits(1.0 - eps),
+                   **noise, **flags, BLOCK=block, **_meta(dev))
+        if do_select:
+            for p in (1, 2, 3):
+                launch(radix_hist_kernel, grid, dev, keys, B, scratch, b, PASS=p, BLOCK=block, **_meta(dev))
+            counts = torch.empty(2 * grid[0], dtype=torch.int64, device=dev)
+            launch(select_count_kernel, grid, dev, keys, B, scratch, b, counts, grid[0], BLOCK=block, **_meta(dev))
+            launch(select_write_kernel, grid, dev, keys, B, scratch, b, counts, grid[0], positions, noise["step_ptr"],
+                   ADVANCE_STEP=advance, BLOCK=block, PBLOCK=1024, **_meta(dev))
+            return positions, losses, weights
+    if advance:  # no selection launch to advance it in
+        step_tensor.add_(1)
     return positions, losses, weights
 
 
