@@ -4,7 +4,7 @@ The ops live in ``torch.ops.es_kernels`` (C++ on CPU, Triton on CUDA); this
 package adds the functional API, the per-sample state and the plain-PyTorch
 reference (:mod:`es_kernels.reference`).
 """
-from . import reference
+from . import lm, reference
 from ._ops import ops
 from .functional import (
     DEFAULT_BETA1,
@@ -19,6 +19,7 @@ from .functional import (
     per_sample_cross_entropy,
     weighted_select,
 )
+from .lm import es_step_from_hidden, per_sample_losses_from_hidden
 from .sampler import ESWPSampler, EvolvedSampler, IndexedDataset, Selection
 from .state import ESState
 
@@ -53,11 +54,14 @@ __all__ = [
     "StepResult",
     "checked_mode",
     "es_step",
+    "es_step_from_hidden",
     "es_step_from_losses",
     "es_update",
     "eswp_prune",
     "ops",
+    "lm",
     "per_sample_cross_entropy",
+    "per_sample_losses_from_hidden",
     "reference",
     "weighted_select",
 ]

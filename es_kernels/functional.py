@@ -61,8 +61,19 @@ def _run_checked(state: ESState, ids: torch.Tensor, call):
     return out
 
 
+def _shift(logits, targets, shift_labels):
+    """Causal-LM scoring: logits[:, t] against targets[:, t + 1], as views (no copy)."""
+    _checks.flag(shift_labels, "shift_labels")
+    if not shift_labels:
+        return logits, targets
+    if logits.dim() != 3:
+        raise ValueError(f"shift_labels=True needs logits [B, T, V] and targets [B, T], got logits "
+                         f"{tuple(logits.shape)}")
+    return logits[:, :-1], targets[:, 1:]
+
+
 def per_sample_cross_entropy(logits, targets, ignore_index: int = DEFAULT_IGNORE_INDEX,
-                             label_smoothing: float = 0.0) -> torch.Tensor:
+                             label_smoothing: float = 0.0, *, shift_labels: bool = False) -> torch.Tensor:
     """Per-sample cross-entropy (spec section 5).
 
     Parameters
@@ -73,6 +84,12 @@ def per_sample_cross_entropy(logits, targets, ignore_index: int = DEFAULT_IGNORE
         int64 or int32, ``[B]`` or ``[B, T]``; ``ignore_index`` marks a token not scored.
     ignore_index : int
     label_smoothing : float in [0, 1]
+    shift_labels : bool
+        Causal-LM convention (Hugging Face: ``labels`` equal ``input_ids``,
+        -100 at padding): score ``logits[:, t]`` against ``targets[:, t + 1]``.
+        Pass the full ``[B, T, V]`` logits and ``[B, T]`` labels; the op gets
+        the views ``logits[:, :-1]`` and ``targets[:, 1:]`` (no copy). Each
+        sequence's loss is the mean over its ``T - 1`` scored positions.
 
     Returns
     -------
@@ -87,6 +104,7 @@ def per_sample_cross_entropy(logits, targets, ignore_index: int = DEFAULT_IGNORE
         naming the argument, for a wrong shape, dtype or value.
     """
     _checks.logits_targets(logits, targets, ignore_index, label_smoothing)
+    logits, targets = _shift(logits, targets, shift_labels)
     return ops.per_sample_cross_entropy(logits, targets, ignore_index, float(label_smoothing))
 
 
@@ -155,15 +173,18 @@ def weighted_select(weights, b: int, select_mode: str = "sample", seed=0, step=0
 def es_step(logits, targets, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2,
             lam=DEFAULT_LAM, select_mode="sample", eps=DEFAULT_EPS, seed=0, step=0,
             advance_step=False, ignore_index=DEFAULT_IGNORE_INDEX, label_smoothing=0.0,
-            w_min=DEFAULT_W_MIN) -> StepResult:
+            w_min=DEFAULT_W_MIN, shift_labels=False) -> StepResult:
     """The fused ES step from logits: per-sample losses (section 5), the state
     update (section 3) and the selection of ``b`` positions (section 4), in
     one op (two launches on a GPU). Arguments as in
     :func:`per_sample_cross_entropy`, :func:`es_update` and
     :func:`weighted_select`; with ``advance_step=True`` the op adds one to the
-    ``step`` tensor after reading it. A row (``[B, C]``) whose target is
-    ``ignore_index``, or a sequence (``[B, T, V]``) with no target to score,
-    is skipped by the update: state untouched, nothing counted, weight 0.
+    ``step`` tensor after reading it; ``shift_labels=True`` scores a causal
+    LM's full ``[B, T, V]`` logits against its ``[B, T]`` labels shifted by
+    one (see :func:`per_sample_cross_entropy`). A row (``[B, C]``) whose
+    target is ``ignore_index``, or a sequence (``[B, T, V]``) with no target
+    to score, is skipped by the update: state untouched, nothing counted,
+    weight 0.
 
     Returns
     -------
@@ -174,6 +195,7 @@ def es_step(logits, targets, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAUL
     st = _state(state)
     _checks.step_from_logits(logits, targets, ids, st.tensor, st.errors, b, beta1, beta2, select_mode,
                              seed, step, advance_step, ignore_index, label_smoothing, lam, eps, w_min)
+    logits, targets = _shift(logits, targets, shift_labels)
     seed_i, seed_t = _checks.split_noise(seed)
     step_i, step_t = _checks.split_noise(step)
     return StepResult(*_run_checked(st, ids, lambda: ops.es_step(

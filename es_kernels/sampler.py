@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from . import _checks
 from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
 from .functional import es_step, es_step_from_losses, eswp_prune
+from .lm import DEFAULT_WORKSPACE_BYTES, es_step_from_hidden
 from .state import ESState
 
 
@@ -90,7 +91,8 @@ class EvolvedSampler:
         return self._step
 
     def select(self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100,
-               label_smoothing: float = 0.0) -> Selection:
+               label_smoothing: float = 0.0, shift_labels: bool = False, hidden=None, weight=None, bias=None,
+               workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> Selection:
         """Score a meta-batch, update its state, pick ``mini_batch`` of it.
 
         Parameters
@@ -99,9 +101,18 @@ class EvolvedSampler:
             int64 / int32 ``[B]`` dataset ids of the meta-batch.
         logits, targets : Tensor
             ``[B, C]`` / ``[B]`` or ``[B, T, V]`` / ``[B, T]``, from a forward
-            pass without autograd (or give ``losses``).
+            pass without autograd (or give ``losses``, or ``hidden``).
         losses : Tensor
             floating ``[B]`` per-sample losses, any loss.
+        hidden, weight, bias : Tensor
+            Instead of logits: the last hidden states ``[B, H]`` / ``[B, T, H]``
+            and the ``lm_head`` weight ``[V, H]`` (and bias ``[V]``), with
+            ``targets``; scored by :func:`es_kernels.per_sample_losses_from_hidden`
+            in vocabulary chunks of at most ``workspace_bytes`` of logits.
+        ignore_index, label_smoothing : as in :func:`es_kernels.es_step`.
+        shift_labels : bool
+            Causal LM (Hugging Face labels): score position ``t`` against
+            ``targets[:, t + 1]``; give the full logits (or hidden) and labels.
 
         Returns
         -------
@@ -110,10 +121,16 @@ class EvolvedSampler:
             ``scales`` float32 ``[b]`` (ESWP's loss scale, else 1), ``losses``
             and ``weights`` float32 ``[B]``. No host synchronisation.
         """
-        if (losses is None) == (logits is None):
-            raise ValueError("select takes either logits (with targets) or losses")
+        given = [name for name, x in (("logits", logits), ("losses", losses), ("hidden", hidden)) if x is not None]
+        if len(given) != 1:
+            raise ValueError("select takes either logits (with targets), hidden (with weight and targets) "
+                             f"or losses, exactly one; got {given or 'none'}")
         if logits is not None and targets is None:
             raise ValueError("targets must be given with logits")
+        if hidden is not None and (weight is None or targets is None):
+            raise ValueError("weight and targets must be given with hidden")
+        if hidden is None and (weight is not None or bias is not None):
+            raise ValueError("weight and bias go with hidden")
         if not isinstance(ids, torch.Tensor):
             raise ValueError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dim() != 1:
@@ -126,9 +143,13 @@ class EvolvedSampler:
                   seed=self.seed, step=self._step, advance_step=True, w_min=self.w_min)
         if losses is not None:
             res = es_step_from_losses(losses, ids, self.state, b, **kw)
+        elif hidden is not None:
+            res = es_step_from_hidden(hidden, weight, targets, ids, self.state, b, bias=bias,
+                                      ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                      shift_labels=shift_labels, workspace_bytes=workspace_bytes, **kw)
         else:
             res = es_step(logits, targets, ids, self.state, b, ignore_index=ignore_index,
-                          label_smoothing=label_smoothing, **kw)
+                          label_smoothing=label_smoothing, shift_labels=shift_labels, **kw)
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
