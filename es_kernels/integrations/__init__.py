@@ -1,0 +1,276 @@
+"""Framework integrations: the pieces shared by the Hugging Face Trainer
+(:mod:`es_kernels.integrations.transformers`) and Lightning
+(:mod:`es_kernels.integrations.lightning`) integrations. Neither framework is
+imported here.
+
+* :class:`ESStream`: the training sampler. It concatenates ESWP epochs into a
+  stream and cuts it into *loader epochs* of a fixed length (the unpruned
+  dataset size), so a framework's ``len(train_dataloader)``, ``max_steps`` and
+  LR schedule are what actually runs; it yields ``(id, scale)`` keys so each
+  sample carries the ESWP scale of the plan it was drawn from (prefetching
+  across a plan boundary cannot mix scales up); its ``state_dict`` makes a
+  resume exact (the plans made since the loader epoch started are kept).
+* :class:`ESDataset` / :class:`ESCollator`: carry the id and scale of each
+  sample through a collator as ``es_id`` / ``es_scale``.
+* :func:`select_batch`: the selection step on a collated batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..sampler import ESWPSampler, EvolvedSampler
+
+ID_KEY = "es_id"
+SCALE_KEY = "es_scale"
+
+
+class ESItem(NamedTuple):
+    """One sample with its dataset id and ESWP scale (``None``: 1). Not a dict,
+    so column-removing collators (the HF Trainer's ``RemoveColumnsCollator``)
+    pass it through untouched."""
+    id: int
+    scale: float | None
+    item: Any
+
+
+class ESDataset(Dataset):
+    """``dataset[key]`` as :class:`ESItem`; ``key`` is an index or the
+    ``(index, scale)`` pair that :class:`ESStream` yields."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> ESItem:
+        if isinstance(key, tuple):
+            i, scale = key
+        else:
+            i, scale = key, None
+        i = int(i)
+        return ESItem(i, scale, self.dataset[i])
+
+
+class ESCollator:
+    """Collates :class:`ESItem` features: the wrapped ``collate_fn`` gets the
+    items (after ``keep_keys`` filtered dict items), and the batch gets
+    ``es_id`` (int64 ``[B]``) and ``es_scale`` (float32 ``[B]``).
+
+    A dict batch gets the two keys; any other batch becomes
+    ``{"es_id", "es_scale", "batch": batch}``. Features that are not
+    :class:`ESItem` (evaluation) go to ``collate_fn`` unchanged.
+    """
+
+    def __init__(self, collate_fn: Callable | None = None, keep_keys=None):
+        if collate_fn is None:
+            from torch.utils.data import default_collate as collate_fn
+        self.collate_fn = collate_fn
+        self.keep_keys = None if keep_keys is None else frozenset(keep_keys)
+
+    def __call__(self, features):
+        if not features or not isinstance(features[0], ESItem):
+            return self.collate_fn(features)
+        ids = torch.tensor([f.id for f in features], dtype=torch.int64)
+        scales = torch.tensor([1.0 if f.scale is None else f.scale for f in features], dtype=torch.float32)
+        items = [f.item for f in features]
+        if self.keep_keys is not None:
+            items = [{k: v for k, v in x.items() if k in self.keep_keys} if isinstance(x, dict) else x
+                     for x in items]
+        batch = self.collate_fn(items)
+        if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__setitem__")):
+            batch = dict(batch)
+            batch[ID_KEY], batch[SCALE_KEY] = ids, scales
+            return batch
+        return {ID_KEY: ids, SCALE_KEY: scales, "batch": batch}
+
+
+def take(data, positions: torch.Tensor, size: int):
+    """``data`` with every tensor whose first dimension is ``size`` indexed by
+    ``positions`` (dicts, lists and tuples are walked; other values kept)."""
+    if isinstance(data, torch.Tensor):
+        return data[positions.to(data.device)] if data.dim() >= 1 and data.shape[0] == size else data
+    if isinstance(data, dict):
+        return {k: take(v, positions, size) for k, v in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(take(v, positions, size) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(take(v, positions, size) for v in data)
+    return data
+
+
+def select_batch(es: EvolvedSampler, batch: dict, score: Callable[[Any], dict]) -> dict:
+    """Score a collated meta-batch and keep the selected rows.
+
+    ``score(batch)`` returns the keyword arguments of ``es.select``
+    (``{"logits": ..., "targets": ...}`` or ``{"losses": ...}``); it should run
+    without autograd. Returns the batch with the ``mini_batch`` selected rows
+    (``es_scale`` of those rows, ``es_id`` removed).
+    """
+    batch = dict(batch)
+    ids = batch.pop(ID_KEY)
+    scales = batch.pop(SCALE_KEY, None)
+    sel = es.select(ids, **score(batch))
+    out = take(batch, sel.positions, ids.shape[0])
+    if scales is not None:
+        out[SCALE_KEY] = scales.to(sel.positions.device)[sel.positions]
+    return out
+
+
+class _Plan(NamedTuple):
+    epoch: int  # the ESWP epoch
+    ids: torch.Tensor  # int64 [kept], in the epoch's order
+    scales: torch.Tensor  # float32 [kept]
+
+
+class ESStream(Sampler):
+    """ESWP epochs as one stream, cut into loader epochs of ``length`` samples.
+
+    ``ESStream(pruner)`` with an :class:`ESWPSampler`, or ``ESStream(es=es)``
+    for ES alone (then the order of each pass is a seeded shuffle: an
+    ``ESWPSampler`` with ``prune_ratio=0``). A loader epoch is ``length``
+    samples (default: the dataset size), whatever ESWP pruned: a pruned ESWP
+    epoch is followed by the next one inside the same loader epoch, so the
+    number of steps a framework plans (``len(loader)``, ``max_steps``, the LR
+    schedule) is the number that runs. ESWP saves compute by needing fewer
+    loader epochs for the same number of passes over the kept data: choose
+    ``max_steps`` / the epoch count for the budget you want; ``pruner.num_epochs``
+    (its annealing schedule) counts ESWP epochs.
+
+    Yields ``(id, scale)``: the ESWP scale is taken from the plan the id was
+    drawn from (use with :class:`ESDataset`).
+
+    Exact resume: ``state_dict()`` keeps the position where the current loader
+    epoch started and every plan made since (the plans depend on the ES state
+    at the time they were made, which a resumed run no longer has). Then:
+
+    * ``set_epoch(e)`` before ``iter``: the loader epoch ``e`` is replayed from
+      its start (what the HF Trainer needs: it skips the trained batches);
+    * with ``resume_mid_epoch=True`` and ``mark_consumed(n)`` called for every
+      trained meta-batch of ``n`` samples, the loader epoch in progress at the
+      checkpoint continues after its consumed samples (what a Lightning
+      stateful loader needs).
+    """
+
+    def __init__(self, pruner: ESWPSampler | None = None, *, es: EvolvedSampler | None = None,
+                 length: int | None = None, resume_mid_epoch: bool = False):
+        if pruner is None:
+            if es is None:
+                raise ValueError("ESStream needs an ESWPSampler or es=EvolvedSampler")
+            pruner = ESWPSampler(es, num_epochs=1, prune_ratio=0.0)
+        elif es is not None and es is not pruner.es:
+            raise ValueError("es must be the pruner's EvolvedSampler")
+        self.pruner = pruner
+        self.es = pruner.es
+        self.length = int(self.es.state.num_samples if length is None else length)
+        if self.length < 1:
+            raise ValueError(f"length must be >= 1, got {self.length}")
+        self.resume_mid_epoch = bool(resume_mid_epoch)
+        self._epoch = 0  # the loader epoch the next iter runs
+        self._k: int | None = None  # the loader epoch whose start is the snapshot
+        self._plans: list[_Plan] = []  # plans[0]: the plan in force at the snapshot, then every plan since
+        self._start = 0  # position in plans[0] at the snapshot
+        self._first_eswp = pruner.epoch  # the ESWP epoch of the first plan
+        self._consumed = 0  # samples of loader epoch k trained (mark_consumed)
+        self._resume_consumed = 0  # consumed to skip at the next iter (resume_mid_epoch)
+
+    # -- plans -----------------------------------------------------------------
+    def _new_plan(self) -> None:
+        epoch = self._plans[-1].epoch + 1 if self._plans else self._first_eswp
+        self.pruner.set_epoch(epoch)
+        ids = torch.tensor(list(iter(self.pruner)), dtype=torch.int64)
+        scales = self.es.scales_of(ids.to(self.es.device)).to("cpu", torch.float32)
+        self._plans.append(_Plan(epoch, ids, scales))
+
+    def _advance(self, pi: int, pos: int, n: int) -> tuple[int, int]:
+        """The cursor ``n`` samples after ``(pi, pos)``, making plans as needed."""
+        empty = 0
+        while True:
+            while pi >= len(self._plans):
+                self._new_plan()
+            size = self._plans[pi].ids.shape[0]
+            if n <= size - pos:
+                return pi, pos + n
+            n -= size - pos
+            empty = empty + 1 if size == 0 else 0
+            if empty > 1:
+                raise RuntimeError("ESWP kept no sample in two epochs in a row")
+            pi, pos = pi + 1, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """The loader epoch the next ``iter`` runs (frameworks call it)."""
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch = epoch
+
+    def mark_consumed(self, n: int) -> None:
+        """``n`` more samples of the current loader epoch were trained."""
+        self._consumed += int(n)
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        e = self._epoch
+        if self._k is not None and e < self._k:
+            raise ValueError(f"cannot go back to loader epoch {e}: the stream is at epoch {self._k}")
+        skip = 0
+        if self._k is None:
+            pi, pos = 0, 0
+        else:
+            pi, pos = self._advance(0, self._start, (e - self._k) * self.length)
+            if e == self._k and self.resume_mid_epoch:
+                skip = self._resume_consumed
+        # the snapshot: the start of loader epoch e
+        self._plans, self._start, self._k = self._plans[pi:], pos, e
+        self._consumed = skip
+        self._resume_consumed = 0
+        self._epoch = e + 1
+        pi, pos = self._advance(0, self._start, skip)
+        empty = 0
+        for _ in range(self.length - skip):
+            while True:
+                while pi >= len(self._plans):
+                    self._new_plan()
+                size = self._plans[pi].ids.shape[0]
+                if pos < size:
+                    break
+                empty = empty + 1 if size == 0 else 0
+                if empty > 1:
+                    raise RuntimeError("ESWP kept no sample in two epochs in a row")
+                pi, pos = pi + 1, 0
+            plan = self._plans[pi]
+            yield int(plan.ids[pos]), float(plan.scales[pos])
+            pos += 1
+
+    # -- checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The position (snapshot of the current loader epoch's start, the plans
+        made since, the samples consumed) and the pruner's settings."""
+        return {"epoch": self._epoch, "k": self._k, "start": self._start, "first_eswp": self._first_eswp,
+                "consumed": self._consumed, "length": self.length,
+                "plans": [(p.epoch, p.ids.clone(), p.scales.clone()) for p in self._plans],
+                "pruner": self.pruner.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if int(sd["length"]) != self.length:
+            raise ValueError(f"state_dict is for loader epochs of {sd['length']} samples, not {self.length}")
+        plans = [_Plan(int(e), torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(s, dtype=torch.float32))
+                 for e, i, s in sd["plans"]]
+        self.pruner.load_state_dict(sd["pruner"])
+        self._epoch = int(sd["epoch"])
+        self._k = None if sd["k"] is None else int(sd["k"])
+        self._start = int(sd["start"])
+        self._first_eswp = int(sd["first_eswp"])
+        self._plans = plans
+        self._consumed = int(sd["consumed"])
+        self._resume_consumed = self._consumed
+        if self._k is not None and self.resume_mid_epoch and self._consumed < self.length:
+            self._epoch = self._k  # continue the loader epoch in progress
+
+
+__all__ = ["ESCollator", "ESDataset", "ESItem", "ESStream", "ID_KEY", "SCALE_KEY", "select_batch", "take"]

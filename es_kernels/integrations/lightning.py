@@ -1,0 +1,110 @@
+"""Evolved Sampling in Lightning: a LightningModule mixin.
+
+Use::
+
+    from es_kernels.integrations.lightning import ESLightningMixin
+
+    class Model(ESLightningMixin, L.LightningModule):
+        def __init__(self, n):
+            super().__init__()
+            self.net = ...
+            self.es_setup(EvolvedSampler(n, mini_batch=16))           # or es_setup(es, eswp=ESWPSampler(es, ...))
+        def es_sample_losses(self, batch):                           # per-sample losses [B]
+            return F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
+        def training_step(self, batch, i):                           # batch: the selected rows
+            return self.es_loss(batch)                                # mean of losses * ESWP scales
+        def train_dataloader(self):
+            return self.es_dataloader(train_set, batch_size=64)       # items: dicts of tensors
+
+Hooks (tested with lightning 2.6.6): ``on_after_batch_transfer`` (public, returns
+the batch training_step gets: the scoring pass without autograd in eval mode and
+the selection run there, during training only; validation/test/predict batches
+pass untouched), ``on_save_checkpoint`` / ``on_load_checkpoint`` (the ES state),
+and a stateful DataLoader (:class:`ESDataLoader`, ``state_dict`` /
+``load_state_dict``, which Lightning saves in the checkpoint's loop state) whose
+:class:`~es_kernels.integrations.ESStream` records the samples trained in the
+epoch: a mid-epoch resume continues after them, with the plans of the
+interrupted run. Each epoch is the unpruned dataset size (ESWP's pruned epochs
+follow each other inside it), so ``max_steps``, ``estimated_stepping_batches``
+and LR schedules are what runs.
+
+DDP: pass ``use_distributed_sampler=False`` (the stream must not be replaced
+by a DistributedSampler) and shard batches yourself; the ES state must be
+identical on every rank (gather ids and losses before ``select``: not done here).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..sampler import ESWPSampler, EvolvedSampler
+from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
+
+
+class ESDataLoader(DataLoader):
+    """A DataLoader over an :class:`ESStream` whose position Lightning saves and restores."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.sampler.load_state_dict(sd)
+
+
+class ESLightningMixin:
+    """Mix into a ``LightningModule`` (before it); see the module docstring."""
+
+    es_score_in_eval_mode = True
+
+    def es_setup(self, es: EvolvedSampler, eswp: ESWPSampler | None = None) -> None:
+        if eswp is not None and eswp.es is not es:
+            raise ValueError("eswp must be built on es")
+        self.es_sampler = es
+        self.es_eswp = eswp
+        self.es_stream = ESStream(eswp, es=es, resume_mid_epoch=True)
+
+    def es_dataloader(self, dataset, batch_size: int, collate_fn=None, **kwargs) -> ESDataLoader:
+        """The training loader: meta-batches of ``batch_size`` with ``es_id`` / ``es_scale``."""
+        if len(dataset) != self.es_sampler.state.num_samples:
+            raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
+        return ESDataLoader(ESDataset(dataset), batch_size=batch_size, sampler=self.es_stream,
+                            collate_fn=ESCollator(collate_fn), **kwargs)
+
+    def es_sample_losses(self, batch) -> torch.Tensor:  # pragma: no cover - the user's
+        raise NotImplementedError("define es_sample_losses(batch) -> per-sample losses [B]")
+
+    def es_loss(self, batch) -> torch.Tensor:
+        """Mean over the selected rows of the per-sample loss times its ESWP scale."""
+        losses = self.es_sample_losses(batch)
+        scale = batch.get(SCALE_KEY) if isinstance(batch, dict) else None
+        return (losses * scale).mean() if scale is not None else losses.mean()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.training or not isinstance(batch, dict) or ID_KEY not in batch:
+            return batch
+        n = batch[ID_KEY].shape[0]
+        was_training = self.training
+        if self.es_score_in_eval_mode:
+            self.eval()
+        try:
+            with torch.no_grad():
+                batch = select_batch(self.es_sampler, batch, lambda b: {"losses": self.es_sample_losses(b)})
+        finally:
+            self.train(was_training)
+        self.es_stream.mark_consumed(n)
+        if self.es_eswp is None:
+            batch.pop(SCALE_KEY, None)
+        return batch
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["es_sampler"] = self.es_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.es_sampler.load_state_dict(checkpoint["es_sampler"])
+
+
+__all__ = ["ESDataLoader", "ESLightningMixin"]

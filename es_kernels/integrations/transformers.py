@@ -1,0 +1,260 @@
+"""Evolved Sampling in the Hugging Face ``transformers.Trainer``.
+
+Use::
+
+    from es_kernels import EvolvedSampler, ESWPSampler
+    from es_kernels.integrations.transformers import ESTrainer
+
+    es = EvolvedSampler(len(train_set), mini_batch=8)        # b of each meta-batch of per_device_train_batch_size
+    trainer = ESTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                        es_sampler=es, eswp=ESWPSampler(es, num_epochs=4))   # eswp: optional
+    trainer.train()                                          # or train(resume_from_checkpoint=True)
+
+``per_device_train_batch_size`` is the meta-batch ``B``; each optimizer
+micro-step trains ``es.mini_batch`` of it.
+
+How it hooks in (tested with transformers 5.24.0; :func:`check_version`
+refuses versions without the hooks):
+
+* ``get_batch_samples`` (public): the Trainer fetches the micro-batches of one
+  optimizer step here and counts ``num_items_in_batch`` over them. ESTrainer
+  runs the scoring pass (no autograd, eval mode) and the selection on each
+  meta-batch first, then lets the Trainer count over the *selected* rows. So
+  the loss is normalised by the tokens actually trained (overriding
+  ``compute_loss`` instead would divide by the whole meta-batch's count: a loss
+  ``b/B`` too small), and gradient accumulation over several meta-batches is
+  normalised once over all of them, as without ES.
+* ``compute_loss`` (public): with ESWP, the per-token (per-sample)
+  cross-entropy times the sample's scale, summed, over ``num_items_in_batch``
+  (or the micro-batch's count), as the Trainer's own causal-LM / classification
+  loss; without ESWP the Trainer's loss unchanged.
+* ``_get_train_sampler`` (private, no public hook sets the training sampler):
+  returns an :class:`~es_kernels.integrations.ESStream`. Each Trainer epoch is
+  the unpruned dataset size, the pruned ESWP epochs following each other
+  inside it, so ``len(train_dataloader)``, ``max_steps``, the epoch count and
+  the LR schedule are what runs; ESWP's saving is taken by training fewer
+  steps for the same passes over the kept data.
+* The train dataset is wrapped in :class:`~es_kernels.integrations.ESDataset`
+  and the collator in :class:`~es_kernels.integrations.ESCollator`: items are
+  non-dict ``ESItem`` s, which the Trainer's ``RemoveColumnsCollator`` passes
+  through, and ``ESCollator`` removes the unused columns itself (the Trainer's
+  ``_signature_columns``) before collating, then adds ``es_id`` and ``es_scale``.
+* A ``TrainerCallback`` writes ``es_sampler.pt`` (the ES state and the stream's
+  position and plans) into every checkpoint folder; ``train(resume_from_checkpoint=...)``
+  loads it, so a resume draws exactly what the uninterrupted run would.
+* Evaluation and ``prediction_step`` are unchanged: no scoring, no selection.
+
+Distributed (DDP): the Trainer shards each meta-batch's batch list across
+ranks (accelerate's ``BatchSamplerShard``), so every rank must hold the same ES
+state and the same stream: the per-rank ids and losses must be gathered before
+``es.select`` (not done here yet), and ``es_sampler.pt`` is written by the main
+process only.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import transformers
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+except ImportError as e:  # pragma: no cover
+    raise ImportError("es_kernels.integrations.transformers needs transformers: pip install 'es-kernels[integrations]'") from e
+
+from ..sampler import ESWPSampler, EvolvedSampler
+from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
+
+CHECKPOINT_FILE = "es_sampler.pt"
+TESTED_VERSION = "5.24.0"
+MIN_VERSION = (4, 50)
+MAX_MAJOR = 5
+
+
+def _version_tuple(v: str) -> tuple:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise RuntimeError unless the installed transformers has the hooks ESTrainer relies on."""
+    v = transformers.__version__ if version is None else version
+    t = _version_tuple(v)
+    missing = []
+    params = list(inspect.signature(Trainer.get_batch_samples).parameters)
+    if params[1:4] != ["epoch_iterator", "num_batches", "device"]:
+        missing.append("get_batch_samples(epoch_iterator, num_batches, device)")
+    if "train_dataset" not in inspect.signature(Trainer._get_train_sampler).parameters:
+        missing.append("_get_train_sampler(train_dataset)")
+    if not hasattr(Trainer, "_set_signature_columns_if_needed"):
+        missing.append("_set_signature_columns_if_needed")
+    if t[:2] < MIN_VERSION or t[0] > MAX_MAJOR or missing:
+        raise RuntimeError(
+            f"es_kernels.integrations.transformers supports transformers >= {'.'.join(map(str, MIN_VERSION))}, "
+            f"< {MAX_MAJOR + 1} (tested with {TESTED_VERSION}); found {v}"
+            + (f", whose Trainer lacks {', '.join(missing)}" if missing else ""))
+
+
+class ESCheckpointCallback(TrainerCallback):
+    """Writes the samplers' state into each checkpoint folder (``es_sampler.pt``)."""
+
+    def __init__(self, trainer: "ESTrainer"):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.trainer.es_state_dict(), os.path.join(folder, CHECKPOINT_FILE))
+        return control
+
+
+class ESTrainer(Trainer):
+    """``transformers.Trainer`` that trains on ES's pick of each meta-batch.
+
+    Extra keyword arguments: ``es_sampler`` (:class:`~es_kernels.EvolvedSampler`,
+    its ``num_samples`` the train set's size), ``eswp`` (optional
+    :class:`~es_kernels.ESWPSampler` on the same ``es_sampler``),
+    ``es_shift_labels`` (``None``: as the Trainer decides for its loss, True for
+    causal LMs), ``es_score_in_eval_mode`` (default True: the scoring pass runs
+    with dropout off and draws no random numbers).
+    """
+
+    def __init__(self, *args, es_sampler: EvolvedSampler, eswp: ESWPSampler | None = None,
+                 es_shift_labels: bool | None = None, es_score_in_eval_mode: bool = True, **kwargs):
+        check_version()
+        if eswp is not None and eswp.es is not es_sampler:
+            raise ValueError("eswp must be built on es_sampler")
+        super().__init__(*args, **kwargs)
+        self.es_sampler = es_sampler
+        self.es_eswp = eswp
+        self.es_stream = ESStream(eswp, es=es_sampler)
+        self.es_score_in_eval_mode = bool(es_score_in_eval_mode)
+        self._es_shift = es_shift_labels
+        if self.train_dataset is not None:
+            if len(self.train_dataset) != es_sampler.state.num_samples:
+                raise ValueError(f"train_dataset has {len(self.train_dataset)} samples, "
+                                 f"es_sampler {es_sampler.state.num_samples}")
+            self.train_dataset = ESDataset(self.train_dataset)
+        keep = None
+        if self.args.remove_unused_columns:
+            self._set_signature_columns_if_needed()
+            keep = list(self._signature_columns)
+        self.data_collator = ESCollator(self.data_collator, keep_keys=keep)
+        self.add_callback(ESCheckpointCallback(self))
+
+    # -- sampler and checkpoints ---------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        return self.es_stream
+
+    def es_state_dict(self) -> dict:
+        return {"es": self.es_sampler.state_dict(), "stream": self.es_stream.state_dict()}
+
+    def es_load_state_dict(self, sd: dict) -> None:
+        self.es_sampler.load_state_dict(sd["es"])
+        self.es_stream.load_state_dict(sd["stream"])
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            path = os.path.join(resume_from_checkpoint, CHECKPOINT_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by ESTrainer, "
+                                        "so the ES state cannot be restored")
+            self.es_load_state_dict(torch.load(path, weights_only=False))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # -- scoring and selection -------------------------------------------------------
+    def _es_shifts(self) -> bool:
+        if self._es_shift is not None:
+            return bool(self._es_shift)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        model = self.accelerator.unwrap_model(self.model)
+        return model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    def _es_logits_targets(self, logits, batch):
+        if "shift_labels" in batch:
+            return logits[:, : batch["shift_labels"].shape[1]], batch["shift_labels"]
+        labels = batch["labels"]
+        if labels.dim() == 2 and self._es_shifts():
+            return logits[:, :-1], labels[:, 1:]
+        return logits, labels
+
+    def es_score(self, model, batch: dict) -> dict:
+        """Keyword arguments of ``es.select`` for a meta-batch (no autograd): the
+        model's logits and the labels (shifted for causal LMs). Override for
+        another per-sample loss (return ``{"losses": [B]}``)."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits, targets = self._es_logits_targets(logits, batch)
+        return {"logits": logits, "targets": targets.to(logits.device)}
+
+    def es_select(self, batch: dict) -> dict:
+        """The scoring pass and the selection on one collated meta-batch."""
+        device = self.args.device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != ID_KEY else v for k, v in batch.items()}
+        model = self.model_wrapped
+        was_training = model.training
+        if self.es_score_in_eval_mode:
+            model.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                out = select_batch(self.es_sampler, batch, lambda b: self.es_score(model, b))
+        finally:
+            model.train(was_training)
+        self.es_stream.mark_consumed(batch[ID_KEY].shape[0])
+        if self.es_eswp is None:
+            out.pop(SCALE_KEY, None)
+        return out
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the step's meta-batches, select in each, then count
+        ``num_items_in_batch`` over the selected rows (the Trainer's own code)."""
+        selected = []
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            selected.append(self.es_select(batch) if isinstance(batch, dict) and ID_KEY in batch else batch)
+        return super().get_batch_samples(iter(selected), len(selected), device)
+
+    # -- the loss ------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        scale = inputs.pop(SCALE_KEY, None) if isinstance(inputs, dict) else None
+        if scale is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        shift = inputs.pop("shift_labels", None)
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        batch = {"labels": labels} if shift is None else {"labels": labels, "shift_labels": shift}
+        logits, targets = self._es_logits_targets(logits, batch)
+        targets = targets.to(logits.device)
+        token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                ignore_index=-100, reduction="none",
+                                label_smoothing=self.args.label_smoothing_factor).view(targets.shape)
+        per_sample = token.sum(dim=1) if token.dim() == 2 else token
+        total = (per_sample * scale.to(per_sample.device)).sum()
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = total / (targets != -100).sum().clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+
+__all__ = ["CHECKPOINT_FILE", "ESCheckpointCallback", "ESTrainer", "check_version"]
