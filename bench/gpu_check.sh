@@ -14,8 +14,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 echo "== build (CMakeLists.txt, the one build definition)"
-prefix="$($PY -c 'import torch.utils; print(torch.utils.cmake_prefix_path)');$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())')"
-cmake -S . -B build/gpu -G Ninja -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE="$(command -v $PY)" \
+# (CMake finds the interpreter's torch itself; no CUDA toolkit needed)
+cmake -S . -B build/gpu -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" \
       -DES_KERNELS_OUTPUT_DIR="$PWD/es_kernels" > "$RESULTS/build.log" 2>&1 || { tail -30 "$RESULTS/build.log"; exit 1; }
 cmake --build build/gpu >> "$RESULTS/build.log" 2>&1 || { tail -30 "$RESULTS/build.log"; exit 1; }
 
