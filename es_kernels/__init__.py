@@ -39,7 +39,7 @@ def _register_triton() -> bool:
 
 HAS_TRITON_CUDA = _register_triton()
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "HAS_TRITON_CUDA",
