@@ -212,11 +212,10 @@ MAX_EPOCH = _spec.INT64_MAX - 1  # the epoch after it is still an int64
 
 
 class _Plan:
-    """One epoch's pass: the kept ids (int64, on the CPU) in order, their
-    scales (float32 ``[N]``; ``None`` for a plan restored from a checkpoint,
-    whose scales come with the EvolvedSampler's state_dict), where the
-    iteration started and how many ids it has yielded (``pos``, counted from
-    the epoch's start)."""
+    """One epoch's pass: the kept ids (int64, on the CPU) in order, the scales
+    (float32 ``[N]``, on the state's device), where the iteration starts
+    (0, or the position of a checkpoint) and how many ids of the epoch have
+    been yielded (``pos``, counted from the epoch's start)."""
 
     __slots__ = ("epoch", "ids", "scale", "start", "pos")
 
@@ -254,11 +253,13 @@ class ESWPSampler(Sampler[int]):
 
     **Mid-epoch resume.** :meth:`state_dict` records the epoch in progress,
     the position in it (the ids the sampler has yielded, as torchdata's
-    ``StatefulDataLoader`` counts for plain samplers) and its kept ids; with
-    ``es.state_dict()`` taken at the same point (which holds the state, the
-    step and the scales in force) a resumed run's next ``iter()`` yields the
-    rest of that epoch, then continues as the uninterrupted run would, bit for
-    bit. The position counts what the sampler *yielded*: a DataLoader draws
+    ``StatefulDataLoader`` counts for plain samplers) and its plan (kept ids
+    and scales: the state has moved since the epoch started, so the plan
+    cannot be recomputed); with ``es.state_dict()`` taken at the same point
+    (the state and the step) a resumed run's next ``iter()`` yields the rest
+    of that epoch, then continues as the uninterrupted run would, bit for
+    bit. A plan that ``len()`` computed for the next epoch is saved the same
+    way (position 0). The position counts what the sampler *yielded*: a DataLoader draws
     ids ahead of training (``prefetch_factor * num_workers`` batches with
     workers, and the batch in flight), so either save when no ids are
     drawn ahead (``num_workers=0``, after training on the batch), or pass
@@ -266,7 +267,7 @@ class ESWPSampler(Sampler[int]):
     trained on (``skip`` style: the batches consumed times the batch size).
     """
 
-    STATE_KEYS = ("epoch", "position", "kept", "seed", "num_epochs", "prune_ratio", "anneal_frac", "rescale")
+    STATE_KEYS = ("epoch", "position", "kept", "scale", "seed", "num_epochs", "prune_ratio", "anneal_frac", "rescale")
 
     def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
                  anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True, seed: int | None = None):
@@ -322,12 +323,8 @@ class ESWPSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         self.es.state.check()  # the once-an-epoch check: raises before anything changes
         plan = self._next if self._next is not None else self._compute(self.epoch)
-        if plan.scale is None and self.es.scale is None:
-            raise RuntimeError("ESWPSampler: resuming an epoch needs the scales in force: load the "
-                               "EvolvedSampler's state_dict from the same checkpoint")
         self._next = None
-        if plan.scale is not None:
-            self.es.scale = plan.scale
+        self.es.scale = plan.scale
         self.es.epoch = plan.epoch
         self._plan, self._active = plan, True
         self.epoch = plan.epoch + 1
@@ -352,25 +349,25 @@ class ESWPSampler(Sampler[int]):
 
     def state_dict(self, position: int | None = None) -> dict:
         """The settings, and where the epochs stand: ``epoch`` (the epoch in
-        progress, else the next one), ``position`` (ids of it yielded so far,
-        or ``position`` if given: an int between the iteration's start and the
-        ids yielded) and ``kept`` (int64 ``[K]`` on the CPU: the epoch's kept
-        ids, ``None`` when no epoch is in progress or it is complete, then
-        ``position`` is 0). Save it with ``es.state_dict()`` taken at the same
-        point."""
+        progress, else the next one), ``position`` (ids of it yielded so far;
+        or ``position`` if given: an int from where this iteration started to
+        the ids yielded), and its plan, ``kept`` (int64 ``[K]`` on the CPU) and
+        ``scale`` (float32 ``[N]``), or ``None`` for both when no plan is in
+        progress or pending, or the epoch is complete (then ``position`` is 0).
+        Save it with ``es.state_dict()`` taken at the same point."""
         plan = None
         if self._active:
             plan, lo, hi = self._plan, self._plan.start, self._plan.pos
-        elif self._next is not None and self._next.scale is None:  # restored, not started
+        elif self._next is not None:  # computed by len(), or restored: not started
             plan, lo, hi = self._next, self._next.start, self._next.start
         else:
             lo = hi = 0
         pos = hi if position is None else _checks.integer(position, "position", lo, hi)
         if plan is not None and pos < len(plan):
-            epoch, kept = plan.epoch, plan.ids.clone()
+            epoch, kept, scale = plan.epoch, plan.ids.clone(), plan.scale.clone()
         else:
-            epoch, pos, kept = self.epoch, 0, None
-        return {"epoch": epoch, "position": pos, "kept": kept, "seed": self.seed,
+            epoch, pos, kept, scale = self.epoch, 0, None, None
+        return {"epoch": epoch, "position": pos, "kept": kept, "scale": scale, "seed": self.seed,
                 "num_epochs": self.num_epochs, "prune_ratio": self.prune_ratio,
                 "anneal_frac": self.anneal_frac, "rescale": self.rescale}
 
@@ -378,18 +375,19 @@ class ESWPSampler(Sampler[int]):
         """Restore from :meth:`state_dict`: all or nothing (every entry is
         validated first; a bad one raises ``ValueError`` naming it and
         nothing is written). With ``kept``, the next ``iter()`` yields
-        ``kept[position:]`` with the scales in force in ``es`` (load its
-        state_dict from the same checkpoint), then epochs go on from
-        ``epoch + 1``."""
+        ``kept[position:]`` with those scales, then epochs go on from
+        ``epoch + 1``; ``epoch`` is then the epoch that ``iter()`` continues."""
         _checks.keys(sd, "state_dict", self.STATE_KEYS)
         cfg = self._settings(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
         epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0, MAX_EPOCH)
         position = _checks.integer(sd["position"], "state_dict['position']", 0)
-        kept = sd["kept"]
+        kept, scale = sd["kept"], sd["scale"]
         plan = None
         if kept is None:
             if position != 0:
                 raise ValueError(f"state_dict['position'] must be 0 without state_dict['kept'], got {position}")
+            if scale is not None:
+                raise ValueError("state_dict['scale'] must be None without state_dict['kept']")
         else:
             n = self.es.state.num_samples
             _checks.saved(kept, "state_dict['kept']", torch.int64)
@@ -401,7 +399,10 @@ class ESWPSampler(Sampler[int]):
                 raise ValueError(f"state_dict['kept'] holds an id outside [0, {n})")
             if torch.unique(ids).numel() != ids.numel():
                 raise ValueError("state_dict['kept'] repeats an id")
-            plan = _Plan(epoch, ids, None, position)
+            _checks.saved(scale, "state_dict['scale']", torch.float32, n)
+            if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+                raise ValueError("state_dict['scale'] must be finite and >= 0")
+            plan = _Plan(epoch, ids, scale.detach().to(self.es.device, copy=True), position)
         # everything is valid: write
         self.__dict__.update(cfg)
         self.epoch = epoch

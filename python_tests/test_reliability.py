@@ -145,7 +145,7 @@ def mutations():
           ("es", ("w_min",), st.just(0.0), "w_min"), ("es", ("lam",), st.just(-1.0), "lam"),
           ("es", ("select_mode",), st.sampled_from(["greedy", 3, None, b"sample", ["sample"]]), "select_mode"),
           ("pr", ("rescale",), st.sampled_from([1, 0, "True", None, np.float64(1.0)]), "rescale")]
-    for obj, path, name in [("es", ("scale",), "scale"), ("es", ("state", "s"), "'s'"),
+    for obj, path, name in [("es", ("scale",), "scale"), ("pr", ("scale",), "scale"), ("es", ("state", "s"), "'s'"),
                             ("es", ("state", "d"), "'d'"), ("es", ("state", "errors"), "'errors'"),
                             ("st", ("s",), "'s'"), ("st", ("d",), "'d'"), ("st", ("errors",), "'errors'"),
                             ("pr", ("kept",), "kept")]:
@@ -153,6 +153,7 @@ def mutations():
     vals = st.integers(0, 10**6)
     for obj, path, values, name in [
             ("es", ("scale",), [float("nan"), float("inf"), -1.0, -0.0 - 1e-30], "scale"),
+            ("pr", ("scale",), [float("nan"), -float("inf"), -2.0], "scale"),
             ("es", ("state", "s"), [float("inf"), -float("inf")], "'s'"),
             ("es", ("state", "d"), [float("nan"), float("inf"), -float("inf")], "'d'"),
             ("es", ("state", "errors"), [-1, -(2**63)], "'errors'"),
@@ -164,6 +165,7 @@ def mutations():
     m.append(("pr", ("kept",), st.just(lambda t: torch.cat([t[:-1], t[:1]])), "kept"))  # a repeated id
     m.append(("pr", ("position",), st.just(lambda p: 10**6), "position"))
     m.append(("pr", ("kept",), st.just(lambda t: None), "position"))  # position > 0 without kept
+    m.append(("pr", ("scale",), st.just(lambda t: None), "scale"))  # kept without scale
     for obj, keys in {"es": ek.EvolvedSampler.STATE_KEYS, "pr": ek.ESWPSampler.STATE_KEYS,
                       "st": ek.ESState.KEYS}.items():
         for k in keys:
@@ -501,17 +503,30 @@ def test_state_dict_between_epochs_and_before_any():
         pr.state_dict(position=1)
 
 
-def test_resumed_plan_needs_the_scales():
+def test_resumed_plan_carries_its_scales():
     es, pr = eswp_pair(50)
     it = iter(pr)
     next(it)
     sd = pr.state_dict()
+    assert torch.equal(sd["scale"], es.scale) and sd["scale"] is not es.scale
     es2, pr2 = eswp_pair(50)
     pr2.load_state_dict(sd)
-    with pytest.raises(RuntimeError, match="scales in force"):
-        iter(pr2)
-    es2.load_state_dict(es.state_dict())
-    assert list(pr2) == sd["kept"][1:].tolist()
+    assert es2.scale is None  # installed when the iteration starts, not on load
+    assert list(pr2) == sd["kept"][1:].tolist() and torch.equal(es2.scale, sd["scale"])
+
+
+def test_a_plan_computed_by_len_is_saved():
+    es, pr = eswp_pair(50)
+    k = len(pr)
+    sd = pr.state_dict()
+    assert (sd["epoch"], sd["position"], len(sd["kept"])) == (0, 0, k)
+    es.select(torch.arange(10), losses=torch.full((10,), 30.0))  # the state moves; the plan does not
+    ck = {"es": es.state_dict(), "pr": pr.state_dict()}
+    es2, pr2 = eswp_pair(50)
+    es2.load_state_dict(ck["es"])
+    pr2.load_state_dict(ck["pr"])
+    assert list(pr2) == list(pr) == sd["kept"].tolist()
+    assert torch.equal(es.scale, es2.scale)
 
 
 # ------------------------------------------------- argument errors
