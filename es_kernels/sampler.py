@@ -213,14 +213,14 @@ MAX_EPOCH = _spec.INT64_MAX - 1  # the epoch after it is still an int64
 
 class _Plan:
     """One epoch's pass: the kept ids (int64, on the CPU) in order, the scales
-    (float32 ``[N]``, on the state's device), where the iteration starts
-    (0, or the position of a checkpoint) and how many ids of the epoch have
-    been yielded (``pos``, counted from the epoch's start)."""
+    (float32 ``[N]``, on the state's device) and how many ids of the epoch
+    have been yielded (``pos``, from the epoch's start: a resumed plan starts
+    at its checkpoint's position)."""
 
-    __slots__ = ("epoch", "ids", "scale", "start", "pos")
+    __slots__ = ("epoch", "ids", "scale", "pos")
 
-    def __init__(self, epoch: int, ids: torch.Tensor, scale, start: int = 0):
-        self.epoch, self.ids, self.scale, self.start, self.pos = epoch, ids, scale, start, start
+    def __init__(self, epoch: int, ids: torch.Tensor, scale: torch.Tensor, pos: int = 0):
+        self.epoch, self.ids, self.scale, self.pos = epoch, ids, scale, pos
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -243,10 +243,11 @@ class ESWPSampler(Sampler[int]):
     the epoch, changes them. ``epoch`` is the epoch the next ``iter()`` runs:
     starting epoch ``e`` sets it to ``e + 1``; ``set_epoch`` sets it.
 
-    ``len()`` is the number of ids the epoch in progress yields; when no
+    ``len()`` is the number of kept ids of the epoch in progress; when no
     iteration is in progress (at first, after ``set_epoch`` or
-    ``load_state_dict``) it is that of the next ``iter()``, whose plan it then
-    computes and keeps, so the iteration yields exactly that many. A loop
+    ``load_state_dict``) it is that of the next ``iter()``'s plan, which it
+    then computes and keeps, so the iteration yields exactly that many (a
+    resumed epoch yields those after the checkpoint's position). A loop
     that wants ``len()`` of the new epoch before iterating calls
     ``set_epoch(epoch)`` first (as with ``DistributedSampler``); otherwise,
     between epochs, ``len()`` still reports the epoch just run.
@@ -298,10 +299,11 @@ class ESWPSampler(Sampler[int]):
 
     @property
     def position(self) -> int:
-        """Ids of the epoch in progress yielded so far (0 when none is in progress)."""
+        """Ids of the epoch in progress yielded so far (0 when none is in
+        progress; a plan restored from a checkpoint counts from its position)."""
         if self._active:
             return self._plan.pos
-        return self._next.start if self._next is not None else 0
+        return self._next.pos if self._next is not None else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Make ``epoch`` (an int in ``[0, 2**63 - 1)``) the one the next
@@ -345,24 +347,18 @@ class ESWPSampler(Sampler[int]):
             if self._next is None:
                 self._next = self._compute(self.epoch)  # kept: the next iter() runs this plan
             plan = self._next
-        return len(plan) - plan.start
+        return len(plan)
 
     def state_dict(self, position: int | None = None) -> dict:
         """The settings, and where the epochs stand: ``epoch`` (the epoch in
         progress, else the next one), ``position`` (ids of it yielded so far;
-        or ``position`` if given: an int from where this iteration started to
-        the ids yielded), and its plan, ``kept`` (int64 ``[K]`` on the CPU) and
+        or ``position`` if given: an int from 0 to the ids yielded), and its plan, ``kept`` (int64 ``[K]`` on the CPU) and
         ``scale`` (float32 ``[N]``), or ``None`` for both when no plan is in
         progress or pending, or the epoch is complete (then ``position`` is 0).
         Save it with ``es.state_dict()`` taken at the same point."""
-        plan = None
-        if self._active:
-            plan, lo, hi = self._plan, self._plan.start, self._plan.pos
-        elif self._next is not None:  # computed by len(), or restored: not started
-            plan, lo, hi = self._next, self._next.start, self._next.start
-        else:
-            lo = hi = 0
-        pos = hi if position is None else _checks.integer(position, "position", lo, hi)
+        plan = self._plan if self._active else self._next  # _next: from len() or a checkpoint, not started
+        hi = 0 if plan is None else plan.pos
+        pos = hi if position is None else _checks.integer(position, "position", 0, hi)
         if plan is not None and pos < len(plan):
             epoch, kept, scale = plan.epoch, plan.ids.clone(), plan.scale.clone()
         else:
