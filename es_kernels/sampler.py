@@ -268,7 +268,8 @@ class ESWPSampler(Sampler[int]):
     trained on (``skip`` style: the batches consumed times the batch size).
     """
 
-    STATE_KEYS = ("epoch", "position", "kept", "scale", "seed", "num_epochs", "prune_ratio", "anneal_frac", "rescale")
+    STATE_KEYS = ("epoch", "position", "kept", "scale", "seed", "num_epochs", "prune_ratio", "anneal_frac",
+                  "rescale")
 
     def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
                  anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True, seed: int | None = None):
@@ -352,10 +353,12 @@ class ESWPSampler(Sampler[int]):
     def state_dict(self, position: int | None = None) -> dict:
         """The settings, and where the epochs stand: ``epoch`` (the epoch in
         progress, else the next one), ``position`` (ids of it yielded so far;
-        or ``position`` if given: an int from 0 to the ids yielded), and its plan, ``kept`` (int64 ``[K]`` on the CPU) and
-        ``scale`` (float32 ``[N]``), or ``None`` for both when no plan is in
-        progress or pending, or the epoch is complete (then ``position`` is 0).
-        Save it with ``es.state_dict()`` taken at the same point."""
+        or ``position`` if given: an int from 0 to the ids yielded) and its
+        plan, ``kept`` (int64 ``[K]`` on the CPU) and ``scale`` (float32
+        ``[N]``); ``None`` for both when no plan is in progress or pending, or
+        the epoch is complete (then ``position`` is 0). Save it with
+        ``es.state_dict()`` taken at the same point; with a DataLoader that
+        reads ahead, pass ``position`` (see the class docstring)."""
         plan = self._plan if self._active else self._next  # _next: from len() or a checkpoint, not started
         hi = 0 if plan is None else plan.pos
         pos = hi if position is None else _checks.integer(position, "position", 0, hi)

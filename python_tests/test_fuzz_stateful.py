@@ -169,7 +169,8 @@ class World:
             "neither": lambda: self.es.select(ids),
             "no targets": lambda: self.es.select(ids, logits=torch.rand(3, 2)),
             "bad targets dtype": lambda: self.es.select(ids, logits=torch.rand(3, 2), targets=ids.float()),
-            "bad smoothing": lambda: self.es.select(ids, logits=torch.rand(3, 2), targets=ids, label_smoothing=2.0),
+            "bad smoothing": lambda: self.es.select(ids, logits=torch.rand(3, 2), targets=ids,
+                                                    label_smoothing=2.0),
         }
         return calls[kind]()
 

@@ -138,15 +138,17 @@ def mutations():
             m.append((obj, (k,), st.one_of(HUGE, NOT_INT), k))
     m += [("es", ("mini_batch",), st.just(0), "mini_batch"), ("pr", ("num_epochs",), st.just(0), "num_epochs"),
           ("pr", ("epoch",), st.just(2**63 - 1), "epoch")]
-    for obj, keys in {"es": ["beta1", "beta2", "eps", "w_min", "lam"], "pr": ["prune_ratio", "anneal_frac"]}.items():
+    reals = {"es": ["beta1", "beta2", "eps", "w_min", "lam"], "pr": ["prune_ratio", "anneal_frac"]}
+    for obj, keys in reals.items():
         for k in keys:
             m.append((obj, (k,), NOT_REAL, k))
     m += [("es", ("beta1",), st.just(1.5), "beta1"), ("pr", ("prune_ratio",), st.just(1.0), "prune_ratio"),
           ("es", ("w_min",), st.just(0.0), "w_min"), ("es", ("lam",), st.just(-1.0), "lam"),
           ("es", ("select_mode",), st.sampled_from(["greedy", 3, None, b"sample", ["sample"]]), "select_mode"),
           ("pr", ("rescale",), st.sampled_from([1, 0, "True", None, np.float64(1.0)]), "rescale")]
-    for obj, path, name in [("es", ("scale",), "scale"), ("pr", ("scale",), "scale"), ("es", ("state", "s"), "'s'"),
-                            ("es", ("state", "d"), "'d'"), ("es", ("state", "errors"), "'errors'"),
+    for obj, path, name in [("es", ("scale",), "scale"), ("pr", ("scale",), "scale"),
+                            ("es", ("state", "s"), "'s'"), ("es", ("state", "d"), "'d'"),
+                            ("es", ("state", "errors"), "'errors'"),
                             ("st", ("s",), "'s'"), ("st", ("d",), "'d'"), ("st", ("errors",), "'errors'"),
                             ("pr", ("kept",), "kept")]:
         m.append((obj, path, ODD_TENSOR.map(lambda kind: (lambda t: odd_tensor(t, kind))), name))
