@@ -72,6 +72,30 @@ def flag(x, name: str) -> bool:
     return x
 
 
+def keys(d, name: str, expected) -> None:
+    """A saved dict (``load_state_dict``): a dict with exactly the ``expected`` keys."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{name} must be a dict, got {type(d).__name__}")
+    for key in expected:
+        if key not in d:
+            raise ValueError(f"{name} is missing {key!r}")
+    for key in d:
+        if key not in expected:
+            raise ValueError(f"{name} has an unexpected key {key!r}")
+
+
+def saved(x, name: str, dtype: torch.dtype, length: int | None = None) -> None:
+    """A saved 1-D tensor (``load_state_dict``): a plain strided tensor holding
+    values, of ``dtype`` and, if given, ``length``. Metadata only."""
+    tensor(x, name, dim=1)
+    if x.layout != torch.strided or x.is_nested or x.is_quantized:
+        raise ValueError(f"{name} must be a plain (strided) tensor, got layout {x.layout}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {str(dtype).replace('torch.', '')}, got {x.dtype}")
+    if length is not None and x.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {x.shape[0]}")
+
+
 def writable(x: torch.Tensor, name: str) -> None:
     """An in-place argument must own distinct memory for every element."""
     if x.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(x.stride(), x.shape)):
@@ -119,7 +143,7 @@ def split_noise(value):
 
 def selection(b, batch: int, select_mode, seed, step, eps, device) -> None:
     integer(b, "b", 0, batch)
-    if select_mode not in _spec.SELECT_MODES:
+    if not isinstance(select_mode, str) or select_mode not in _spec.SELECT_MODES:
         raise ValueError(f"select_mode must be one of {_spec.SELECT_MODES}, got {select_mode!r}")
     noise(seed, "seed", device)
     noise(step, "step", device)

@@ -14,7 +14,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from . import _checks
+from . import _checks, _spec
 from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
 from .functional import es_step, es_step_from_losses, eswp_prune
 from .lm import DEFAULT_WORKSPACE_BYTES, es_step_from_hidden
@@ -49,31 +49,41 @@ class EvolvedSampler:
         As in :func:`es_kernels.es_step`.
     seed : int in [0, 2**63)
     device : the state's device (``None``: the CPU).
+
+    Attributes
+    ----------
+    scale : Tensor or None
+        float32 ``[N]`` on the state's device: the loss scale in force, that of
+        the epoch being trained (set by :class:`ESWPSampler` when an epoch's
+        iteration starts), or ``None`` (every scale 1).
     """
 
     SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min")
+    STATE_KEYS = ("state", "step", "epoch", "scale") + SETTINGS
 
     def __init__(self, num_samples: int, mini_batch: int, beta1: float = DEFAULT_BETA1,
                  beta2: float = DEFAULT_BETA2, select_mode: str = "sample", seed: int = 0, device=None,
                  w_min: float = DEFAULT_W_MIN, *, lam: float = DEFAULT_LAM, eps: float = DEFAULT_EPS):
+        cfg = self._validate(dict(mini_batch=mini_batch, beta1=beta1, beta2=beta2, lam=lam,
+                                  select_mode=select_mode, eps=eps, seed=seed, w_min=w_min))
         self.state = ESState(num_samples, device=device)
-        self._configure(dict(mini_batch=mini_batch, beta1=beta1, beta2=beta2, lam=lam,
-                             select_mode=select_mode, eps=eps, seed=seed, w_min=w_min))
+        self._configure(cfg)
         self._step = torch.zeros((), dtype=torch.int64, device=self.state.device)
         self.epoch = 0
-        self.scale: torch.Tensor | None = None  # per-sample loss scale, set by ESWPSampler
+        self._scale: torch.Tensor | None = None
 
     @staticmethod
     def _validate(cfg: dict) -> dict:
         _checks.integer(cfg["mini_batch"], "mini_batch", 1)
+        _checks.integer(cfg["seed"], "seed", 0)  # a host int here (the op also takes a tensor)
         _checks.hyper(cfg["beta1"], cfg["beta2"], cfg["lam"], cfg["w_min"])
         _checks.selection(0, 0, cfg["select_mode"], cfg["seed"], 0, cfg["eps"], None)
         return dict(mini_batch=int(cfg["mini_batch"]), beta1=float(cfg["beta1"]), beta2=float(cfg["beta2"]),
-                    lam=float(cfg["lam"]), select_mode=cfg["select_mode"], eps=float(cfg["eps"]),
+                    lam=float(cfg["lam"]), select_mode=str(cfg["select_mode"]), eps=float(cfg["eps"]),
                     seed=int(cfg["seed"]), w_min=float(cfg["w_min"]))
 
     def _configure(self, cfg: dict) -> None:
-        for k, v in self._validate(cfg).items():
+        for k, v in cfg.items():
             setattr(self, k, v)
 
     @property
@@ -90,6 +100,18 @@ class EvolvedSampler:
         """The device step counter (0-d int64) that :meth:`select` advances."""
         return self._step
 
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value) -> None:
+        if value is not None:
+            _checks.tensor(value, "scale", dim=1, dtypes=(torch.float32,), device=self.device)
+            if value.shape[0] != self.state.num_samples:
+                raise ValueError(f"scale must have length {self.state.num_samples}, got {value.shape[0]}")
+        self._scale = value
+
     def select(self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100,
                label_smoothing: float = 0.0, shift_labels: bool = False, hidden=None, weight=None, bias=None,
                workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> Selection:
@@ -98,7 +120,8 @@ class EvolvedSampler:
         Parameters
         ----------
         ids : Tensor
-            int64 / int32 ``[B]`` dataset ids of the meta-batch.
+            int64 / int32 ``[B]`` dataset ids of the meta-batch. An id outside
+            ``[0, N)`` is counted in ``state.errors`` (never raises).
         logits, targets : Tensor
             ``[B, C]`` / ``[B]`` or ``[B, T, V]`` / ``[B, T]``, from a forward
             pass without autograd (or give ``losses``, or ``hidden``).
@@ -120,6 +143,11 @@ class EvolvedSampler:
             ``positions`` int64 ``[b]`` ascending into the meta-batch,
             ``scales`` float32 ``[b]`` (ESWP's loss scale, else 1), ``losses``
             and ``weights`` float32 ``[B]``. No host synchronisation.
+
+        Raises
+        ------
+        ValueError
+            naming the argument (docs/spec.md section 8), before anything is written.
         """
         given = [name for name, x in (("logits", logits), ("losses", losses), ("hidden", hidden)) if x is not None]
         if len(given) != 1:
@@ -153,12 +181,13 @@ class EvolvedSampler:
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Loss scale of each id: ESWP's rescale where it pruned, else 1."""
-        if self.scale is None:
-            return torch.ones(ids.shape[0], dtype=torch.float32, device=self.device)
+        """Loss scale of each id: the scale in force (ESWP's rescale where it
+        pruned), 1 where none is in force or the id is out of range."""
         n = self.state.num_samples
+        if self._scale is None or n == 0:
+            return torch.ones(ids.shape[0], dtype=torch.float32, device=self.device)
         inside = (ids >= 0) & (ids < n)
-        return torch.where(inside, self.scale[ids.clamp(0, max(n - 1, 0))], 1.0)
+        return torch.where(inside, self._scale[ids.clamp(0, n - 1)], 1.0)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: checks the state once (raises on bad values seen)."""
@@ -168,30 +197,27 @@ class EvolvedSampler:
 
     def state_dict(self) -> dict:
         """Everything a resume needs: the state, step, epoch, settings and the
-        current ESWP scale. Checks the state first (one synchronisation)."""
+        scale in force (taken mid-epoch, with :meth:`ESWPSampler.state_dict`
+        at the same point, the resumed run continues the epoch bit for bit).
+        Checks the state first (one synchronisation; RuntimeError on counted
+        errors)."""
         self.state.check()
         out = {"state": self.state.state_dict(), "step": self.step, "epoch": self.epoch,
-               "scale": None if self.scale is None else self.scale.clone()}
+               "scale": None if self._scale is None else self._scale.clone()}
         out.update({k: getattr(self, k) for k in self.SETTINGS})
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore from :meth:`state_dict`: all or nothing (every entry is
-        validated before anything is written)."""
-        if not isinstance(sd, dict):
-            raise ValueError(f"state_dict must be a dict, got {type(sd).__name__}")
-        for key in ("state", "step", "epoch", "scale") + self.SETTINGS:
-            if key not in sd:
-                raise ValueError(f"state_dict is missing {key!r}")
+        """Restore from :meth:`state_dict`: all or nothing. Every entry (keys,
+        types, shapes, dtypes, values) is validated first; a bad one raises
+        ``ValueError`` naming it and nothing is written."""
+        _checks.keys(sd, "state_dict", self.STATE_KEYS)
         cfg = self._validate({k: sd[k] for k in self.SETTINGS})
         step = _checks.integer(sd["step"], "state_dict['step']", 0)
         epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0)
         scale = sd["scale"]
         if scale is not None:
-            n = self.state.num_samples
-            _checks.tensor(scale, "state_dict['scale']", dim=1, dtypes=(torch.float32,))
-            if scale.shape[0] != n:
-                raise ValueError(f"state_dict['scale'] must have length {n}, got {scale.shape[0]}")
+            _checks.saved(scale, "state_dict['scale']", torch.float32, self.state.num_samples)
             if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
                 raise ValueError("state_dict['scale'] must be finite and >= 0")
         s, d, errors = self.state.validate_state_dict(sd["state"], "state_dict['state']")
@@ -200,7 +226,25 @@ class EvolvedSampler:
         self._configure(cfg)
         self._step.fill_(step)
         self.epoch = epoch
-        self.scale = None if scale is None else scale.to(self.device, copy=True)
+        self._scale = None if scale is None else scale.detach().to(self.device, copy=True)
+
+
+MAX_EPOCH = _spec.INT64_MAX - 1  # the epoch after it is still an int64
+
+
+class _Plan:
+    """One epoch's pass: the kept ids (int64, on the CPU) in order, the scales
+    (float32 ``[N]``, on the state's device) and how many ids of the epoch
+    have been yielded (``pos``, from the epoch's start: a resumed plan starts
+    at its checkpoint's position)."""
+
+    __slots__ = ("epoch", "ids", "scale", "pos")
+
+    def __init__(self, epoch: int, ids: torch.Tensor, scale: torch.Tensor, pos: int = 0):
+        self.epoch, self.ids, self.scale, self.pos = epoch, ids, scale, pos
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
 
 
 class ESWPSampler(Sampler[int]):
@@ -211,61 +255,178 @@ class ESWPSampler(Sampler[int]):
     random order drawn from ``(seed, epoch)``.
 
     Use it as a DataLoader's ``sampler`` with an :class:`IndexedDataset`, and
-    give the meta-batches to ``es.select``. Iterating once advances the epoch;
-    ``set_epoch`` sets it explicitly.
+    give the meta-batches to ``es.select``.
+
+    **The plan of an epoch** (kept ids, their order, the scales) is computed
+    once, when ``iter()`` starts the epoch, from the state at that moment; the
+    scales become ``es.scale`` and stay in force until the next ``iter()``.
+    Neither ``len()``, nor a DataLoader's workers reading ahead to the end of
+    the epoch, changes them. ``epoch`` is the epoch the next ``iter()`` runs:
+    starting epoch ``e`` sets it to ``e + 1``; ``set_epoch`` sets it.
+
+    ``len()`` is the number of kept ids of the epoch in progress; when no
+    iteration is in progress (at first, after ``set_epoch`` or
+    ``load_state_dict``) it is that of the next ``iter()``'s plan, which it
+    then computes and keeps, so the iteration yields exactly that many (a
+    resumed epoch yields those after the checkpoint's position). A loop
+    that wants ``len()`` of the new epoch before iterating calls
+    ``set_epoch(epoch)`` first (as with ``DistributedSampler``); otherwise,
+    between epochs, ``len()`` still reports the epoch just run.
+
+    **Mid-epoch resume.** :meth:`state_dict` records the epoch in progress,
+    the position in it (the ids the sampler has yielded, as torchdata's
+    ``StatefulDataLoader`` counts for plain samplers) and its plan (kept ids
+    and scales: the state has moved since the epoch started, so the plan
+    cannot be recomputed); with ``es.state_dict()`` taken at the same point
+    (the state and the step) a resumed run's next ``iter()`` yields the rest
+    of that epoch, then continues as the uninterrupted run would, bit for
+    bit. A plan that ``len()`` computed for the next epoch is saved the same
+    way (position 0). The position counts what the sampler *yielded*: a DataLoader draws
+    ids ahead of training (``prefetch_factor * num_workers`` batches with
+    workers, and the batch in flight), so either save when no ids are
+    drawn ahead (``num_workers=0``, after training on the batch), or pass
+    ``state_dict(position=n)`` with ``n`` the ids of this epoch the loop has
+    trained on (``skip`` style: the batches consumed times the batch size).
     """
+
+    STATE_KEYS = ("epoch", "position", "kept", "scale", "seed", "num_epochs", "prune_ratio", "anneal_frac",
+                  "rescale")
 
     def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
                  anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True, seed: int | None = None):
+        if not isinstance(es, EvolvedSampler):
+            raise ValueError(f"es must be an EvolvedSampler, got {type(es).__name__}")
+        cfg = self._settings(num_epochs, prune_ratio, anneal_frac, rescale, es.seed if seed is None else seed)
         self.es = es
-        self._configure(num_epochs, prune_ratio, anneal_frac, rescale, es.seed if seed is None else seed)
+        self.__dict__.update(cfg)
         self.epoch = 0
-        self._kept: list[int] | None = None
+        self._plan: _Plan | None = None  # the plan whose scales are in force (es.scale)
+        self._active = False  # _plan is the epoch in progress (no set_epoch / load since its iter())
+        self._next: _Plan | None = None  # the plan the next iter() runs: from len() or a checkpoint
 
-    def _configure(self, num_epochs, prune_ratio, anneal_frac, rescale, seed) -> None:
-        """Validate and set the settings (from the constructor or a state_dict)."""
-        self.num_epochs = _checks.integer(num_epochs, "num_epochs", 1)
-        self.prune_ratio = _checks.real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True)
-        self.anneal_frac = _checks.real(anneal_frac, "anneal_frac", 0.0, 1.0)
-        self.rescale = _checks.flag(rescale, "rescale")
-        self.seed = _checks.integer(seed, "seed", 0)
+    @staticmethod
+    def _settings(num_epochs, prune_ratio, anneal_frac, rescale, seed) -> dict:
+        """Validate the settings (from the constructor or a state_dict) without writing them."""
+        return dict(num_epochs=_checks.integer(num_epochs, "num_epochs", 1),
+                    prune_ratio=_checks.real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True),
+                    anneal_frac=_checks.real(anneal_frac, "anneal_frac", 0.0, 1.0),
+                    rescale=_checks.flag(rescale, "rescale"),
+                    seed=_checks.integer(seed, "seed", 0))
 
     @property
-    def scale(self) -> torch.Tensor:
-        """Per-sample loss scale of the current epoch (float32 ``[N]``)."""
-        self._prune()
+    def scale(self) -> torch.Tensor | None:
+        """The per-sample loss scale in force (float32 ``[N]``): that of the
+        epoch being trained (``es.scale``); ``None`` before the first epoch."""
         return self.es.scale
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = _checks.integer(epoch, "epoch", 0)
-        self._kept = None
+    @property
+    def position(self) -> int:
+        """Ids of the epoch in progress yielded so far (0 when none is in
+        progress; a plan restored from a checkpoint counts from its position)."""
+        if self._active:
+            return self._plan.pos
+        return self._next.pos if self._next is not None else 0
 
-    def _prune(self) -> list[int]:
-        if self._kept is None:
-            self.es.set_epoch(self.epoch)  # the once-an-epoch check of the state
-            res = eswp_prune(self.es.state, self.prune_ratio, seed=self.seed, epoch=self.epoch,
-                             num_epochs=self.num_epochs, anneal_frac=self.anneal_frac,
-                             rescale=self.rescale)
-            self.es.scale = res.scale
-            self._kept = res.kept_ids.tolist()  # one read at the start of the epoch
-        return self._kept
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` (an int in ``[0, 2**63 - 1)``) the one the next
+        ``iter()`` runs. The scales in force stay until then; an iterator of
+        the epoch in progress yields nothing more; a plan computed or restored
+        for another epoch is dropped (one for ``epoch`` itself is kept, so a
+        resumed loop may call ``set_epoch`` as usual)."""
+        epoch = _checks.integer(epoch, "epoch", 0, MAX_EPOCH)
+        if self._next is not None and self._next.epoch != epoch:
+            self._next = None
+        self.epoch = epoch
+        self._active = False
+
+    def _compute(self, epoch: int) -> _Plan:
+        res = eswp_prune(self.es.state, self.prune_ratio, seed=self.seed, epoch=epoch,
+                         num_epochs=self.num_epochs, anneal_frac=self.anneal_frac, rescale=self.rescale)
+        return _Plan(epoch, res.kept_ids.to("cpu", copy=True), res.scale)  # one host read per epoch
 
     def __iter__(self) -> Iterator[int]:
-        kept = self._prune()
-        yield from kept
-        self.set_epoch(self.epoch + 1)
+        self.es.state.check()  # the once-an-epoch check: raises before anything changes
+        plan = self._next if self._next is not None else self._compute(self.epoch)
+        self._next = None
+        self.es.scale = plan.scale
+        self.es.epoch = plan.epoch
+        self._plan, self._active = plan, True
+        self.epoch = plan.epoch + 1
+        return self._yield(plan)
+
+    def _yield(self, plan: _Plan) -> Iterator[int]:
+        while self._active and self._plan is plan and plan.pos < len(plan):
+            for i in plan.ids[plan.pos : plan.pos + 1024].tolist():
+                if not (self._active and self._plan is plan):
+                    return  # set_epoch, load_state_dict or a newer iter() ended this epoch
+                plan.pos += 1
+                yield i
 
     def __len__(self) -> int:
-        return len(self._prune())
+        if self._active:
+            plan = self._plan
+        else:
+            if self._next is None:
+                self._next = self._compute(self.epoch)  # kept: the next iter() runs this plan
+            plan = self._next
+        return len(plan)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "seed": self.seed, "num_epochs": self.num_epochs,
-                "prune_ratio": self.prune_ratio, "anneal_frac": self.anneal_frac, "rescale": self.rescale}
+    def state_dict(self, position: int | None = None) -> dict:
+        """The settings, and where the epochs stand: ``epoch`` (the epoch in
+        progress, else the next one), ``position`` (ids of it yielded so far;
+        or ``position`` if given: an int from 0 to the ids yielded) and its
+        plan, ``kept`` (int64 ``[K]`` on the CPU) and ``scale`` (float32
+        ``[N]``); ``None`` for both when no plan is in progress or pending, or
+        the epoch is complete (then ``position`` is 0). Save it with
+        ``es.state_dict()`` taken at the same point; with a DataLoader that
+        reads ahead, pass ``position`` (see the class docstring)."""
+        plan = self._plan if self._active else self._next  # _next: from len() or a checkpoint, not started
+        hi = 0 if plan is None else plan.pos
+        pos = hi if position is None else _checks.integer(position, "position", 0, hi)
+        if plan is not None and pos < len(plan):
+            epoch, kept, scale = plan.epoch, plan.ids.clone(), plan.scale.clone()
+        else:
+            epoch, pos, kept, scale = self.epoch, 0, None, None
+        return {"epoch": epoch, "position": pos, "kept": kept, "scale": scale, "seed": self.seed,
+                "num_epochs": self.num_epochs, "prune_ratio": self.prune_ratio,
+                "anneal_frac": self.anneal_frac, "rescale": self.rescale}
 
     def load_state_dict(self, sd: dict) -> None:
-        self._configure(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
-        self.set_epoch(sd["epoch"])
-
+        """Restore from :meth:`state_dict`: all or nothing (every entry is
+        validated first; a bad one raises ``ValueError`` naming it and
+        nothing is written). With ``kept``, the next ``iter()`` yields
+        ``kept[position:]`` with those scales, then epochs go on from
+        ``epoch + 1``; ``epoch`` is then the epoch that ``iter()`` continues."""
+        _checks.keys(sd, "state_dict", self.STATE_KEYS)
+        cfg = self._settings(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
+        epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0, MAX_EPOCH)
+        position = _checks.integer(sd["position"], "state_dict['position']", 0)
+        kept, scale = sd["kept"], sd["scale"]
+        plan = None
+        if kept is None:
+            if position != 0:
+                raise ValueError(f"state_dict['position'] must be 0 without state_dict['kept'], got {position}")
+            if scale is not None:
+                raise ValueError("state_dict['scale'] must be None without state_dict['kept']")
+        else:
+            n = self.es.state.num_samples
+            _checks.saved(kept, "state_dict['kept']", torch.int64)
+            if position >= kept.shape[0]:
+                raise ValueError(f"state_dict['position'] must be < len(state_dict['kept']) = {kept.shape[0]}, "
+                                 f"got {position}")
+            ids = kept.detach().to("cpu", copy=True)
+            if bool((ids < 0).any()) or bool((ids >= n).any()):
+                raise ValueError(f"state_dict['kept'] holds an id outside [0, {n})")
+            if torch.unique(ids).numel() != ids.numel():
+                raise ValueError("state_dict['kept'] repeats an id")
+            _checks.saved(scale, "state_dict['scale']", torch.float32, n)
+            if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+                raise ValueError("state_dict['scale'] must be finite and >= 0")
+            plan = _Plan(epoch, ids, scale.detach().to(self.es.device, copy=True), position)
+        # everything is valid: write
+        self.__dict__.update(cfg)
+        self.epoch = epoch
+        self._plan, self._active, self._next = None, False, plan
 
 class IndexedDataset(Dataset):
     """``dataset[i]`` as ``(i, *item)``: the ids the samplers need."""

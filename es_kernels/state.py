@@ -87,22 +87,14 @@ class ESState:
     def validate_state_dict(self, state_dict, prefix: str = "state_dict") -> tuple:
         """Check a saved state without writing anything; return ``(s, d, errors)``.
 
-        Keys, shapes, dtypes and values (``s`` finite or NaN, ``d`` finite,
-        ``errors >= 0``): a bad entry raises ``ValueError`` naming it. Reads
-        the values (one synchronisation on a GPU)."""
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"{prefix} must be a dict, got {type(state_dict).__name__}")
-        for key in self.KEYS:
-            if key not in state_dict:
-                raise ValueError(f"{prefix} is missing {key!r}")
-        own = {"s": self.s, "d": self.d, "errors": self.errors}
-        for key in self.KEYS:
-            new, name = state_dict[key], f"{prefix}[{key!r}]"
-            _checks.tensor(new, name, dim=1)
-            if new.shape != own[key].shape:
-                raise ValueError(f"{name} has shape {tuple(new.shape)}, this state {tuple(own[key].shape)}")
-            if new.dtype != own[key].dtype:
-                raise ValueError(f"{name} has dtype {new.dtype}, this state {own[key].dtype}")
+        Keys (exactly ``s``, ``d``, ``errors``), types, shapes, dtypes and
+        values (``s`` finite or NaN, ``d`` finite, ``errors >= 0``): a bad
+        entry raises ``ValueError`` naming it. Reads the values (one
+        synchronisation on a GPU)."""
+        _checks.keys(state_dict, prefix, self.KEYS)
+        n = self.num_samples
+        for key, dtype, length in (("s", self.dtype, n), ("d", self.dtype, n), ("errors", torch.int64, 2)):
+            _checks.saved(state_dict[key], f"{prefix}[{key!r}]", dtype, length)
         s, d, errors = (state_dict[k] for k in self.KEYS)
         if bool(torch.isinf(s).any()):
             raise ValueError(f"{prefix}['s'] holds an infinite value (s must be finite, or NaN = unseen)")
@@ -119,8 +111,8 @@ class ESState:
         self._load_validated(s, d, errors)
 
     def _load_validated(self, s, d, errors) -> None:
-        new = torch.stack([s.to(self.device), d.to(self.device)], dim=1)
-        errors = errors.to(self.device)
+        new = torch.stack([s.detach().to(self.device), d.detach().to(self.device)], dim=1)
+        errors = errors.detach().to(self.device)
         self.tensor.copy_(new)
         self.errors.copy_(errors)
 
