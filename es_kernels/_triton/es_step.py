@@ -94,7 +94,7 @@ def update_select_kernel(
         prefix = tl.zeros((), tl.int64)
         remaining = tl.zeros((), tl.int64) + b
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p  # a constexpr (p is); annotating it fails to compile: reassigned per unrolled step
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, B, BLOCK):
                 j = start + tl.arange(0, BLOCK).to(tl.int64)
