@@ -9,7 +9,6 @@ import triton.language as tl
 def ce_token_kernel(logits_ptr, targets_ptr, out_ptr, V, stride_row, ignore_index, eps,
                     BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.load(targets_ptr + row).to(tl.int64)
     base = logits_ptr + row * stride_row
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -23,6 +22,8 @@ def ce_token_kernel(logits_ptr, targets_ptr, out_ptr, V, stride_row, ignore_inde
         s = s * tl.exp(m - safe_m) + tl.sum(tl.where(inside, tl.exp(x - safe_m), 0.0), 0)
         sx += tl.sum(tl.where(inside, x, 0.0), 0)
         m = new_m
+    # read after the loop: an int64 target live across it spills on sm_80 (BLOCK_V 4096)
+    t = tl.load(targets_ptr + row).to(tl.int64)
     valid = (t >= 0) & (t < V)
     x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
     lse = m + tl.log(s)
