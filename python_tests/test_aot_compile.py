@@ -6,7 +6,9 @@ compile for a GPU. This test compiles, without a GPU, every variant the
 launchers produce (es_kernels/_triton/aot.py) for sm_90a and sm_80, and fails
 on a compile error, on local memory or a stack frame, and on register
 spills. It writes bench/results/aot_kernels.md and .json (registers, shared
-and local memory per variant).
+and local memory per variant). Two more tests keep the check honest: every
+kernel defined in es_kernels/_triton gets variants on both targets, and toy
+kernels that do not compile or that spill fail it.
 
 The harness runs in a subprocess without TRITON_INTERPRET (conftest sets it
 here, and then ``triton.jit`` makes interpreted functions that cannot be
@@ -92,12 +94,24 @@ def broken_kernel(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + i, acc, mask=i < n)
 
 
+@triton.jit
+def spilling_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0)  # 32 values a thread, live across the reductions
+    tl.store(x_ptr + i, x * tl.sum(x, 0) + tl.max(x, 0), mask=i < n)
+
+
 def good_op(weights):
-    launch(good_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4)
+    launch(good_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
 
 
 def broken_op(weights):
-    launch(broken_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4)
+    launch(broken_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
+
+
+def spilling_op(weights):  # at most 32 registers a thread: spills
+    launch(spilling_kernel, (1,), weights, weights.shape[0], BLOCK=1024, num_warps=1, maxnreg=32,
+           enable_fp_fusion=False)
 '''
 
 TOY_DRIVER = '''
@@ -105,19 +119,25 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import aot_toy
 from es_kernels._triton import aot
-rec = aot.record_calls({"good_op": aot_toy.good_op, "broken_op": aot_toy.broken_op})
+ops = {name: getattr(aot_toy, name) for name in ("good_op", "broken_op", "spilling_op")}
+rec = aot.record_calls(ops, [aot.input_matrix()[0]])  # one input: one variant of each
 vs = aot.variants(rec.calls, ["sm_90a"])
 results = aot.compile_all(vs, workers=1)
 print(json.dumps({"kernels": sorted({v.name for v in vs}), "problems": aot.problems(results)}))
 '''
 
 
-def test_a_kernel_that_does_not_compile_fails_the_check(tmp_path):
+def test_a_kernel_that_does_not_compile_or_spills_fails_the_check(tmp_path):
     (tmp_path / "aot_toy.py").write_text(textwrap.dedent(TOY))
     proc = _python(["-c", TOY_DRIVER, str(tmp_path)], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["kernels"] == ["broken_kernel", "good_kernel"]
-    assert out["problems"], "the broken kernel passed the check"
-    for p in out["problems"]:  # each of its variants (aligned or not, n divisible by 16 or not), none of the good one
-        assert p.startswith("broken_kernel") and "cannot be reassigned" in p, p
+    assert out["kernels"] == ["broken_kernel", "good_kernel", "spilling_kernel"]
+    problems = {p.split(" ", 1)[0]: [] for p in out["problems"]}
+    for p in out["problems"]:
+        problems[p.split(" ", 1)[0]].append(p)
+    assert sorted(problems) == ["broken_kernel", "spilling_kernel"], out["problems"]
+    assert all("cannot be reassigned" in p for p in problems["broken_kernel"]), problems
+    # spills land in the stack frame (cuobjdump STACK), not in LOCAL
+    assert any("stack frame" in p for p in problems["spilling_kernel"]), problems
+    assert any("spills" in p for p in problems["spilling_kernel"]), problems

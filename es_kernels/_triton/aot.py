@@ -9,8 +9,10 @@ launchers in :mod:`es_kernels._triton.ops` can produce, for real GPU targets
 How the variants are found (nothing is listed by hand but the op inputs):
 
 1. :func:`input_matrix` is a matrix of op inputs (dtypes, shapes, modes,
-   seeds, ...). Every public launcher (``ops.OPS``) is called on every point
-   of the matrix that touches one of its parameters, with ``launch`` patched
+   seeds, ...): the full product of the knobs in AXES (those that choose code
+   paths), and each group of SWEEPS (dtypes, int widths, sizes, alignment)
+   crossed within itself. Every public launcher (``ops.OPS``) is called on
+   every point that differs in a knob touching its parameters, with ``launch`` patched
    to record ``(kernel, grid, args, meta)`` instead of running, and with the
    tensors reporting ``device.type == "cuda"`` (:class:`_AsIfOnCuda`), so the
    launchers pick the options, block sizes and warps of a CUDA launch. Inputs
@@ -24,7 +26,8 @@ How the variants are found (nothing is listed by hand but the op inputs):
 3. Each variant is compiled with ``triton.compile`` (Triton's on-disk cache
    makes a rerun fast); ``cuobjdump -res-usage`` gives registers, shared,
    local and stack per kernel, ``ptxas -v`` (rerun with the flags Triton uses)
-   the spill bytes.
+   the spill bytes. Spills show as STACK, not LOCAL: :func:`problems` flags a
+   compile error, LOCAL > 0, STACK > 0 and spill bytes.
 
 Run ``python -m es_kernels._triton.aot`` for a summary (``--help``). The
 test is python_tests/test_aot_compile.py; bench/sass_report.py uses the same
@@ -60,29 +63,37 @@ PACKAGE = "es_kernels._triton"
 
 
 # ------------------------------------------------------------ 1. the op inputs
-# Each axis: (values, the launcher parameters it acts on). The full product of
-# AXES is run; each SWEEPS group is run as a product of its own axes with every
-# other axis at its first value. A launcher only gets the points of the axes
-# that touch one of its parameters (the others would repeat its calls).
-_IDX = (torch.int32, torch.int64)
+# Each knob: (values, the launcher parameters it acts on; "*": all). The full
+# product of AXES (the knobs that choose code paths: constexprs) is run; each
+# SWEEPS group (dtypes, int widths, sizes, alignment) is run as a product of its
+# own knobs with every other knob at its first value. A launcher only gets the
+# points that differ in a knob touching one of its parameters (the others would
+# repeat its calls). To cross a knob with everything, move it into AXES.
+_IDX = [torch.int64, torch.int32]
 AXES: dict[str, tuple[list, set[str]]] = {
     "batch": ([5, 0], {"*"}),                               # 0: empty inputs
-    "logits_dtype": ([torch.float32, torch.bfloat16, torch.float16], {"logits"}),
     "logits_dim": ([3, 2], {"logits"}),
-    "targets_dtype": (list(_IDX), {"targets"}),
-    "ids_dtype": (list(_IDX), {"ids"}),
+    "losses_dim": ([1, 2], {"losses"}),                     # 2: per-token losses
+    "mask": ([False, True], {"mask"}),                      # a bool token mask
     "select_mode": (["sample", "topk"], {"select_mode"}),
     "b": ([3, 0], {"b"}),
     "label_smoothing": ([0.0, 0.1], {"label_smoothing"}),
-    "seed_as_tensor": ([False, True], {"seed", "step", "seed_tensor", "step_tensor"}),
+    "seed_as_tensor": ([False, True], {"seed", "step", "seed_tensor", "step_tensor"}),  # 0-d int64 tensors
     "advance_step": ([False, True], {"advance_step"}),
     "eps": ([0.0, 0.05], {"eps"}),
     "epoch": ([0, 9], {"epoch"}),                           # of 10: pruning, then annealing
 }
 SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
+    ("logits_dtype", "targets_dtype", "ids_dtype"): {
+        "logits_dtype": ([torch.float32, torch.bfloat16, torch.float16], {"logits"}),
+        "targets_dtype": (_IDX, {"targets"}),
+        "ids_dtype": (_IDX, {"ids"}),
+    },
     # every block size of the class axis, V divisible by 16 or not, V == 1
-    ("V", "logits_dtype"): {"V": ([37, 1, 2, 3, 5, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513,
+    ("V", "logits_dtype", "targets_dtype"): {"V": ([37, 1, 2, 3, 5, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513,
                                    1024, 1025, 2048, 2049, 4096, 4097, 32000, 50257], {"logits"})},
+    # tokens per row (3-D logits, 2-D losses): T == 1 specialises, T == 0 has no tokens
+    ("T",): {"T": ([3, 1, 0], {"logits", "targets", "losses", "mask"})},
     # ints past 2**31 reach the kernels as i64 (step and epoch as their low 32 bits)
     ("seed",): {"seed": ([0, 2**40 + 3], {"seed", "seed_tensor"})},
     ("step",): {"step": ([7, 2**31 + 5], {"step", "step_tensor", "epoch"})},
@@ -95,30 +106,31 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
 }
 
 
-def _knob_params() -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for name, (_, params) in itertools.chain(AXES.items(), *(g.items() for g in SWEEPS.values())):
-        out.setdefault(name, set()).update(params)
+def knobs() -> dict[str, tuple[list, set[str]]]:
+    """Every knob of AXES and SWEEPS: its values (where first defined) and the
+    parameters it acts on (of all its definitions)."""
+    out: dict[str, tuple[list, set[str]]] = {}
+    for name, (values, params) in itertools.chain(AXES.items(), *(g.items() for g in SWEEPS.values())):
+        out.setdefault(name, (values, set()))[1].update(params)
     return out
 
 
 def input_matrix() -> list[dict]:
     """The points of the op-input matrix (knob name -> value). Extend AXES,
     SWEEPS and _build_args for new inputs."""
-    base = {k: v[0][0] for k, v in AXES.items()}
-    for group in SWEEPS.values():
-        base.update({k: v[0][0] for k, v in group.items()})
+    all_knobs = knobs()
+    base = {k: v[0][0] for k, v in all_knobs.items()}
     points = [dict(base, **dict(zip(AXES, values))) for values in itertools.product(*(v[0] for v in AXES.values()))]
-    for axes, group in SWEEPS.items():
-        spec = [group[a][0] if a in group else AXES[a][0] for a in axes]
-        points += [dict(base, **dict(zip(axes, values))) for values in itertools.product(*spec)]
+    for axes in SWEEPS:
+        for values in itertools.product(*(all_knobs[a][0] for a in axes)):
+            points.append(dict(base, **dict(zip(axes, values))))
     return points
 
 
 def _build_args(params: list[str], k: dict) -> dict:
     """Keyword arguments for a launcher with parameters ``params`` at matrix
     point ``k`` (tensors on the CPU; :class:`_AsIfOnCuda` reports them on CUDA)."""
-    B, T, N = k["batch"], 3, k["n_state"]
+    B, T, N = k["batch"], k["T"], k["n_state"]
     g = torch.Generator().manual_seed(0)
     off = k["offset"]
 
@@ -141,7 +153,8 @@ def _build_args(params: list[str], k: dict) -> dict:
         "targets": lambda: t(torch.randint(0, max(V, 1), lshape[:-1], generator=g).to(k["targets_dtype"])),
         "ids": lambda: t(torch.randperm(N, generator=g)[:B].to(k["ids_dtype"])) if B <= N
         else t(torch.randint(0, N, (B,), generator=g).to(k["ids_dtype"])),
-        "losses": lambda: t(torch.rand(B, generator=g) * 3),
+        "losses": lambda: t(torch.rand((B, T) if k["losses_dim"] == 2 else (B,), generator=g) * 3),
+        "mask": lambda: t(torch.rand(B, T, generator=g) > 0.3) if k["mask"] else None,
         "weights": lambda: t(torch.rand(B, generator=g) + 0.1),
         "s": lambda: t(s), "d": lambda: t(d),
         "state": lambda: t(torch.stack([s, d], 1)),
@@ -195,6 +208,8 @@ class _AsIfOnCuda(torch.overrides.TorchFunctionMode):
             return self.CUDA
         if owner is _IS_CUDA_PROPERTY:
             return True
+        if func is torch.device:  # torch.device("cuda") stays a cuda device, to compare with .device
+            return func(*args, **(kwargs or {}))
         kwargs = {k: self._cpu(v) for k, v in (kwargs or {}).items()}
         return func(*(self._cpu(a) for a in args), **kwargs)
 
@@ -272,7 +287,7 @@ def record_calls(launchers: dict[str, Callable] | None = None,
         from . import ops
         launchers = dict(ops.OPS)
     matrix = input_matrix() if matrix is None else matrix
-    knob_params = _knob_params()
+    knob_params = {k: params for k, (_, params) in knobs().items()}
     calls: list[Call] = []
     current = [""]
     accepted, refused = {}, {}
@@ -284,12 +299,12 @@ def record_calls(launchers: dict[str, Callable] | None = None,
             knobs_used = [k for k, ps in knob_params.items() if "*" in ps or ps & set(params)]
             seen = set()
             accepted[op] = refused[op] = 0
-            for knobs in matrix:
-                key = tuple(repr(knobs[k]) for k in knobs_used)
+            for point in matrix:
+                key = tuple(repr(point[k]) for k in knobs_used)
                 if key in seen:
                     continue
                 seen.add(key)
-                kwargs = _build_args(params, knobs)
+                kwargs = _build_args(params, point)
                 missing = [p for p in required if p not in kwargs]
                 if missing:
                     raise TypeError(f"aot.input_matrix: no value for {op}'s parameter(s) {missing}; "
@@ -523,7 +538,9 @@ def compile_variant(v: Variant, sass: bool = False) -> Result:
 
 
 def compile_all(vs: list[Variant], workers: int | None = None, sass: bool = False) -> list[Result]:
-    """Compile the variants, in ``workers`` processes (default: one per core)."""
+    """Compile the variants, in ``workers`` processes (default: one per core;
+    spawned, so a script calling this needs the ``if __name__ == "__main__"``
+    guard)."""
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(vs) < 2:
         return [compile_variant(v, sass) for v in vs]
@@ -613,23 +630,25 @@ def write_tables(results: list[Result], md_path: str, json_path: str) -> None:
         "",
         f"Every variant the launchers produce (es_kernels/_triton/aot.py), compiled for sm_90a and sm_80 "
         f"with Triton {_triton_version()}; written by python_tests/test_aot_compile.py. Registers, local "
-        "memory and stack from `cuobjdump -res-usage`, shared memory (bytes, dynamic) from Triton's metadata.",
+        "memory and stack (where spills go) from `cuobjdump -res-usage`, shared memory (bytes, dynamic) from "
+        "Triton's metadata.",
         "",
-        "| kernel | arch | variants | max registers | max shared (B) | max local (B) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| kernel | arch | variants | max registers | max shared (B) | max local (B) | max stack (B) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, archs in sorted(data["summary"].items()):
         for arch, s in sorted(archs.items()):
             lines.append(f"| {name} | {arch} | {s['variants']} | {s['regs_max']} | {s['shared_max']} | "
-                         f"{s['local_max']} |")
+                         f"{s['local_max']} | {s['stack_max']} |")
     lines += ["", "## Every variant", "",
               "Label: the constexprs, then each argument whose type or specialisation is not the kernel's most "
               "common one (`/16`: an int divisible by 16; `(unaligned)`: a pointer not divisible by 16), then "
               "the warps.", "",
-              "| kernel | variant | arch | registers | shared (B) | local (B) |", "|---|---|---|---:|---:|---:|"]
+              "| kernel | variant | arch | registers | shared (B) | local (B) | stack (B) |",
+              "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.name} | {r.label} | {r.arch} | {r.regs if r.ok else 'ERROR'} | "
-                     f"{r.shared if r.ok else ''} | {r.local if r.ok else ''} |")
+                     f"{r.shared if r.ok else ''} | {r.local if r.ok else ''} | {r.stack if r.ok else ''} |")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
