@@ -1,4 +1,4 @@
-"""Per-sample cross-entropy (ES_SPEC section 5): one program per token row,
+"""Per-sample cross-entropy (docs/spec.md section 5): one program per token row,
 online log-sum-exp over chunks of the class axis, float32 accumulation, the
 logits read once, in place: token row r starts at
 (r // T) * stride_b + (r % T) * stride_t (the class stride is 1).
@@ -15,9 +15,10 @@ import triton.language as tl
 def ce_token_kernel(logits_ptr, targets_ptr, out_ptr, V, T, stride_b, stride_t, ignore_index,
                     one_minus_eps, eps_over_v, SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.load(targets_ptr + row).to(tl.int64)
+    # only the ignored flag lives across the loop: a 64-bit target kept there
+    # spilled to the stack on sm_80 (the AOT test); the target is reloaded after
+    ignored = tl.load(targets_ptr + row).to(tl.int64) == ignore_index
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    ignored = t == ignore_index
     n_read = tl.where(ignored, 0, V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)  # sum of exp(x - m)
@@ -38,6 +39,7 @@ def ce_token_kernel(logits_ptr, targets_ptr, out_ptr, V, T, stride_b, stride_t, 
             d += shift + tl.sum(tl.where(inside, safe_m - x, 0.0), 0)
             seen += BLOCK_V
         m = new_m
+    t = tl.load(targets_ptr + row).to(tl.int64)
     valid = (t >= 0) & (t < V)
     x_t = tl.load(base + tl.where(valid, t, 0), mask=valid & ~ignored, other=0.0).to(tl.float32)
     log_s = tl.log(s)

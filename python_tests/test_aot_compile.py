@@ -1,0 +1,143 @@
+"""Every Triton kernel variant the launchers produce compiles for real GPUs.
+
+The rest of the suite runs the kernels under the Triton interpreter, which
+never runs Triton's code generator: a kernel can pass there and still fail to
+compile for a GPU. This test compiles, without a GPU, every variant the
+launchers produce (es_kernels/_triton/aot.py) for sm_90a and sm_80, and fails
+on a compile error, on local memory or a stack frame, and on register
+spills. It writes bench/results/aot_kernels.md and .json (registers, shared
+and local memory per variant). Two more tests keep the check honest: every
+kernel defined in es_kernels/_triton gets variants on both targets, and toy
+kernels that do not compile or that spill fail it.
+
+The harness runs in a subprocess without TRITON_INTERPRET (conftest sets it
+here, and then ``triton.jit`` makes interpreted functions that cannot be
+compiled). Triton's on-disk cache (~/.triton/cache or TRITON_CACHE_DIR)
+makes a rerun take seconds.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="Triton is not installed: no Triton kernels to compile")
+
+from es_kernels._triton import aot  # noqa: E402  (needs torch only)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def _python(args, cwd=None, timeout=1800):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def aot_run(tmp_path_factory):
+    """The harness over the package's launchers, once per session."""
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    proc = _python(["-m", "es_kernels._triton.aot", "--json", str(out), "--tables", str(RESULTS)])
+    if not out.exists():
+        pytest.fail(f"the AOT harness did not finish (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    data = json.loads(out.read_text())
+    data["results"] = [aot.Result(**r) for r in data["results"]]
+    data["log"] = proc.stdout
+    return data
+
+
+def test_every_variant_compiles_without_local_memory(aot_run):
+    bad = aot.problems(aot_run["results"])
+    assert not bad, f"{len(bad)} problem(s):\n" + "\n".join(bad) + "\n\n" + aot_run["log"]
+
+
+def test_every_kernel_has_variants_on_every_arch(aot_run):
+    defined = aot_run["defined_kernels"]
+    assert {"ce_token_kernel", "update_select_kernel"} <= set(defined), defined
+    found = {(r.name, r.arch) for r in aot_run["results"]}
+    missing = [(k, a) for k in defined for a in aot.TARGETS if (k, a) not in found]
+    assert not missing, f"kernels the launchers never launched over the input matrix: {missing}"
+    idle = [op for op, n in aot_run["accepted"].items() if n == 0]
+    assert not idle, f"launchers that refused every input of aot.input_matrix: {idle}"
+    assert (RESULTS / "aot_kernels.md").exists() and (RESULTS / "aot_kernels.json").exists()
+
+
+TOY = '''
+import triton
+import triton.language as tl
+
+from es_kernels._triton._launch import launch
+
+
+@triton.jit
+def good_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for p in tl.static_range(4):
+        shift = 8 * p
+        acc += tl.load(x_ptr + i, mask=i < n, other=0.0) * shift
+    tl.store(x_ptr + i, acc, mask=i < n)
+
+
+@triton.jit
+def broken_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 8 * p  # runs in the interpreter, fails to compile
+        acc += tl.load(x_ptr + i, mask=i < n, other=0.0) * shift
+    tl.store(x_ptr + i, acc, mask=i < n)
+
+
+@triton.jit
+def spilling_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0)  # 32 values a thread, live across the reductions
+    tl.store(x_ptr + i, x * tl.sum(x, 0) + tl.max(x, 0), mask=i < n)
+
+
+def good_op(weights):
+    launch(good_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
+
+
+def broken_op(weights):
+    launch(broken_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
+
+
+def spilling_op(weights):  # at most 32 registers a thread: spills
+    launch(spilling_kernel, (1,), weights, weights.shape[0], BLOCK=1024, num_warps=1, maxnreg=32,
+           enable_fp_fusion=False)
+'''
+
+TOY_DRIVER = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import aot_toy
+from es_kernels._triton import aot
+ops = {name: getattr(aot_toy, name) for name in ("good_op", "broken_op", "spilling_op")}
+rec = aot.record_calls(ops, [aot.input_matrix()[0]])  # one input: one variant of each
+vs = aot.variants(rec.calls, ["sm_90a"])
+results = aot.compile_all(vs, workers=1)
+print(json.dumps({"kernels": sorted({v.name for v in vs}), "problems": aot.problems(results)}))
+'''
+
+
+def test_a_kernel_that_does_not_compile_or_spills_fails_the_check(tmp_path):
+    (tmp_path / "aot_toy.py").write_text(textwrap.dedent(TOY))
+    proc = _python(["-c", TOY_DRIVER, str(tmp_path)], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["kernels"] == ["broken_kernel", "good_kernel", "spilling_kernel"]
+    problems = {p.split(" ", 1)[0]: [] for p in out["problems"]}
+    for p in out["problems"]:
+        problems[p.split(" ", 1)[0]].append(p)
+    assert sorted(problems) == ["broken_kernel", "spilling_kernel"], out["problems"]
+    assert all("cannot be reassigned" in p for p in problems["broken_kernel"]), problems
+    # spills land in the stack frame (cuobjdump STACK), not in LOCAL
+    assert any("stack frame" in p for p in problems["spilling_kernel"]), problems
+    assert any("spills" in p for p in problems["spilling_kernel"]), problems
