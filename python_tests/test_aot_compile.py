@@ -58,7 +58,7 @@ def test_every_variant_compiles_without_local_memory(aot_run):
 
 def test_every_kernel_has_variants_on_every_arch(aot_run):
     defined = aot_run["defined_kernels"]
-    assert {"ce_token_kernel", "update_select_kernel"} <= set(defined), defined
+    assert {"ce_token_kernel", "observe_kernel", "select_write_kernel", "prune_decide_kernel"} <= set(defined), defined
     found = {(r.name, r.arch) for r in aot_run["results"]}
     missing = [(k, a) for k in defined for a in aot.TARGETS if (k, a) not in found]
     assert not missing, f"kernels the launchers never launched over the input matrix: {missing}"
@@ -102,15 +102,15 @@ def spilling_kernel(x_ptr, n, BLOCK: tl.constexpr):
 
 
 def good_op(weights):
-    launch(good_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
+    launch(good_kernel, (1,), weights.device, weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
 
 
 def broken_op(weights):
-    launch(broken_kernel, (1,), weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
+    launch(broken_kernel, (1,), weights.device, weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
 
 
 def spilling_op(weights):  # at most 32 registers a thread: spills
-    launch(spilling_kernel, (1,), weights, weights.shape[0], BLOCK=1024, num_warps=1, maxnreg=32,
+    launch(spilling_kernel, (1,), weights.device, weights, weights.shape[0], BLOCK=1024, num_warps=1, maxnreg=32,
            enable_fp_fusion=False)
 '''
 

@@ -126,15 +126,16 @@ def observe_kernel(
         else:
             acc = tl.zeros((BLOCK,), tl.float32)
         cnt = tl.zeros((BLOCK,), tl.int32)
+        row = j * T  # one 64-bit offset per position; the loop adds t to it
         for t in range(0, T):
             if TOKENS:
                 if HAS_MASK:
-                    keep = inb & (tl.load(mask_ptr + j * T + t, mask=inb, other=0) != 0)
+                    keep = inb & (tl.load(mask_ptr + (row + t), mask=inb, other=0) != 0)
                 else:
                     keep = inb
             else:
-                keep = tl.load(targets_ptr + j * T + t, mask=inb, other=ignore_index) != ignore_index
-            x = tl.load(tok_ptr + j * T + t, mask=inb & keep, other=0.0)
+                keep = inb & (tl.load(targets_ptr + (row + t), mask=inb, other=0) != ignore_index)
+            x = tl.load(tok_ptr + (row + t), mask=inb & keep, other=0.0)
             acc += tl.where(keep, x.to(acc.dtype), 0.0)
             cnt += keep.to(tl.int32)
         loss = tl.where(cnt > 0, (acc / tl.maximum(cnt, 1).to(acc.dtype)).to(tl.float32), 0.0)

@@ -21,6 +21,9 @@ from .es_step import (SCRATCH, mix_keys_kernel, mix_sum_kernel, observe_kernel, 
 from .prune import prune_decide_kernel, prune_max_kernel, prune_sum_kernel
 
 PRUNE_BLOCK = 1024
+# positions per program of observe_kernel: with 1024 (4 or 8 warps) ptxas kept
+# a few bytes on the stack in some variants (the AOT test); 128 has none
+OBSERVE_BLOCK = 128
 
 
 def _meta(device: torch.device, **kw) -> dict:
@@ -113,7 +116,7 @@ def _update_select(src, *, targets=None, token_mask=None, tokens=False, T=1, ign
                      step_ptr=step_tensor if step_tensor is not None else any_ptr)
         flags = dict(SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None)
         eps_mix = do_select and eps > 0.0
-        launch(observe_kernel, grid, dev,
+        launch(observe_kernel, (triton.cdiv(B, OBSERVE_BLOCK),), dev,
                src, targets if targets is not None else any_ptr, token_mask if token_mask is not None else any_ptr,
                T, ignore_index, ids if ids is not None else any_ptr, B,
                state if do_update else src, errors if do_update else any_ptr, state.shape[0] if do_update else 0,
@@ -121,7 +124,7 @@ def _update_select(src, *, targets=None, token_mask=None, tokens=False, T=1, ign
                losses, weights, keys, scratch, noise["seed"], noise["step_lo_arg"], noise["seed_ptr"],
                noise["step_ptr"], HAS_TARGETS=targets is not None, TOKENS=tokens,
                HAS_MASK=token_mask is not None, STORE_LOSSES=store_losses, DO_UPDATE=do_update,
-               DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=eps_mix, BLOCK=block,
+               DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=eps_mix, BLOCK=OBSERVE_BLOCK,
                **flags, **_meta(dev))
         if eps_mix:
             launch(mix_sum_kernel, grid, dev, weights, B, scratch, BLOCK=block, **_meta(dev))
