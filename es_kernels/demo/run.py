@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -35,8 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .functional import DEFAULT_BETA1, DEFAULT_BETA2, es_update
-from .sampler import ESWPSampler, EvolvedSampler
+from ..functional import DEFAULT_BETA1, DEFAULT_BETA2, es_update
+from ..sampler import ESWPSampler, EvolvedSampler
+from .report import format_summary, machine, plot
+from .tasks import corrupt_labels, load_dataset
 
 METHODS = ("full", "uniform", "es", "eswp", "infobatch")
 
@@ -61,41 +61,6 @@ class Config:
 
 
 QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512)
-
-
-# ---------------------------------------------------------------- data
-def load_dataset(name: str, cfg: Config):
-    """(x_train, y_train, x_test, y_test, num_classes) as float32 / int64 tensors."""
-    if name == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        args.num_samples = cfg.mnist1d_samples
-        data = make_dataset(args)  # generated locally, no download
-        xtr, ytr, xte, yte = data["x"], data["y"], data["x_test"], data["y_test"]
-    elif name == "digits":
-        from sklearn.datasets import load_digits
-
-        x, y = load_digits(return_X_y=True)  # shipped with scikit-learn
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).numpy()
-        x, y = x[perm] / 16.0, y[perm]
-        cut = int(0.8 * len(y))
-        xtr, ytr, xte, yte = x[:cut], y[:cut], x[cut:], y[cut:]
-    else:
-        raise ValueError(f"dataset must be one of mnist1d, digits; got {name!r}")
-    t = lambda a, dt: torch.as_tensor(a).to(dt).contiguous()  # noqa: E731
-    return t(xtr, torch.float32), t(ytr, torch.int64), t(xte, torch.float32), t(yte, torch.int64), 10
-
-
-def corrupt_labels(y: torch.Tensor, p: float, num_classes: int, seed: int) -> torch.Tensor:
-    """Symmetric label noise: each label, with probability p, becomes one of
-    the other classes uniformly."""
-    if p <= 0:
-        return y
-    g = torch.Generator().manual_seed(10_000 + seed)
-    flip = torch.rand(y.shape[0], generator=g) < p
-    shift = torch.randint(1, num_classes, y.shape, generator=g)
-    return torch.where(flip, (y + shift) % num_classes, y)
 
 
 # ---------------------------------------------------------------- training
@@ -239,51 +204,6 @@ def run_ablation(cfg: Config, out_dir: Path, grid1=(0.0, 0.2, 0.5, 0.8), grid2=(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
-
-
-def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results["datasets"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for method, rs in results["datasets"][name]["runs"].items():
-            epochs = len(rs[0]["curve"])
-            t = [statistics.fmean(r["curve"][e][0] for r in rs) for e in range(epochs)]
-            a = [statistics.fmean(r["curve"][e][1] for r in rs) for e in range(epochs)]
-            ax.plot(t, a, marker=".", label=method)
-        ax.set_title(f"{name} (label noise {results['config']['label_noise']:g})")
-        ax.set_xlabel("training wall-clock (s)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def format_summary(results: dict) -> str:
-    lines = []
-    for name, ds in results["datasets"].items():
-        lines.append(f"\n{name}: {ds['n_train']} train / {ds['n_test']} test, "
-                     f"label noise {results['config']['label_noise']:g}, {results['config']['seeds']} seeds")
-        lines.append("| method | wall-clock s | vs full | backward samples | test acc % | vs full (points) |")
-        lines.append("|---|---|---|---|---|---|")
-        for m, s in ds["summary"].items():
-            lines.append(
-                f"| {m} | {s['wall_s']['mean']:.1f} ± {s['wall_s']['sd']:.1f} | "
-                f"{-100 * s.get('wall_saving_vs_full', math.nan):+.0f}% | {s['backward_samples']['mean']:.0f} | "
-                f"{s['test_acc']['mean']:.2f} ± {s['test_acc']['sd']:.2f} | {s.get('acc_minus_full', math.nan):+.2f} |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
