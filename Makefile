@@ -2,7 +2,8 @@
 # C++17 compiler: it creates .venv (CPU torch pinned), builds the C++ kernels,
 # then runs.
 #   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
-#                and compare (es-kernels demo; DEMO_ARGS=--quick for 2 minutes)
+#                and compare (es-kernels demo; DEMO_ARGS=--quick: a smoke test,
+#                DEMO_ARGS=--eta-only: the estimated run time)
 #   make test    the test suite
 #   make bench   the op benchmark (bench/bench_ops.py; BENCH_ARGS=--quick for a
 #                smoke run): writes bench/results/cpu_ops_<date>.json, appends

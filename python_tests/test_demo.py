@@ -155,7 +155,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
             if not m.endswith("-time"):
                 assert len(ds["runs"][m][0]["curve"]) == 3  # start + 2 epochs
         for r in ds["runs"]["uniform-time"] + ds["runs"]["full-time"]:
-            assert r["wall_s"] >= r["time_budget_s"] == pytest.approx(ds["window_s"])
+            assert r["time_budget_s"] == pytest.approx(ds["window_s"])
+            assert 0.3 * r["time_budget_s"] < r["wall_s"] < 2 * r["time_budget_s"]  # a step's slack (loaded machine)
         es = ds["summary"]["es"]
         assert es["backward_samples"]["mean"] < ds["summary"]["full"]["backward_samples"]["mean"]
         assert 0 < es["scoring_share"]["mean"] < 1 and "ideal_saving" in es

@@ -132,7 +132,8 @@ def base_method(method: str) -> str:
 
 def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budget: float | None = None) -> dict:
     """One run. ``time_budget`` (seconds of training wall-clock) stops the run
-    by time instead of by epochs: required by the ``-time`` methods.
+    by time instead of by epochs, required by the ``-time`` methods: it stops
+    after the last step that, at the last step's pace, ends within the budget.
 
     Returns wall_s (training only, evaluation excluded), backward_samples,
     test_acc (final), curve (``[wall_s, test_acc, backward]`` at the start,
@@ -178,6 +179,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             order = torch.randperm(n, generator=g)
         n_order = order.shape[0]
         for start in range(0, n_order, B):
+            t_step = time.perf_counter()
             ids = order[start : start + B].to(dev)
             x, y = xtr[ids], ytr[ids]
             if base in ("full", "infobatch"):
@@ -204,9 +206,10 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             opt.zero_grad(set_to_none=True)
             per.mean().backward()
             opt.step()
-            if time_budget is not None:
+            if time_budget is not None:  # stop before a step that would overrun the budget
                 _sync(dev)
-                if wall + time.perf_counter() - t0 >= time_budget:
+                now = time.perf_counter()
+                if wall + (now - t0) + (now - t_step) > time_budget:
                     stopped = True
                     epochs += min(start + B, n_order) / n_order
                     break
@@ -361,10 +364,11 @@ class _Log:
 
     def __init__(self, total: int, desc: str, show: bool):
         self.bar = None
+        self.desc = desc
         if show:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+            self.bar = tqdm(total=total, desc=desc, bar_format="{l_bar}{bar} {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
 
     def line(self, text: str) -> None:
         if self.bar is not None:
@@ -372,8 +376,10 @@ class _Log:
         else:
             print(text, flush=True)
 
-    def update(self) -> None:
+    def update(self, eta: str = "") -> None:
         if self.bar is not None:
+            if eta:
+                self.bar.set_description(f"{self.desc} ({eta})", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -446,7 +452,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             rest = eta.remaining([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1:]])
             log.line(f"[{i + 1}/{len(jobs)}] {name} {method} seed {seed}: {fmt_s(r['wall_s'])} s, "
                      f"{r['epochs']:.3g} epochs, acc {r['test_acc']:.2f}%; {fmt_eta(rest)}")
-            log.update()
+            log.update(fmt_eta(rest))
     except KeyboardInterrupt:
         results["interrupted"] = True
         log.line(f"interrupted: the finished runs are in {path}")
@@ -599,7 +605,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
             rest = eta.remaining([(_ablation_key(cfg, t, s_), t.epochs) for t, _, s_ in jobs[i + 1:]])
             log.line(f"[{i + 1}/{len(jobs)}] {task.name} seed {seed} {what}: {fmt_s(r['wall_s'])} s, "
                      f"acc {r['test_acc']:.2f}%; {fmt_eta(rest)}")
-            log.update()
+            log.update(fmt_eta(rest))
     except KeyboardInterrupt:
         res["interrupted"] = True
         log.line(f"interrupted: the finished runs are in {path}")
