@@ -105,6 +105,10 @@ def test_eta_from_measured_epochs_and_the_cost_model():
     assert eta.estimate(("d", "es", 128), 2) == pytest.approx(2.0)
     assert eta.estimate(("d", "es", 64), 1) == pytest.approx((1 / 3 + 1 / 8) / (1 / 3 + 1 / 4))
     assert fmt_eta(125) == "ETA 2 min 05 s" and "unknown" in fmt_eta(None)
+    eta.record(("e", "es", 128), 1, 5.0)
+    assert eta.remaining_partial([(("d", "full", 512), 1), (("f", "es", 128), 1), (("e", "es", 64), 1)]) == (
+        pytest.approx(2.0 + 5.0 * (1 / 3 + 1 / 8) / (1 / 3 + 1 / 4)), ["f"])
+    assert fmt_eta(3700, ["f"]) == "ETA 1 h 01 min + the runs on f (not measured yet)"
 
 
 def test_grid_settings_collapse_what_does_not_enter_the_weight():

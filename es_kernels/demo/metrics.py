@@ -61,7 +61,7 @@ def mean_sd(xs) -> dict:
     xs = list(xs)
     if not xs:
         return {"mean": None, "sd": None}
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None}  # one value: no spread
 
 
 def median_or_inf(xs) -> float:

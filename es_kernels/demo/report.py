@@ -32,7 +32,7 @@ def fmt_s(x) -> str:
 def _ms(d: dict, f=fmt_s) -> str:
     if not d or d.get("mean") is None:
         return "—"
-    return f"{f(d['mean'])} ± {f(d['sd'])}"
+    return f(d["mean"]) if d.get("sd") is None else f"{f(d['mean'])} ± {f(d['sd'])}"
 
 
 def settings_caption(cfg: dict) -> str:

@@ -330,14 +330,27 @@ class Eta:
             total += e
         return total
 
+    def remaining_partial(self, jobs) -> tuple:
+        """``(seconds of the estimable jobs, sorted data sets not measured yet)``."""
+        total, unknown = 0.0, set()
+        for key, epochs in jobs:
+            e = self.estimate(key, epochs)
+            if e is None:
+                unknown.add(key[0])
+            else:
+                total += e
+        return total, sorted(unknown)
 
-def fmt_eta(seconds) -> str:
-    if seconds is None:
+
+def fmt_eta(seconds, unmeasured=()) -> str:
+    """``seconds`` (None: unknown), plus the data sets not measured yet."""
+    if seconds is None or (unmeasured and not seconds):
         return "ETA unknown until full has run once per data set"
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
-    return "ETA " + (f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s")
+    out = "ETA " + (f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s")
+    return out + (f" + the runs on {', '.join(unmeasured)} (not measured yet)" if unmeasured else "")
 
 
 def load_warning(threads: int) -> str | None:
@@ -449,10 +462,10 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             ds["summary"] = summarize(ds["runs"])
             ds.update(fair_reference(ds["runs"]))
             write_json(path, results)
-            rest = eta.remaining([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1:]])
+            rest = fmt_eta(*eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1:]]))
             log.line(f"[{i + 1}/{len(jobs)}] {name} {method} seed {seed}: {fmt_s(r['wall_s'])} s, "
-                     f"{r['epochs']:.3g} epochs, acc {r['test_acc']:.2f}%; {fmt_eta(rest)}")
-            log.update(fmt_eta(rest))
+                     f"{r['epochs']:.3g} epochs, acc {r['test_acc']:.2f}%; {rest}")
+            log.update(rest.split(" + ")[0])
     except KeyboardInterrupt:
         results["interrupted"] = True
         log.line(f"interrupted: the finished runs are in {path}")
@@ -602,10 +615,10 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
                 what = setting_name(s)
             eta.record(_ablation_key(cfg, task, s), r["epochs"], r["elapsed_s"])
             write_json(path, res)
-            rest = eta.remaining([(_ablation_key(cfg, t, s_), t.epochs) for t, _, s_ in jobs[i + 1:]])
+            rest = fmt_eta(*eta.remaining_partial([(_ablation_key(cfg, t, s_), t.epochs) for t, _, s_ in jobs[i + 1:]]))
             log.line(f"[{i + 1}/{len(jobs)}] {task.name} seed {seed} {what}: {fmt_s(r['wall_s'])} s, "
-                     f"acc {r['test_acc']:.2f}%; {fmt_eta(rest)}")
-            log.update(fmt_eta(rest))
+                     f"acc {r['test_acc']:.2f}%; {rest}")
+            log.update(rest.split(" + ")[0])
     except KeyboardInterrupt:
         res["interrupted"] = True
         log.line(f"interrupted: the finished runs are in {path}")
