@@ -43,6 +43,9 @@ __all__ = ["PAD_ID", "DistributedEvolvedSampler", "DistributedESWPSampler", "sha
 
 PAD_ID = INT64_MIN  # the id of a padding position: skipped and not counted as an error
 
+# all_gather_into_tensor, under its newer name where torch has it (2.13 deprecates the old one)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 # --------------------------------------------------------------------------- the step's pieces
 def pack(ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
@@ -183,7 +186,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
     def _gather(self, ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
         buf = pack(ids, losses, cap)
         out = torch.empty((self.world_size * cap, 2), dtype=torch.int64, device=self.device)
-        dist.all_gather_into_tensor(out, buf, group=self.process_group)
+        _all_gather_single(out, buf, group=self.process_group)
         return out
 
     def _inputs(self, ids, logits, targets, losses, ignore_index, label_smoothing):

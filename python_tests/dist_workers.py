@@ -147,3 +147,12 @@ def checked(rank, world, out):
         return msgs
     finally:
         del os.environ["ES_KERNELS_CHECKED"]
+
+
+def demo(rank, world, out):
+    """The demo's train() under DDP on digits, one small epoch per method."""
+    from es_kernels.demo import Config, load_dataset, train
+
+    cfg = Config(datasets=("digits",), epochs=1, hidden=64, seeds=1)
+    data = load_dataset("digits", cfg)
+    return {m: train(m, data, cfg, seed=0) for m in ("es", "eswp", "infobatch")}

@@ -5,6 +5,8 @@ One spawned group per world size runs every scenario (python_tests/dist_workers.
 the tests here read what each rank saved."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,16 +22,16 @@ import dist_workers as W
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
 
-SCENARIOS = ("es", "eswp", "checked")
+SCENARIOS = {2: ("es", "eswp", "checked", "demo"), 3: ("es", "eswp", "checked")}  # demo: the costliest
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def group(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
-    mp.spawn(W.entry, args=(world, str(out / "init"), str(out), SCENARIOS), nprocs=world, join=True)
+    mp.spawn(W.entry, args=(world, str(out / "init"), str(out), SCENARIOS[world]), nprocs=world, join=True)
     return world, {(name, r): torch.load(out / f"{name}_{r}.pt", weights_only=False)
-                   for name in SCENARIOS for r in range(world)}
+                   for name in SCENARIOS[world] for r in range(world)}
 
 
 def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
@@ -171,3 +173,22 @@ def test_gathered_update_pads_and_duplicates():
     wm = float(torch.tensor(1e-8, dtype=torch.float32))
     assert w.tolist() == [1.0, 2.0, wm, 1.0, 3.0, wm, 2.0]
     assert st.s[[5, 3, 9]].tolist() == [1.0, 2.0, 3.0]
+
+
+
+def test_demo_trains_under_ddp(group):
+    """The demo's train() on a process group (what es-kernels demo --nproc runs): DDP
+    keeps the models identical, backward samples add up over the ranks."""
+    world, res = group
+    if ("demo", 0) not in res:
+        pytest.skip("the demo runs in the group of 2 only")
+    per_rank = math.ceil(1437 / world)  # digits: 1437 train samples, DistributedSampler's share
+    B, b = 512 // world, 96 // world
+    steps = math.ceil(per_rank / B)
+    for r in range(world):
+        got = res[("demo", r)]
+        for m in ("es", "eswp", "infobatch"):
+            assert got[m]["test_acc"] == res[("demo", 0)][m]["test_acc"]  # the same model on every rank
+            assert got[m]["wall_s"] == res[("demo", 0)][m]["wall_s"]  # the slowest rank's, agreed
+        assert got["es"]["backward_samples"] == world * steps * b
+        assert got["infobatch"]["backward_samples"] == world * per_rank  # epoch 0: nothing scored yet
