@@ -5,6 +5,7 @@ compare wall-clock, backward work and test accuracy.
     es-kernels demo --quick          # under 2 minutes
     es-kernels demo --label-noise 0.4
     es-kernels demo --ablate         # the beta1 x beta2 grid behind the defaults
+    es-kernels demo --nproc 2        # every method under DDP on 2 gloo processes
 
 Methods, each with the same optimizer, model and epochs:
 
@@ -23,6 +24,7 @@ handwritten digits.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -58,6 +60,7 @@ class Config:
     anneal_frac: float = 0.125
     methods: tuple = METHODS
     threads: int = field(default_factory=torch.get_num_threads)
+    nproc: int = 1  # processes (DDP, gloo); the global meta-batch and mini-batch are split among them
 
 
 QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512)
@@ -116,21 +119,42 @@ def accuracy(model, x, y) -> float:
     return 100.0 * acc
 
 
+def _world() -> tuple:
+    """(world size, rank) of the initialised process group, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def train(method: str, data, cfg: Config, seed: int, progress=None) -> dict:
+    """One run. Under a process group of W ranks (``--nproc`` or torchrun) each rank
+    trains a DDP replica on its shard of every epoch with meta-batch B/W and
+    mini-batch b/W; the ES state is replicated (es_kernels.distributed)."""
     xtr, ytr, xte, yte, k = data
     n = xtr.shape[0]
-    B, b = cfg.meta_batch, cfg.mini_batch
-    model = make_model(xtr.shape[1], cfg.hidden, k, seed)
+    world, rank = _world()
+    B, b = cfg.meta_batch // world, cfg.mini_batch // world
+    net = model = make_model(xtr.shape[1], cfg.hidden, k, seed)
+    if world > 1:
+        from .distributed import DistributedESWPSampler, DistributedEvolvedSampler, shard_indices
+
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        ES = functools.partial(DistributedEvolvedSampler, meta_batch=B)
+        Pruner = DistributedESWPSampler
+    else:
+        ES, Pruner = EvolvedSampler, ESWPSampler
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: the optimizer is not the bottleneck
     g = torch.Generator().manual_seed(seed)
     es = pruner = None
     if method in ("es", "eswp"):
-        es = EvolvedSampler(n, b, beta1=cfg.beta1, beta2=cfg.beta2, seed=seed)
+        es = ES(n, b, beta1=cfg.beta1, beta2=cfg.beta2, seed=seed)
     if method == "infobatch":  # score = the last training loss: s = l, d = 0
-        es = EvolvedSampler(n, B, beta1=0.0, beta2=1.0, seed=seed)
+        es = ES(n, B, beta1=0.0, beta2=1.0, seed=seed)
     if method in ("eswp", "infobatch"):
-        pruner = ESWPSampler(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio,
-                             anneal_frac=cfg.anneal_frac, seed=seed)
+        pruner = Pruner(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio,
+                        anneal_frac=cfg.anneal_frac, seed=seed)
     wall = 0.0
     backward = 0
     curve = []
@@ -141,12 +165,16 @@ def train(method: str, data, cfg: Config, seed: int, progress=None) -> dict:
             order = torch.tensor(list(pruner), dtype=torch.int64)  # what a DataLoader would draw
         else:
             order = torch.randperm(n, generator=g)
+            if world > 1:  # this rank's share, as DistributedSampler (same length on every rank)
+                order = torch.tensor(shard_indices(order.tolist(), world, rank, False), dtype=torch.int64)
         for start in range(0, order.shape[0], B):
             ids = order[start : start + B]
             x, y = xtr[ids], ytr[ids]
             if method in ("full", "infobatch"):
                 per = F.cross_entropy(model(x), y, reduction="none")
-                if method == "infobatch":
+                if method == "infobatch" and world > 1:
+                    es.observe(ids, per.detach())  # every rank's losses reach every replica
+                elif method == "infobatch":
                     es_update(ids, per.detach(), es.state, beta1=0.0, beta2=1.0)
                     per = per * es.scales_of(ids)
                 backward += ids.shape[0]
@@ -156,7 +184,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None) -> dict:
                 backward += pos.shape[0]
             else:
                 with torch.no_grad():
-                    logits = model(x)  # the scoring pass
+                    logits = net(x)  # the scoring pass
                 sel = es.select(ids, logits=logits, targets=y)
                 pos = sel.positions
                 per = F.cross_entropy(model(x[pos]), y[pos], reduction="none") * sel.scales
@@ -165,11 +193,19 @@ def train(method: str, data, cfg: Config, seed: int, progress=None) -> dict:
             per.mean().backward()
             opt.step()
         wall += time.perf_counter() - t0
-        curve.append([wall, accuracy(model, xte, yte)])  # evaluation is not timed
+        curve.append([wall, accuracy(net, xte, yte)])  # evaluation is not timed
         if progress is not None:
             progress.set_postfix_str(f"{method} seed {seed} epoch {epoch + 1}/{cfg.epochs} acc {curve[-1][1]:.1f}")
     if es is not None:
         es.state.check()
+    if world > 1:  # wall: the slowest rank; backward samples: all ranks
+        import torch.distributed as dist
+
+        slowest = torch.tensor([wall], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        back = torch.tensor([backward], dtype=torch.int64)
+        dist.all_reduce(back)
+        wall, backward = float(slowest), int(back)
     return {"wall_s": wall, "backward_samples": backward, "test_acc": curve[-1][1], "curve": curve}
 
 
@@ -196,10 +232,11 @@ def summarize(runs: dict) -> dict:
 def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(cfg.threads)
+    world, rank = _world()
+    torch.set_num_threads(max(1, cfg.threads // world))
     results = {"config": asdict(cfg), "machine": machine(), "datasets": {}}
     total = len(cfg.datasets) * len(cfg.methods) * cfg.seeds
-    with tqdm(total=total, desc="es-kernels demo", disable=not show_progress) as bar:
+    with tqdm(total=total, desc="es-kernels demo", disable=not show_progress or rank > 0) as bar:
         for name in cfg.datasets:
             xtr, ytr, xte, yte, k = load_dataset(name, cfg)
             runs = {m: [] for m in cfg.methods}
@@ -210,6 +247,8 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
                     bar.update(1)
             results["datasets"][name] = {"n_train": int(xtr.shape[0]), "n_test": int(xte.shape[0]),
                                          "summary": summarize(runs), "runs": runs}
+    if rank > 0:  # rank 0 writes
+        return results
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out_dir / "demo.png")
@@ -286,6 +325,17 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _dist_worker(rank: int, world: int, cfg: Config, out: Path, show_progress: bool, init: str) -> dict:
+    """One process of a distributed demo: join the gloo group, run every method."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        return run_demo(cfg, out, show_progress=show_progress)
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="es-kernels demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,10 +350,16 @@ def main(argv=None) -> int:
     ap.add_argument("--mnist1d-samples", type=int, default=None)
     ap.add_argument("--out", default="demo_results", help="folder for demo.json and demo.png")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--nproc", type=int, default=1, metavar="W",
+                    help="run every method under DDP on W gloo processes (spawned here); "
+                         "under torchrun the processes come from torchrun instead")
     a = ap.parse_args(argv)
     if not 0.0 <= a.label_noise < 1.0:
         ap.error("--label-noise must be in [0, 1)")
     cfg = Config(label_noise=a.label_noise)
+    if a.nproc < 1:
+        ap.error("--nproc must be >= 1")
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if a.quick:
         cfg = replace(cfg, **QUICK)
     over = {"seeds": a.seeds, "epochs": a.epochs, "mnist1d_samples": a.mnist1d_samples}
@@ -323,6 +379,26 @@ def main(argv=None) -> int:
             for r in rows:
                 print(f"  beta1={r['beta1']:<4} beta2={r['beta2']:<4} {r['test_acc']['mean']:.2f} ± {r['test_acc']['sd']:.2f}")
         print(f"\nwrote {out / 'ablation.json'}")
+        return 0
+    if torchrun or a.nproc > 1:
+        cfg = replace(cfg, nproc=int(os.environ["WORLD_SIZE"]) if torchrun else a.nproc)
+        if a.ablate:
+            ap.error("--ablate runs in one process")
+        if torchrun:  # torchrun set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+            res = _dist_worker(int(os.environ["RANK"]), cfg.nproc, cfg, out, not a.no_progress, "env://")
+            if int(os.environ["RANK"]) > 0:
+                return 0
+        else:
+            import tempfile
+
+            import torch.multiprocessing as mp
+
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.spawn(_dist_worker, args=(cfg.nproc, cfg, out, not a.no_progress, f"file://{tmp}/init"),
+                         nprocs=cfg.nproc, join=True)
+            res = json.loads((out / "demo.json").read_text())
+        print(format_summary(res))
+        print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")
         return 0
     res = run_demo(cfg, out, show_progress=not a.no_progress)
     print(format_summary(res))
