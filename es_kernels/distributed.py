@@ -21,8 +21,10 @@ Every rank holds a full replica of the per-sample state. Each step:
 prunes on every rank (same state, seed and epoch: the same plan) and yields
 this rank's share of the kept ids the way ``DistributedSampler`` does.
 
-Both are subclasses: ``es_kernels/sampler.py`` is unchanged (its
-``EvolvedSampler`` / ``ESWPSampler`` keep their single-process meaning).
+Both are subclasses, so ``es_kernels/sampler.py`` is unchanged (its
+``EvolvedSampler`` / ``ESWPSampler`` keep their single-process meaning);
+``DistributedESWPSampler`` uses only ``ESWPSampler``'s ``__iter__`` and
+``__len__``, whatever the base does inside them.
 """
 from __future__ import annotations
 
@@ -151,8 +153,13 @@ class DistributedEvolvedSampler(EvolvedSampler):
     meta_batch : int >= 1 or None
         ``cap``, the most positions one rank passes to ``select``; every call is
         padded to it. ``None``: agreed on the first call as the largest ``B`` of
-        any rank (one host read, once); a later call with more raises
-        ``ValueError``, so give it when the first meta-batch may be short.
+        any rank (one host read, once). A call with more raises ``ValueError`` on
+        that rank only (the others then wait in the collective): give it when
+        the first meta-batch may be short.
+
+    Every rank must construct it with the same settings and call ``select`` the
+    same number of times (one collective per call). The checked mode
+    (``ES_KERNELS_CHECKED=1``) compares the replicas after every step.
     """
 
     def __init__(self, num_samples: int, mini_batch: int, beta1: float = DEFAULT_BETA1,

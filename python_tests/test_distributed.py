@@ -192,3 +192,23 @@ def test_demo_trains_under_ddp(group):
             assert got[m]["wall_s"] == res[("demo", 0)][m]["wall_s"]  # the slowest rank's, agreed
         assert got["es"]["backward_samples"] == world * steps * b
         assert got["infobatch"]["backward_samples"] == world * per_rank  # epoch 0: nothing scored yet
+
+
+def test_world_of_one_equals_the_single_process_sampler(tmp_path):
+    """W = 1, cap = B, eps = 0: the same positions, weights, state and step as EvolvedSampler."""
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        for mode in ("sample", "topk"):
+            a = ek.EvolvedSampler(100, 7, seed=5, select_mode=mode)
+            d = DistributedEvolvedSampler(100, 7, seed=5, select_mode=mode)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(10):
+                ids, losses = torch.randperm(100, generator=g)[:30], torch.rand(30, generator=g)
+                x, y = a.select(ids, losses=losses), d.select(ids, losses=losses)
+                assert torch.equal(x.positions, y.positions) and torch.equal(x.weights, y.weights)
+            assert_state_equal((a.state.tensor, a.state.errors), (d.state.tensor, d.state.errors))
+            assert a.step == d.step == 10
+    finally:
+        dist.destroy_process_group()
