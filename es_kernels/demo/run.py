@@ -7,6 +7,7 @@ each method needs to reach the full baseline's accuracy.
     es-kernels demo --label-noise 0.4
     es-kernels demo --ablate         # the grid and the rule behind the defaults
     es-kernels demo --eta-only       # time one epoch per method, print the ETA, exit
+    es-kernels demo --nproc 2        # every method under DDP on 2 gloo processes
 
 Methods, each with the same optimizer and model:
 
@@ -33,6 +34,7 @@ handwritten digits.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
@@ -87,6 +89,7 @@ class Config:
     device: str = "cpu"
     score_dtype: str = "auto"  # the scoring pass: auto (bf16 autocast on CUDA), float32, bfloat16
     smoke_test: bool = False
+    nproc: int = 1  # processes (DDP, gloo); the global meta-batch and mini-batch are split among them
 
 
 QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
@@ -126,6 +129,26 @@ def score_autocast_dtype(cfg: Config, dev: torch.device):
     return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
+def _world() -> tuple:
+    """(world size, rank) of the initialised process group, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _agree_max(x: float, world: int) -> float:
+    """The largest ``x`` over the ranks (``x`` itself in one process)."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def base_method(method: str) -> str:
     return method[: -len("-time")] if method.endswith("-time") else method
 
@@ -141,6 +164,12 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     the fraction of its last epoch), score_s (the scoring passes: no-grad
     forward over B and the fused step, timed inside the loop), elapsed_s
     (real time with evaluation) and load_1min (the load average at the end).
+
+    Under a process group of W ranks (``--nproc`` or torchrun) each rank
+    trains a DDP replica on its shard of every epoch with meta-batch B/W and
+    mini-batch b/W; the ES state is replicated (es_kernels.distributed). The
+    ranks agree on the wall-clock (the slowest rank's, at every evaluation)
+    and on a time stop; backward samples are summed over the ranks.
     """
     xtr, ytr, xte, yte, k = data
     dev = xtr.device
@@ -148,26 +177,34 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     if method.endswith("-time") and time_budget is None:
         raise ValueError(f"{method} needs a time_budget")
     n = xtr.shape[0]
-    B, b = cfg.meta_batch, cfg.mini_batch
+    world, rank = _world()
+    B, b = cfg.meta_batch // world, cfg.mini_batch // world
     started = time.perf_counter()
-    model = make_model(xtr.shape[1], cfg.hidden, k, seed).to(dev)
+    net = model = make_model(xtr.shape[1], cfg.hidden, k, seed).to(dev)
+    if world > 1:
+        from ..distributed import DistributedESWPSampler, DistributedEvolvedSampler, shard_indices
+
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        ES = functools.partial(DistributedEvolvedSampler, meta_batch=B)
+        Pruner = DistributedESWPSampler
+    else:
+        ES, Pruner = EvolvedSampler, ESWPSampler
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: the optimizer is not the bottleneck
     g = torch.Generator().manual_seed(seed)
     es = pruner = None
     if base in ("es", "eswp"):
-        es = EvolvedSampler(n, b, beta1=cfg.beta1, beta2=cfg.beta2, lam=cfg.lam, eps=cfg.eps, seed=seed,
-                            device=dev)
+        es = ES(n, b, beta1=cfg.beta1, beta2=cfg.beta2, lam=cfg.lam, eps=cfg.eps, seed=seed, device=dev)
     if base == "infobatch":  # score = the last training loss: s = l, d = 0
-        es = EvolvedSampler(n, B, beta1=0.0, beta2=1.0, seed=seed, device=dev)
+        es = ES(n, B, beta1=0.0, beta2=1.0, seed=seed, device=dev)
     if base in ("eswp", "infobatch"):
-        pruner = ESWPSampler(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio,
-                             anneal_frac=cfg.anneal_frac, seed=seed)
+        pruner = Pruner(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio,
+                        anneal_frac=cfg.anneal_frac, seed=seed)
     ac_dtype = score_autocast_dtype(cfg, dev)
     max_epochs = cfg.epochs if time_budget is None else 1000 * max(cfg.epochs, 1)
     wall = score_s = 0.0
     backward = 0
     epochs = 0.0
-    curve = [[0.0, accuracy(model, xte, yte), 0]]
+    curve = [[0.0, accuracy(net, xte, yte), 0]]
     stopped = False
     for epoch in range(max_epochs):
         _sync(dev)
@@ -177,6 +214,8 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             order = torch.tensor(list(pruner), dtype=torch.int64)  # what a DataLoader would draw
         else:
             order = torch.randperm(n, generator=g)
+            if world > 1:  # this rank's share, as DistributedSampler (same length on every rank)
+                order = torch.tensor(shard_indices(order.tolist(), world, rank, False), dtype=torch.int64)
         n_order = order.shape[0]
         for start in range(0, n_order, B):
             t_step = time.perf_counter()
@@ -184,7 +223,9 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             x, y = xtr[ids], ytr[ids]
             if base in ("full", "infobatch"):
                 per = F.cross_entropy(model(x), y, reduction="none")
-                if base == "infobatch":
+                if base == "infobatch" and world > 1:
+                    es.observe(ids, per.detach())  # every rank's losses reach every replica
+                elif base == "infobatch":
                     es_update(ids, per.detach(), es.state, beta1=0.0, beta2=1.0)
                     per = per * es.scales_of(ids)
                 backward += ids.shape[0]
@@ -196,7 +237,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 ts = time.perf_counter()
                 with torch.inference_mode(), torch.autocast(dev.type, dtype=ac_dtype or torch.bfloat16,
                                                              enabled=ac_dtype is not None):
-                    logits = model(x)  # the scoring pass: no autograd record at all
+                    logits = net(x)  # the scoring pass: no autograd record at all
                 sel = es.select(ids, logits=logits, targets=y)
                 _sync(dev)  # CUDA only: timing the scoring separately costs a synchronisation there
                 score_s += time.perf_counter() - ts
@@ -209,15 +250,16 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             if time_budget is not None:  # stop before a step that would overrun the budget
                 _sync(dev)
                 now = time.perf_counter()
-                if wall + (now - t0) + (now - t_step) > time_budget:
+                over = wall + (now - t0) + (now - t_step) > time_budget
+                if _agree_max(float(over), world) > 0:  # every rank stops after the same step
                     stopped = True
                     epochs += min(start + B, n_order) / n_order
                     break
         _sync(dev)
-        wall += time.perf_counter() - t0
+        wall = _agree_max(wall + time.perf_counter() - t0, world)  # the slowest rank's
         if not stopped:
             epochs += 1
-        curve.append([wall, accuracy(model, xte, yte), backward])  # evaluation is not timed
+        curve.append([wall, accuracy(net, xte, yte), backward * world])  # evaluation is not timed
         if progress is not None:
             progress.set_postfix_str(f"{method} seed {seed} epoch {epoch + 1}"
                                      f"{'' if time_budget is not None else '/' + str(cfg.epochs)} "
@@ -226,6 +268,13 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             break
     if es is not None:
         es.state.check()
+    if world > 1:  # backward samples: all ranks (equal shards: the curve's backward * world is exact)
+        import torch.distributed as dist
+
+        back = torch.tensor([backward], dtype=torch.int64)
+        dist.all_reduce(back)
+        backward = int(back)
+        score_s = _agree_max(score_s, world)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"wall_s": wall, "backward_samples": backward, "test_acc": curve[-1][1], "curve": curve,
             "epochs": epochs, "score_s": score_s, "elapsed_s": time.perf_counter() - started, "load_1min": load,
@@ -375,15 +424,18 @@ def write_json(path: Path, obj) -> None:
 class _Log:
     """A tqdm bar (or nothing) plus one printed line per finished run."""
 
-    def __init__(self, total: int, desc: str, show: bool):
+    def __init__(self, total: int, desc: str, show: bool, quiet: bool = False):
         self.bar = None
         self.desc = desc
-        if show:
+        self.quiet = quiet  # a rank > 0 of a distributed run
+        if show and not quiet:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, bar_format="{l_bar}{bar} {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
 
     def line(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -427,7 +479,8 @@ def _device_data(data, cfg: Config):
 def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     """Every method on every data set; demo.json is rewritten after each run
     (``complete`` false until the end), so an interrupt keeps what finished."""
-    torch.set_num_threads(cfg.threads)
+    world, rank = _world()
+    torch.set_num_threads(max(1, cfg.threads // world))
     warn = load_warning(cfg.threads)
     results = {"config": asdict(cfg), "machine": machine(), "smoke_test": cfg.smoke_test, "complete": False,
                "interrupted": False, "load_warning": warn, "datasets": {}}
@@ -435,7 +488,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     path = out_dir / "demo.json"
     jobs = demo_jobs(cfg)
     eta = Eta(cfg.meta_batch)
-    log = _Log(len(jobs), "es-kernels demo", show_progress)
+    log = _Log(len(jobs), "es-kernels demo", show_progress, quiet=rank > 0)
     if cfg.smoke_test:
         log.line(smoke_note(cfg.epochs))
     if warn:
@@ -461,7 +514,8 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             ds["runs"][method].append(r)
             ds["summary"] = summarize(ds["runs"])
             ds.update(fair_reference(ds["runs"]))
-            write_json(path, results)
+            if rank == 0:
+                write_json(path, results)
             rest = fmt_eta(*eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1:]]))
             log.line(f"[{i + 1}/{len(jobs)}] {name} {method} seed {seed}: {fmt_s(r['wall_s'])} s, "
                      f"{r['epochs']:.3g} epochs, acc {r['test_acc']:.2f}%; {rest}")
@@ -472,6 +526,8 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     finally:
         log.close()
     results["complete"] = not results["interrupted"]
+    if rank > 0:  # rank 0 writes
+        return results
     write_json(path, results)
     if any(rs for ds in results["datasets"].values() for rs in ds["runs"].values()):
         plot(results, out_dir / "demo.png")
@@ -655,6 +711,17 @@ def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float:
 
 
 # ---------------------------------------------------------------- command line
+def _dist_worker(rank: int, world: int, cfg: Config, out: Path, show_progress: bool, init: str) -> dict:
+    """One process of a distributed demo: join the gloo group, run every method."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        return run_demo(cfg, out, show_progress=show_progress)
+    finally:
+        dist.destroy_process_group()
+
+
 DEMO_DEPS = {"mnist1d": "mnist1d", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
 
 
@@ -700,9 +767,15 @@ def main(argv=None) -> int:
                     help="time one epoch per data set, print the estimated run time of the planned run, exit")
     ap.add_argument("--out", default="demo_results", help="folder for the JSON, markdown and plot")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--nproc", type=int, default=1, metavar="W",
+                    help="run every method under DDP on W gloo processes (spawned here); "
+                         "under torchrun the processes come from torchrun instead")
     a = ap.parse_args(argv)
     if not 0.0 <= a.label_noise < 1.0:
         ap.error("--label-noise must be in [0, 1)")
+    if a.nproc < 1:
+        ap.error("--nproc must be >= 1")
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     missing = missing_demo_deps()
     if missing:
         print(f"es-kernels demo needs {', '.join(missing)}: pip install \"es-kernels[demo]\" "
@@ -741,6 +814,26 @@ def main(argv=None) -> int:
         if warn:
             print(warn)
         return 0
+    if torchrun or a.nproc > 1:
+        cfg = replace(cfg, nproc=int(os.environ["WORLD_SIZE"]) if torchrun else a.nproc)
+        if a.ablate or a.eta_only:
+            ap.error("--ablate and --eta-only run in one process")
+        if torchrun:  # torchrun set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+            res = _dist_worker(int(os.environ["RANK"]), cfg.nproc, cfg, out, not a.no_progress, "env://")
+            if int(os.environ["RANK"]) > 0:
+                return 0
+        else:
+            import tempfile
+
+            import torch.multiprocessing as mp
+
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.spawn(_dist_worker, args=(cfg.nproc, cfg, out, not a.no_progress, f"file://{tmp}/init"),
+                         nprocs=cfg.nproc, join=True)
+            res = json.loads((out / "demo.json").read_text())
+        print(format_summary(res))
+        print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")
+        return 130 if res["interrupted"] else 0
     if a.ablate:
         res = run_ablation(cfg, out, grid=grid, tasks=tasks, show_progress=not a.no_progress)
         print(format_ablation(res))
