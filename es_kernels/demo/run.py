@@ -6,7 +6,7 @@ each method needs to reach the full baseline's accuracy.
     es-kernels demo --quick          # a smoke test (8 epochs: too few for ES)
     es-kernels demo --label-noise 0.4
     es-kernels demo --ablate         # the grid and the rule behind the defaults
-    es-kernels demo --eta-only       # time one epoch per method, print the ETA, exit
+    es-kernels demo --eta-only       # time an epoch of full and ES per data set, print the ETA
     es-kernels demo --nproc 2        # every method under DDP on 2 gloo processes
 
 Methods, each with the same optimizer and model:
