@@ -2,8 +2,14 @@
 # C++17 compiler: it creates .venv (CPU torch pinned), builds the C++ kernels,
 # then runs.
 #   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
+<<<<<<< HEAD
 #                and compare (es-kernels demo; DEMO_ARGS=--quick for 2 minutes)
 #   make test    the test suite (with the install tests, marked slow)
+=======
+#                and compare (es-kernels demo; DEMO_ARGS=--quick: a smoke test,
+#                DEMO_ARGS=--eta-only: the estimated run time)
+#   make test    the test suite
+>>>>>>> demo-dist
 #   make bench   the op benchmark (bench/bench_ops.py; BENCH_ARGS=--quick for a
 #                smoke run): writes bench/results/cpu_ops_<date>.json, appends
 #                to bench/results/history.csv, redraws bench/results/cpu_ops.png

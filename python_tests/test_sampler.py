@@ -1,6 +1,6 @@
-"""The bundled samplers and the demo: against the reference ops, resume,
-ESWP annealing and rescale, DataLoader use, and the demo end to end."""
-import json
+"""The bundled samplers: against the reference ops, resume, ESWP annealing
+and rescale, DataLoader use; the demo's label noise (the demo end to end:
+test_demo.py)."""
 
 import pytest
 import torch
@@ -127,24 +127,6 @@ def test_state_dict_checks_the_state():
     es.select(torch.tensor([3, 11]), losses=torch.rand(2))
     with pytest.raises(RuntimeError, match="out of range"):
         es.state_dict()
-
-
-def test_demo_quick_end_to_end(tmp_path):
-    from es_kernels.demo import METHODS, main
-
-    rc = main(["--quick", "--seeds", "2", "--epochs", "2", "--mnist1d-samples", "800",
-               "--label-noise", "0.2", "--out", str(tmp_path), "--no-progress"])
-    assert rc == 0
-    res = json.loads((tmp_path / "demo.json").read_text())
-    assert set(res["datasets"]) == {"mnist1d", "digits"}
-    for ds in res["datasets"].values():
-        assert set(ds["summary"]) == set(METHODS)
-        for m in METHODS:
-            s = ds["summary"][m]
-            assert s["wall_s"]["mean"] > 0 and 0 <= s["test_acc"]["mean"] <= 100
-            assert len(ds["runs"][m]) == 2 and len(ds["runs"][m][0]["curve"]) == 2
-        assert ds["summary"]["es"]["backward_samples"]["mean"] < ds["summary"]["full"]["backward_samples"]["mean"]
-    assert (tmp_path / "demo.png").stat().st_size > 1000
 
 
 def test_label_noise_is_symmetric():

@@ -1,0 +1,9 @@
+"""The main job (``es-kernels demo``): train a small network on real data with
+several methods and compare them fairly. See :mod:`es_kernels.demo.run`.
+
+* ``run``: the training loop, the methods, the command line (``main``);
+* ``tasks``: the data sets and label noise;
+* ``report``: tables, plot, machine description.
+"""
+from .run import METHODS, Config, main, run_ablation, run_demo, train  # noqa: F401
+from .tasks import corrupt_labels, load_dataset  # noqa: F401

@@ -1,0 +1,339 @@
+"""ES and ESWP across the processes of a ``torch.distributed`` process group
+(docs/spec.md section 11.1; the sharded-state alternative: docs/design_distributed.md).
+
+Every rank holds a full replica of the per-sample state. Each step:
+
+1. rank ``r`` scores its own meta-batch of ``B_r <= cap`` samples (``cap`` =
+   ``meta_batch``, the same on every rank);
+2. the ranks exchange ``(id, loss)`` pairs with ONE ``all_gather_into_tensor``
+   of an int64 ``[cap, 2]`` buffer per rank (column 0 the id, column 1 the
+   loss as the bits of a float64): 16 bytes per position, ``world * cap``
+   positions received; no host synchronisation (on NCCL the collective is
+   queued on the device like a kernel);
+3. every rank applies ALL observations of the step to its replica with the
+   existing ``es_update`` op (the same input on every rank, so the replicas stay
+   bit-identical) and selects ``min(mini_batch, B_r)`` of its OWN positions with
+   the existing ``weighted_select`` op, the noise of its position ``j`` being
+   that of the global position ``r * cap + j``;
+4. the device step counter advances by one on every rank.
+
+:class:`DistributedEvolvedSampler` does this; :class:`DistributedESWPSampler`
+prunes on every rank (same state, seed and epoch: the same plan) and yields
+this rank's share of the kept ids the way ``DistributedSampler`` does.
+
+Both are subclasses, so ``es_kernels/sampler.py`` is unchanged (its
+``EvolvedSampler`` / ``ESWPSampler`` keep their single-process meaning);
+``DistributedESWPSampler`` uses only ``ESWPSampler``'s ``__iter__`` and
+``__len__``, whatever the base does inside them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import _checks
+from ._ops import ops
+from ._spec import (DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM,
+                    DEFAULT_W_MIN, INT64_MIN, SELECT_MEAN_BITS)
+from .functional import checked_mode, per_sample_cross_entropy
+from .sampler import ESWPSampler, EvolvedSampler, Selection
+
+__all__ = ["PAD_ID", "DistributedEvolvedSampler", "DistributedESWPSampler", "shard_indices", "shard_length",
+           "gathered_update", "rank_selection", "eps_mix", "replica_digest"]
+
+PAD_ID = INT64_MIN  # the id of a padding position: skipped and not counted as an error
+
+# all_gather_into_tensor, under its newer name where torch has it (2.13 deprecates the old one)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+# --------------------------------------------------------------------------- the step's pieces
+def pack(ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
+    """int64 ``[cap, 2]``: ``(id, bits of float64(loss))``, padded with ``(PAD_ID, 0)``."""
+    n = ids.shape[0]
+    buf = torch.empty((cap, 2), dtype=torch.int64, device=ids.device)
+    buf[:n, 0] = ids
+    buf[:n, 1] = losses.to(torch.float64).view(torch.int64)  # float64 holds any float loss exactly
+    buf[n:, 0] = PAD_ID
+    buf[n:, 1] = 0
+    return buf
+
+
+def unpack(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids int64 [W*cap], losses float64 [W*cap])`` of a gathered buffer."""
+    return gathered[:, 0], gathered[:, 1].contiguous().view(torch.float64)
+
+
+def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """For each position, the lowest position holding the same id (device ops only)."""
+    n = ids.shape[0]
+    ar = torch.arange(n, device=ids.device)
+    if n == 0:
+        return ar
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    starts = torch.ones(n, dtype=torch.bool, device=ids.device)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    lead = torch.cummax(torch.where(starts, ar, 0), 0).values  # sorted index of the group's start
+    first = torch.empty_like(perm)
+    first[perm] = perm[lead]  # stable sort: the group's start is its lowest position
+    return first
+
+
+def gathered_update(ids, losses, state, beta1, beta2, lam, w_min) -> torch.Tensor:
+    """Apply the observations of the gathered batch to ``state`` (an ``ESState``) and
+    return the float32 weight of every gathered position (spec section 11.1, Update).
+
+    An id held by several positions is observed once, at its lowest position, and every
+    position holding it gets that weight (``DistributedSampler`` pads by repeating ids).
+    ``PAD_ID`` positions are skipped and not counted in ``errors``."""
+    first = first_occurrence(ids)
+    dup = first != torch.arange(ids.shape[0], device=ids.device)
+    upd = torch.where(dup, PAD_ID, ids)
+    w = ops.es_update(upd, losses, state.tensor, state.errors, float(beta1), float(beta2), float(lam),
+                      float(w_min))
+    state.errors[0] -= (upd == PAD_ID).sum()  # es_update counted them as out of range
+    return w[first]
+
+
+def eps_mix(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 ``f32(v)``, the section 4 exploration mix of ``w`` ``[B]`` (``B >= 1``)
+    over these positions, on the device (no host read)."""
+    wp = torch.where(torch.isfinite(w) & (w > 0), w, 0.0).to(torch.float32)
+    big = wp.max().reshape(1)
+    e = ((big.view(torch.int32) >> 23) & 0xFF).to(torch.int64) - 126  # M < 2**e
+    q = torch.floor(wp.double() * torch.pow(2.0, (SELECT_MEAN_BITS - e).double()))
+    mean = q.sum() * torch.pow(2.0, (e - SELECT_MEAN_BITS).double()) / w.shape[0]
+    v = ((1.0 - eps) * wp.double()) / mean + eps
+    return torch.where(big == 0, 1.0, v).to(torch.float32)
+
+
+def rank_selection(weights_all, rank: int, cap: int, n: int, b: int, select_mode: str, seed, step,
+                   eps: float = 0.0) -> torch.Tensor:
+    """Positions (ascending, in ``[0, n)``) of the ``b`` that rank ``rank`` selects among
+    its ``n`` real positions ``rank * cap + j`` of the gathered weights (spec section 11.1, Selection).
+
+    One ``weighted_select`` over the prefix ``[0, rank * cap + n)`` with every other
+    position's weight set to 0: those keys are 0, below every real key (weights are
+    ``>= w_min > 0``), and each real position keeps its global noise index."""
+    lo = rank * cap
+    x = torch.zeros(lo + n, dtype=torch.float32, device=weights_all.device)
+    own = weights_all[lo: lo + n].to(torch.float32)
+    x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
+    seed_i, seed_t = _checks.split_noise(seed)
+    step_i, step_t = _checks.split_noise(step)
+    pos = ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0)
+    return pos - lo
+
+
+def replica_digest(state, step: torch.Tensor) -> torch.Tensor:
+    """int64 ``[4]`` on the device: a position-weighted sum of the state's bits, the two
+    error counts, the step (identical on every rank while the replicas are)."""
+    t = state.tensor
+    bits = t.reshape(-1).view(torch.int32 if t.dtype == torch.float32 else torch.int64).to(torch.int64)
+    mult = 2 * torch.arange(bits.shape[0], dtype=torch.int64, device=t.device) + 0x9E3779B1
+    h = (bits * mult).sum() & ((1 << 62) - 1)  # int64 wrap-around; kept positive to negate below
+    return torch.stack([h, state.errors[0], state.errors[1], step.reshape(())])
+
+
+# --------------------------------------------------------------------------- ES
+class DistributedEvolvedSampler(EvolvedSampler):
+    """:class:`EvolvedSampler` on a process group: a full state replica per rank.
+
+    Construct it on every rank with the same arguments, after
+    ``torch.distributed.init_process_group``. ``select`` then takes THIS rank's
+    meta-batch (``ids`` and ``logits``/``targets`` or ``losses``) and returns
+    THIS rank's selection; every rank's state sees every rank's observations.
+
+    Extra parameters
+    ----------------
+    process_group : the group (``None``: the default, initialised group). Its
+        collectives run on the state's device: gloo for a CPU state, NCCL for CUDA.
+    meta_batch : int >= 1 or None
+        ``cap``, the most positions one rank passes to ``select``; every call is
+        padded to it. ``None``: agreed on the first call as the largest ``B`` of
+        any rank (one host read, once). A call with more raises ``ValueError`` on
+        that rank only (the others then wait in the collective): give it when
+        the first meta-batch may be short.
+
+    Every rank must construct it with the same settings and call ``select`` the
+    same number of times (one collective per call). The checked mode
+    (``ES_KERNELS_CHECKED=1``) compares the replicas after every step.
+    """
+
+    def __init__(self, num_samples: int, mini_batch: int, beta1: float = DEFAULT_BETA1,
+                 beta2: float = DEFAULT_BETA2, select_mode: str = "sample", seed: int = 0, device=None,
+                 w_min: float = DEFAULT_W_MIN, *, lam: float = DEFAULT_LAM, eps: float = DEFAULT_EPS,
+                 process_group=None, meta_batch: int | None = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistributedEvolvedSampler needs torch.distributed initialised "
+                               "(init_process_group) on every rank")
+        super().__init__(num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min,
+                         lam=lam, eps=eps)
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self.meta_batch = None if meta_batch is None else _checks.integer(meta_batch, "meta_batch", 1)
+
+    # ---- the exchange
+    def _capacity(self, n: int) -> int:
+        if self.meta_batch is None:  # once: agree on the largest first meta-batch
+            t = torch.tensor([n], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+            agreed = int(t)
+            if agreed == 0:
+                return 0
+            self.meta_batch = agreed
+        if n > self.meta_batch:
+            raise ValueError(f"meta-batch of {n} ids on rank {self.rank}, more than meta_batch="
+                             f"{self.meta_batch} (the padded size every rank agreed on)")
+        return self.meta_batch
+
+    def _gather(self, ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
+        buf = pack(ids, losses, cap)
+        out = torch.empty((self.world_size * cap, 2), dtype=torch.int64, device=self.device)
+        _all_gather_single(out, buf, group=self.process_group)
+        return out
+
+    def _inputs(self, ids, logits, targets, losses, ignore_index, label_smoothing):
+        if (losses is None) == (logits is None):
+            raise ValueError("select takes either logits (with targets) or losses")
+        if logits is not None and targets is None:
+            raise ValueError("targets must be given with logits")
+        _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
+        ids = ids.to(self.device, dtype=torch.int64, non_blocking=True)
+        if logits is not None:
+            losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
+        _checks.ids_losses(ids, losses, self.device)
+        return ids, losses
+
+    def observe(self, ids, losses) -> torch.Tensor:
+        """Exchange and apply the observations of every rank without selecting (e.g. a
+        full-batch loss that only feeds pruning); returns this rank's float32 weights."""
+        ids, losses = self._inputs(ids, None, None, losses, -100, 0.0)
+        n = ids.shape[0]
+        cap = self._capacity(n)
+        w = self._apply(self._gather(ids, losses, cap))
+        return w[self.rank * cap: self.rank * cap + n]
+
+    def _apply(self, gathered: torch.Tensor) -> torch.Tensor:
+        gids, glosses = unpack(gathered)
+        if checked_mode():
+            self._check_distinct(gids, gathered.shape[0] // self.world_size)
+        w = gathered_update(gids, glosses, self.state, self.beta1, self.beta2, self.lam, self.w_min)
+        if checked_mode():
+            self.check_replicas()
+            self.state.check()
+        return w
+
+    def select(self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100,
+               label_smoothing: float = 0.0) -> Selection:
+        """As :meth:`EvolvedSampler.select`, on this rank's meta-batch (one collective,
+        no host synchronisation)."""
+        ids, losses = self._inputs(ids, logits, targets, losses, ignore_index, label_smoothing)
+        n = ids.shape[0]
+        b = min(self.mini_batch, n)
+        cap = self._capacity(n)
+        w_all = self._apply(self._gather(ids, losses, cap)) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
+        pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
+        self._step.add_(1)
+        weights = w_all[self.rank * cap: self.rank * cap + n]
+        return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), weights)
+
+    # ---- checks
+    def _check_distinct(self, gids: torch.Tensor, cap: int) -> None:
+        """Checked mode: every rank's own ids distinct (all ranks see every slice, so all raise)."""
+        for r in range(self.world_size):
+            part = gids[r * cap: (r + 1) * cap]
+            part = part[part != PAD_ID]
+            if part.numel() != torch.unique(part).numel():
+                raise RuntimeError(f"es_kernels checked mode: rank {r} passed duplicate ids in one step")
+
+    def check_replicas(self) -> None:
+        """Compare a digest of every rank's replica (state bits, errors, step) with one
+        ``all_reduce``; ``RuntimeError`` on every rank if any differ. Reads the device."""
+        h = replica_digest(self.state, self._step)
+        both = torch.cat([h, -h])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
+        hi, lo = both[:4], -both[4:]
+        if bool((hi != lo).any()):
+            raise RuntimeError("es_kernels: the state replicas of the ranks diverged "
+                               f"(digest min {lo.tolist()} vs max {hi.tolist()}: state hash, errors, step)")
+
+    # ---- checkpoints
+    def state_dict(self) -> dict:
+        """The full state (any rank gives the same) plus ``distributed``:
+        ``{"world_size", "meta_batch"}`` (the noise of position ``j`` depends on both)."""
+        out = super().state_dict()
+        out["distributed"] = {"world_size": self.world_size, "meta_batch": self.meta_batch}
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore on every rank (all or nothing). ``meta_batch`` comes from the checkpoint
+        unless this sampler was given one."""
+        extra = sd.get("distributed") if isinstance(sd, dict) else None
+        cap = None
+        if extra is not None:
+            if not isinstance(extra, dict) or "meta_batch" not in extra:
+                raise ValueError("state_dict['distributed'] must be a dict with 'meta_batch'")
+            cap = extra["meta_batch"]
+            if cap is not None:
+                cap = _checks.integer(cap, "state_dict['distributed']['meta_batch']", 1)
+        super().load_state_dict({k: v for k, v in sd.items() if k != "distributed"} if isinstance(sd, dict) else sd)
+        if self.meta_batch is None:
+            self.meta_batch = cap
+
+
+# --------------------------------------------------------------------------- ESWP
+def shard_length(n: int, num_replicas: int, drop_last: bool) -> int:
+    """Ids per rank for ``n`` kept ids (``DistributedSampler``'s ``num_samples``)."""
+    if drop_last and n % num_replicas:
+        return math.ceil((n - num_replicas) / num_replicas)
+    return math.ceil(n / num_replicas)
+
+
+def shard_indices(kept: list, num_replicas: int, rank: int, drop_last: bool) -> list:
+    """This rank's share of the kept ids, with ``DistributedSampler``'s conventions:
+    pad to a multiple of ``num_replicas`` by wrapping around (or drop the tail with
+    ``drop_last``), then take every ``num_replicas``-th id from ``rank`` on."""
+    per = shard_length(len(kept), num_replicas, drop_last)
+    total = per * num_replicas
+    idx = list(kept)
+    if not drop_last and total > len(idx) and idx:
+        pad = total - len(idx)
+        idx += (idx * math.ceil(pad / len(idx)))[:pad]
+    else:
+        idx = idx[:total]
+    return idx[rank:total:num_replicas]
+
+
+class DistributedESWPSampler(ESWPSampler):
+    """:class:`ESWPSampler` sharded like ``DistributedSampler``: every rank prunes its
+    replica (same state, seed, epoch: the same kept order and scales) and yields its
+    share of the kept ids (:func:`shard_indices`). ``set_epoch``, ``state_dict`` and
+    the scales are those of :class:`ESWPSampler`.
+
+    ``num_replicas`` / ``rank``: default from ``es`` when it is a
+    :class:`DistributedEvolvedSampler`, else from the default process group.
+    """
+
+    def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
+                 anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True, seed: int | None = None, *,
+                 num_replicas: int | None = None, rank: int | None = None, drop_last: bool = False):
+        super().__init__(es, num_epochs, prune_ratio, anneal_frac, rescale, seed)
+        if num_replicas is None:
+            num_replicas = es.world_size if isinstance(es, DistributedEvolvedSampler) else dist.get_world_size()
+        if rank is None:
+            rank = es.rank if isinstance(es, DistributedEvolvedSampler) else dist.get_rank()
+        self.num_replicas = _checks.integer(num_replicas, "num_replicas", 1)
+        self.rank = _checks.integer(rank, "rank", 0, self.num_replicas - 1)
+        self.drop_last = _checks.flag(drop_last, "drop_last")
+
+    def __iter__(self):
+        # a generator, like the base's: nothing runs before the first id is asked for
+        kept = list(super().__iter__())  # the epoch's whole plan, identical on every rank
+        yield from shard_indices(kept, self.num_replicas, self.rank, self.drop_last)
+
+    def __len__(self) -> int:
+        return shard_length(super().__len__(), self.num_replicas, self.drop_last)

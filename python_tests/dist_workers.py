@@ -1,0 +1,158 @@
+"""Bodies of the processes that python_tests/test_distributed.py spawns (a module of
+its own, light to import: each spawned process imports it). Each scenario runs on
+every rank of a gloo group and saves what it saw to ``out/<name>_<rank>.pt``; the test
+process then checks it against a single-process computation."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+N, CAP, MINI, STEPS = 64, 8, 3, 6
+
+
+def entry(rank: int, world: int, init_file: str, out: str, scenarios: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name in scenarios:
+            res = globals()[name](rank, world, out)
+            torch.save(res, os.path.join(out, f"{name}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def step_inputs(step: int, world: int):
+    """Every rank's (ids, losses) of a step, from one generator (the same on every rank).
+    Step 3 is uneven (one rank short, one empty with 3 ranks); step 4 holds an id
+    on two ranks (DistributedSampler's wrap-around padding); step 5 an id out of range."""
+    g = torch.Generator().manual_seed(100 + step)
+    perm = torch.randperm(N, generator=g)
+    sizes = [CAP] * world
+    if step == 3:
+        sizes[1] = 5
+        if world > 2:
+            sizes[2] = 0
+    out, at = [], 0
+    for r in range(world):
+        ids = perm[at: at + sizes[r]].clone()
+        at += sizes[r]
+        if step == 4 and r == world - 1:
+            ids[-1] = out[0][0][0]  # rank 0's first id again
+        if step == 5 and r == 0:
+            ids[2] = N  # out of range: counted once in errors[0] on every rank
+        out.append((ids, torch.rand(sizes[r], generator=g, dtype=torch.float64).float() * 3))
+    return out
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    names = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def guard(name):
+        def wrapper(self, *a, **k):
+            raise AssertionError(f"host round-trip: Tensor.{name} on the distributed step path")
+        return wrapper
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, guard(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def es(rank, world, out):
+    """ES: three samplers (sample, sample with eps, topk) on the same inputs, and one
+    checkpointed after step 2 on rank 0 and resumed on every rank from that file."""
+    from es_kernels.distributed import DistributedEvolvedSampler as D
+
+    kinds = {"sample": D(N, MINI, seed=7),  # meta_batch agreed on the first call
+             "eps": D(N, MINI, seed=7, eps=0.25, meta_batch=CAP),
+             "topk": D(N, MINI, select_mode="topk", meta_batch=CAP)}
+    resumed = D(N, MINI, seed=7, meta_batch=CAP)
+    rec = {k: [] for k in list(kinds) + ["resumed"]}
+    ckpt = os.path.join(out, "es_ckpt.pt")
+    for step in range(STEPS):
+        ids, losses = step_inputs(step, world)[rank]
+        for k, s in kinds.items():
+            guard = no_host_sync() if (k == "sample" and step == 1) else contextlib.nullcontext()
+            with guard:  # the step's whole path: pack, all_gather, update, select
+                sel = s.select(ids, losses=losses)
+            rec[k].append((sel.positions, sel.weights, sel.losses))
+        rec["resumed"].append(resumed.select(ids, losses=losses).positions)
+        if step == 5:  # the out-of-range id of step 5: counted once, then cleared
+            rec["errors"] = [s.state.errors.clone() for s in (*kinds.values(), resumed)]
+            for s in (*kinds.values(), resumed):
+                s.state.reset_errors()
+        if step == 2:  # checkpoint on rank 0; every rank loads it into a sampler of other settings
+            if rank == 0:
+                torch.save(resumed.state_dict(), ckpt)
+            dist.barrier()
+            resumed = D(N, 1, seed=99, beta1=0.9)
+            resumed.load_state_dict(torch.load(ckpt))
+    final = {k: (s.state.tensor.clone(), s.state.errors.clone(), s.step) for k, s in kinds.items()}
+    final["resumed"] = (resumed.state.tensor.clone(), resumed.state.errors.clone(), resumed.step)
+    return {"rec": rec, "final": final}
+
+
+def eswp(rank, world, out):
+    """ESWP shards, with and without drop_last, at a pruning epoch and an annealing one."""
+    import es_kernels as ek
+    from es_kernels.distributed import DistributedESWPSampler, DistributedEvolvedSampler
+
+    n = 53  # not a multiple of 2 or 3
+    res = {}
+    for drop_last in (False, True):
+        es = DistributedEvolvedSampler(n, 4, seed=11, meta_batch=CAP)
+        ek.es_update(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(1)), es.state)
+        pr = DistributedESWPSampler(es, num_epochs=4, prune_ratio=0.5, drop_last=drop_last)
+        for epoch in (0, 3):  # 3 >= anneal_stop(4, 0.125) = 3: nothing pruned
+            pr.set_epoch(epoch)
+            length = len(pr)
+            shard = list(pr)
+            res[(drop_last, epoch)] = (length, shard, es.scale.clone(), pr.epoch)
+    return res
+
+
+def checked(rank, world, out):
+    """Checked mode: a duplicate id on one rank and an injected divergence raise on every rank."""
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    os.environ["ES_KERNELS_CHECKED"] = "1"
+    try:
+        es = DistributedEvolvedSampler(N, MINI, seed=3, meta_batch=CAP)
+        msgs = []
+        ids, losses = step_inputs(0, world)[rank]
+        es.select(ids, losses=losses)  # fine: the digests agree
+        bad = ids.clone()
+        if rank == 0:
+            bad[1] = bad[0]
+        try:
+            es.select(bad, losses=losses)
+        except RuntimeError as e:
+            msgs.append(str(e))
+        if rank == world - 1:  # one replica drifts by one ulp
+            i = int(ids[0])
+            es.state.tensor[i, 0] = torch.nextafter(es.state.tensor[i, 0], torch.tensor(1e9))
+        ids, losses = step_inputs(1, world)[rank]
+        try:
+            es.select(ids, losses=losses)
+        except RuntimeError as e:
+            msgs.append(str(e))
+        return msgs
+    finally:
+        del os.environ["ES_KERNELS_CHECKED"]
+
+
+def demo(rank, world, out):
+    """The demo's train() under DDP on digits, one small epoch per method."""
+    from es_kernels.demo import Config, load_dataset, train
+
+    cfg = Config(datasets=("digits",), epochs=1, hidden=64, seeds=1)
+    data = load_dataset("digits", cfg)
+    return {m: train(m, data, cfg, seed=0) for m in ("es", "eswp", "infobatch")}

@@ -1,0 +1,261 @@
+"""The demo: its fair metrics on synthetic curves (fast), the ablation's rule,
+and end to end at tiny sizes (marked slow; ``make test`` runs them)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from es_kernels.demo import metrics as M
+
+CURVE = [[0.0, 10.0, 0], [1.0, 50.0, 100], [2.0, 80.0, 200], [3.0, 79.0, 300]]
+
+
+# ---------------------------------------------------------------- metric helpers
+def test_time_to_target_is_the_first_point_reaching_it():
+    assert M.time_to_target(CURVE, 80.0) == (2.0, 200)
+    assert M.time_to_target(CURVE, 79.5) == (2.0, 200)  # the later dip does not matter
+    assert M.time_to_target(CURVE, 50.0) == (1.0, 100)
+    assert M.time_to_target(CURVE, 80.0 + 1e-12) == (2.0, 200)  # rounding of a mean over seeds
+    assert M.time_to_target(CURVE, 81.0) is None  # not reached is a result
+
+
+def test_acc_at_holds_the_last_evaluation():
+    assert M.acc_at(CURVE, 0.0) == 10.0
+    assert M.acc_at(CURVE, 1.5) == 50.0
+    assert M.acc_at(CURVE, 2.0) == 80.0
+    assert M.acc_at(CURVE, 100.0) == 79.0  # a finished run keeps its final model
+
+
+def test_auc_is_the_mean_of_the_held_curve_over_the_window():
+    assert M.auc(CURVE, 2.0) == pytest.approx((10 + 50) / 2)
+    assert M.auc(CURVE, 0.5) == pytest.approx(10.0)
+    assert M.auc(CURVE, 2.5) == pytest.approx((10 + 50 + 80 * 0.5) / 2.5)
+    assert M.auc(CURVE, 5.0) == pytest.approx((10 + 50 + 80 + 79 * 2) / 5)  # held after the end
+    flat = [[0.0, 60.0, 0], [4.0, 60.0, 10]]
+    assert M.auc(flat, 3.0) == pytest.approx(60.0)
+    with pytest.raises(ValueError):
+        M.auc(CURVE, 0.0)
+
+
+def test_faster_curve_has_larger_auc_and_earlier_target():
+    slow = [[0.0, 10.0, 0], [2.0, 60.0, 1], [4.0, 90.0, 2]]
+    fast = [[0.0, 10.0, 0], [1.0, 60.0, 1], [2.0, 90.0, 2]]
+    assert M.auc(fast, 4.0) > M.auc(slow, 4.0)
+    assert M.time_to_target(fast, 90.0)[0] < M.time_to_target(slow, 90.0)[0]
+
+
+def test_average_ranks_share_ties_and_infinity():
+    assert M.average_ranks([3.0, 1.0, 2.0]) == [3.0, 1.0, 2.0]
+    assert M.average_ranks([1.0, math.inf, math.inf, 0.5]) == [2.0, 3.5, 3.5, 1.0]
+    assert M.median_or_inf([1.0, None, 3.0]) == 3.0
+    assert M.median_or_inf([1.0, None, None]) == math.inf
+
+
+def test_rank_configs_mean_rank_then_accuracy():
+    cells = {
+        "a": {"t1": {"ttt": [1.0, 1.0, 1.0], "final_acc": [80, 80, 80]},
+              "t2": {"ttt": [5.0, 5.0, 5.0], "final_acc": [80, 80, 80]}},
+        "b": {"t1": {"ttt": [2.0, 2.0, 2.0], "final_acc": [90, 90, 90]},
+              "t2": {"ttt": [4.0, 4.0, 4.0], "final_acc": [90, 90, 90]}},  # same mean rank as a, more accurate
+        "c": {"t1": {"ttt": [None, None, 0.1], "final_acc": [99, 99, 99]},  # median: not reached
+              "t2": {"ttt": [None, None, None], "final_acc": [99, 99, 99]}},
+    }
+    ranking = M.rank_configs(cells)
+    assert [r[0] for r in ranking] == ["b", "a", "c"]
+    assert ranking[0][1] == ranking[1][1] == 1.5 and ranking[2][1] == 3.0
+
+
+def _run(curve, score_s=0.0):
+    return {"wall_s": curve[-1][0], "test_acc": curve[-1][1], "backward_samples": curve[-1][2], "curve": curve,
+            "epochs": len(curve) - 1, "score_s": score_s}
+
+
+def test_summarize_fair_metrics_on_synthetic_runs():
+    from es_kernels.demo.run import fair_reference, summarize
+
+    runs = {
+        "full": [_run([[0, 10, 0], [2, 70, 1000], [4, 80, 2000]]), _run([[0, 10, 0], [2, 72, 1000], [4, 82, 2000]])],
+        "es": [_run([[0, 10, 0], [1, 75, 200], [2, 81, 400]], 0.5), _run([[0, 10, 0], [1, 70, 200], [2, 79, 400]], 0.5)],
+    }
+    ref = fair_reference(runs)
+    assert ref == {"target_acc": 81.0, "window_s": 2.0}
+    s = summarize(runs)
+    assert s["full"]["time_to_target"]["reached"] == 1 and s["full"]["time_to_target"]["wall_s"]["mean"] == 4
+    assert s["es"]["time_to_target"]["reached"] == 1 and s["es"]["time_to_target"]["backward_samples"]["mean"] == 400
+    assert s["es"]["acc_at_window"]["mean"] == pytest.approx(80.0)
+    assert s["full"]["acc_at_window"]["mean"] == pytest.approx(71.0)
+    assert s["es"]["auc"]["mean"] == pytest.approx(((10 + 75) + (10 + 70)) / 2 / 2)
+    assert s["es"]["scoring_share"]["mean"] == pytest.approx(0.25)
+    assert s["es"]["ideal_saving"] == pytest.approx(1 - (0.5 / 4 + 400 / 2000))
+    assert s["es"]["wall_saving_vs_full"] == pytest.approx(0.5)
+
+
+def test_eta_from_measured_epochs_and_the_cost_model():
+    from es_kernels.demo.run import Eta, fmt_eta
+
+    eta = Eta(512)
+    assert eta.remaining([(("d", "es", 128), 10)]) is None
+    eta.record(("d", "full", 512), 2, 4.0)  # 2 s per epoch
+    assert eta.estimate(("d", "full", 512), 3) == pytest.approx(6.0)
+    assert eta.estimate(("d", "es", 128), 1) == pytest.approx(2.0 * (1 / 3 + 1 / 4))
+    eta.record(("d", "es", 128), 1, 1.0)
+    assert eta.estimate(("d", "es", 128), 2) == pytest.approx(2.0)
+    assert eta.estimate(("d", "es", 64), 1) == pytest.approx((1 / 3 + 1 / 8) / (1 / 3 + 1 / 4))
+    assert fmt_eta(125) == "ETA 2 min 05 s" and "unknown" in fmt_eta(None)
+    eta.record(("e", "es", 128), 1, 5.0)
+    assert eta.remaining_partial([(("d", "full", 512), 1), (("f", "es", 128), 1), (("e", "es", 64), 1)]) == (
+        pytest.approx(2.0 + 5.0 * (1 / 3 + 1 / 8) / (1 / 3 + 1 / 4)), ["f"])
+    assert fmt_eta(3700, ["f"]) == "ETA 1 h 01 min + the runs on f (not measured yet)"
+
+
+def test_grid_settings_collapse_what_does_not_enter_the_weight():
+    from es_kernels.demo.run import grid_settings, parse_grid, parse_tasks
+
+    grid = parse_grid({"beta1": "0.2", "beta2": "0.5,0.9,1", "lam": "0,1", "eps": "0", "ratio": "1/4,0.125"})
+    settings = grid_settings(grid)
+    # lam=0: one beta2; beta2=1: one lam; so (0.5,0), (0.5,1), (0.9,1), (1,0) per ratio
+    assert len(settings) == 2 * 4
+    assert {s["ratio"] for s in settings} == {"1/4", "1/8"}
+    assert parse_tasks("digits:10:0.4")[0].name == "digits 10ep noise 0.4"
+
+
+def test_missing_dependencies_message(monkeypatch, capsys):
+    import importlib.util
+
+    from es_kernels.demo import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mnist1d" else real(name, *a))
+    assert main(["--quick"]) == 2
+    assert 'pip install "es-kernels[demo]"' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- end to end (tiny)
+TINY = ["--quick", "--epochs", "2", "--mnist1d-samples", "800", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    from es_kernels.demo import METHODS, main
+
+    rc = main(TINY + ["--seeds", "2", "--label-noise", "0.2", "--out", str(tmp_path), "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "SMOKE TEST" in out and "time to target" in out and "scoring share" in out
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert res["complete"] and res["smoke_test"] and res["config"]["threads"] == 1
+    assert set(res["datasets"]) == {"mnist1d", "digits"}
+    for ds in res["datasets"].values():
+        assert set(ds["summary"]) == set(METHODS)
+        assert ds["target_acc"] == pytest.approx(ds["summary"]["full"]["test_acc"]["mean"])
+        assert ds["window_s"] == pytest.approx(ds["summary"]["es"]["wall_s"]["mean"])
+        for m in METHODS:
+            s = ds["summary"][m]
+            assert s["wall_s"]["mean"] > 0 and 0 <= s["test_acc"]["mean"] <= 100
+            assert len(ds["runs"][m]) == 2 and "auc" in s and "time_to_target" in s
+            if not m.endswith("-time"):
+                assert len(ds["runs"][m][0]["curve"]) == 3  # start + 2 epochs
+        for r in ds["runs"]["uniform-time"] + ds["runs"]["full-time"]:
+            assert r["time_budget_s"] == pytest.approx(ds["window_s"])
+            assert 0.3 * r["time_budget_s"] < r["wall_s"] < 2 * r["time_budget_s"]  # a step's slack (loaded machine)
+        es = ds["summary"]["es"]
+        assert es["backward_samples"]["mean"] < ds["summary"]["full"]["backward_samples"]["mean"]
+        assert 0 < es["scoring_share"]["mean"] < 1 and "ideal_saving" in es
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_demo_writes_json_after_each_run_and_keeps_it_on_interrupt(tmp_path, monkeypatch):
+    from es_kernels.demo import main, run
+
+    real, seen = run.train, []
+
+    def train(method, data, cfg, seed, progress=None, **kw):
+        path = tmp_path / "demo.json"
+        done = 0
+        if path.exists():  # every finished run is on disk before the next starts
+            res = json.loads(path.read_text())
+            done = sum(len(rs) for ds in res["datasets"].values() for rs in ds["runs"].values())
+            assert not res["complete"]
+        assert done == len(seen)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        seen.append(method)
+        return real(method, data, cfg, seed, progress, **kw)
+
+    monkeypatch.setattr(run, "train", train)
+    rc = main(TINY + ["--seeds", "1", "--datasets", "digits", "--out", str(tmp_path)])
+    assert rc == 130
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert res["interrupted"] and not res["complete"]
+    assert [m for m, rs in res["datasets"]["digits"]["runs"].items() if rs] == seen == ["full", "uniform", "es"]
+
+
+@pytest.mark.slow
+def test_ablation_tiny_grid(tmp_path, capsys):
+    from es_kernels.demo import main
+
+    rc = main(["--ablate", "--seeds", "1", "--mnist1d-samples", "800", "--no-progress", "--out", str(tmp_path),
+               "--tasks", "digits:2:0,digits:2:0.4", "--grid-beta1", "0.2", "--grid-beta2", "0.5",
+               "--grid-lam", "0,1", "--grid-eps", "0", "--grid-ratio", "1/4,1/8"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "chosen: beta1=" in out and "Rule, fixed before any run" in out and "ETA" in out
+    res = json.loads((tmp_path / "ablation.json").read_text())
+    assert res["complete"] and len(res["settings"]) == 4 and len(res["ranking"]) == 4
+    assert set(res["targets"]) == set(res["tasks"])
+    assert res["chosen"] is not None
+    assert (tmp_path / "ablation.md").read_text().count("\n| ") >= 5
+
+
+def test_scoring_pass_runs_without_autograd():
+    """The scoring pass in inference_mode feeds the fused step (inference tensors in, normal state out)."""
+    from es_kernels import EvolvedSampler
+
+    model = torch.nn.Linear(4, 3)
+    es = EvolvedSampler(8, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with torch.inference_mode():
+        logits = model(x)
+    sel = es.select(torch.arange(8), logits=logits, targets=y)
+    loss = torch.nn.functional.cross_entropy(model(x[sel.positions]), y[sel.positions])
+    loss.backward()
+    assert model.weight.grad is not None and not es.state.tensor.is_inference()
+
+
+def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
+    """A fake train (synthetic curves, no training): the JSON is on disk after
+    every run, and an interrupt leaves a ranking over the finished tasks only."""
+    from es_kernels.demo import run
+
+    calls = []
+
+    def train(method, data, cfg, seed, progress=None, **kw):
+        path = tmp_path / "ablation.json"
+        if calls:
+            res = json.loads(path.read_text())
+            done = sum(len(v) for v in res["full"].values()) + sum(
+                len(c["final_acc"]) for cells in res["cells"].values() for c in cells.values())
+            assert done == len(calls) and not res["complete"]
+        if len(calls) == 7:  # task 1: 1 full + 4 settings; task 2: full + 1 setting, then ^C
+            raise KeyboardInterrupt
+        calls.append(method)
+        acc = 90.0 if method == "full" else 80.0 + cfg.mini_batch / 10  # larger b reaches more
+        curve = [[0.0, 10.0, 0], [1.0, acc, 100]]
+        return {"wall_s": 1.0, "test_acc": acc, "curve": curve, "epochs": 1, "elapsed_s": 1.0,
+                "backward_samples": 100, "score_s": 0.1}
+
+    monkeypatch.setattr(run, "train", train)
+    cfg = run.Config(seeds=1, mnist1d_samples=800)
+    grid = {"beta1": "0.2", "beta2": "0.5", "lam": "0,1", "eps": "0", "ratio": "1/4,1/8"}
+    res = run.run_ablation(cfg, tmp_path, grid=grid, tasks=run.parse_tasks("digits:1:0,digits:1:0.4"),
+                           show_progress=False)
+    assert res["interrupted"] and not res["complete"] and res["chosen"] is None
+    on_disk = json.loads((tmp_path / "ablation.json").read_text())
+    assert on_disk["ranking"] == res["ranking"] and len(res["ranking"]) == 4
+    assert "PARTIAL" in (tmp_path / "ablation.md").read_text()
+    # ranked on the finished task: b = 128 gives 92.8% >= the 90% target, b = 64 misses it (86.4%)
+    assert res["ranking"][0]["setting"].endswith("b/B=1/4")

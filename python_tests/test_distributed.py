@@ -1,0 +1,214 @@
+"""ES and ESWP on real gloo process groups of 2 and 3 processes (spawned), against a
+single process that applies the same global observations (docs/spec.md section 11.1).
+
+One spawned group per world size runs every scenario (python_tests/dist_workers.py);
+the tests here read what each rank saved."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import es_kernels as ek
+from conftest import assert_state_equal
+from es_kernels import reference as R
+from es_kernels.distributed import shard_indices, shard_length
+
+import dist_workers as W
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is needed")
+
+SCENARIOS = {2: ("es", "eswp", "checked", "demo"), 3: ("es", "eswp", "checked")}  # demo: the costliest
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def group(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"world{world}")
+    mp.spawn(W.entry, args=(world, str(out / "init"), str(out), SCENARIOS[world]), nprocs=world, join=True)
+    return world, {(name, r): torch.load(out / f"{name}_{r}.pt", weights_only=False)
+                   for name in SCENARIOS[world] for r in range(world)}
+
+
+def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
+    """Apply every step's gathered observations to one state (an id seen twice in a step:
+    once, at its lowest global position), then each rank's selection from the global keys."""
+    st = ek.ESState(W.N)
+    state, errors = st.tensor, st.errors
+    picks = []
+    for step in range(W.STEPS):
+        inputs = W.step_inputs(step, world)
+        gids = torch.full((world * W.CAP,), -1, dtype=torch.int64)
+        real = torch.zeros(world * W.CAP, dtype=torch.bool)
+        glosses = torch.zeros(world * W.CAP)
+        for r, (ids, losses) in enumerate(inputs):
+            gids[r * W.CAP: r * W.CAP + len(ids)] = ids
+            glosses[r * W.CAP: r * W.CAP + len(ids)] = losses
+            real[r * W.CAP: r * W.CAP + len(ids)] = True
+        first = {}
+        for p in range(world * W.CAP):
+            if real[p] and int(gids[p]) not in first:
+                first[int(gids[p])] = p
+        order = sorted(first.values())
+        w_first = R.es_update(gids[order], glosses[order], state, errors, 0.2, 0.5)
+        w_of = {int(gids[p]): w for p, w in zip(order, w_first)}
+        w_all = torch.tensor([float(w_of[int(gids[p])]) if real[p] else 0.0 for p in range(world * W.CAP)])
+        # keys of every global position p = r * CAP + j, same seed and step
+        x0 = R._philox_words(world * W.CAP, seed, step, R.STREAM_SELECT, "cpu")[0]
+        E = -torch.log(R.uniform_from_bits(x0).double())
+        step_picks = []
+        for r, (ids, _) in enumerate(inputs):
+            lo, n = r * W.CAP, len(ids)
+            own = w_all[lo: lo + n]
+            if select_mode == "topk":
+                keys = own
+            else:
+                v = R.exact_mean_weights(own, eps).float() if eps > 0 else own
+                keys = (v.double() / E[lo: lo + n]).float()
+            b = min(W.MINI, n)
+            step_picks.append(torch.sort(torch.sort(keys, descending=True, stable=True).indices[:b]).values)
+        picks.append((step_picks, w_all))
+    return picks, (state, errors)
+
+
+def test_es_replicas_identical_and_equal_to_one_process(group):
+    world, res = group
+    for kind, kw in {"sample": {}, "eps": dict(eps=0.25), "topk": dict(select_mode="topk", seed=0)}.items():
+        want, want_state = single_process(world, **kw)
+        for r in range(world):
+            got = res[("es", r)]
+            state, errors, step = got["final"][kind]
+            assert step == W.STEPS
+            want_errors = want_state[1].clone()
+            want_errors.zero_()  # the test cleared the one out-of-range id after step 5
+            assert_state_equal((state, errors), (want_state[0], want_errors))
+            assert_state_equal((state, errors), res[("es", 0)]["final"][kind][:2])
+            for step, (pos, weights, losses) in enumerate(got["rec"][kind]):
+                n = len(W.step_inputs(step, world)[r][0])
+                assert torch.equal(pos, want[step][0][r]), (kind, r, step)
+                assert torch.equal(weights, want[step][1][r * W.CAP: r * W.CAP + n].float()), (kind, r, step)
+                assert torch.equal(losses, W.step_inputs(step, world)[r][1])
+    # uneven step 3: rank 1 has 5 ids (and rank 2 none with 3 ranks)
+    assert len(res[("es", 1)]["rec"]["sample"][3][0]) == W.MINI
+    if world == 3:
+        assert len(res[("es", 2)]["rec"]["sample"][3][0]) == 0
+    # step 5's out-of-range id: errors[0] == 1 on every rank and sampler, padding never counted
+    for r in range(world):
+        for e in res[("es", r)]["rec"]["errors"]:
+            assert e.tolist() == [1, 0]
+
+
+def test_es_resume_equals_uninterrupted(group):
+    world, res = group
+    for r in range(world):
+        got = res[("es", r)]
+        assert all(torch.equal(a[0], b) for a, b in zip(got["rec"]["sample"], got["rec"]["resumed"]))
+        assert_state_equal(got["final"]["resumed"][:2], got["final"]["sample"][:2])
+        assert got["final"]["resumed"][2] == W.STEPS
+
+
+def test_eswp_shards_cover_the_kept_set(group):
+    world, res = group
+    n = 53
+    es = ek.EvolvedSampler(n, 4, seed=11)
+    ek.es_update(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(1)), es.state)
+    for drop_last in (False, True):
+        for epoch in (0, 3):
+            pr = ek.ESWPSampler(es, num_epochs=4, prune_ratio=0.5)
+            pr.set_epoch(epoch)
+            kept = list(pr)
+            if epoch == 3:
+                assert sorted(kept) == list(range(n))
+            per = shard_length(len(kept), world, drop_last)
+            shards = [res[("eswp", r)][(drop_last, epoch)] for r in range(world)]
+            for r, (length, shard, scale, next_epoch) in enumerate(shards):
+                assert length == len(shard) == per and next_epoch == epoch + 1
+                assert shard == shard_indices(kept, world, r, drop_last)
+                assert torch.equal(scale, es.scale)  # every rank: the single-process scales
+            flat = [i for s in shards for i in s[1]]
+            if drop_last:  # disjoint, the kept set less fewer than `world` ids
+                assert len(set(flat)) == len(flat) and set(flat) <= set(kept)
+                assert len(kept) - len(flat) < world
+            else:  # covers the kept set; the padding repeats the first ids
+                assert set(flat) == set(kept)
+                assert len(flat) - len(kept) == per * world - len(kept) < world
+
+
+def test_checked_mode_catches_duplicates_and_divergence(group):
+    world, res = group
+    for r in range(world):
+        msgs = res[("checked", r)]
+        assert len(msgs) == 2, msgs
+        assert "rank 0 passed duplicate ids" in msgs[0]
+        assert "replicas of the ranks diverged" in msgs[1]
+
+
+def test_shard_indices_matches_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+
+    for n in (0, 1, 2, 5, 7, 12):
+        kept = list(range(100, 100 + n))
+        for world in (1, 2, 3, 5):
+            for drop_last in (False, True):
+                for r in range(world):
+                    ds = DistributedSampler(kept, num_replicas=world, rank=r, shuffle=False, drop_last=drop_last)
+                    want = [kept[i] for i in ds] if n else []
+                    assert shard_indices(kept, world, r, drop_last) == want, (n, world, drop_last, r)
+                    assert shard_length(n, world, drop_last) == (len(ds) if n else 0)
+
+
+def test_gathered_update_pads_and_duplicates():
+    """In one process: PAD_ID positions are skipped uncounted; a repeated id is observed once."""
+    from es_kernels.distributed import PAD_ID, first_occurrence, gathered_update
+
+    ids = torch.tensor([5, 3, PAD_ID, 5, 9, PAD_ID, 3])
+    assert first_occurrence(ids).tolist() == [0, 1, 2, 0, 4, 2, 1]
+    st = ek.ESState(10)
+    w = gathered_update(ids, torch.tensor([1.0, 2, 7, 4, 3, 7, 8], dtype=torch.float64), st, 0.2, 0.5, 1.0, 1e-8)
+    assert st.errors.tolist() == [0, 0]
+    wm = float(torch.tensor(1e-8, dtype=torch.float32))
+    assert w.tolist() == [1.0, 2.0, wm, 1.0, 3.0, wm, 2.0]
+    assert st.s[[5, 3, 9]].tolist() == [1.0, 2.0, 3.0]
+
+
+
+def test_demo_trains_under_ddp(group):
+    """The demo's train() on a process group (what es-kernels demo --nproc runs): DDP
+    keeps the models identical, backward samples add up over the ranks."""
+    world, res = group
+    if ("demo", 0) not in res:
+        pytest.skip("the demo runs in the group of 2 only")
+    per_rank = math.ceil(1437 / world)  # digits: 1437 train samples, DistributedSampler's share
+    B, b = 512 // world, 96 // world
+    steps = math.ceil(per_rank / B)
+    for r in range(world):
+        got = res[("demo", r)]
+        for m in ("es", "eswp", "infobatch"):
+            assert got[m]["test_acc"] == res[("demo", 0)][m]["test_acc"]  # the same model on every rank
+            assert got[m]["wall_s"] == res[("demo", 0)][m]["wall_s"]  # the slowest rank's, agreed
+        assert got["es"]["backward_samples"] == world * steps * b
+        assert got["infobatch"]["backward_samples"] == world * per_rank  # epoch 0: nothing scored yet
+
+
+def test_world_of_one_equals_the_single_process_sampler(tmp_path):
+    """W = 1, cap = B, eps = 0: the same positions, weights, state and step as EvolvedSampler."""
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        for mode in ("sample", "topk"):
+            a = ek.EvolvedSampler(100, 7, seed=5, select_mode=mode)
+            d = DistributedEvolvedSampler(100, 7, seed=5, select_mode=mode)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(10):
+                ids, losses = torch.randperm(100, generator=g)[:30], torch.rand(30, generator=g)
+                x, y = a.select(ids, losses=losses), d.select(ids, losses=losses)
+                assert torch.equal(x.positions, y.positions) and torch.equal(x.weights, y.weights)
+            assert_state_equal((a.state.tensor, a.state.errors), (d.state.tensor, d.state.errors))
+            assert a.step == d.step == 10
+    finally:
+        dist.destroy_process_group()
