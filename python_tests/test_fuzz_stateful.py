@@ -72,11 +72,16 @@ class Model:
         self.scale = None  # the scales in force (bits)
         self.it = None  # the plan the live iterator belongs to
 
-    def update(self, ids, losses):
-        """Section 3, serially: returns the float32 weights."""
+    def update(self, ids, losses, scored=None):
+        """Section 3, serially: returns the float32 weights. A position without
+        ``scored`` (a row with no target to score, section 6) is skipped: weight 0."""
         out = []
+        scored = [True] * len(ids) if scored is None else scored
         with np.errstate(all="ignore"):
-            for i, x in zip(ids, losses):
+            for i, x, sc in zip(ids, losses, scored):
+                if not sc:
+                    out.append(F32(0.0))
+                    continue
                 if i < 0 or i >= N:
                     self.errors[0] += 1
                     out.append(self.wm)
@@ -292,8 +297,8 @@ class SamplerMachine(RuleBasedStateMachine):
         check_plan(p.ids, p.scale)
         return [p.epoch, p.ids.tolist(), bits(p.scale), p.pos]
 
-    def expect_selection(self, out, ids, losses_used):
-        w = self.m.update(ids, losses_used)
+    def expect_selection(self, out, ids, losses_used, scored=None):
+        w = self.m.update(ids, losses_used, scored)
         self.m.step += 1
         _, pos, scales, _, weights = out
         b = min(MB, len(ids))
@@ -320,7 +325,7 @@ class SamplerMachine(RuleBasedStateMachine):
         out = self.run("select_logits", ids, logits, [r[3] for r in rows])
         assert out[0] == "sel"
         got = np.frombuffer(out[3][2], dtype=F32).tolist()  # the op's losses are what the state observed
-        self.expect_selection(out, ids, got)
+        self.expect_selection(out, ids, got, [r[3] != -100 for r in rows])
 
     @rule(pairs=PAIRS)
     def update(self, pairs):
