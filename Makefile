@@ -2,17 +2,13 @@
 # C++17 compiler: it creates .venv (CPU torch pinned), builds the C++ kernels,
 # then runs.
 #   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
-<<<<<<< HEAD
-#                and compare (es-kernels demo; DEMO_ARGS=--quick for 2 minutes)
-#   make test    the test suite (with the install tests, marked slow)
-=======
 #                and compare (es-kernels demo; DEMO_ARGS=--quick: a smoke test,
 #                DEMO_ARGS=--eta-only: the estimated run time)
-#   make test    the test suite
->>>>>>> demo-dist
+#   make test    the test suite (with the install tests, marked slow)
 #   make bench   the op benchmark (bench/bench_ops.py; BENCH_ARGS=--quick for a
 #                smoke run): writes bench/results/cpu_ops_<date>.json, appends
 #                to bench/results/history.csv, redraws bench/results/cpu_ops.png
+#   make lint    ruff (lint + format check) and clang-format over the tree
 #   make clean   removes the build (the next make rebuilds); make distclean also .venv
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +18,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install test bench demo clean distclean
+.PHONY: install test lint bench demo clean distclean
 
 # torch first, pinned: a bare `torch` requirement pulls the multi-GB CUDA build
 # (the local CPU wheel where pip's config has one). Then the `dev` extra of
@@ -50,6 +46,11 @@ test: install
 	ES_KERNELS_NO_CPP=1 $(PY) -m pytest -q python_tests/test_update.py python_tests/test_select.py \
 	    python_tests/test_step.py python_tests/test_prune.py python_tests/test_cross_entropy.py \
 	    python_tests/test_api.py -k "not triton and not frequencies"
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
 
 bench: install
 	$(PY) bench/bench_ops.py $(BENCH_ARGS)

@@ -16,6 +16,7 @@ Environment variables:
     ES_KERNELS_NATIVE=ON        tune for the building CPU (-march=native); OFF by default
     ES_KERNELS_BUILD_TYPE       CMake build type (Release)
 """
+
 import hashlib
 import importlib.util
 import os
@@ -121,7 +122,9 @@ class CMakeBuild(build_ext):
         build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            cmake, str(ROOT), *generator,
+            cmake,
+            str(ROOT),
+            *generator,
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DES_KERNELS_TORCH_DIR={torch_dir}",
             f"-DES_KERNELS_CXX11_ABI={abi}",
@@ -134,8 +137,10 @@ class CMakeBuild(build_ext):
             try:
                 subprocess.check_call(cmd, cwd=build_dir, env=env)
             except subprocess.CalledProcessError as exc:
-                raise BuildError(f"the CMake {step} step failed (exit status {exc.returncode}); "
-                                 f"its output is above (pip shows it with -v)") from exc
+                raise BuildError(
+                    f"the CMake {step} step failed (exit status {exc.returncode}); "
+                    f"its output is above (pip shows it with -v)"
+                ) from exc
 
 
 setup(

@@ -23,6 +23,7 @@ when the free memory allows, the reference only up to where it fits). Each
 case is skipped, with a note, when its memory estimate exceeds 90% of the
 free GPU memory or the time budget is spent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,7 @@ class Case:
     {"mine": fn, "ref": fn or None, "baselines": {name: fn}}; the byte counts
     are what the op must read once and estimates of the memory the inputs
     plus our call (``mem_mine``) and plus the reference (``mem_ref``) need."""
+
     op: str
     size: str
     n: int
@@ -67,6 +69,7 @@ def _liger_ce():
     """Liger-Kernel's cross-entropy (reduction="none"), or None."""
     try:
         from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+
         return LigerCrossEntropyLoss(reduction="none")
     except Exception:  # not installed, or a version without reduction="none"
         return None
@@ -98,12 +101,23 @@ def step_case(B, C, dtype=torch.bfloat16):
         ids = torch.randperm(4 * B, device=dev)[:B]
         st = harness.state_for(4 * B, dev)
         b = B // 4
-        return {"mine": lambda: OPS.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1),
-                "ref": lambda: R.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1),
-                "baselines": _ce_baselines(logits, targets)}
+        return {
+            "mine": lambda: OPS.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1),
+            "ref": lambda: R.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1),
+            "baselines": _ce_baselines(logits, targets),
+        }
 
-    return Case("es_step (logits)", f"B={B} C={C}", B * C, str(dtype)[6:], B * C * es + B * 24,
-                B * C * es * 2 + 4 * B * 8 * 2, B * C * (es * 2 + 12), _base_names(), build)
+    return Case(
+        "es_step (logits)",
+        f"B={B} C={C}",
+        B * C,
+        str(dtype)[6:],
+        B * C * es + B * 24,
+        B * C * es * 2 + 4 * B * 8 * 2,
+        B * C * (es * 2 + 12),
+        _base_names(),
+        build,
+    )
 
 
 def losses_case(B):
@@ -111,11 +125,11 @@ def losses_case(B):
         losses = torch.rand(B, device=dev)
         ids = torch.randperm(4 * B, device=dev)[:B]
         st = harness.state_for(4 * B, dev)
-        return {"mine": lambda: OPS.es_step_from_losses(losses, ids, st.tensor, st.errors, B // 4, *BETAS,
-                                                        "sample", 0, 1),
-                "ref": lambda: R.es_step_from_losses(losses, ids, st.tensor, st.errors, B // 4, *BETAS,
-                                                     "sample", 0, 1),
-                "baselines": {}}
+        return {
+            "mine": lambda: OPS.es_step_from_losses(losses, ids, st.tensor, st.errors, B // 4, *BETAS, "sample", 0, 1),
+            "ref": lambda: R.es_step_from_losses(losses, ids, st.tensor, st.errors, B // 4, *BETAS, "sample", 0, 1),
+            "baselines": {},
+        }
 
     return Case("es_step (losses)", f"B={B} b={B // 4}", B, "float32", B * 20, B * 64, B * 128, (), build)
 
@@ -127,9 +141,11 @@ def select_case(B, mode):
     def build(dev):
         w = torch.rand(B, device=dev) * 3 + 1e-3
         base = (lambda: torch.multinomial(w, b)) if mode == "sample" else (lambda: torch.topk(w, b))
-        return {"mine": lambda: OPS.weighted_select(w, b, mode, 0, 1),
-                "ref": lambda: R.weighted_select(w, b, mode, 0, 1),
-                "baselines": {name: base}}
+        return {
+            "mine": lambda: OPS.weighted_select(w, b, mode, 0, 1),
+            "ref": lambda: R.weighted_select(w, b, mode, 0, 1),
+            "baselines": {name: base},
+        }
 
     return Case(f"weighted_select ({mode})", f"B={B} b={b}", B, "float32", B * 4, B * 32, B * 64, (name,), build)
 
@@ -140,22 +156,36 @@ def seq_case(B, T, V, dtype=torch.bfloat16):
     def build(dev):
         logits = torch.randn(B, T, V, device=dev).to(dtype)
         targets = torch.randint(0, V, (B, T), device=dev)
-        return {"mine": lambda: OPS.per_sample_cross_entropy(logits, targets, -100, 0.0),
-                "ref": lambda: R.per_sample_cross_entropy(logits, targets),
-                "baselines": _ce_baselines(logits.view(-1, V), targets.view(-1),
-                                           lambda v: v.view(B, T).float().mean(dim=1))}
+        return {
+            "mine": lambda: OPS.per_sample_cross_entropy(logits, targets, -100, 0.0),
+            "ref": lambda: R.per_sample_cross_entropy(logits, targets),
+            "baselines": _ce_baselines(
+                logits.view(-1, V), targets.view(-1), lambda v: v.view(B, T).float().mean(dim=1)
+            ),
+        }
 
     n = B * T * V
-    return Case("per_sample_cross_entropy (sequence mean)", f"B={B} T={T} V={V}", n, str(dtype)[6:],
-                n * es + B * T * 8, n * es * 3 + B * T * 16, n * (es * 3 + 12), _base_names(), build)
+    return Case(
+        "per_sample_cross_entropy (sequence mean)",
+        f"B={B} T={T} V={V}",
+        n,
+        str(dtype)[6:],
+        n * es + B * T * 8,
+        n * es * 3 + B * T * 16,
+        n * (es * 3 + 12),
+        _base_names(),
+        build,
+    )
 
 
 def prune_case(n):
     def build(dev):
         st = harness.state_for(n, dev)
-        return {"mine": lambda: OPS.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True),
-                "ref": lambda: R.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True),
-                "baselines": {}}
+        return {
+            "mine": lambda: OPS.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True),
+            "ref": lambda: R.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True),
+            "baselines": {},
+        }
 
     # ours: state 8 + scale 4 + sort key 8 + sorted keys and indices 16 + sort workspace ~16 bytes a sample
     return Case("eswp_prune", f"N={n:.0e}", n, "float32", n * 8, n * 56, n * 128, (), build)
@@ -164,30 +194,65 @@ def prune_case(n):
 def plan(quick: bool = False) -> list[Case]:
     """The cases, issue 13's first (see the module docstring)."""
     if quick:
-        return [step_case(4096, 1000), select_case(65536, "sample"), select_case(65536, "topk"),
-                seq_case(8, 256, 1024), prune_case(10**6)]
+        return [
+            step_case(4096, 1000),
+            select_case(65536, "sample"),
+            select_case(65536, "topk"),
+            seq_case(8, 256, 1024),
+            prune_case(10**6),
+        ]
     return [
         # issue 13
         step_case(4096, 32000),
-        select_case(65536, "sample"), select_case(65536, "topk"),
-        select_case(10**6, "sample"), select_case(10**6, "topk"),
+        select_case(65536, "sample"),
+        select_case(65536, "topk"),
+        select_case(10**6, "sample"),
+        select_case(10**6, "topk"),
         seq_case(64, 2048, SEQ_V),
-        prune_case(10**8), prune_case(10**9),
+        prune_case(10**8),
+        prune_case(10**9),
         # the rest of the sweep
-        step_case(256, 32000), step_case(4096, 1000), step_case(65536, 1000), step_case(16384, 32000),
-        losses_case(4096), losses_case(65536),
-        select_case(4096, "sample"), select_case(4096, "topk"),
-        prune_case(10**5), prune_case(10**6), prune_case(10**7),
+        step_case(256, 32000),
+        step_case(4096, 1000),
+        step_case(65536, 1000),
+        step_case(16384, 32000),
+        losses_case(4096),
+        losses_case(65536),
+        select_case(4096, "sample"),
+        select_case(4096, "topk"),
+        prune_case(10**5),
+        prune_case(10**6),
+        prune_case(10**7),
     ]
 
 
 def print_plan(cases: list[Case]) -> None:
-    rows = [{"op": c.op, "size": c.size, "dtype": c.dtype, "read_MB": c.bytes_read / 1e6,
-             "mine_GB": c.mem_mine / GB, "ref_GB": c.mem_ref / GB if c.mem_ref else None,
-             "baselines": ", ".join(c.baselines)} for c in cases]
-    print(harness.format_table(rows, [("op", "op"), ("size", "size"), ("dtype", "dtype"),
-                                      ("read_MB", "MB read once"), ("mine_GB", "GB needed (ours, est.)"),
-                                      ("ref_GB", "GB needed (reference, est.)"), ("baselines", "baselines")]))
+    rows = [
+        {
+            "op": c.op,
+            "size": c.size,
+            "dtype": c.dtype,
+            "read_MB": c.bytes_read / 1e6,
+            "mine_GB": c.mem_mine / GB,
+            "ref_GB": c.mem_ref / GB if c.mem_ref else None,
+            "baselines": ", ".join(c.baselines),
+        }
+        for c in cases
+    ]
+    print(
+        harness.format_table(
+            rows,
+            [
+                ("op", "op"),
+                ("size", "size"),
+                ("dtype", "dtype"),
+                ("read_MB", "MB read once"),
+                ("mine_GB", "GB needed (ours, est.)"),
+                ("ref_GB", "GB needed (reference, est.)"),
+                ("baselines", "baselines"),
+            ],
+        )
+    )
 
 
 class Timer:
@@ -208,8 +273,14 @@ class Timer:
         rep = self.rep_ms if self.left() > self.budget_s / 4 else 20
         load0 = harness.load_average()
         med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=10, rep=rep)
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "repeats": None,
-                "load_start": load0, "load_end": harness.load_average()}
+        return {
+            "median_ms": med,
+            "p20_ms": p20,
+            "p80_ms": p80,
+            "repeats": None,
+            "load_start": load0,
+            "load_end": harness.load_average(),
+        }
 
 
 def copy_bandwidth(timer, device="cuda") -> float:
@@ -246,10 +317,22 @@ def run_case(c: Case, timer: Timer, bw: float, notes: list[str], device: str = "
     return r
 
 
-COLUMNS = [("op", "op"), ("size", "size"), ("dtype", "dtype"), ("us", "Triton µs (median)"),
-           ("ref_us", "reference µs"), ("x_ref", "x reference"), ("baseline", "baseline"),
-           ("x_baseline", "x baseline"), ("baseline2", "baseline 2"), ("x_baseline2", "x baseline 2"),
-           ("GBps", "GB/s"), ("x_read_once", "x read-once time"), ("peak_mem_mb", "peak MB"), ("noisy", "noisy")]
+COLUMNS = [
+    ("op", "op"),
+    ("size", "size"),
+    ("dtype", "dtype"),
+    ("us", "Triton µs (median)"),
+    ("ref_us", "reference µs"),
+    ("x_ref", "x reference"),
+    ("baseline", "baseline"),
+    ("x_baseline", "x baseline"),
+    ("baseline2", "baseline 2"),
+    ("x_baseline2", "x baseline 2"),
+    ("GBps", "GB/s"),
+    ("x_read_once", "x read-once time"),
+    ("peak_mem_mb", "peak MB"),
+    ("noisy", "noisy"),
+]
 
 
 def main(argv=None):
@@ -258,12 +341,20 @@ def main(argv=None):
     ap.add_argument("--history", default=None, help="history CSV to append to (default <out>/history.csv)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan of shapes and exit (no CUDA)")
     ap.add_argument("--quick", action="store_true", help="a few small cases")
-    ap.add_argument("--budget-s", type=float, default=180.0,
-                    help="seconds of timing in all (default 180: the GPU check's 8 minutes include the build "
-                         "and the tests); cases left when it is spent are skipped")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=180.0,
+        help="seconds of timing in all (default 180: the GPU check's 8 minutes include the build "
+        "and the tests); cases left when it is spent are skipped",
+    )
     ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench's repetition time per measurement")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cpu: run the whole script on the CPU with wall-clock timing, to test it (not a benchmark)")
+    ap.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: run the whole script on the CPU with wall-clock timing, to test it (not a benchmark)",
+    )
     args = ap.parse_args(argv)
     cases = plan(args.quick)
     if args.dry_run:
@@ -285,18 +376,25 @@ def main(argv=None):
             r = None
         if r is not None:
             rows.append(r)
-            print(f"{c.op} {c.size}: {r['us']:.1f} µs, x read-once {r.get('x_read_once', float('nan')):.2f}",
-                  flush=True)
+            print(
+                f"{c.op} {c.size}: {r['us']:.1f} µs, x read-once {r.get('x_read_once', float('nan')):.2f}", flush=True
+            )
         elif notes:
             print(notes[-1], flush=True)
     info = harness.machine_info()
     info["copy_GBps"] = bw
     table = harness.format_table(rows, COLUMNS)
     header = f"{harness.header_line(info)}, copy {bw:.0f} GB/s"
-    paths = harness.write_results("gpu_ops" if args.device == "cuda" else "gpu_ops_on_cpu", rows, info, out=args.out, history=args.history, quick=args.quick,
-                                  extra={"notes": notes})
-    paths["json"].with_suffix(".md").write_text(f"{header}\n\n{table}\n" + "".join(f"\n- {n}" for n in notes)
-                                                + "\n")
+    paths = harness.write_results(
+        "gpu_ops" if args.device == "cuda" else "gpu_ops_on_cpu",
+        rows,
+        info,
+        out=args.out,
+        history=args.history,
+        quick=args.quick,
+        extra={"notes": notes},
+    )
+    paths["json"].with_suffix(".md").write_text(f"{header}\n\n{table}\n" + "".join(f"\n- {n}" for n in notes) + "\n")
     print(f"\n{header}\n\n{table}")
     for n in notes:
         print(f"note: {n}")

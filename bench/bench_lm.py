@@ -19,6 +19,7 @@ threads, which penalises many small ops over few large ones). All variants
 score a causal LM's shifted labels (position t against labels[:, t + 1])
 with right padding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,9 @@ def child(args) -> dict:
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, T, H, generator=g).to(dtype)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(dtype)
     labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, T // 2:] = -100  # right padding
+    labels[0, T // 2 :] = -100  # right padding
     kind = args.child
     torch.set_num_threads(args.threads)
 
@@ -80,10 +81,17 @@ def child(args) -> dict:
             added.append((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb) / 1024)
             if k:
                 times.append(dt * 1e3)
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "added_mib": statistics.median(added), "added_max_mib": max(added), "added_per_run_mib": added,
-            "median_ms": statistics.median(times), "times_ms": times, "losses": out.tolist(),
-            "threads": torch.get_num_threads(), "hwm_reset": reset}
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "added_mib": statistics.median(added),
+        "added_max_mib": max(added),
+        "added_per_run_mib": added,
+        "median_ms": statistics.median(times),
+        "times_ms": times,
+        "losses": out.tolist(),
+        "threads": torch.get_num_threads(),
+        "hwm_reset": reset,
+    }
 
 
 def reset_peak() -> bool:
@@ -126,28 +134,67 @@ def main() -> None:
     size = dict(B=args.B, T=args.T, H=args.H, V=args.V, dtype=args.dtype)
     elt = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     logits_mb = args.B * args.T * args.V * elt / 1e6
-    print(f"B={args.B} T={args.T} H={args.H} V={args.V} {args.dtype}: materialised logits {logits_mb:.0f} MB, "
-          f"{args.threads} thread(s)")
+    print(
+        f"B={args.B} T={args.T} H={args.H} V={args.V} {args.dtype}: materialised logits {logits_mb:.0f} MB, "
+        f"{args.threads} thread(s)"
+    )
     rows, ref = [], None
     for name, kind in VARIANTS.items():
-        cmd = [sys.executable, __file__, "--child", kind, "--repeats", str(args.repeats), "--dtype", args.dtype,
-               "--threads", str(args.threads),
-               "--B", str(args.B), "--T", str(args.T), "--H", str(args.H), "--V", str(args.V)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--repeats",
+            str(args.repeats),
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(args.threads),
+            "--B",
+            str(args.B),
+            "--T",
+            str(args.T),
+            "--H",
+            str(args.H),
+            "--V",
+            str(args.V),
+        ]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         losses = res.pop("losses")
         ref = ref if ref is not None else losses
         res["max_abs_diff_vs_first"] = max(abs(a - b) for a, b in zip(losses, ref))
         rows.append({"variant": name, **res})
-        print(f"  {name}: peak RSS {res['peak_rss_mib']:.0f} MiB, added {res['added_mib']:.0f} MiB "
-              f"(max {res['added_max_mib']:.0f}), "
-              f"{res['median_ms']:.0f} ms, |loss - first| <= {res['max_abs_diff_vs_first']:.2g}")
-    print(harness.format_table(rows, [("variant", "variant"), ("added_mib", "added peak RSS MiB"),
-                                      ("added_max_mib", "max"),
-                                      ("peak_rss_mib", "peak RSS MiB"), ("median_ms", "median ms")]))
+        print(
+            f"  {name}: peak RSS {res['peak_rss_mib']:.0f} MiB, added {res['added_mib']:.0f} MiB "
+            f"(max {res['added_max_mib']:.0f}), "
+            f"{res['median_ms']:.0f} ms, |loss - first| <= {res['max_abs_diff_vs_first']:.2g}"
+        )
+    print(
+        harness.format_table(
+            rows,
+            [
+                ("variant", "variant"),
+                ("added_mib", "added peak RSS MiB"),
+                ("added_max_mib", "max"),
+                ("peak_rss_mib", "peak RSS MiB"),
+                ("median_ms", "median ms"),
+            ],
+        )
+    )
     if not args.quick:
-        path = harness.write_results("lm_hidden.json", rows, harness.machine_info(),
-                                     {"size": size, "materialised_logits_mb": logits_mb, "repeats": args.repeats,
-                                      "threads": args.threads, "command": " ".join(sys.argv)})
+        path = harness.write_results(
+            "lm_hidden.json",
+            rows,
+            harness.machine_info(),
+            {
+                "size": size,
+                "materialised_logits_mb": logits_mb,
+                "repeats": args.repeats,
+                "threads": args.threads,
+                "command": " ".join(sys.argv),
+            },
+        )
         print(f"wrote {path}")
 
 

@@ -12,6 +12,7 @@ Rows: median and p20/p80 wall-clock over repeats, the peak memory of one
 call, and `x_ref` (the reference's time over the C++ op's) and `x_baseline`
 (the baseline's time over the C++ op's): higher is better for es-kernels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +54,21 @@ def step_rows(sizes, dtypes):
                 return OPS.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1)
 
             cpp = bench(mine)
-            ref = bench(lambda: R.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS,
-                                          "sample", 0, 1))
+            ref = bench(lambda: R.es_step(logits, targets, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1))
             ce = bench(lambda: F.cross_entropy(logits.float(), targets, reduction="none"))
-            rows.append(harness.make_row("es_step (logits)", f"B={B} C={C}", B * C, str(dtype)[6:], "cpp", cpp,
-                                         ref, {"F.cross_entropy": ce}, harness.peak_memory(mine)))
+            rows.append(
+                harness.make_row(
+                    "es_step (logits)",
+                    f"B={B} C={C}",
+                    B * C,
+                    str(dtype)[6:],
+                    "cpp",
+                    cpp,
+                    ref,
+                    {"F.cross_entropy": ce},
+                    harness.peak_memory(mine),
+                )
+            )
     return rows
 
 
@@ -70,14 +81,26 @@ def select_rows(sizes):
             ("sample", "torch.multinomial", lambda: torch.multinomial(w, b, replacement=False)),
             ("topk", "torch.topk", lambda: torch.topk(w, b)),
         ]:
+
             def mine():
                 return OPS.weighted_select(w, b, mode, 0, 1)
 
             cpp = bench(mine)
             ref = bench(lambda: R.weighted_select(w, b, mode, 0, 1))
             base = bench(base_fn)
-            rows.append(harness.make_row(f"weighted_select ({mode})", f"B={B} b={b}", B, "float32", "cpp", cpp,
-                                         ref, {baseline: base}, harness.peak_memory(mine)))
+            rows.append(
+                harness.make_row(
+                    f"weighted_select ({mode})",
+                    f"B={B} b={b}",
+                    B,
+                    "float32",
+                    "cpp",
+                    cpp,
+                    ref,
+                    {baseline: base},
+                    harness.peak_memory(mine),
+                )
+            )
     return rows
 
 
@@ -91,15 +114,25 @@ def prune_rows(sizes):
 
         cpp = bench(mine)
         ref = bench(lambda: R.eswp_prune(st.tensor, 0.5, 0, 1, 10, 0.125, True), budget_s=2 * (BUDGET_S))
-        rows.append(harness.make_row("eswp_prune", f"N={n:.0e}", n, "float32", "cpp", cpp, ref,
-                                     mem=harness.peak_memory(mine)))
+        rows.append(
+            harness.make_row("eswp_prune", f"N={n:.0e}", n, "float32", "cpp", cpp, ref, mem=harness.peak_memory(mine))
+        )
     return rows
 
 
-COLUMNS = [("op", "op"), ("size", "size"), ("dtype", "dtype"), ("median_ms", "C++ ms (median)"),
-           ("ref_ms", "reference ms"), ("x_ref", "x reference"), ("baseline", "baseline"),
-           ("baseline_ms", "baseline ms"), ("x_baseline", "x baseline"), ("peak_mem_mb", "peak MB"),
-           ("noisy", "noisy")]
+COLUMNS = [
+    ("op", "op"),
+    ("size", "size"),
+    ("dtype", "dtype"),
+    ("median_ms", "C++ ms (median)"),
+    ("ref_ms", "reference ms"),
+    ("x_ref", "x reference"),
+    ("baseline", "baseline"),
+    ("baseline_ms", "baseline ms"),
+    ("x_baseline", "x baseline"),
+    ("peak_mem_mb", "peak MB"),
+    ("noisy", "noisy"),
+]
 
 
 def _pairs(text):
@@ -119,31 +152,41 @@ def main(argv=None):
     ap.add_argument("--step", type=_pairs, default=None, metavar="BxC,...", help="es_step sizes (float32)")
     ap.add_argument("--select", type=_ints, default=None, metavar="B,...", help="weighted_select sizes")
     ap.add_argument("--prune", type=_ints, default=None, metavar="N,...", help="eswp_prune sizes")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="seconds of timing per measurement (default 3, 0.5 with --quick)")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="seconds of timing per measurement (default 3, 0.5 with --quick)"
+    )
     args = ap.parse_args(argv)
     BUDGET_S = args.budget_s or (0.5 if args.quick else 3.0)
     torch.manual_seed(0)
     chosen = args.step is not None or args.select is not None or args.prune is not None
     if chosen:
-        rows = (step_rows(args.step or [], [torch.float32]) + select_rows(args.select or [])
-                + prune_rows(args.prune or []))
+        rows = (
+            step_rows(args.step or [], [torch.float32]) + select_rows(args.select or []) + prune_rows(args.prune or [])
+        )
     elif args.quick:
-        rows = (step_rows([(256, 10), (256, 1000)], [torch.float32]) + select_rows([1024, 16384])
-                + prune_rows([10**4, 10**5]))
+        rows = (
+            step_rows([(256, 10), (256, 1000)], [torch.float32])
+            + select_rows([1024, 16384])
+            + prune_rows([10**4, 10**5])
+        )
     else:
         sizes = [(B, C) for B in (256, 4096, 65536) for C in (10, 1000, 32000)]
-        rows = (step_rows(sizes, [torch.float32]) + step_rows([(4096, 1000), (4096, 32000)], [torch.bfloat16])
-                + select_rows([4096, 65536, 10**6]) + prune_rows([10**5, 10**6, 10**7]))
+        rows = (
+            step_rows(sizes, [torch.float32])
+            + step_rows([(4096, 1000), (4096, 32000)], [torch.bfloat16])
+            + select_rows([4096, 65536, 10**6])
+            + prune_rows([10**5, 10**6, 10**7])
+        )
     info = harness.machine_info()
-    paths = harness.write_results("cpu_ops", rows, info, out=args.out, history=args.history,
-                                  quick=args.quick or chosen)
+    paths = harness.write_results("cpu_ops", rows, info, out=args.out, history=args.history, quick=args.quick or chosen)
     print(f"\n{harness.header_line(info)}\n")
     print(harness.format_table(rows, COLUMNS))
     noisy = sum(r["noisy"] for r in rows)
     if noisy:
-        print(f"\nwarning: {noisy} of {len(rows)} rows look noisy (machine loaded?): see the `noise` column",
-              file=sys.stderr)
+        print(
+            f"\nwarning: {noisy} of {len(rows)} rows look noisy (machine loaded?): see the `noise` column",
+            file=sys.stderr,
+        )
     print(f"\nwrote {paths['json']}\nappended {len(rows)} lines to {paths['history']}")
     return paths
 

@@ -12,6 +12,7 @@ bench/results/filter_response.png.
 
     python bench/filter_response.py [--out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ def simulate(b1: float, b2: float, lam: float, w: float, n: int = 4000) -> float
         else:
             s, d = b1 * s + (1 - b1) * l, b2 * d + (1 - b2) * (l - s)
         out.append(s + lam * d)
-    return max(abs(x) for x in out[n // 2:])
+    return max(abs(x) for x in out[n // 2 :])
 
 
 def main(argv=None) -> int:
@@ -63,8 +64,13 @@ def main(argv=None) -> int:
     ws = [math.pi * i / 400 for i in range(401)]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for b1, b2, lam, what in SETTINGS:
-        ax.plot(ws, [abs(response(b1, b2, lam, w)) for w in ws],
-                label=f"beta1={b1:g} beta2={b2:g} lam={lam:g}: {what} (|H(-1)| = {abs(response(b1, b2, lam, math.pi)):.2f})")
+        ax.plot(
+            ws,
+            [abs(response(b1, b2, lam, w)) for w in ws],
+            label=(
+                f"beta1={b1:g} beta2={b2:g} lam={lam:g}: {what} (|H(-1)| = {abs(response(b1, b2, lam, math.pi)):.2f})"
+            ),
+        )
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xlim(0, math.pi)
     ax.set_xticks([0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi], ["0", "π/4", "π/2", "3π/4", "π"])
@@ -78,8 +84,10 @@ def main(argv=None) -> int:
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
     for b1, b2, lam, what in SETTINGS:
-        print(f"beta1={b1:g} beta2={b2:g} lam={lam:g} ({what}): |H| at w = pi/4, pi/2, pi: "
-              + ", ".join(f"{abs(response(b1, b2, lam, w)):.3f}" for w in (math.pi / 4, math.pi / 2, math.pi)))
+        print(
+            f"beta1={b1:g} beta2={b2:g} lam={lam:g} ({what}): |H| at w = pi/4, pi/2, pi: "
+            + ", ".join(f"{abs(response(b1, b2, lam, w)):.3f}" for w in (math.pi / 4, math.pi / 2, math.pi))
+        )
     return 0
 
 

@@ -13,6 +13,7 @@
 Prints one line per check and exits non-zero on the first failure. Writes a
 JSON summary to ``--out`` when given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def check_no_sync(dev: str) -> str:
         ek.es_step(logits, targets, ids, st, 1024, step=step)
         ek.es_step(seq_logits, seq_targets, ids[:8], st, 2, step=step, label_smoothing=0.1)
         ek.es_step_from_losses(torch.rand(4096, device=dev), ids, st, 1024, step=step, select_mode="topk")
-        ek.es_step_from_losses(torch.rand(4096, device=dev), ids, st, 1024, seed=seed_t, step=step_t,
-                               advance_step=True, eps=0.25, lam=0.5)
+        ek.es_step_from_losses(
+            torch.rand(4096, device=dev), ids, st, 1024, seed=seed_t, step=step_t, advance_step=True, eps=0.25, lam=0.5
+        )
         ek.weighted_select(torch.rand(4096, device=dev), 100, step=step)
         ek.eswp_prune(st, 0.5, epoch=step, num_epochs=10)
         es.select(ids, logits=logits, targets=targets)
@@ -85,8 +87,9 @@ def check_cuda_graph(dev: str) -> str:
         want = eager.select(ids, logits=logits, targets=targets).positions
         assert torch.equal(got, want), "a replay differs from the eager call with the same step"
         replays.append(got)
-    assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2]), \
+    assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2]), (
         "replays drew the same positions: the step did not advance on the device"
+    )
     assert graphed.step == eager.step == 5
     assert torch.equal(graphed.state.tensor.nan_to_num(-1), eager.state.tensor.nan_to_num(-1))
     return "CUDA graph of a sampler step: fresh noise each replay, equal to eager calls"
@@ -110,7 +113,7 @@ def check_compile(dev: str) -> str:
     def step(ids, logits, targets):
         return es.select(ids, logits=logits, targets=targets).positions
 
-    for k in range(20):
+    for _ in range(20):
         ids = torch.randperm(n, device=dev)[:B]
         logits = torch.randn(B, 100, device=dev)
         targets = torch.randint(0, 100, (B,), device=dev)
@@ -139,8 +142,12 @@ def main(argv=None) -> int:
     assert torch.cuda.is_available(), "no CUDA device"
     assert ek.HAS_TRITON_CUDA, "the Triton kernels did not register for CUDA"
     results = {}
-    for name, fn in [("no_sync", lambda: check_no_sync("cuda")), ("cuda_graph", lambda: check_cuda_graph("cuda")),
-                     ("compile", lambda: check_compile("cuda")), ("device_guard", check_other_device)]:
+    for name, fn in [
+        ("no_sync", lambda: check_no_sync("cuda")),
+        ("cuda_graph", lambda: check_cuda_graph("cuda")),
+        ("compile", lambda: check_compile("cuda")),
+        ("device_guard", check_other_device),
+    ]:
         t0 = time.perf_counter()
         try:
             msg = fn()

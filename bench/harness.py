@@ -32,6 +32,7 @@ half of the samples between 3.5 and 64 ms lie within 2% of a multiple of
 4 ms, or when the median is over 1 ms and over 4 times the fastest sample
 (the other runs waited for a core); the reasons go in ``noise``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,14 +56,43 @@ HISTORY = RESULTS / "history.csv"
 
 # history.csv's columns, in order. A row may lack some (a CPU row has no GB/s).
 HISTORY_COLUMNS = [
-    "run_id", "date", "bench", "quick", "version", "commit", "dirty",
-    "cpu", "cores", "torch_threads", "torch", "cuda_device",
-    "op", "size", "n", "dtype", "backend",
-    "median_ms", "p20_ms", "p80_ms", "repeats",
-    "ref_ms", "x_ref", "baseline", "baseline_ms", "x_baseline",
-    "baseline2", "baseline2_ms", "x_baseline2",
-    "GBps", "x_read_once", "peak_mem_mb", "mem_method",
-    "noisy", "noise", "load_start", "load_end",
+    "run_id",
+    "date",
+    "bench",
+    "quick",
+    "version",
+    "commit",
+    "dirty",
+    "cpu",
+    "cores",
+    "torch_threads",
+    "torch",
+    "cuda_device",
+    "op",
+    "size",
+    "n",
+    "dtype",
+    "backend",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "repeats",
+    "ref_ms",
+    "x_ref",
+    "baseline",
+    "baseline_ms",
+    "x_baseline",
+    "baseline2",
+    "baseline2_ms",
+    "x_baseline2",
+    "GBps",
+    "x_read_once",
+    "peak_mem_mb",
+    "mem_method",
+    "noisy",
+    "noise",
+    "load_start",
+    "load_end",
 ]
 
 SLICE_MS = 4.0
@@ -74,8 +104,7 @@ def quantiles(times_ms: list[float]) -> dict:
     ride along under ``samples`` for the noise check (not written out)."""
     ts = sorted(times_ms)
     q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
-    return {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "repeats": len(ts),
-            "samples": ts}
+    return {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "repeats": len(ts), "samples": ts}
 
 
 def time_cpu(fn, repeats: int, warmup: int = 1, setup=None) -> dict:
@@ -222,12 +251,21 @@ def git_commit() -> tuple[str, bool | None]:
     if env:
         return env.rstrip("+"), env.endswith("+")
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
         # bench/results is left out: the benchmark itself appends to history.csv
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
         return sha, dirty
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
@@ -257,23 +295,46 @@ def machine_info() -> dict:
 
 
 # ------------------------------------------------------------------ rows ----
-def make_row(op: str, size: str, n: int, dtype: str, backend: str, mine: dict, ref: dict | None = None,
-             baselines: dict[str, dict] | None = None, mem: dict | None = None,
-             bytes_read: int | None = None, copy_GBps: float | None = None) -> dict:
+def make_row(
+    op: str,
+    size: str,
+    n: int,
+    dtype: str,
+    backend: str,
+    mine: dict,
+    ref: dict | None = None,
+    baselines: dict[str, dict] | None = None,
+    mem: dict | None = None,
+    bytes_read: int | None = None,
+    copy_GBps: float | None = None,
+) -> dict:
     """One result row: ``backend``'s median and p20/p80 (ms), the ratios to
     the reference and to up to two baselines (their time over ours: higher is
     better for es-kernels), the peak memory, the noise flag, and, given the
     bytes the op must read and the measured copy bandwidth, its GB/s and its
     time as a multiple of the time to read those bytes once."""
-    r = {"op": op, "size": size, "n": int(n), "dtype": dtype, "backend": backend,
-         "median_ms": mine["median_ms"], "p20_ms": mine["p20_ms"], "p80_ms": mine["p80_ms"],
-         "repeats": mine.get("repeats")}
+    r = {
+        "op": op,
+        "size": size,
+        "n": int(n),
+        "dtype": dtype,
+        "backend": backend,
+        "median_ms": mine["median_ms"],
+        "p20_ms": mine["p20_ms"],
+        "p80_ms": mine["p80_ms"],
+        "repeats": mine.get("repeats"),
+    }
     if ref is not None:
         r.update(ref_ms=ref["median_ms"], x_ref=ref["median_ms"] / mine["median_ms"])
     for k, (name, base) in enumerate((baselines or {}).items()):
         suffix = "" if k == 0 else str(k + 1)
-        r.update({f"baseline{suffix}": name, f"baseline{suffix}_ms": base["median_ms"],
-                  f"x_baseline{suffix}": base["median_ms"] / mine["median_ms"]})
+        r.update(
+            {
+                f"baseline{suffix}": name,
+                f"baseline{suffix}_ms": base["median_ms"],
+                f"x_baseline{suffix}": base["median_ms"] / mine["median_ms"],
+            }
+        )
     if bytes_read is not None and copy_GBps:
         gbs = bytes_read / (mine["median_ms"] * 1e-3) / 1e9
         r.update(GBps=gbs, x_read_once=copy_GBps / gbs)
@@ -286,8 +347,9 @@ def make_row(op: str, size: str, n: int, dtype: str, backend: str, mine: dict, r
     reasons = noise_check({"load_start": max(loads)} if loads else {})
     for name, t in timings.items():
         reasons += [f"{name}: {x}" for x in noise_check({k: v for k, v in t.items() if not k.startswith("load")})]
-    r.update(noisy=bool(reasons), noise="; ".join(reasons),
-             load_start=mine.get("load_start"), load_end=mine.get("load_end"))
+    r.update(
+        noisy=bool(reasons), noise="; ".join(reasons), load_start=mine.get("load_start"), load_end=mine.get("load_end")
+    )
     if reasons:
         print(f"warning: {op} {size} {dtype}: timing looks noisy ({r['noise']})", file=sys.stderr, flush=True)
     return r
@@ -295,6 +357,7 @@ def make_row(op: str, size: str, n: int, dtype: str, backend: str, mine: dict, r
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Markdown table of ``rows`` with ``columns`` = [(key, header), ...]."""
+
     def cell(v):
         if isinstance(v, bool):
             return "yes" if v else ""
@@ -302,8 +365,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return "" if v is None else str(v)
 
-    lines = ["| " + " | ".join(h for _, h in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -319,8 +381,21 @@ def _dated_path(out: Path, stem: str, date: str) -> Path:
 
 
 def history_line(row: dict, info: dict, bench: str, quick: bool) -> dict:
-    line = {k: info.get(k) for k in ("run_id", "date", "version", "commit", "dirty", "cpu", "cores",
-                                    "torch_threads", "torch", "cuda_device")}
+    line = {
+        k: info.get(k)
+        for k in (
+            "run_id",
+            "date",
+            "version",
+            "commit",
+            "dirty",
+            "cpu",
+            "cores",
+            "torch_threads",
+            "torch",
+            "cuda_device",
+        )
+    }
     line.update(bench=bench, quick=int(quick))
     line.update({k: v for k, v in row.items() if k in HISTORY_COLUMNS})
     return line
@@ -368,8 +443,15 @@ def read_history(path: Path = HISTORY) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_results(bench: str, rows: list[dict], info: dict, out: Path | str = RESULTS,
-                  history: Path | str | None = None, quick: bool = False, extra: dict | None = None) -> dict:
+def write_results(
+    bench: str,
+    rows: list[dict],
+    info: dict,
+    out: Path | str = RESULTS,
+    history: Path | str | None = None,
+    quick: bool = False,
+    extra: dict | None = None,
+) -> dict:
     """The one writer: ``<out>/<bench>_<YYYY-MM-DD>.json`` (``_2``, ``_3``...
     when that day's file exists; ``<bench>_quick_...`` for a quick run) with
     the machine and the rows, and one line per row appended to ``history``
@@ -380,8 +462,9 @@ def write_results(bench: str, rows: list[dict], info: dict, out: Path | str = RE
     date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
     path = _dated_path(out, f"{bench}_quick" if quick else bench, date)
     clean = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
-    path.write_text(json.dumps({"machine": info, "bench": bench, "quick": quick, "rows": clean, **(extra or {})},
-                               indent=1) + "\n")
+    path.write_text(
+        json.dumps({"machine": info, "bench": bench, "quick": quick, "rows": clean, **(extra or {})}, indent=1) + "\n"
+    )
     hist = Path(history) if history else out / "history.csv"
     append_history([history_line(r, info, bench, quick) for r in clean], hist)
     return {"json": path, "history": hist}
@@ -390,8 +473,10 @@ def write_results(bench: str, rows: list[dict], info: dict, out: Path | str = RE
 def header_line(info: dict) -> str:
     dirty = "+dirty" if info.get("dirty") else ""
     dev = f", {info['cuda_device']}" if info.get("cuda_device") else ""
-    return (f"es-kernels {info['version']} ({info['commit']}{dirty}), {info['cpu']}, {info['cores']} cores{dev}, "
-            f"torch {info['torch']}, {info['date']}")
+    return (
+        f"es-kernels {info['version']} ({info['commit']}{dirty}), {info['cpu']}, {info['cores']} cores{dev}, "
+        f"torch {info['torch']}, {info['date']}"
+    )
 
 
 def main(argv=None):
@@ -409,11 +494,15 @@ def main(argv=None):
     into = Path(args.into)
     have = set()
     if into.exists():
-        have = {(r.get("run_id"), r.get("bench"), r.get("op"), r.get("size"), r.get("dtype"), r.get("backend"))
-                for r in read_history(into)}
-    new = [r for r in read_history(Path(args.src))
-           if (r.get("run_id"), r.get("bench"), r.get("op"), r.get("size"), r.get("dtype"), r.get("backend"))
-           not in have]
+        have = {
+            (r.get("run_id"), r.get("bench"), r.get("op"), r.get("size"), r.get("dtype"), r.get("backend"))
+            for r in read_history(into)
+        }
+    new = [
+        r
+        for r in read_history(Path(args.src))
+        if (r.get("run_id"), r.get("bench"), r.get("op"), r.get("size"), r.get("dtype"), r.get("backend")) not in have
+    ]
     append_history(new, into)
     print(f"appended {len(new)} lines to {into}")
 

@@ -15,6 +15,7 @@ and the baselines.
 For a commit it uses that commit's latest run (the last run_id); rows
 flagged noisy are drawn with hollow markers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,8 +111,9 @@ def plot_bench(runs: dict[str, list[dict]], bench: str, metric: str, out: Path) 
                     if p[2] is not None:  # the p20-p80 band as an error bar
                         lo, hi = sorted((p[2], p[3]))
                         err = [[max(p[1] - lo, 0)], [max(hi - p[1], 0)]]
-                    ax.errorbar([p[0]], [p[1]], yerr=err, fmt="o", color=color, mfc="none" if p[4] else color,
-                                ms=4, capsize=2)
+                    ax.errorbar(
+                        [p[0]], [p[1]], yerr=err, fmt="o", color=color, mfc="none" if p[4] else color, ms=4, capsize=2
+                    )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{key[0]} [{key[1]}]", fontsize=9)
@@ -119,14 +121,17 @@ def plot_bench(runs: dict[str, list[dict]], bench: str, metric: str, out: Path) 
         ax.set_ylabel("median ms (lower is faster)" if metric == "ms" else "elements / µs (higher is faster)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     first = next(iter(runs.values()))[0]
     dirty = "+dirty" if first.get("dirty") in ("True", "true", "1") else ""
     dev = first.get("cuda_device") or f"{first['cpu']}, {first['cores']} cores"
     quick = ", quick run" if first.get("quick") == "1" else ""
-    fig.suptitle(f"{bench}: es-kernels {first['version']} ({', '.join(runs)}{dirty}), {dev}, "
-                 f"torch {first['torch']}, {first['date']}{quick}", fontsize=10)
+    fig.suptitle(
+        f"{bench}: es-kernels {first['version']} ({', '.join(runs)}{dirty}), {dev}, "
+        f"torch {first['torch']}, {first['date']}{quick}",
+        fontsize=10,
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -9,6 +9,7 @@ Triton's metadata), an occupancy estimate, and, from ``nvdisasm`` of the cubin,
 the loops: instructions per iteration, per element, and barriers per
 iteration. The method is written into the report (METHOD below).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,16 @@ sys.path.insert(0, str(ROOT))
 from es_kernels._triton import aot  # noqa: E402
 
 # H100 / H200 (sm_90) per-SM limits
-SM90 = dict(regs=65536, smem=228 * 1024, threads=2048, blocks=32, warps=64,
-            reg_unit=256,          # registers are allocated per warp in units of 256
-            smem_unit=128,         # shared memory allocation granularity (bytes)
-            smem_reserved=1024)    # shared memory the system reserves per block (sm_80+)
+SM90 = dict(
+    regs=65536,
+    smem=228 * 1024,
+    threads=2048,
+    blocks=32,
+    warps=64,
+    reg_unit=256,  # registers are allocated per warp in units of 256
+    smem_unit=128,  # shared memory allocation granularity (bytes)
+    smem_reserved=1024,
+)  # shared memory the system reserves per block (sm_80+)
 
 METHOD = """\
 **Occupancy** (sm_90: 65536 registers, 228 KB shared memory, 2048 threads, 32
@@ -103,10 +110,17 @@ def loops(sass: str) -> list[dict]:
     for s, e in spans:
         inner = [(a, b) for a, b in spans if (a, b) != (s, e) and s <= a and b <= e]
         outer = [(a, b) for a, b in spans if (a, b) != (s, e) and a <= s and e <= b]
-        body = [t for a, t in instrs if s <= a <= e and _opcode(t) != "NOP"
-                and not any(x <= a <= y for x, y in inner)]
-        out.append(dict(start=s, end=e, depth=len(outer), innermost=not inner, instr=len(body),
-                        bars=sum(_opcode(t).startswith("BAR") for t in body)))
+        body = [t for a, t in instrs if s <= a <= e and _opcode(t) != "NOP" and not any(x <= a <= y for x, y in inner)]
+        out.append(
+            dict(
+                start=s,
+                end=e,
+                depth=len(outer),
+                innermost=not inner,
+                instr=len(body),
+                bars=sum(_opcode(t).startswith("BAR") for t in body),
+            )
+        )
     return out
 
 
@@ -127,8 +141,11 @@ def occupancy(regs: int, shared: int, num_warps: int) -> dict:
 
 def _block(v: aot.Variant) -> int:
     names = list(getattr(__import__(v.module, fromlist=[v.name]), v.name).arg_names)
-    blocks = [int(v.constexprs[(i,)]) for i, n in enumerate(names)
-              if "BLOCK" in n and (i,) in v.constexprs and v.signature[n] == "constexpr"]
+    blocks = [
+        int(v.constexprs[(i,)])
+        for i, n in enumerate(names)
+        if "BLOCK" in n and (i,) in v.constexprs and v.signature[n] == "constexpr"
+    ]
     return max(blocks) if blocks else 1
 
 
@@ -160,35 +177,55 @@ def main(argv=None) -> int:
             lp["per_elem"] = lp["instr"] / per_thread
         rows.append((v, r, occ, ls, per_thread))
 
-    lines = ["# SASS report of the Triton kernels (sm_90a)", "",
-             f"Written by `python bench/sass_report.py` (Triton {aot._triton_version()}, no GPU needed): every "
-             f"variant the launchers produce ({len(rows)} for sm_90a), compiled through the harness of "
-             "es_kernels/_triton/aot.py.", "", "## Method", "", METHOD,
-             "## Per kernel (its fullest variant: most flags on, largest block)", "",
-             "| kernel | variant | regs | shared (B) | threads | blocks/SM (limiter) | occupancy | "
-             "innermost loops: instr/iter, instr/elem, BAR/iter |",
-             "|---|---|---:|---:|---:|---|---:|---|"]
+    lines = [
+        "# SASS report of the Triton kernels (sm_90a)",
+        "",
+        f"Written by `python bench/sass_report.py` (Triton {aot._triton_version()}, no GPU needed): every "
+        f"variant the launchers produce ({len(rows)} for sm_90a), compiled through the harness of "
+        "es_kernels/_triton/aot.py.",
+        "",
+        "## Method",
+        "",
+        METHOD,
+        "## Per kernel (its fullest variant: most flags on, largest block)",
+        "",
+        "| kernel | variant | regs | shared (B) | threads | blocks/SM (limiter) | occupancy | "
+        "innermost loops: instr/iter, instr/elem, BAR/iter |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
     by_kernel: dict = {}
     for row in rows:
         by_kernel.setdefault(row[0].name, []).append(row)
     for name in sorted(by_kernel):
         v, r, occ, ls, _ = max(by_kernel[name], key=lambda x: _completeness(x[0], x[1]))
         lines.append(_row(v, r, occ, ls, name_col=True))
-    lines += ["", "Across all variants:", "",
-              "| kernel | variants | regs (min-max) | shared (max, B) | occupancy (min-max) | "
-              "max BAR/iter in an innermost loop |", "|---|---:|---|---:|---|---:|"]
+    lines += [
+        "",
+        "Across all variants:",
+        "",
+        "| kernel | variants | regs (min-max) | shared (max, B) | occupancy (min-max) | "
+        "max BAR/iter in an innermost loop |",
+        "|---|---:|---|---:|---|---:|",
+    ]
     for name in sorted(by_kernel):
         g = by_kernel[name]
         regs = [x[1].regs for x in g]
         occs = [x[2]["occupancy"] for x in g]
         bars = [lp["bars"] for x in g for lp in x[3] if lp["innermost"]]
-        lines.append(f"| {name} | {len(g)} | {min(regs)}-{max(regs)} | {max(x[1].shared for x in g)} | "
-                     f"{min(occs):.0%}-{max(occs):.0%} | {max(bars) if bars else 0} |")
-    lines += ["", "## Every variant", "",
-              "Loops in address order, `*` innermost, `[d]` nesting depth when > 0: instructions per "
-              "iteration / per element, barriers per iteration.", "",
-              "| kernel | variant | regs | shared (B) | threads | blocks/SM (limiter) | occupancy | loops |",
-              "|---|---|---:|---:|---:|---|---:|---|"]
+        lines.append(
+            f"| {name} | {len(g)} | {min(regs)}-{max(regs)} | {max(x[1].shared for x in g)} | "
+            f"{min(occs):.0%}-{max(occs):.0%} | {max(bars) if bars else 0} |"
+        )
+    lines += [
+        "",
+        "## Every variant",
+        "",
+        "Loops in address order, `*` innermost, `[d]` nesting depth when > 0: instructions per "
+        "iteration / per element, barriers per iteration.",
+        "",
+        "| kernel | variant | regs | shared (B) | threads | blocks/SM (limiter) | occupancy | loops |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
     for v, r, occ, ls, _ in sorted(rows, key=lambda x: (x[0].name, aot._natural(x[0].label))):
         lines.append(_row(v, r, occ, ls, name_col=True, all_loops=True))
     if bad:
@@ -201,12 +238,20 @@ def main(argv=None) -> int:
 
 def _row(v, r, occ, ls, name_col=True, all_loops=False) -> str:
     shown = ls if all_loops else [lp for lp in ls if lp["innermost"]]
-    loop_text = "; ".join(
-        ("*" if lp["innermost"] and all_loops else "") + (f"[{lp['depth']}]" if lp["depth"] else "")
-        + f"{lp['instr']}, {lp['per_elem']:.1f}, {lp['bars']}" for lp in shown) or "no loop"
+    loop_text = (
+        "; ".join(
+            ("*" if lp["innermost"] and all_loops else "")
+            + (f"[{lp['depth']}]" if lp["depth"] else "")
+            + f"{lp['instr']}, {lp['per_elem']:.1f}, {lp['bars']}"
+            for lp in shown
+        )
+        or "no loop"
+    )
     warps = v.options["num_warps"]
-    return (f"| {v.name} | {v.label} | {r.regs} | {r.shared} | {32 * warps} | {occ['blocks']} ({occ['limiter']}) | "
-            f"{occ['occupancy']:.0%} | {loop_text} |")
+    return (
+        f"| {v.name} | {v.label} | {r.regs} | {r.shared} | {32 * warps} | {occ['blocks']} ({occ['limiter']}) | "
+        f"{occ['occupancy']:.0%} | {loop_text} |"
+    )
 
 
 if __name__ == "__main__":

@@ -169,7 +169,8 @@ float row_loss(const T* x, int64_t C, int64_t target, double eps, float* buf) {
     return nll;
   } else {
     const float smooth = acc.d + static_cast<float>(C) * log_s;
-    return static_cast<float>(1.0 - eps) * nll + static_cast<float>(eps / static_cast<double>(C)) * smooth;
+    return static_cast<float>(1.0 - eps) * nll +
+           static_cast<float>(eps / static_cast<double>(C)) * smooth;
   }
 }
 
@@ -202,17 +203,18 @@ at::Tensor per_sample_cross_entropy(const at::Tensor& logits_in, const at::Tenso
   const int64_t dim = logits_in.dim();
   TORCH_CHECK_VALUE(dim == 2 || dim == 3, "logits must be [B, C] or [B, T, V], got ",
                     logits_in.sizes());
-  TORCH_CHECK_VALUE(targets_in.dim() == dim - 1 &&
-                        targets_in.sizes() == logits_in.sizes().slice(0, dim - 1),
-                    "targets must have shape ", logits_in.sizes().slice(0, dim - 1), ", got ",
-                    targets_in.sizes());
+  TORCH_CHECK_VALUE(
+      targets_in.dim() == dim - 1 && targets_in.sizes() == logits_in.sizes().slice(0, dim - 1),
+      "targets must have shape ", logits_in.sizes().slice(0, dim - 1), ", got ",
+      targets_in.sizes());
   TORCH_CHECK_VALUE(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
                     "targets must be int64 or int32, got ", targets_in.scalar_type());
   // The logits are read in place with their batch (and sequence) strides, so
   // that a view such as logits[:, :-1] costs no copy; only a class stride
   // other than 1 is copied.
-  const at::Tensor logits =
-      logits_in.size(dim - 1) <= 1 || logits_in.stride(dim - 1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = logits_in.size(dim - 1) <= 1 || logits_in.stride(dim - 1) == 1
+                                ? logits_in
+                                : logits_in.contiguous();
   const at::Tensor targets = targets_in.contiguous();
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(dim - 1);
@@ -224,18 +226,21 @@ at::Tensor per_sample_cross_entropy(const at::Tensor& logits_in, const at::Tenso
   const int64_t T_len = dim == 3 ? logits.size(1) : 1;
   const int64_t stride_b = logits.stride(0), stride_t = dim == 3 ? logits.stride(1) : 0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "per_sample_ce", [&] {
-    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "per_sample_ce_targets", [&] {
-      const scalar_t* x = logits.const_data_ptr<scalar_t>();
-      const index_t* tg = targets.const_data_ptr<index_t>();
-      float* o = tok.data_ptr<float>();
-      if (label_smoothing > 0.0) {
-        token_losses<true>(x, stride_b, stride_t, T_len, tg, rows, C, ignore_index, label_smoothing, o);
-      } else {
-        token_losses<false>(x, stride_b, stride_t, T_len, tg, rows, C, ignore_index, label_smoothing, o);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "per_sample_ce", [&] {
+        AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "per_sample_ce_targets", [&] {
+          const scalar_t* x = logits.const_data_ptr<scalar_t>();
+          const index_t* tg = targets.const_data_ptr<index_t>();
+          float* o = tok.data_ptr<float>();
+          if (label_smoothing > 0.0) {
+            token_losses<true>(x, stride_b, stride_t, T_len, tg, rows, C, ignore_index,
+                               label_smoothing, o);
+          } else {
+            token_losses<false>(x, stride_b, stride_t, T_len, tg, rows, C, ignore_index,
+                                label_smoothing, o);
+          }
+        });
+      });
 
   if (dim == 3) {  // mean over the non-ignored tokens of each sequence
     const int64_t T = logits.size(1);

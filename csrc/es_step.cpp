@@ -32,7 +32,8 @@ void check_errors(const at::Tensor& errors) {
 // no write, no count, weight 0.
 template <typename S, typename I>
 void update_kernel(const I* ids, const S* l, const bool* scored, int64_t B, S* st, int64_t N,
-                   int64_t* errors, float* w, double beta1, double beta2, double lam, double w_min) {
+                   int64_t* errors, float* w, double beta1, double beta2, double lam,
+                   double w_min) {
   const S b1 = static_cast<S>(beta1), ob1 = static_cast<S>(1.0 - beta1);
   const S b2 = static_cast<S>(beta2), ob2 = static_cast<S>(1.0 - beta2);
   const S lm = static_cast<S>(lam), wmin = static_cast<S>(w_min);
@@ -110,7 +111,8 @@ std::vector<double> exploration_mix(const float* w, int64_t B, double eps) {
   const double up = std::ldexp(1.0, kSelectMeanBits - e);
   int64_t q = 0;
   for (int64_t j = 0; j < B; ++j) q += static_cast<int64_t>(std::floor(positive_part(w[j]) * up));
-  const double mean = static_cast<double>(q) * std::ldexp(1.0, e - kSelectMeanBits) / static_cast<double>(B);
+  const double mean =
+      static_cast<double>(q) * std::ldexp(1.0, e - kSelectMeanBits) / static_cast<double>(B);
   for (int64_t j = 0; j < B; ++j) v[j] = ((1.0 - eps) * positive_part(w[j])) / mean + eps;
   return v;
 }
@@ -124,7 +126,8 @@ at::Tensor select_kernel(const float* w, int64_t B, int64_t b, bool sample, uint
   TORCH_CHECK_VALUE(b >= 0 && b <= B, "b must be in [0, B] = [0, ", B, "], got ", b);
   at::Tensor out = at::empty({b}, opts.dtype(at::kLong));
   if (b == 0) return out;
-  const std::vector<double> v = sample && eps > 0.0 ? exploration_mix(w, B, eps) : std::vector<double>();
+  const std::vector<double> v =
+      sample && eps > 0.0 ? exploration_mix(w, B, eps) : std::vector<double>();
   // packed = (~ordered key) << 32 | position: ascending packed is descending
   // key, ties to the lower position; plain integer compares from here on.
   std::vector<uint64_t> packed(B);
@@ -173,9 +176,10 @@ at::Tensor update(const at::Tensor& ids_in, const at::Tensor& losses_in, const b
     with_contiguous(errors, [&](at::Tensor& ec) {
       AT_DISPATCH_FLOATING_TYPES(sc.scalar_type(), "es_update", [&] {
         AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "es_update_ids", [&] {
-          update_kernel<scalar_t, index_t>(ids.data_ptr<index_t>(), losses.data_ptr<scalar_t>(), scored, B,
-                                           sc.data_ptr<scalar_t>(), sc.size(0), ec.data_ptr<int64_t>(),
-                                           w.data_ptr<float>(), beta1, beta2, lam, w_min);
+          update_kernel<scalar_t, index_t>(ids.data_ptr<index_t>(), losses.data_ptr<scalar_t>(),
+                                           scored, B, sc.data_ptr<scalar_t>(), sc.size(0),
+                                           ec.data_ptr<int64_t>(), w.data_ptr<float>(), beta1,
+                                           beta2, lam, w_min);
         });
       });
     });
@@ -186,7 +190,8 @@ at::Tensor update(const at::Tensor& ids_in, const at::Tensor& losses_in, const b
 // Per-row means of token losses [B, T] where `mask` (bool [B, T], or none:
 // every token) holds, accumulated in float64 in token order, rounded to
 // float32; `scored` says which rows had a token.
-at::Tensor sequence_means(const at::Tensor& losses_in, const OptTensor& mask_in, std::vector<uint8_t>& scored) {
+at::Tensor sequence_means(const at::Tensor& losses_in, const OptTensor& mask_in,
+                          std::vector<uint8_t>& scored) {
   const at::Tensor l = losses_in.to(at::kDouble).contiguous();
   const int64_t B = l.size(0), T = l.size(1);
   at::Tensor mask;
@@ -215,16 +220,19 @@ at::Tensor sequence_means(const at::Tensor& losses_in, const OptTensor& mask_in,
   return out;
 }
 
-Tensor3 fused_step(const at::Tensor& losses, const bool* scored, const at::Tensor& ids, at::Tensor& state,
-             at::Tensor& errors, int64_t b, double beta1, double beta2, c10::string_view select_mode,
-             int64_t seed, int64_t step, const OptTensor& seed_tensor, const OptTensor& step_tensor,
-             bool advance_step, double lam, double eps, double w_min) {
+Tensor3 fused_step(const at::Tensor& losses, const bool* scored, const at::Tensor& ids,
+                   at::Tensor& state, at::Tensor& errors, int64_t b, double beta1, double beta2,
+                   c10::string_view select_mode, int64_t seed, int64_t step,
+                   const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step,
+                   double lam, double eps, double w_min) {
   const bool sample = parse_mode(select_mode, eps);
-  TORCH_CHECK_VALUE(b >= 0 && b <= ids.numel(), "b must be in [0, B] = [0, ", ids.numel(), "], got ", b);
+  TORCH_CHECK_VALUE(b >= 0 && b <= ids.numel(), "b must be in [0, B] = [0, ", ids.numel(),
+                    "], got ", b);
   const uint64_t useed = noise_value(seed, seed_tensor, "seed");
   const uint64_t ustep = noise_value(step, step_tensor, "step");
   at::Tensor w = update(ids, losses, scored, state, errors, beta1, beta2, lam, w_min);
-  at::Tensor pos = select_kernel(w.data_ptr<float>(), w.size(0), b, sample, useed, ustep, eps, w.options());
+  at::Tensor pos =
+      select_kernel(w.data_ptr<float>(), w.size(0), b, sample, useed, ustep, eps, w.options());
   if (advance_step && step_tensor.has_value()) {
     int64_t* p = step_tensor->data_ptr<int64_t>();
     *p = static_cast<int64_t>(static_cast<uint64_t>(*p) + 1u);
@@ -248,7 +256,8 @@ at::Tensor weighted_select(const at::Tensor& weights_in, int64_t b, c10::string_
   const bool sample = parse_mode(select_mode, eps);
   TORCH_CHECK_VALUE(weights_in.size(0) < (int64_t(1) << 32), "weights: at most 2^32 - 1 positions");
   const at::Tensor w = weights_in.to(at::kFloat).contiguous();
-  return select_kernel(w.data_ptr<float>(), w.size(0), b, sample, noise_value(seed, seed_tensor, "seed"),
+  return select_kernel(w.data_ptr<float>(), w.size(0), b, sample,
+                       noise_value(seed, seed_tensor, "seed"),
                        noise_value(step, step_tensor, "step"), eps, w.options());
 }
 
@@ -263,21 +272,23 @@ Tensor3 es_step_from_losses(const at::Tensor& losses, const at::Tensor& ids, at:
                     losses.sizes());
   if (losses.dim() == 1) {
     TORCH_CHECK_VALUE(!mask.has_value(), "mask goes with token losses [B, T]");
-    return fused_step(losses, nullptr, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
-                step_tensor, advance_step, lam, eps, w_min);
+    return fused_step(losses, nullptr, ids, state, errors, b, beta1, beta2, select_mode, seed, step,
+                      seed_tensor, step_tensor, advance_step, lam, eps, w_min);
   }
   TORCH_CHECK_VALUE(at::isFloatingType(losses.scalar_type()), "losses must be floating point");
   std::vector<uint8_t> scored;
   const at::Tensor means = sequence_means(losses, mask, scored);
-  return fused_step(means, reinterpret_cast<const bool*>(scored.data()), ids, state, errors, b, beta1, beta2,
-              select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min);
+  return fused_step(means, reinterpret_cast<const bool*>(scored.data()), ids, state, errors, b,
+                    beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step,
+                    lam, eps, w_min);
 }
 
 Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& ids,
                 at::Tensor& state, at::Tensor& errors, int64_t b, double beta1, double beta2,
-                c10::string_view select_mode, int64_t seed, int64_t step, const OptTensor& seed_tensor,
-                const OptTensor& step_tensor, bool advance_step, int64_t ignore_index,
-                double label_smoothing, double lam, double eps, double w_min) {
+                c10::string_view select_mode, int64_t seed, int64_t step,
+                const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step,
+                int64_t ignore_index, double label_smoothing, double lam, double eps,
+                double w_min) {
   // select_mode, eps and b are checked by fused_step() before it writes any state
   TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == logits.size(0),
                     "ids must be 1-D with the batch size of logits (", logits.size(0), ")");
@@ -285,8 +296,9 @@ Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::T
   // a row (or sequence) with no target to score is skipped by the update
   const at::Tensor has = (targets != ignore_index);
   const at::Tensor scored = (has.dim() == 2 ? has.any(1) : has).contiguous();
-  return fused_step(losses, scored.data_ptr<bool>(), ids, state, errors, b, beta1, beta2, select_mode, seed, step,
-              seed_tensor, step_tensor, advance_step, lam, eps, w_min);
+  return fused_step(losses, scored.data_ptr<bool>(), ids, state, errors, b, beta1, beta2,
+                    select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps,
+                    w_min);
 }
 
 }  // namespace es_kernels

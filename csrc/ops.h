@@ -33,8 +33,7 @@ Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::T
                 at::Tensor& state, at::Tensor& errors, int64_t b, double beta1, double beta2,
                 c10::string_view select_mode, int64_t seed, int64_t step,
                 const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step,
-                int64_t ignore_index, double label_smoothing, double lam, double eps,
-                double w_min);
+                int64_t ignore_index, double label_smoothing, double lam, double eps, double w_min);
 
 Tensor3 eswp_prune(const at::Tensor& state, double prune_ratio, int64_t seed, int64_t epoch,
                    int64_t num_epochs, double anneal_frac, bool rescale);

@@ -13,7 +13,8 @@
 namespace es_kernels {
 namespace {
 
-constexpr int64_t kReduceChunks = 256;  // work split of the reductions (the result does not depend on it)
+constexpr int64_t kReduceChunks =
+    256;  // work split of the reductions (the result does not depend on it)
 
 // Sorts packed (key << 32 | id) values by key, stably: two LSD passes of 16
 // bits over the high word. Input is in ascending id, so ties stay by id.
@@ -40,7 +41,9 @@ void radix_sort_by_high_word(std::vector<uint64_t>& v) {
 // any backend get the same bits.
 template <typename S>
 double prune_threshold(const S* st, int64_t N) {
-  auto score = [&](int64_t i) { return static_cast<double>(st[2 * i]) + static_cast<double>(st[2 * i + 1]); };
+  auto score = [&](int64_t i) {
+    return static_cast<double>(st[2 * i]) + static_cast<double>(st[2 * i + 1]);
+  };
   std::vector<double> pmax(kReduceChunks, 0.0);
   std::vector<int64_t> pcount(kReduceChunks, 0), psum(kReduceChunks, 0);
   const int64_t per = (N + kReduceChunks - 1) / kReduceChunks;
@@ -81,12 +84,13 @@ double prune_threshold(const S* st, int64_t N) {
   });
   int64_t total = 0;
   for (int64_t c = 0; c < kReduceChunks; ++c) total += psum[c];
-  return static_cast<double>(total) * std::ldexp(1.0, e - kPruneMeanBits) / static_cast<double>(observed);
+  return static_cast<double>(total) * std::ldexp(1.0, e - kPruneMeanBits) /
+         static_cast<double>(observed);
 }
 
 template <typename S>
-void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoch,
-                  bool annealing, bool rescale, int64_t* order, int64_t* num_kept, float* scale) {
+void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoch, bool annealing,
+                  bool rescale, int64_t* order, int64_t* num_kept, float* scale) {
   const double tau = prune_threshold(st, N);
   const float kept_scale = rescale ? static_cast<float>(1.0 / (1.0 - r)) : 1.0f;
 
@@ -111,8 +115,10 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
   int64_t tail = 0;
   std::vector<int64_t> gone;
   for (int64_t i = 0; i < N; ++i) {
-    if (dropped[i]) gone.push_back(i);
-    else kept.push_back((static_cast<uint64_t>(key[i]) << 32) | static_cast<uint64_t>(i));
+    if (dropped[i])
+      gone.push_back(i);
+    else
+      kept.push_back((static_cast<uint64_t>(key[i]) << 32) | static_cast<uint64_t>(i));
   }
   radix_sort_by_high_word(kept);
   const int64_t K = static_cast<int64_t>(kept.size());
@@ -139,8 +145,9 @@ Tensor3 eswp_prune(const at::Tensor& state_in, double prune_ratio, int64_t seed,
   const bool annealing = epoch >= anneal_stop(num_epochs, anneal_frac);
   AT_DISPATCH_FLOATING_TYPES(st.scalar_type(), "eswp_prune", [&] {
     prune_kernel<scalar_t>(st.data_ptr<scalar_t>(), N, prune_ratio, static_cast<uint64_t>(seed),
-                           static_cast<uint64_t>(epoch), annealing, rescale, order.data_ptr<int64_t>(),
-                           num_kept.data_ptr<int64_t>(), scale.data_ptr<float>());
+                           static_cast<uint64_t>(epoch), annealing, rescale,
+                           order.data_ptr<int64_t>(), num_kept.data_ptr<int64_t>(),
+                           scale.data_ptr<float>());
   });
   return {order, num_kept, scale};
 }

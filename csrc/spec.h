@@ -24,8 +24,8 @@ inline int64_t anneal_stop(int64_t num_epochs, double anneal_frac) {
 // wins over the host int; taken as its 64-bit two's complement.
 inline uint64_t noise_value(int64_t value, const std::optional<at::Tensor>& t, const char* name) {
   if (!t.has_value()) return static_cast<uint64_t>(value);
-  TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kLong && t->numel() == 1,
-                    name, "_tensor must be a 0-d int64 CPU tensor for this kernel");
+  TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kLong && t->numel() == 1, name,
+                    "_tensor must be a 0-d int64 CPU tensor for this kernel");
   return static_cast<uint64_t>(t->data_ptr<int64_t>()[0]);
 }
 

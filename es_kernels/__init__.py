@@ -4,6 +4,7 @@ The ops live in ``torch.ops.es_kernels`` (C++ on CPU, Triton on CUDA); this
 package adds the functional API, the per-sample state and the plain-PyTorch
 reference (:mod:`es_kernels.reference`).
 """
+
 from . import lm, reference
 from ._ops import ops
 from .functional import (
@@ -39,7 +40,7 @@ def _register_triton() -> bool:
 
 HAS_TRITON_CUDA = _register_triton()
 
-from ._version import __version__  # noqa: E402
+from ._version import __version__  # noqa: E402, F401  (re-exported)
 
 __all__ = [
     "HAS_TRITON_CUDA",

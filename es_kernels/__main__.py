@@ -1,4 +1,5 @@
 """``es-kernels <command>`` / ``python -m es_kernels <command>``."""
+
 import sys
 
 

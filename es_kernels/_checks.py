@@ -6,6 +6,7 @@ Each failure is a ``ValueError`` that names the argument. The public API, the
 fake (meta) implementations and the Triton launchers all call these, before
 anything is written to the per-sample state.
 """
+
 from __future__ import annotations
 
 import math
@@ -173,8 +174,10 @@ def ids_losses(ids, losses, device, token_losses: bool = False, mask=None) -> No
     if mask is not None:
         tensor(mask, "mask", dtypes=(torch.bool,), device=device)
         if losses.dim() != 2 or mask.shape != losses.shape:
-            raise ValueError(f"mask goes with token losses [B, T] and must have their shape, got mask "
-                             f"{tuple(mask.shape)} and losses {tuple(losses.shape)}")
+            raise ValueError(
+                f"mask goes with token losses [B, T] and must have their shape, got mask "
+                f"{tuple(mask.shape)} and losses {tuple(losses.shape)}"
+            )
     if not losses.dtype.is_floating_point:
         raise ValueError(f"losses must be floating point, got {losses.dtype}")
     if losses.shape[0] != ids.shape[0]:
@@ -195,8 +198,9 @@ def step_tensor(step, advance_step) -> None:
         writable(step, "step")
 
 
-def step_from_losses(losses, ids, st, errors, b, beta1, beta2, select_mode, seed, step, advance_step,
-                     lam, eps, w_min, mask=None) -> None:
+def step_from_losses(
+    losses, ids, st, errors, b, beta1, beta2, select_mode, seed, step, advance_step, lam, eps, w_min, mask=None
+) -> None:
     state(st, errors)
     ids_losses(ids, losses, st.device, token_losses=True, mask=mask)
     hyper(beta1, beta2, lam, w_min)
@@ -204,8 +208,25 @@ def step_from_losses(losses, ids, st, errors, b, beta1, beta2, select_mode, seed
     step_tensor(step, advance_step)
 
 
-def step_from_logits(logits, targets, ids, st, errors, b, beta1, beta2, select_mode, seed, step,
-                     advance_step, ignore_index, label_smoothing, lam, eps, w_min) -> None:
+def step_from_logits(
+    logits,
+    targets,
+    ids,
+    st,
+    errors,
+    b,
+    beta1,
+    beta2,
+    select_mode,
+    seed,
+    step,
+    advance_step,
+    ignore_index,
+    label_smoothing,
+    lam,
+    eps,
+    w_min,
+) -> None:
     state(st, errors)
     logits_targets(logits, targets, ignore_index, label_smoothing, device=st.device)
     tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=st.device)

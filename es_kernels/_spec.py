@@ -4,6 +4,7 @@ Nothing here imports a backend or the reference: the reference, the C++
 launch path, the Triton launchers, the samplers and the checks all take these
 from here, so a rule changes in one place (and in the spec).
 """
+
 from __future__ import annotations
 
 import math

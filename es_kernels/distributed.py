@@ -26,6 +26,7 @@ Both are subclasses, so ``es_kernels/sampler.py`` is unchanged (its
 ``DistributedESWPSampler`` uses only ``ESWPSampler``'s ``__iter__`` and
 ``__len__``, whatever the base does inside them.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,13 +36,30 @@ import torch.distributed as dist
 
 from . import _checks
 from ._ops import ops
-from ._spec import (DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM,
-                    DEFAULT_W_MIN, INT64_MIN, SELECT_MEAN_BITS)
+from ._spec import (
+    DEFAULT_ANNEAL_FRAC,
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_LAM,
+    DEFAULT_W_MIN,
+    INT64_MIN,
+    SELECT_MEAN_BITS,
+)
 from .functional import checked_mode, per_sample_cross_entropy
 from .sampler import ESWPSampler, EvolvedSampler, Selection
 
-__all__ = ["PAD_ID", "DistributedEvolvedSampler", "DistributedESWPSampler", "shard_indices", "shard_length",
-           "gathered_update", "rank_selection", "eps_mix", "replica_digest"]
+__all__ = [
+    "PAD_ID",
+    "DistributedEvolvedSampler",
+    "DistributedESWPSampler",
+    "shard_indices",
+    "shard_length",
+    "gathered_update",
+    "rank_selection",
+    "eps_mix",
+    "replica_digest",
+]
 
 PAD_ID = INT64_MIN  # the id of a padding position: skipped and not counted as an error
 
@@ -91,8 +109,7 @@ def gathered_update(ids, losses, state, beta1, beta2, lam, w_min) -> torch.Tenso
     first = first_occurrence(ids)
     dup = first != torch.arange(ids.shape[0], device=ids.device)
     upd = torch.where(dup, PAD_ID, ids)
-    w = ops.es_update(upd, losses, state.tensor, state.errors, float(beta1), float(beta2), float(lam),
-                      float(w_min))
+    w = ops.es_update(upd, losses, state.tensor, state.errors, float(beta1), float(beta2), float(lam), float(w_min))
     state.errors[0] -= (upd == PAD_ID).sum()  # es_update counted them as out of range
     return w[first]
 
@@ -109,8 +126,9 @@ def eps_mix(w: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(big == 0, 1.0, v).to(torch.float32)
 
 
-def rank_selection(weights_all, rank: int, cap: int, n: int, b: int, select_mode: str, seed, step,
-                   eps: float = 0.0) -> torch.Tensor:
+def rank_selection(
+    weights_all, rank: int, cap: int, n: int, b: int, select_mode: str, seed, step, eps: float = 0.0
+) -> torch.Tensor:
     """Positions (ascending, in ``[0, n)``) of the ``b`` that rank ``rank`` selects among
     its ``n`` real positions ``rank * cap + j`` of the gathered weights (spec section 11.1, Selection).
 
@@ -119,7 +137,7 @@ def rank_selection(weights_all, rank: int, cap: int, n: int, b: int, select_mode
     ``>= w_min > 0``), and each real position keeps its global noise index."""
     lo = rank * cap
     x = torch.zeros(lo + n, dtype=torch.float32, device=weights_all.device)
-    own = weights_all[lo: lo + n].to(torch.float32)
+    own = weights_all[lo : lo + n].to(torch.float32)
     x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
     seed_i, seed_t = _checks.split_noise(seed)
     step_i, step_t = _checks.split_noise(step)
@@ -162,15 +180,27 @@ class DistributedEvolvedSampler(EvolvedSampler):
     (``ES_KERNELS_CHECKED=1``) compares the replicas after every step.
     """
 
-    def __init__(self, num_samples: int, mini_batch: int, beta1: float = DEFAULT_BETA1,
-                 beta2: float = DEFAULT_BETA2, select_mode: str = "sample", seed: int = 0, device=None,
-                 w_min: float = DEFAULT_W_MIN, *, lam: float = DEFAULT_LAM, eps: float = DEFAULT_EPS,
-                 process_group=None, meta_batch: int | None = None):
+    def __init__(
+        self,
+        num_samples: int,
+        mini_batch: int,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        select_mode: str = "sample",
+        seed: int = 0,
+        device=None,
+        w_min: float = DEFAULT_W_MIN,
+        *,
+        lam: float = DEFAULT_LAM,
+        eps: float = DEFAULT_EPS,
+        process_group=None,
+        meta_batch: int | None = None,
+    ):
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("DistributedEvolvedSampler needs torch.distributed initialised "
-                               "(init_process_group) on every rank")
-        super().__init__(num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min,
-                         lam=lam, eps=eps)
+            raise RuntimeError(
+                "DistributedEvolvedSampler needs torch.distributed initialised (init_process_group) on every rank"
+            )
+        super().__init__(num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam=lam, eps=eps)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
@@ -186,8 +216,10 @@ class DistributedEvolvedSampler(EvolvedSampler):
                 return 0
             self.meta_batch = agreed
         if n > self.meta_batch:
-            raise ValueError(f"meta-batch of {n} ids on rank {self.rank}, more than meta_batch="
-                             f"{self.meta_batch} (the padded size every rank agreed on)")
+            raise ValueError(
+                f"meta-batch of {n} ids on rank {self.rank}, more than meta_batch="
+                f"{self.meta_batch} (the padded size every rank agreed on)"
+            )
         return self.meta_batch
 
     def _gather(self, ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
@@ -215,7 +247,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
         n = ids.shape[0]
         cap = self._capacity(n)
         w = self._apply(self._gather(ids, losses, cap))
-        return w[self.rank * cap: self.rank * cap + n]
+        return w[self.rank * cap : self.rank * cap + n]
 
     def _apply(self, gathered: torch.Tensor) -> torch.Tensor:
         gids, glosses = unpack(gathered)
@@ -227,8 +259,9 @@ class DistributedEvolvedSampler(EvolvedSampler):
             self.state.check()
         return w
 
-    def select(self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100,
-               label_smoothing: float = 0.0) -> Selection:
+    def select(
+        self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100, label_smoothing: float = 0.0
+    ) -> Selection:
         """As :meth:`EvolvedSampler.select`, on this rank's meta-batch (one collective,
         no host synchronisation)."""
         ids, losses = self._inputs(ids, logits, targets, losses, ignore_index, label_smoothing)
@@ -238,14 +271,14 @@ class DistributedEvolvedSampler(EvolvedSampler):
         w_all = self._apply(self._gather(ids, losses, cap)) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
         self._step.add_(1)
-        weights = w_all[self.rank * cap: self.rank * cap + n]
+        weights = w_all[self.rank * cap : self.rank * cap + n]
         return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), weights)
 
     # ---- checks
     def _check_distinct(self, gids: torch.Tensor, cap: int) -> None:
         """Checked mode: every rank's own ids distinct (all ranks see every slice, so all raise)."""
         for r in range(self.world_size):
-            part = gids[r * cap: (r + 1) * cap]
+            part = gids[r * cap : (r + 1) * cap]
             part = part[part != PAD_ID]
             if part.numel() != torch.unique(part).numel():
                 raise RuntimeError(f"es_kernels checked mode: rank {r} passed duplicate ids in one step")
@@ -258,8 +291,10 @@ class DistributedEvolvedSampler(EvolvedSampler):
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
         hi, lo = both[:4], -both[4:]
         if bool((hi != lo).any()):
-            raise RuntimeError("es_kernels: the state replicas of the ranks diverged "
-                               f"(digest min {lo.tolist()} vs max {hi.tolist()}: state hash, errors, step)")
+            raise RuntimeError(
+                "es_kernels: the state replicas of the ranks diverged "
+                f"(digest min {lo.tolist()} vs max {hi.tolist()}: state hash, errors, step)"
+            )
 
     # ---- checkpoints
     def state_dict(self) -> dict:
@@ -318,9 +353,19 @@ class DistributedESWPSampler(ESWPSampler):
     :class:`DistributedEvolvedSampler`, else from the default process group.
     """
 
-    def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
-                 anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True, seed: int | None = None, *,
-                 num_replicas: int | None = None, rank: int | None = None, drop_last: bool = False):
+    def __init__(
+        self,
+        es: EvolvedSampler,
+        num_epochs: int,
+        prune_ratio: float = 0.5,
+        anneal_frac: float = DEFAULT_ANNEAL_FRAC,
+        rescale: bool = True,
+        seed: int | None = None,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ):
         super().__init__(es, num_epochs, prune_ratio, anneal_frac, rescale, seed)
         if num_replicas is None:
             num_replicas = es.world_size if isinstance(es, DistributedEvolvedSampler) else dist.get_world_size()

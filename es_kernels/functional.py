@@ -6,6 +6,7 @@ Set ``ES_KERNELS_CHECKED=1`` for the checked mode (spec section 8): every
 step then also refuses duplicate ids and calls ``state.check()`` afterwards
 (both read device values: for debugging, not for speed).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,28 @@ import torch
 
 from . import _checks
 from ._ops import ops
-from ._spec import (DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM,
-                    DEFAULT_W_MIN, DEFAULT_ANNEAL_FRAC)
+from ._spec import (
+    DEFAULT_ANNEAL_FRAC,
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_IGNORE_INDEX,
+    DEFAULT_LAM,
+    DEFAULT_W_MIN,
+)
 from .state import ESState
 
-__all__ = ["StepResult", "PruneResult", "checked_mode", "per_sample_cross_entropy", "es_update",
-           "weighted_select", "es_step", "es_step_from_losses", "eswp_prune"]
+__all__ = [
+    "StepResult",
+    "PruneResult",
+    "checked_mode",
+    "per_sample_cross_entropy",
+    "es_update",
+    "weighted_select",
+    "es_step",
+    "es_step_from_losses",
+    "eswp_prune",
+]
 
 
 class StepResult(NamedTuple):
@@ -67,13 +84,20 @@ def _shift(logits, targets, shift_labels):
     if not shift_labels:
         return logits, targets
     if logits.dim() != 3:
-        raise ValueError(f"shift_labels=True needs logits [B, T, V] and targets [B, T], got logits "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(
+            f"shift_labels=True needs logits [B, T, V] and targets [B, T], got logits {tuple(logits.shape)}"
+        )
     return logits[:, :-1], targets[:, 1:]
 
 
-def per_sample_cross_entropy(logits, targets, ignore_index: int = DEFAULT_IGNORE_INDEX,
-                             label_smoothing: float = 0.0, *, shift_labels: bool = False) -> torch.Tensor:
+def per_sample_cross_entropy(
+    logits,
+    targets,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    *,
+    shift_labels: bool = False,
+) -> torch.Tensor:
     """Per-sample cross-entropy (spec section 5).
 
     Parameters
@@ -108,8 +132,9 @@ def per_sample_cross_entropy(logits, targets, ignore_index: int = DEFAULT_IGNORE
     return ops.per_sample_cross_entropy(logits, targets, ignore_index, float(label_smoothing))
 
 
-def es_update(ids, losses, state, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2, *, lam=DEFAULT_LAM,
-              w_min=DEFAULT_W_MIN) -> torch.Tensor:
+def es_update(
+    ids, losses, state, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2, *, lam=DEFAULT_LAM, w_min=DEFAULT_W_MIN
+) -> torch.Tensor:
     """Update ``state`` with one observation per position (spec section 3).
 
     Parameters
@@ -134,12 +159,16 @@ def es_update(ids, losses, state, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2, *, l
     """
     st = _state(state)
     _checks.update(ids, losses, st.tensor, st.errors, beta1, beta2, lam, w_min)
-    return _run_checked(st, ids, lambda: ops.es_update(
-        ids, losses, st.tensor, st.errors, float(beta1), float(beta2), float(lam), float(w_min)))
+    return _run_checked(
+        st,
+        ids,
+        lambda: ops.es_update(ids, losses, st.tensor, st.errors, float(beta1), float(beta2), float(lam), float(w_min)),
+    )
 
 
-def weighted_select(weights, b: int, select_mode: str = "sample", seed=0, step=0, *,
-                    eps: float = DEFAULT_EPS) -> torch.Tensor:
+def weighted_select(
+    weights, b: int, select_mode: str = "sample", seed=0, step=0, *, eps: float = DEFAULT_EPS
+) -> torch.Tensor:
     """Positions of ``b`` of the ``B`` weights (spec section 4).
 
     Parameters
@@ -170,10 +199,26 @@ def weighted_select(weights, b: int, select_mode: str = "sample", seed=0, step=0
     return ops.weighted_select(weights, b, select_mode, seed_i, step_i, seed_t, step_t, float(eps))
 
 
-def es_step(logits, targets, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2,
-            lam=DEFAULT_LAM, select_mode="sample", eps=DEFAULT_EPS, seed=0, step=0,
-            advance_step=False, ignore_index=DEFAULT_IGNORE_INDEX, label_smoothing=0.0,
-            w_min=DEFAULT_W_MIN, shift_labels=False) -> StepResult:
+def es_step(
+    logits,
+    targets,
+    ids,
+    state,
+    b,
+    *,
+    beta1=DEFAULT_BETA1,
+    beta2=DEFAULT_BETA2,
+    lam=DEFAULT_LAM,
+    select_mode="sample",
+    eps=DEFAULT_EPS,
+    seed=0,
+    step=0,
+    advance_step=False,
+    ignore_index=DEFAULT_IGNORE_INDEX,
+    label_smoothing=0.0,
+    w_min=DEFAULT_W_MIN,
+    shift_labels=False,
+) -> StepResult:
     """The fused ES step from logits: per-sample losses (section 5), the state
     update (section 3) and the selection of ``b`` positions (section 4), in
     one op (two launches on a GPU). Arguments as in
@@ -193,20 +238,74 @@ def es_step(logits, targets, ids, state, b, *, beta1=DEFAULT_BETA1, beta2=DEFAUL
         No host synchronisation (except in the checked mode).
     """
     st = _state(state)
-    _checks.step_from_logits(logits, targets, ids, st.tensor, st.errors, b, beta1, beta2, select_mode,
-                             seed, step, advance_step, ignore_index, label_smoothing, lam, eps, w_min)
+    _checks.step_from_logits(
+        logits,
+        targets,
+        ids,
+        st.tensor,
+        st.errors,
+        b,
+        beta1,
+        beta2,
+        select_mode,
+        seed,
+        step,
+        advance_step,
+        ignore_index,
+        label_smoothing,
+        lam,
+        eps,
+        w_min,
+    )
     logits, targets = _shift(logits, targets, shift_labels)
     seed_i, seed_t = _checks.split_noise(seed)
     step_i, step_t = _checks.split_noise(step)
-    return StepResult(*_run_checked(st, ids, lambda: ops.es_step(
-        logits, targets, ids, st.tensor, st.errors, b, float(beta1), float(beta2), select_mode, seed_i,
-        step_i, seed_t, step_t, advance_step, ignore_index, float(label_smoothing), float(lam),
-        float(eps), float(w_min))))
+    return StepResult(
+        *_run_checked(
+            st,
+            ids,
+            lambda: ops.es_step(
+                logits,
+                targets,
+                ids,
+                st.tensor,
+                st.errors,
+                b,
+                float(beta1),
+                float(beta2),
+                select_mode,
+                seed_i,
+                step_i,
+                seed_t,
+                step_t,
+                advance_step,
+                ignore_index,
+                float(label_smoothing),
+                float(lam),
+                float(eps),
+                float(w_min),
+            ),
+        )
+    )
 
 
-def es_step_from_losses(losses, ids, state, b, *, mask=None, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2,
-                        lam=DEFAULT_LAM, select_mode="sample", eps=DEFAULT_EPS, seed=0, step=0,
-                        advance_step=False, w_min=DEFAULT_W_MIN) -> StepResult:
+def es_step_from_losses(
+    losses,
+    ids,
+    state,
+    b,
+    *,
+    mask=None,
+    beta1=DEFAULT_BETA1,
+    beta2=DEFAULT_BETA2,
+    lam=DEFAULT_LAM,
+    select_mode="sample",
+    eps=DEFAULT_EPS,
+    seed=0,
+    step=0,
+    advance_step=False,
+    w_min=DEFAULT_W_MIN,
+) -> StepResult:
     """The ES step from precomputed losses (any loss); see :func:`es_step`.
 
     ``losses`` is ``[B]`` (one loss per sample), or token losses ``[B, T]``
@@ -217,17 +316,48 @@ def es_step_from_losses(losses, ids, state, b, *, mask=None, beta1=DEFAULT_BETA1
     ``losses`` are the per-row values ``[B]``.
     """
     st = _state(state)
-    _checks.step_from_losses(losses, ids, st.tensor, st.errors, b, beta1, beta2, select_mode, seed, step,
-                             advance_step, lam, eps, w_min, mask)
+    _checks.step_from_losses(
+        losses, ids, st.tensor, st.errors, b, beta1, beta2, select_mode, seed, step, advance_step, lam, eps, w_min, mask
+    )
     seed_i, seed_t = _checks.split_noise(seed)
     step_i, step_t = _checks.split_noise(step)
-    return StepResult(*_run_checked(st, ids, lambda: ops.es_step_from_losses(
-        losses, ids, st.tensor, st.errors, b, float(beta1), float(beta2), select_mode, seed_i, step_i,
-        seed_t, step_t, advance_step, float(lam), float(eps), float(w_min), mask)))
+    return StepResult(
+        *_run_checked(
+            st,
+            ids,
+            lambda: ops.es_step_from_losses(
+                losses,
+                ids,
+                st.tensor,
+                st.errors,
+                b,
+                float(beta1),
+                float(beta2),
+                select_mode,
+                seed_i,
+                step_i,
+                seed_t,
+                step_t,
+                advance_step,
+                float(lam),
+                float(eps),
+                float(w_min),
+                mask,
+            ),
+        )
+    )
 
 
-def eswp_prune(state, prune_ratio: float, *, seed: int = 0, epoch: int = 0, num_epochs: int = 1,
-               anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True) -> PruneResult:
+def eswp_prune(
+    state,
+    prune_ratio: float,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    num_epochs: int = 1,
+    anneal_frac: float = DEFAULT_ANNEAL_FRAC,
+    rescale: bool = True,
+) -> PruneResult:
     """ESWP set-level pruning at the start of ``epoch`` (spec section 7).
 
     Parameters
@@ -253,5 +383,6 @@ def eswp_prune(state, prune_ratio: float, *, seed: int = 0, epoch: int = 0, num_
     """
     st = _state(state)
     _checks.prune(st.tensor, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
-    return PruneResult(*ops.eswp_prune(st.tensor, float(prune_ratio), seed, epoch, num_epochs,
-                                       float(anneal_frac), rescale))
+    return PruneResult(
+        *ops.eswp_prune(st.tensor, float(prune_ratio), seed, epoch, num_epochs, float(anneal_frac), rescale)
+    )

@@ -25,13 +25,13 @@ from the same chunk of logits the log-sum-exp reads, so it is the value
 No host synchronisation: chunk sizes depend on shapes alone, and no tensor
 value is read into Python.
 """
+
 from __future__ import annotations
 
 import torch
 
 from . import _checks
-from ._spec import (DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM,
-                    DEFAULT_W_MIN)
+from ._spec import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM, DEFAULT_W_MIN
 from .functional import StepResult, _state, es_step_from_losses
 
 __all__ = ["DEFAULT_WORKSPACE_BYTES", "per_sample_losses_from_hidden", "es_step_from_hidden"]
@@ -45,8 +45,9 @@ def _on(x, name: str, hidden: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on hidden's device ({hidden.device}), got {x.device}")
 
 
-def _check_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels,
-                  workspace_bytes, device=None) -> None:
+def _check_hidden(
+    hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes, device=None
+) -> None:
     """Metadata-only validation; ``ValueError`` naming the argument."""
     _checks.tensor(hidden, "hidden", dim=(2, 3), dtypes=_checks.LOGIT_DTYPES, device=device)
     for x, name in ((weight, "weight"), (bias, "bias"), (targets, "targets")):
@@ -57,8 +58,9 @@ def _check_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, 
     if weight.shape[0] == 0:
         raise ValueError(f"weight must have at least one row (the vocabulary), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] (hidden's last dimension), "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [V, {hidden.shape[-1]}] (hidden's last dimension), got {tuple(weight.shape)}"
+        )
     if bias is not None:
         _checks.tensor(bias, "bias", dim=1)
         if bias.dtype != hidden.dtype:
@@ -72,8 +74,9 @@ def _check_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, 
     _checks.real(label_smoothing, "label_smoothing", 0.0, 1.0)
     _checks.flag(shift_labels, "shift_labels")
     if shift_labels and hidden.dim() != 3:
-        raise ValueError(f"shift_labels=True needs hidden [B, T, H] and targets [B, T], got hidden "
-                         f"{tuple(hidden.shape)}")
+        raise ValueError(
+            f"shift_labels=True needs hidden [B, T, H] and targets [B, T], got hidden {tuple(hidden.shape)}"
+        )
     _checks.integer(workspace_bytes, "workspace_bytes", 1)
 
 
@@ -130,10 +133,17 @@ def _losses(hidden, weight, targets, bias, ignore_index, label_smoothing, worksp
     return torch.where(count > 0, tok.sum(1) / count.clamp(min=1), 0.0)
 
 
-def per_sample_losses_from_hidden(hidden, weight, targets, bias=None, *,
-                                  ignore_index: int = DEFAULT_IGNORE_INDEX, label_smoothing: float = 0.0,
-                                  shift_labels: bool = False,
-                                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> torch.Tensor:
+def per_sample_losses_from_hidden(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    shift_labels: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> torch.Tensor:
     """Per-sample cross-entropy of ``hidden @ weight.T + bias`` without the logits.
 
     Equal (to rounding) to ``per_sample_cross_entropy(F.linear(hidden, weight,
@@ -183,11 +193,29 @@ def per_sample_losses_from_hidden(hidden, weight, targets, bias=None, *,
         return _losses(hidden, weight, targets, bias, ignore_index, float(label_smoothing), workspace_bytes)
 
 
-def es_step_from_hidden(hidden, weight, targets, ids, state, b, *, bias=None, beta1=DEFAULT_BETA1,
-                        beta2=DEFAULT_BETA2, lam=DEFAULT_LAM, select_mode="sample", eps=DEFAULT_EPS, seed=0,
-                        step=0, advance_step=False, ignore_index=DEFAULT_IGNORE_INDEX, label_smoothing=0.0,
-                        shift_labels=False, workspace_bytes=DEFAULT_WORKSPACE_BYTES,
-                        w_min=DEFAULT_W_MIN) -> StepResult:
+def es_step_from_hidden(
+    hidden,
+    weight,
+    targets,
+    ids,
+    state,
+    b,
+    *,
+    bias=None,
+    beta1=DEFAULT_BETA1,
+    beta2=DEFAULT_BETA2,
+    lam=DEFAULT_LAM,
+    select_mode="sample",
+    eps=DEFAULT_EPS,
+    seed=0,
+    step=0,
+    advance_step=False,
+    ignore_index=DEFAULT_IGNORE_INDEX,
+    label_smoothing=0.0,
+    shift_labels=False,
+    workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+    w_min=DEFAULT_W_MIN,
+) -> StepResult:
     """The ES step from hidden states: :func:`per_sample_losses_from_hidden`
     then :func:`es_kernels.es_step_from_losses` (arguments as there and in
     :func:`es_kernels.es_step`). Every argument is validated before the
@@ -195,16 +223,37 @@ def es_step_from_hidden(hidden, weight, targets, ids, state, b, *, bias=None, be
     (except in the checked mode)."""
     st = _state(state)
     _checks.state(st.tensor, st.errors)
-    _check_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes,
-                  device=st.device)
+    _check_hidden(
+        hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes, device=st.device
+    )
     _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=st.device)
     if ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"ids must have the batch size of hidden ({hidden.shape[0]}), got {ids.shape[0]}")
     _checks.hyper(beta1, beta2, lam, w_min)
     _checks.selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
     _checks.step_tensor(step, advance_step)
-    losses = per_sample_losses_from_hidden(hidden, weight, targets, bias, ignore_index=ignore_index,
-                                           label_smoothing=label_smoothing, shift_labels=shift_labels,
-                                           workspace_bytes=workspace_bytes)
-    return es_step_from_losses(losses, ids, st, b, beta1=beta1, beta2=beta2, lam=lam, select_mode=select_mode,
-                               eps=eps, seed=seed, step=step, advance_step=advance_step, w_min=w_min)
+    losses = per_sample_losses_from_hidden(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        shift_labels=shift_labels,
+        workspace_bytes=workspace_bytes,
+    )
+    return es_step_from_losses(
+        losses,
+        ids,
+        st,
+        b,
+        beta1=beta1,
+        beta2=beta2,
+        lam=lam,
+        select_mode=select_mode,
+        eps=eps,
+        seed=seed,
+        step=step,
+        advance_step=advance_step,
+        w_min=w_min,
+    )

@@ -20,6 +20,7 @@ and the Triton kernels draw bit-identical noise:
 * a uniform in (0, 1) is ``(x >> 9) * 2**-23 + 2**-24`` from a 32-bit word
   ``x``: 2**23 levels, never 0 or 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -238,19 +239,34 @@ def _top_positions(keys: torch.Tensor, b: int) -> torch.Tensor:
     return torch.sort(order[:b]).values
 
 
-def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None,
-                    eps=0.0):
+def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None, eps=0.0):
     """int64 ascending positions of ``b`` of the ``B`` weights."""
-    keys = selection_keys(weights, select_mode, _noise_value(seed, seed_tensor),
-                          _noise_value(step, step_tensor), eps)
+    keys = selection_keys(weights, select_mode, _noise_value(seed, seed_tensor), _noise_value(step, step_tensor), eps)
     return _top_positions(keys, b)
 
 
 # --------------------------------------------------------------------------
 # Section 6: the fused step
 # --------------------------------------------------------------------------
-def _step(losses, scored, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
-          step_tensor, advance_step, lam, eps, w_min):
+def _step(
+    losses,
+    scored,
+    ids,
+    state,
+    errors,
+    b,
+    beta1,
+    beta2,
+    select_mode,
+    seed,
+    step,
+    seed_tensor,
+    step_tensor,
+    advance_step,
+    lam,
+    eps,
+    w_min,
+):
     weights = _update(ids, losses, state, errors, beta1, beta2, lam, w_min, scored)
     positions = weighted_select(weights, b, select_mode, seed, step, seed_tensor, step_tensor, eps)
     if advance_step and step_tensor is not None:
@@ -258,27 +274,95 @@ def _step(losses, scored, ids, state, errors, b, beta1, beta2, select_mode, seed
     return positions, losses.to(torch.float32, copy=True), weights
 
 
-def es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
-                        seed_tensor=None, step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8,
-                        mask=None):
+def es_step_from_losses(
+    losses,
+    ids,
+    state,
+    errors,
+    b,
+    beta1,
+    beta2,
+    select_mode="sample",
+    seed=0,
+    step=0,
+    seed_tensor=None,
+    step_tensor=None,
+    advance_step=False,
+    lam=1.0,
+    eps=0.0,
+    w_min=1e-8,
+    mask=None,
+):
     """``losses`` ``[B]``, or token losses ``[B, T]`` (with an optional bool
     ``mask``) whose per-row means are taken inside the op; a row with no
     token to score is skipped (state untouched, not counted, weight 0)."""
     scored = None
     if losses.dim() == 2:
         losses, scored = sequence_means(losses, mask)
-    return _step(losses, scored, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
-                 step_tensor, advance_step, lam, eps, w_min)
+    return _step(
+        losses,
+        scored,
+        ids,
+        state,
+        errors,
+        b,
+        beta1,
+        beta2,
+        select_mode,
+        seed,
+        step,
+        seed_tensor,
+        step_tensor,
+        advance_step,
+        lam,
+        eps,
+        w_min,
+    )
 
 
-def es_step(logits, targets, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
-            seed_tensor=None, step_tensor=None, advance_step=False, ignore_index=-100, label_smoothing=0.0,
-            lam=1.0, eps=0.0, w_min=1e-8):
+def es_step(
+    logits,
+    targets,
+    ids,
+    state,
+    errors,
+    b,
+    beta1,
+    beta2,
+    select_mode="sample",
+    seed=0,
+    step=0,
+    seed_tensor=None,
+    step_tensor=None,
+    advance_step=False,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    lam=1.0,
+    eps=0.0,
+    w_min=1e-8,
+):
     losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
     scored = targets != ignore_index  # a row or sequence with no target to score is skipped
     scored = scored.any(dim=1) if logits.dim() == 3 else scored
-    return _step(losses, scored, ids, state, errors, b, beta1, beta2, select_mode, seed, step, seed_tensor,
-                 step_tensor, advance_step, lam, eps, w_min)
+    return _step(
+        losses,
+        scored,
+        ids,
+        state,
+        errors,
+        b,
+        beta1,
+        beta2,
+        select_mode,
+        seed,
+        step,
+        seed_tensor,
+        step_tensor,
+        advance_step,
+        lam,
+        eps,
+        w_min,
+    )
 
 
 # --------------------------------------------------------------------------

@@ -7,9 +7,11 @@
   well-learned samples at the start of each epoch and yields the kept ids.
 * :class:`IndexedDataset`: wraps a dataset so that items come with their index.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -61,11 +63,32 @@ class EvolvedSampler:
     SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min")
     STATE_KEYS = ("state", "step", "epoch", "scale") + SETTINGS
 
-    def __init__(self, num_samples: int, mini_batch: int, beta1: float = DEFAULT_BETA1,
-                 beta2: float = DEFAULT_BETA2, select_mode: str = "sample", seed: int = 0, device=None,
-                 w_min: float = DEFAULT_W_MIN, *, lam: float = DEFAULT_LAM, eps: float = DEFAULT_EPS):
-        cfg = self._validate(dict(mini_batch=mini_batch, beta1=beta1, beta2=beta2, lam=lam,
-                                  select_mode=select_mode, eps=eps, seed=seed, w_min=w_min))
+    def __init__(
+        self,
+        num_samples: int,
+        mini_batch: int,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        select_mode: str = "sample",
+        seed: int = 0,
+        device=None,
+        w_min: float = DEFAULT_W_MIN,
+        *,
+        lam: float = DEFAULT_LAM,
+        eps: float = DEFAULT_EPS,
+    ):
+        cfg = self._validate(
+            dict(
+                mini_batch=mini_batch,
+                beta1=beta1,
+                beta2=beta2,
+                lam=lam,
+                select_mode=select_mode,
+                eps=eps,
+                seed=seed,
+                w_min=w_min,
+            )
+        )
         self.state = ESState(num_samples, device=device)
         self._configure(cfg)
         self._step = torch.zeros((), dtype=torch.int64, device=self.state.device)
@@ -78,9 +101,16 @@ class EvolvedSampler:
         _checks.integer(cfg["seed"], "seed", 0)  # a host int here (the op also takes a tensor)
         _checks.hyper(cfg["beta1"], cfg["beta2"], cfg["lam"], cfg["w_min"])
         _checks.selection(0, 0, cfg["select_mode"], cfg["seed"], 0, cfg["eps"], None)
-        return dict(mini_batch=int(cfg["mini_batch"]), beta1=float(cfg["beta1"]), beta2=float(cfg["beta2"]),
-                    lam=float(cfg["lam"]), select_mode=str(cfg["select_mode"]), eps=float(cfg["eps"]),
-                    seed=int(cfg["seed"]), w_min=float(cfg["w_min"]))
+        return dict(
+            mini_batch=int(cfg["mini_batch"]),
+            beta1=float(cfg["beta1"]),
+            beta2=float(cfg["beta2"]),
+            lam=float(cfg["lam"]),
+            select_mode=str(cfg["select_mode"]),
+            eps=float(cfg["eps"]),
+            seed=int(cfg["seed"]),
+            w_min=float(cfg["w_min"]),
+        )
 
     def _configure(self, cfg: dict) -> None:
         for k, v in cfg.items():
@@ -112,9 +142,21 @@ class EvolvedSampler:
                 raise ValueError(f"scale must have length {self.state.num_samples}, got {value.shape[0]}")
         self._scale = value
 
-    def select(self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100,
-               label_smoothing: float = 0.0, shift_labels: bool = False, hidden=None, weight=None, bias=None,
-               workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> Selection:
+    def select(
+        self,
+        ids,
+        logits=None,
+        targets=None,
+        losses=None,
+        *,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        shift_labels: bool = False,
+        hidden=None,
+        weight=None,
+        bias=None,
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    ) -> Selection:
         """Score a meta-batch, update its state, pick ``mini_batch`` of it.
 
         Parameters
@@ -151,8 +193,10 @@ class EvolvedSampler:
         """
         given = [name for name, x in (("logits", logits), ("losses", losses), ("hidden", hidden)) if x is not None]
         if len(given) != 1:
-            raise ValueError("select takes either logits (with targets), hidden (with weight and targets) "
-                             f"or losses, exactly one; got {given or 'none'}")
+            raise ValueError(
+                "select takes either logits (with targets), hidden (with weight and targets) "
+                f"or losses, exactly one; got {given or 'none'}"
+            )
         if logits is not None and targets is None:
             raise ValueError("targets must be given with logits")
         if hidden is not None and (weight is None or targets is None):
@@ -167,17 +211,46 @@ class EvolvedSampler:
             raise ValueError("ids is a meta tensor: it holds no values")
         ids = ids.to(self.device, non_blocking=True)
         b = min(self.mini_batch, ids.shape[0])  # the last meta-batch of an epoch may be short
-        kw = dict(beta1=self.beta1, beta2=self.beta2, lam=self.lam, select_mode=self.select_mode, eps=self.eps,
-                  seed=self.seed, step=self._step, advance_step=True, w_min=self.w_min)
+        kw = dict(
+            beta1=self.beta1,
+            beta2=self.beta2,
+            lam=self.lam,
+            select_mode=self.select_mode,
+            eps=self.eps,
+            seed=self.seed,
+            step=self._step,
+            advance_step=True,
+            w_min=self.w_min,
+        )
         if losses is not None:
             res = es_step_from_losses(losses, ids, self.state, b, **kw)
         elif hidden is not None:
-            res = es_step_from_hidden(hidden, weight, targets, ids, self.state, b, bias=bias,
-                                      ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                      shift_labels=shift_labels, workspace_bytes=workspace_bytes, **kw)
+            res = es_step_from_hidden(
+                hidden,
+                weight,
+                targets,
+                ids,
+                self.state,
+                b,
+                bias=bias,
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+                shift_labels=shift_labels,
+                workspace_bytes=workspace_bytes,
+                **kw,
+            )
         else:
-            res = es_step(logits, targets, ids, self.state, b, ignore_index=ignore_index,
-                          label_smoothing=label_smoothing, shift_labels=shift_labels, **kw)
+            res = es_step(
+                logits,
+                targets,
+                ids,
+                self.state,
+                b,
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+                shift_labels=shift_labels,
+                **kw,
+            )
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
@@ -202,8 +275,12 @@ class EvolvedSampler:
         Checks the state first (one synchronisation; RuntimeError on counted
         errors)."""
         self.state.check()
-        out = {"state": self.state.state_dict(), "step": self.step, "epoch": self.epoch,
-               "scale": None if self._scale is None else self._scale.clone()}
+        out = {
+            "state": self.state.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "scale": None if self._scale is None else self._scale.clone(),
+        }
         out.update({k: getattr(self, k) for k in self.SETTINGS})
         return out
 
@@ -289,11 +366,28 @@ class ESWPSampler(Sampler[int]):
     trained on (``skip`` style: the batches consumed times the batch size).
     """
 
-    STATE_KEYS = ("epoch", "position", "kept", "scale", "seed", "num_epochs", "prune_ratio", "anneal_frac",
-                  "rescale")
+    STATE_KEYS = (
+        "epoch",
+        "position",
+        "kept",
+        "scale",
+        "finished",
+        "seed",
+        "num_epochs",
+        "prune_ratio",
+        "anneal_frac",
+        "rescale",
+    )
 
-    def __init__(self, es: EvolvedSampler, num_epochs: int, prune_ratio: float = 0.5,
-                 anneal_frac: float = DEFAULT_ANNEAL_FRAC, rescale: bool = True, seed: int | None = None):
+    def __init__(
+        self,
+        es: EvolvedSampler,
+        num_epochs: int,
+        prune_ratio: float = 0.5,
+        anneal_frac: float = DEFAULT_ANNEAL_FRAC,
+        rescale: bool = True,
+        seed: int | None = None,
+    ):
         if not isinstance(es, EvolvedSampler):
             raise ValueError(f"es must be an EvolvedSampler, got {type(es).__name__}")
         cfg = self._settings(num_epochs, prune_ratio, anneal_frac, rescale, es.seed if seed is None else seed)
@@ -303,15 +397,18 @@ class ESWPSampler(Sampler[int]):
         self._plan: _Plan | None = None  # the plan whose scales are in force (es.scale)
         self._active = False  # _plan is the epoch in progress (no set_epoch / load since its iter())
         self._next: _Plan | None = None  # the plan the next iter() runs: from len() or a checkpoint
+        self._finished: int | None = None  # restored: the length of an epoch that was complete, still reported
 
     @staticmethod
     def _settings(num_epochs, prune_ratio, anneal_frac, rescale, seed) -> dict:
         """Validate the settings (from the constructor or a state_dict) without writing them."""
-        return dict(num_epochs=_checks.integer(num_epochs, "num_epochs", 1),
-                    prune_ratio=_checks.real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True),
-                    anneal_frac=_checks.real(anneal_frac, "anneal_frac", 0.0, 1.0),
-                    rescale=_checks.flag(rescale, "rescale"),
-                    seed=_checks.integer(seed, "seed", 0))
+        return dict(
+            num_epochs=_checks.integer(num_epochs, "num_epochs", 1),
+            prune_ratio=_checks.real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True),
+            anneal_frac=_checks.real(anneal_frac, "anneal_frac", 0.0, 1.0),
+            rescale=_checks.flag(rescale, "rescale"),
+            seed=_checks.integer(seed, "seed", 0),
+        )
 
     @property
     def scale(self) -> torch.Tensor | None:
@@ -337,17 +434,24 @@ class ESWPSampler(Sampler[int]):
         if self._next is not None and self._next.epoch != epoch:
             self._next = None
         self.epoch = epoch
-        self._active = False
+        self._active, self._finished = False, None
 
     def _compute(self, epoch: int) -> _Plan:
-        res = eswp_prune(self.es.state, self.prune_ratio, seed=self.seed, epoch=epoch,
-                         num_epochs=self.num_epochs, anneal_frac=self.anneal_frac, rescale=self.rescale)
+        res = eswp_prune(
+            self.es.state,
+            self.prune_ratio,
+            seed=self.seed,
+            epoch=epoch,
+            num_epochs=self.num_epochs,
+            anneal_frac=self.anneal_frac,
+            rescale=self.rescale,
+        )
         return _Plan(epoch, res.kept_ids.to("cpu", copy=True), res.scale)  # one host read per epoch
 
     def __iter__(self) -> Iterator[int]:
         self.es.state.check()  # the once-an-epoch check: raises before anything changes
         plan = self._next if self._next is not None else self._compute(self.epoch)
-        self._next = None
+        self._next, self._finished = None, None
         self.es.scale = plan.scale
         self.es.epoch = plan.epoch
         self._plan, self._active = plan, True
@@ -365,6 +469,8 @@ class ESWPSampler(Sampler[int]):
     def __len__(self) -> int:
         if self._active:
             plan = self._plan
+        elif self._finished is not None and self._next is None:
+            return self._finished  # a checkpoint taken when its epoch was complete: as the saved sampler did
         else:
             if self._next is None:
                 self._next = self._compute(self.epoch)  # kept: the next iter() runs this plan
@@ -383,13 +489,27 @@ class ESWPSampler(Sampler[int]):
         plan = self._plan if self._active else self._next  # _next: from len() or a checkpoint, not started
         hi = 0 if plan is None else plan.pos
         pos = hi if position is None else _checks.integer(position, "position", 0, hi)
+        finished = None
         if plan is not None and pos < len(plan):
             epoch, kept, scale = plan.epoch, plan.ids.clone(), plan.scale.clone()
         else:
             epoch, pos, kept, scale = self.epoch, 0, None, None
-        return {"epoch": epoch, "position": pos, "kept": kept, "scale": scale, "seed": self.seed,
-                "num_epochs": self.num_epochs, "prune_ratio": self.prune_ratio,
-                "anneal_frac": self.anneal_frac, "rescale": self.rescale}
+            if self._active and plan is not None:  # complete: len() still reports it until the next iter()
+                finished = len(plan)
+            elif not self._active and self._next is None:
+                finished = self._finished
+        return {
+            "epoch": epoch,
+            "position": pos,
+            "kept": kept,
+            "scale": scale,
+            "finished": finished,
+            "seed": self.seed,
+            "num_epochs": self.num_epochs,
+            "prune_ratio": self.prune_ratio,
+            "anneal_frac": self.anneal_frac,
+            "rescale": self.rescale,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore from :meth:`state_dict`: all or nothing (every entry is
@@ -402,6 +522,11 @@ class ESWPSampler(Sampler[int]):
         epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0, MAX_EPOCH)
         position = _checks.integer(sd["position"], "state_dict['position']", 0)
         kept, scale = sd["kept"], sd["scale"]
+        finished = sd["finished"]
+        if finished is not None:
+            finished = _checks.integer(finished, "state_dict['finished']", 0)
+            if kept is not None:
+                raise ValueError("state_dict['finished'] must be None with state_dict['kept']")
         plan = None
         if kept is None:
             if position != 0:
@@ -412,8 +537,9 @@ class ESWPSampler(Sampler[int]):
             n = self.es.state.num_samples
             _checks.saved(kept, "state_dict['kept']", torch.int64)
             if position >= kept.shape[0]:
-                raise ValueError(f"state_dict['position'] must be < len(state_dict['kept']) = {kept.shape[0]}, "
-                                 f"got {position}")
+                raise ValueError(
+                    f"state_dict['position'] must be < len(state_dict['kept']) = {kept.shape[0]}, got {position}"
+                )
             ids = kept.detach().to("cpu", copy=True)
             if bool((ids < 0).any()) or bool((ids >= n).any()):
                 raise ValueError(f"state_dict['kept'] holds an id outside [0, {n})")
@@ -426,7 +552,8 @@ class ESWPSampler(Sampler[int]):
         # everything is valid: write
         self.__dict__.update(cfg)
         self.epoch = epoch
-        self._plan, self._active, self._next = None, False, plan
+        self._plan, self._active, self._next, self._finished = None, False, plan, finished
+
 
 class IndexedDataset(Dataset):
     """``dataset[i]`` as ``(i, *item)``: the ids the samplers need."""

@@ -1,4 +1,5 @@
 """ESState: the per-sample state of docs/spec.md section 2, owned in one place."""
+
 from __future__ import annotations
 
 import math
@@ -116,7 +117,7 @@ class ESState:
         self.tensor.copy_(new)
         self.errors.copy_(errors)
 
-    def to(self, device) -> "ESState":
+    def to(self, device) -> ESState:
         out = ESState.__new__(ESState)
         out.tensor, out.errors = self.tensor.to(device), self.errors.to(device)
         return out

@@ -6,6 +6,7 @@ compares against es_kernels.reference. The "cpp" backend is whatever
 ``torch.ops.es_kernels`` runs on CPU tensors: the C++ kernels, or, with
 ES_KERNELS_NO_CPP=1 (a pure-Python install), the reference fallback.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,10 @@ except ImportError:  # Triton not installed: the C++ backend alone is tested
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=True,
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -39,8 +43,12 @@ OP_NAMES = es_kernels._ops.OP_NAMES
 
 def _torch_ops_backend():
     name = "cpp" if es_kernels._ops.HAS_CPP else "fallback"
-    return types.SimpleNamespace(name=name, device="cpu", state_dtypes=(torch.float32, torch.float64),
-                                 **{n: getattr(torch.ops.es_kernels, n) for n in OP_NAMES})
+    return types.SimpleNamespace(
+        name=name,
+        device="cpu",
+        state_dtypes=(torch.float32, torch.float64),
+        **{n: getattr(torch.ops.es_kernels, n) for n in OP_NAMES},
+    )
 
 
 def _on_device(fn, device):
@@ -97,8 +105,10 @@ def assert_state_equal(a, b):
     for x, y, name in zip(a, b, ("state", "errors")):
         if x.is_floating_point():
             assert x.shape == y.shape and x.dtype == y.dtype, name
-            assert torch.equal(x.nan_to_num(7.25).view(torch.int32 if x.dtype == torch.float32 else torch.int64),
-                               y.nan_to_num(7.25).view(torch.int32 if y.dtype == torch.float32 else torch.int64)), name
+            assert torch.equal(
+                x.nan_to_num(7.25).view(torch.int32 if x.dtype == torch.float32 else torch.int64),
+                y.nan_to_num(7.25).view(torch.int32 if y.dtype == torch.float32 else torch.int64),
+            ), name
         else:
             assert torch.equal(x, y), name
 

@@ -2,6 +2,7 @@
 its own, light to import: each spawned process imports it). Each scenario runs on
 every rank of a gloo group and saves what it saw to ``out/<name>_<rank>.pt``; the test
 process then checks it against a single-process computation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ def step_inputs(step: int, world: int):
             sizes[2] = 0
     out, at = [], 0
     for r in range(world):
-        ids = perm[at: at + sizes[r]].clone()
+        ids = perm[at : at + sizes[r]].clone()
         at += sizes[r]
         if step == 4 and r == world - 1:
             ids[-1] = out[0][0][0]  # rank 0's first id again
@@ -55,6 +56,7 @@ def no_host_sync():
     def guard(name):
         def wrapper(self, *a, **k):
             raise AssertionError(f"host round-trip: Tensor.{name} on the distributed step path")
+
         return wrapper
 
     try:
@@ -71,9 +73,11 @@ def es(rank, world, out):
     checkpointed after step 2 on rank 0 and resumed on every rank from that file."""
     from es_kernels.distributed import DistributedEvolvedSampler as D
 
-    kinds = {"sample": D(N, MINI, seed=7),  # meta_batch agreed on the first call
-             "eps": D(N, MINI, seed=7, eps=0.25, meta_batch=CAP),
-             "topk": D(N, MINI, select_mode="topk", meta_batch=CAP)}
+    kinds = {
+        "sample": D(N, MINI, seed=7),  # meta_batch agreed on the first call
+        "eps": D(N, MINI, seed=7, eps=0.25, meta_batch=CAP),
+        "topk": D(N, MINI, select_mode="topk", meta_batch=CAP),
+    }
     resumed = D(N, MINI, seed=7, meta_batch=CAP)
     rec = {k: [] for k in list(kinds) + ["resumed"]}
     ckpt = os.path.join(out, "es_ckpt.pt")

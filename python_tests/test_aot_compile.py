@@ -15,6 +15,7 @@ here, and then ``triton.jit`` makes interpreted functions that cannot be
 compiled). Triton's on-disk cache (~/.triton/cache or TRITON_CACHE_DIR)
 makes a rerun take seconds.
 """
+
 import json
 import os
 import pathlib
@@ -34,8 +35,7 @@ RESULTS = ROOT / "bench" / "results"
 
 def _python(args, cwd=None, timeout=1800):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,7 @@ def test_every_kernel_has_variants_on_every_arch(aot_run):
     assert (RESULTS / "aot_kernels.md").exists() and (RESULTS / "aot_kernels.json").exists()
 
 
-TOY = '''
+TOY = """
 import triton
 import triton.language as tl
 
@@ -106,15 +106,16 @@ def good_op(weights):
 
 
 def broken_op(weights):
-    launch(broken_kernel, (1,), weights.device, weights, weights.shape[0], BLOCK=128, num_warps=4, enable_fp_fusion=False)
+    launch(broken_kernel, (1,), weights.device, weights, weights.shape[0], BLOCK=128, num_warps=4,
+           enable_fp_fusion=False)
 
 
 def spilling_op(weights):  # at most 32 registers a thread: spills
     launch(spilling_kernel, (1,), weights.device, weights, weights.shape[0], BLOCK=1024, num_warps=1, maxnreg=32,
            enable_fp_fusion=False)
-'''
+"""
 
-TOY_DRIVER = '''
+TOY_DRIVER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import aot_toy
@@ -124,7 +125,7 @@ rec = aot.record_calls(ops, [aot.input_matrix()[0]])  # one input: one variant o
 vs = aot.variants(rec.calls, ["sm_90a"])
 results = aot.compile_all(vs, workers=1)
 print(json.dumps({"kernels": sorted({v.name for v in vs}), "problems": aot.problems(results)}))
-'''
+"""
 
 
 def test_a_kernel_that_does_not_compile_or_spills_fails_the_check(tmp_path):

@@ -1,12 +1,13 @@
 """The public API: validation of bad input (docs/spec.md section 8), check(),
 the checked mode, ESState, opcheck and torch.compile."""
+
 import io
 
 import pytest
 import torch
+from conftest import new_state
 
 import es_kernels as ek
-from conftest import new_state
 
 
 def fresh(n=16):
@@ -64,8 +65,19 @@ BAD_STEP_CALLS = [  # (kwargs overriding a good es_step call, the argument the e
 def test_bad_step_input_names_argument_and_keeps_state(override, name):
     st = fresh()
     before = snapshot(st)
-    kw = dict(logits=LOGITS, targets=TARGETS, ids=IDS, b=4, beta1=0.2, beta2=0.9, select_mode="sample",
-              seed=0, step=0, label_smoothing=0.0, w_min=1e-8)
+    kw = dict(
+        logits=LOGITS,
+        targets=TARGETS,
+        ids=IDS,
+        b=4,
+        beta1=0.2,
+        beta2=0.9,
+        select_mode="sample",
+        seed=0,
+        step=0,
+        label_smoothing=0.0,
+        w_min=1e-8,
+    )
     kw.update(override)
     args = [kw.pop(k) for k in ("logits", "targets", "ids")]
     b = kw.pop("b")
@@ -74,26 +86,42 @@ def test_bad_step_input_names_argument_and_keeps_state(override, name):
     assert same(before, snapshot(st))
 
 
-@pytest.mark.parametrize("call,name", [
-    (lambda st: ek.es_step_from_losses(torch.rand(7), torch.arange(8), st, 2), "losses"),
-    (lambda st: ek.es_step_from_losses(torch.arange(8), torch.arange(8), st, 2), "losses"),
-    (lambda st: ek.es_update(torch.arange(8), torch.rand(8, 1), st), "losses"),
-    (lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st.s, 2), "state"),
-    (lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st, 2, step=torch.tensor(0).expand(())), None),
-    (lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st, 2, mask=torch.ones(8, dtype=torch.bool)), "mask"),
-    (lambda st: ek.es_step_from_losses(torch.rand(8, 3), torch.arange(8), st, 2, mask=torch.ones(8, 3)), "mask"),
-    (lambda st: ek.es_step_from_losses(torch.rand(8, 3), torch.arange(8), st, 2, mask=torch.ones(8, 2, dtype=torch.bool)), "mask"),
-    (lambda st: ek.es_step_from_losses(torch.rand(8, 3, 1), torch.arange(8), st, 2), "losses"),
-    (lambda st: ek.es_step_from_losses(torch.rand(8, 3), torch.arange(8), st, 2), None),
-    (lambda st: ek.weighted_select(torch.rand(4), 5), "b"),
-    (lambda st: ek.weighted_select(torch.rand(4, 1), 1), "weights"),
-    (lambda st: ek.weighted_select(torch.arange(4), 1), "weights"),
-    (lambda st: ek.eswp_prune(st, 1.0), "prune_ratio"),
-    (lambda st: ek.eswp_prune(st, -0.1), "prune_ratio"),
-    (lambda st: ek.eswp_prune(st, 0.5, num_epochs=0), "num_epochs"),
-    (lambda st: ek.eswp_prune(st, 0.5, anneal_frac=1.5), "anneal_frac"),
-    (lambda st: ek.per_sample_cross_entropy(torch.randn(2, 3, 4, 5), torch.zeros(2, 3, 4).long()), "logits"),
-])
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda st: ek.es_step_from_losses(torch.rand(7), torch.arange(8), st, 2), "losses"),
+        (lambda st: ek.es_step_from_losses(torch.arange(8), torch.arange(8), st, 2), "losses"),
+        (lambda st: ek.es_update(torch.arange(8), torch.rand(8, 1), st), "losses"),
+        (lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st.s, 2), "state"),
+        (
+            lambda st: ek.es_step_from_losses(torch.rand(8), torch.arange(8), st, 2, step=torch.tensor(0).expand(())),
+            None,
+        ),
+        (
+            lambda st: ek.es_step_from_losses(
+                torch.rand(8), torch.arange(8), st, 2, mask=torch.ones(8, dtype=torch.bool)
+            ),
+            "mask",
+        ),
+        (lambda st: ek.es_step_from_losses(torch.rand(8, 3), torch.arange(8), st, 2, mask=torch.ones(8, 3)), "mask"),
+        (
+            lambda st: ek.es_step_from_losses(
+                torch.rand(8, 3), torch.arange(8), st, 2, mask=torch.ones(8, 2, dtype=torch.bool)
+            ),
+            "mask",
+        ),
+        (lambda st: ek.es_step_from_losses(torch.rand(8, 3, 1), torch.arange(8), st, 2), "losses"),
+        (lambda st: ek.es_step_from_losses(torch.rand(8, 3), torch.arange(8), st, 2), None),
+        (lambda st: ek.weighted_select(torch.rand(4), 5), "b"),
+        (lambda st: ek.weighted_select(torch.rand(4, 1), 1), "weights"),
+        (lambda st: ek.weighted_select(torch.arange(4), 1), "weights"),
+        (lambda st: ek.eswp_prune(st, 1.0), "prune_ratio"),
+        (lambda st: ek.eswp_prune(st, -0.1), "prune_ratio"),
+        (lambda st: ek.eswp_prune(st, 0.5, num_epochs=0), "num_epochs"),
+        (lambda st: ek.eswp_prune(st, 0.5, anneal_frac=1.5), "anneal_frac"),
+        (lambda st: ek.per_sample_cross_entropy(torch.randn(2, 3, 4, 5), torch.zeros(2, 3, 4).long()), "logits"),
+    ],
+)
 def test_other_bad_input(call, name):
     st = fresh()
     before = snapshot(st)
@@ -212,10 +240,51 @@ def op_samples():
         ("weighted_select", (torch.rand(9), 4, "sample", 1, 2)),
         ("weighted_select", (torch.rand(9), 4, "sample", 1, 2, torch.tensor(3), torch.tensor(4), 0.25)),
         ("es_step_from_losses", (torch.rand(6), ids, st, e, 3, 0.2, 0.9, "topk", 0, 0)),
-        ("es_step_from_losses", (torch.rand(6), ids, st, e, 3, 0.2, 0.9, "sample", 0, 0, torch.tensor(5),
-                                 torch.tensor(2), True, 1.0, 0.5, 1e-8)),
-        ("es_step", (logits, targets, ids, st, e, 3, 0.2, 0.9, "sample", 1, 2, None, torch.tensor(7), True,
-                     -100, 0.0, 0.5, 0.1, 1e-8)),
+        (
+            "es_step_from_losses",
+            (
+                torch.rand(6),
+                ids,
+                st,
+                e,
+                3,
+                0.2,
+                0.9,
+                "sample",
+                0,
+                0,
+                torch.tensor(5),
+                torch.tensor(2),
+                True,
+                1.0,
+                0.5,
+                1e-8,
+            ),
+        ),
+        (
+            "es_step",
+            (
+                logits,
+                targets,
+                ids,
+                st,
+                e,
+                3,
+                0.2,
+                0.9,
+                "sample",
+                1,
+                2,
+                None,
+                torch.tensor(7),
+                True,
+                -100,
+                0.0,
+                0.5,
+                0.1,
+                1e-8,
+            ),
+        ),
         ("eswp_prune", (st, 0.5, 0, 0, 4, 0.125, True)),
     ]
 
@@ -260,7 +329,7 @@ def test_compiled_sampler_loop_compiles_once():
         return sel.positions, sel.scales
 
     g = torch.Generator().manual_seed(0)
-    for k in range(20):
+    for _ in range(20):
         ids = torch.randperm(n, generator=g)[:B]
         losses = torch.rand(B, generator=g)
         pos, _ = step(ids, losses)

@@ -1,6 +1,7 @@
 """The benchmark machinery (bench/): the CPU bench writes its JSON file and
 appends to the history, the GPU bench plans its shapes without CUDA, the
 noise check, the history writer and the plot. Tiny sizes: a few seconds."""
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,9 @@ def _history(path):
 
 def test_bench_ops_writes_json_and_history(tmp_path, capsys):
     bench_ops = _load("bench_ops")
-    paths = bench_ops.main(["--step", "32x10", "--select", "64", "--prune", "1000", "--budget-s", "0.01",
-                            "--out", str(tmp_path)])
+    paths = bench_ops.main(
+        ["--step", "32x10", "--select", "64", "--prune", "1000", "--budget-s", "0.01", "--out", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert "| op |" in out and "{'op'" not in out  # the table, no raw dicts
     data = json.loads(paths["json"].read_text())
@@ -111,8 +113,14 @@ def test_peak_memory_cpu():
 def test_bench_gpu_cases_build_and_run_on_cpu():
     """The GPU bench's input builders and callables, at tiny sizes on the CPU."""
     bench_gpu = _load("bench_gpu")
-    cases = [bench_gpu.step_case(64, 100), bench_gpu.losses_case(64), bench_gpu.select_case(256, "sample"),
-             bench_gpu.select_case(256, "topk"), bench_gpu.seq_case(2, 16, 50), bench_gpu.prune_case(1000)]
+    cases = [
+        bench_gpu.step_case(64, 100),
+        bench_gpu.losses_case(64),
+        bench_gpu.select_case(256, "sample"),
+        bench_gpu.select_case(256, "topk"),
+        bench_gpu.seq_case(2, 16, 50),
+        bench_gpu.prune_case(1000),
+    ]
     for c in cases:
         fns = c.build("cpu")
         for fn in [fns["mine"], fns["ref"], *fns["baselines"].values()]:

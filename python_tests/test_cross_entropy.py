@@ -1,8 +1,10 @@
 """Per-sample cross-entropy (ES_SPEC section 5) on every backend."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from es_kernels import reference as R
 
@@ -30,25 +32,37 @@ def test_2d_matches_torch(backend, dtype, shape):
     torch.testing.assert_close(got, R.per_sample_cross_entropy(logits, targets), **TOL)
 
 
-@given(b=st.integers(1, 40), c=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
-       smoothing=st.sampled_from([0.0, 0.1, 1.0]), ignore=st.sampled_from([-100, 0, 5]),
-       scale=st.sampled_from([0.1, 3.0, 30.0]), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 40),
+    c=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+    ignore=st.sampled_from([-100, 0, 5]),
+    scale=st.sampled_from([0.1, 3.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_2d_random(backend, b, c, dtype, smoothing, ignore, scale, seed):
     logits, targets = make((b, c), dtype, seed, scale, ignore_frac=0.3, ignore_index=ignore)
     got = backend.per_sample_cross_entropy(logits, targets, ignore, smoothing)
-    want = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=ignore,
-                           label_smoothing=smoothing)
+    want = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=ignore, label_smoothing=smoothing)
     torch.testing.assert_close(got, want, rtol=3e-5, atol=3e-5 * scale)
 
 
-@given(b=st.integers(1, 6), t=st.integers(1, 9), v=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
-       smoothing=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 6),
+    t=st.integers(1, 9),
+    v=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+    smoothing=st.sampled_from([0.0, 0.2]),
+    seed=st.integers(0, 2**16),
+)
 def test_3d_random(backend, b, t, v, dtype, smoothing, seed):
     logits, targets = make((b, t, v), dtype, seed, ignore_frac=0.4)
     targets[0] = -100  # a fully ignored sequence gives 0
     got = backend.per_sample_cross_entropy(logits, targets, -100, smoothing)
-    tok = F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), reduction="none",
-                          label_smoothing=smoothing).reshape(b, t)
+    tok = F.cross_entropy(
+        logits.float().reshape(-1, v), targets.reshape(-1), reduction="none", label_smoothing=smoothing
+    ).reshape(b, t)
     count = (targets != -100).sum(1)
     want = torch.where(count > 0, tok.sum(1) / count.clamp(min=1), 0.0)
     assert got[0].item() == 0.0

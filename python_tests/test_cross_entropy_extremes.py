@@ -7,28 +7,42 @@ The oracle is F.cross_entropy(reduction="none") in float32 on the same
 finiteness class (finite / +inf / -inf / NaN) per row, and values within
 tolerance where finite.
 """
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 from es_kernels import reference as R
 
 # The Triton interpreter (CPU) warns on inf - inf and log(0) inside masked lanes.
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
 
 INF, NAN = math.inf, math.nan
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FMAX = {dt: torch.finfo(dt).max for dt in DTYPES}
 # class counts around the chunk sizes (C++: 2048, Triton on the CPU: 1024)
 SIZES = [1, 2, 3, 17, 1000, 1025, 2049, 5000]
-ROW_KINDS = ["normal", "masked", "masked_prefix", "target_masked", "huge", "huge_pos", "mixed",
-             "all_masked", "nan", "posinf"]
+ROW_KINDS = [
+    "normal",
+    "masked",
+    "masked_prefix",
+    "target_masked",
+    "huge",
+    "huge_pos",
+    "mixed",
+    "all_masked",
+    "nan",
+    "posinf",
+]
 
 
 def finiteness(v: torch.Tensor) -> torch.Tensor:
@@ -50,8 +64,13 @@ def assert_like_torch(got, want, rtol=1e-4, atol=5e-5, what=""):
 
 def torch_tokens(logits, targets, ignore_index, smoothing):
     v = logits.shape[-1]
-    return F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), reduction="none",
-                           ignore_index=ignore_index, label_smoothing=smoothing).reshape(targets.shape)
+    return F.cross_entropy(
+        logits.float().reshape(-1, v),
+        targets.reshape(-1),
+        reduction="none",
+        ignore_index=ignore_index,
+        label_smoothing=smoothing,
+    ).reshape(targets.shape)
 
 
 def fill_row(x, kind, target, dtype, g):
@@ -96,17 +115,17 @@ def make_case(shape, dtype, kinds, seed, ignore_index, ignore_frac=0.2):
 
 # ------------------------------------------------------------- fixed cases
 CASES = [  # (logits, target); torch's answers for eps = 0, 0.1, 1.0 checked below
-    ([[0.0, 1.0, -INF]], 1),       # masked class:           0.3133 | inf | inf
-    ([[0.0, 1.0, -INF]], 2),       # masked target:          inf    | inf | nan (0 * inf)
-    ([[3e38, 3e38]], 0),           # near the float32 max:   0.6931 (all three)
-    ([[3.4e38, -3.4e38]], 0),      # max - (-max) overflows: 0      | inf | inf
-    ([[3.4e38, -3.4e38]], 1),      #                         inf    | inf | nan
-    ([[2e38, -1e38, -1e38]], 0),   # smoothing sum overflows: 0     | inf | inf
-    ([[-INF, -INF]], 0),           # all masked:             nan
-    ([[INF, 0.0]], 0),             # +inf:                   nan
-    ([[NAN, 0.0]], 1),             # NaN:                    nan
-    ([[-INF]], 0),                 # C = 1, masked:          nan
-    ([[5.0]], 0),                  # C = 1:                  0
+    ([[0.0, 1.0, -INF]], 1),  # masked class:           0.3133 | inf | inf
+    ([[0.0, 1.0, -INF]], 2),  # masked target:          inf    | inf | nan (0 * inf)
+    ([[3e38, 3e38]], 0),  # near the float32 max:   0.6931 (all three)
+    ([[3.4e38, -3.4e38]], 0),  # max - (-max) overflows: 0      | inf | inf
+    ([[3.4e38, -3.4e38]], 1),  #                         inf    | inf | nan
+    ([[2e38, -1e38, -1e38]], 0),  # smoothing sum overflows: 0     | inf | inf
+    ([[-INF, -INF]], 0),  # all masked:             nan
+    ([[INF, 0.0]], 0),  # +inf:                   nan
+    ([[NAN, 0.0]], 1),  # NaN:                    nan
+    ([[-INF]], 0),  # C = 1, masked:          nan
+    ([[5.0]], 0),  # C = 1:                  0
 ]
 
 
@@ -151,10 +170,15 @@ def cases_2d(draw):
     c = draw(st.sampled_from(SIZES))
     b = draw(st.integers(1, 4 if c > 1000 else 8))
     kinds = draw(st.lists(st.sampled_from(ROW_KINDS), min_size=b, max_size=b))
-    return dict(shape=(b, c), dtype=draw(st.sampled_from(DTYPES)), kinds=kinds,
-                seed=draw(st.integers(0, 2**16)), ignore_index=draw(st.sampled_from([-100, 0])),
-                smoothing=draw(st.sampled_from([0.0, 0.1, 1.0])),  # and 0.0 for every case
-                layout=draw(st.sampled_from(["contiguous", "row_padded", "class_strided"])))
+    return dict(
+        shape=(b, c),
+        dtype=draw(st.sampled_from(DTYPES)),
+        kinds=kinds,
+        seed=draw(st.integers(0, 2**16)),
+        ignore_index=draw(st.sampled_from([-100, 0])),
+        smoothing=draw(st.sampled_from([0.0, 0.1, 1.0])),  # and 0.0 for every case
+        layout=draw(st.sampled_from(["contiguous", "row_padded", "class_strided"])),
+    )
 
 
 def lay_out_2d(x, layout):
@@ -186,17 +210,23 @@ def cases_3d(draw):
     b = draw(st.integers(1, 3))
     t = draw(st.integers(1, 3 if v > 1000 else 6))
     kinds = draw(st.lists(st.sampled_from(ROW_KINDS), min_size=1, max_size=4))
-    return dict(shape=(b, t + 1, v), dtype=draw(st.sampled_from(DTYPES)), kinds=kinds,
-                seed=draw(st.integers(0, 2**16)), ignore_index=draw(st.sampled_from([-100, 0])),
-                smoothing=draw(st.sampled_from([0.0, 0.1])),  # and 0.0 for every case
-                layout=draw(st.sampled_from(["shifted", "contiguous", "seq_major"])))
+    return dict(
+        shape=(b, t + 1, v),
+        dtype=draw(st.sampled_from(DTYPES)),
+        kinds=kinds,
+        seed=draw(st.integers(0, 2**16)),
+        ignore_index=draw(st.sampled_from([-100, 0])),
+        smoothing=draw(st.sampled_from([0.0, 0.1])),  # and 0.0 for every case
+        layout=draw(st.sampled_from(["shifted", "contiguous", "seq_major"])),
+    )
 
 
 @settings(max_examples=25)
 @given(case=cases_3d())
 def test_3d_sequence_mean_like_torch(backend, case):
-    full, full_t = make_case(case["shape"], case["dtype"], case["kinds"], case["seed"], case["ignore_index"],
-                             ignore_frac=0.3)
+    full, full_t = make_case(
+        case["shape"], case["dtype"], case["kinds"], case["seed"], case["ignore_index"], ignore_frac=0.3
+    )
     ign = case["ignore_index"]
     if case["layout"] == "shifted":  # next-token view: no copy of the logits
         x, t = full[:, :-1], full_t[:, 1:]
@@ -248,9 +278,12 @@ def logits_copies(fn, logits):
     """The copy / clone ops the profiler records on a tensor of the logits' shape."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return [(e.name, e.input_shapes) for e in prof.events()
-            if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")
-            and list(logits.shape) in [list(s) for s in e.input_shapes]]
+    return [
+        (e.name, e.input_shapes)
+        for e in prof.events()
+        if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")
+        and list(logits.shape) in [list(s) for s in e.input_shapes]
+    ]
 
 
 def test_cpp_reads_strided_logits_without_copy():
@@ -261,8 +294,9 @@ def test_cpp_reads_strided_logits_without_copy():
         assert logits_copies(lambda: op.per_sample_cross_entropy(x, t, -100, 0.1), x) == [], name
     # the check can fail: a class stride other than 1 is copied, and seen
     x = torch.randn(4, 50, 6).transpose(1, 2)
-    assert logits_copies(lambda: op.per_sample_cross_entropy(x, torch.zeros(4, 6, dtype=torch.long), -100, 0.0),
-                         x) != []
+    assert (
+        logits_copies(lambda: op.per_sample_cross_entropy(x, torch.zeros(4, 6, dtype=torch.long), -100, 0.0), x) != []
+    )
 
 
 def test_triton_launch_gets_the_callers_logits(monkeypatch):

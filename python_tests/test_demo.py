@@ -1,5 +1,6 @@
 """The demo: its fair metrics on synthetic curves (fast), the ablation's rule,
 and end to end at tiny sizes (marked slow; ``make test`` runs them)."""
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,18 @@ def test_average_ranks_share_ties_and_infinity():
 
 def test_rank_configs_mean_rank_then_accuracy():
     cells = {
-        "a": {"t1": {"ttt": [1.0, 1.0, 1.0], "final_acc": [80, 80, 80]},
-              "t2": {"ttt": [5.0, 5.0, 5.0], "final_acc": [80, 80, 80]}},
-        "b": {"t1": {"ttt": [2.0, 2.0, 2.0], "final_acc": [90, 90, 90]},
-              "t2": {"ttt": [4.0, 4.0, 4.0], "final_acc": [90, 90, 90]}},  # same mean rank as a, more accurate
-        "c": {"t1": {"ttt": [None, None, 0.1], "final_acc": [99, 99, 99]},  # median: not reached
-              "t2": {"ttt": [None, None, None], "final_acc": [99, 99, 99]}},
+        "a": {
+            "t1": {"ttt": [1.0, 1.0, 1.0], "final_acc": [80, 80, 80]},
+            "t2": {"ttt": [5.0, 5.0, 5.0], "final_acc": [80, 80, 80]},
+        },
+        "b": {
+            "t1": {"ttt": [2.0, 2.0, 2.0], "final_acc": [90, 90, 90]},
+            "t2": {"ttt": [4.0, 4.0, 4.0], "final_acc": [90, 90, 90]},
+        },  # same mean rank as a, more accurate
+        "c": {
+            "t1": {"ttt": [None, None, 0.1], "final_acc": [99, 99, 99]},  # median: not reached
+            "t2": {"ttt": [None, None, None], "final_acc": [99, 99, 99]},
+        },
     }
     ranking = M.rank_configs(cells)
     assert [r[0] for r in ranking] == ["b", "a", "c"]
@@ -69,8 +76,14 @@ def test_rank_configs_mean_rank_then_accuracy():
 
 
 def _run(curve, score_s=0.0):
-    return {"wall_s": curve[-1][0], "test_acc": curve[-1][1], "backward_samples": curve[-1][2], "curve": curve,
-            "epochs": len(curve) - 1, "score_s": score_s}
+    return {
+        "wall_s": curve[-1][0],
+        "test_acc": curve[-1][1],
+        "backward_samples": curve[-1][2],
+        "curve": curve,
+        "epochs": len(curve) - 1,
+        "score_s": score_s,
+    }
 
 
 def test_summarize_fair_metrics_on_synthetic_runs():
@@ -78,7 +91,10 @@ def test_summarize_fair_metrics_on_synthetic_runs():
 
     runs = {
         "full": [_run([[0, 10, 0], [2, 70, 1000], [4, 80, 2000]]), _run([[0, 10, 0], [2, 72, 1000], [4, 82, 2000]])],
-        "es": [_run([[0, 10, 0], [1, 75, 200], [2, 81, 400]], 0.5), _run([[0, 10, 0], [1, 70, 200], [2, 79, 400]], 0.5)],
+        "es": [
+            _run([[0, 10, 0], [1, 75, 200], [2, 81, 400]], 0.5),
+            _run([[0, 10, 0], [1, 70, 200], [2, 79, 400]], 0.5),
+        ],
     }
     ref = fair_reference(runs)
     assert ref == {"target_acc": 81.0, "window_s": 2.0}
@@ -107,7 +123,9 @@ def test_eta_from_measured_epochs_and_the_cost_model():
     assert fmt_eta(125) == "ETA 2 min 05 s" and "unknown" in fmt_eta(None)
     eta.record(("e", "es", 128), 1, 5.0)
     assert eta.remaining_partial([(("d", "full", 512), 1), (("f", "es", 128), 1), (("e", "es", 64), 1)]) == (
-        pytest.approx(2.0 + 5.0 * (1 / 3 + 1 / 8) / (1 / 3 + 1 / 4)), ["f"])
+        pytest.approx(2.0 + 5.0 * (1 / 3 + 1 / 8) / (1 / 3 + 1 / 4)),
+        ["f"],
+    )
     assert fmt_eta(3700, ["f"]) == "ETA 1 h 01 min + the runs on f (not measured yet)"
 
 
@@ -198,9 +216,30 @@ def test_demo_writes_json_after_each_run_and_keeps_it_on_interrupt(tmp_path, mon
 def test_ablation_tiny_grid(tmp_path, capsys):
     from es_kernels.demo import main
 
-    rc = main(["--ablate", "--seeds", "1", "--mnist1d-samples", "800", "--no-progress", "--out", str(tmp_path),
-               "--tasks", "digits:2:0,digits:2:0.4", "--grid-beta1", "0.2", "--grid-beta2", "0.5",
-               "--grid-lam", "0,1", "--grid-eps", "0", "--grid-ratio", "1/4,1/8"])
+    rc = main(
+        [
+            "--ablate",
+            "--seeds",
+            "1",
+            "--mnist1d-samples",
+            "800",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            "--tasks",
+            "digits:2:0,digits:2:0.4",
+            "--grid-beta1",
+            "0.2",
+            "--grid-beta2",
+            "0.5",
+            "--grid-lam",
+            "0,1",
+            "--grid-eps",
+            "0",
+            "--grid-ratio",
+            "1/4,1/8",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "chosen: beta1=" in out and "Rule, fixed before any run" in out and "ETA" in out
@@ -238,21 +277,30 @@ def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
         if calls:
             res = json.loads(path.read_text())
             done = sum(len(v) for v in res["full"].values()) + sum(
-                len(c["final_acc"]) for cells in res["cells"].values() for c in cells.values())
+                len(c["final_acc"]) for cells in res["cells"].values() for c in cells.values()
+            )
             assert done == len(calls) and not res["complete"]
         if len(calls) == 7:  # task 1: 1 full + 4 settings; task 2: full + 1 setting, then ^C
             raise KeyboardInterrupt
         calls.append(method)
         acc = 90.0 if method == "full" else 80.0 + cfg.mini_batch / 10  # larger b reaches more
         curve = [[0.0, 10.0, 0], [1.0, acc, 100]]
-        return {"wall_s": 1.0, "test_acc": acc, "curve": curve, "epochs": 1, "elapsed_s": 1.0,
-                "backward_samples": 100, "score_s": 0.1}
+        return {
+            "wall_s": 1.0,
+            "test_acc": acc,
+            "curve": curve,
+            "epochs": 1,
+            "elapsed_s": 1.0,
+            "backward_samples": 100,
+            "score_s": 0.1,
+        }
 
     monkeypatch.setattr(run, "train", train)
     cfg = run.Config(seeds=1, mnist1d_samples=800)
     grid = {"beta1": "0.2", "beta2": "0.5", "lam": "0,1", "eps": "0", "ratio": "1/4,1/8"}
-    res = run.run_ablation(cfg, tmp_path, grid=grid, tasks=run.parse_tasks("digits:1:0,digits:1:0.4"),
-                           show_progress=False)
+    res = run.run_ablation(
+        cfg, tmp_path, grid=grid, tasks=run.parse_tasks("digits:1:0,digits:1:0.4"), show_progress=False
+    )
     assert res["interrupted"] and not res["complete"] and res["chosen"] is None
     on_disk = json.loads((tmp_path / "ablation.json").read_text())
     assert on_disk["ranking"] == res["ranking"] and len(res["ranking"]) == 4

@@ -3,24 +3,25 @@ single process that applies the same global observations (docs/spec.md section 1
 
 One spawned group per world size runs every scenario (python_tests/dist_workers.py);
 the tests here read what each rank saved."""
+
 from __future__ import annotations
 
 import math
 
+import dist_workers as W
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import assert_state_equal
 
 import es_kernels as ek
-from conftest import assert_state_equal
 from es_kernels import reference as R
 from es_kernels.distributed import shard_indices, shard_length
 
-import dist_workers as W
-
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is needed")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
+)
 
 SCENARIOS = {2: ("es", "eswp", "checked", "demo"), 3: ("es", "eswp", "checked")}  # demo: the costliest
 
@@ -30,8 +31,11 @@ def group(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
     mp.spawn(W.entry, args=(world, str(out / "init"), str(out), SCENARIOS[world]), nprocs=world, join=True)
-    return world, {(name, r): torch.load(out / f"{name}_{r}.pt", weights_only=False)
-                   for name in SCENARIOS[world] for r in range(world)}
+    return world, {
+        (name, r): torch.load(out / f"{name}_{r}.pt", weights_only=False)
+        for name in SCENARIOS[world]
+        for r in range(world)
+    }
 
 
 def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
@@ -46,9 +50,9 @@ def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
         real = torch.zeros(world * W.CAP, dtype=torch.bool)
         glosses = torch.zeros(world * W.CAP)
         for r, (ids, losses) in enumerate(inputs):
-            gids[r * W.CAP: r * W.CAP + len(ids)] = ids
-            glosses[r * W.CAP: r * W.CAP + len(ids)] = losses
-            real[r * W.CAP: r * W.CAP + len(ids)] = True
+            gids[r * W.CAP : r * W.CAP + len(ids)] = ids
+            glosses[r * W.CAP : r * W.CAP + len(ids)] = losses
+            real[r * W.CAP : r * W.CAP + len(ids)] = True
         first = {}
         for p in range(world * W.CAP):
             if real[p] and int(gids[p]) not in first:
@@ -63,12 +67,12 @@ def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
         step_picks = []
         for r, (ids, _) in enumerate(inputs):
             lo, n = r * W.CAP, len(ids)
-            own = w_all[lo: lo + n]
+            own = w_all[lo : lo + n]
             if select_mode == "topk":
                 keys = own
             else:
                 v = R.exact_mean_weights(own, eps).float() if eps > 0 else own
-                keys = (v.double() / E[lo: lo + n]).float()
+                keys = (v.double() / E[lo : lo + n]).float()
             b = min(W.MINI, n)
             step_picks.append(torch.sort(torch.sort(keys, descending=True, stable=True).indices[:b]).values)
         picks.append((step_picks, w_all))
@@ -90,7 +94,7 @@ def test_es_replicas_identical_and_equal_to_one_process(group):
             for step, (pos, weights, losses) in enumerate(got["rec"][kind]):
                 n = len(W.step_inputs(step, world)[r][0])
                 assert torch.equal(pos, want[step][0][r]), (kind, r, step)
-                assert torch.equal(weights, want[step][1][r * W.CAP: r * W.CAP + n].float()), (kind, r, step)
+                assert torch.equal(weights, want[step][1][r * W.CAP : r * W.CAP + n].float()), (kind, r, step)
                 assert torch.equal(losses, W.step_inputs(step, world)[r][1])
     # uneven step 3: rank 1 has 5 ids (and rank 2 none with 3 ranks)
     assert len(res[("es", 1)]["rec"]["sample"][3][0]) == W.MINI
@@ -173,7 +177,6 @@ def test_gathered_update_pads_and_duplicates():
     wm = float(torch.tensor(1e-8, dtype=torch.float32))
     assert w.tolist() == [1.0, 2.0, wm, 1.0, 3.0, wm, 2.0]
     assert st.s[[5, 3, 9]].tolist() == [1.0, 2.0, 3.0]
-
 
 
 def test_demo_trains_under_ddp(group):

@@ -16,6 +16,7 @@ Size: ``EXAMPLES`` sequences of up to ``STEPS`` calls (about 10 calls a
 sequence on average, so well over 10,000 calls a run), deterministic
 (``derandomize=True``).
 """
+
 import copy
 import io
 import math
@@ -26,9 +27,9 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from test_reliability import assert_same, bits, pr_snapshot, same_bits
 
 import es_kernels as ek
-from test_reliability import assert_same, bits, pr_snapshot, same_bits
 
 N, MB = 12, 3
 CFG = dict(beta1=0.3, beta2=0.6, lam=1.5, eps=0.2, seed=7, w_min=1e-6)
@@ -36,9 +37,10 @@ PR_CFG = dict(num_epochs=5, prune_ratio=0.5, anneal_frac=0.25)
 EXAMPLES, STEPS = 700, 20
 
 F32 = np.float32
-LOSS = st.one_of(st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e38, -1e38, 0.0, -0.0,
-                                  1e-30, 1e39]),
-                 st.floats(-2.0, 10.0, width=32))
+LOSS = st.one_of(
+    st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e38, -1e38, 0.0, -0.0, 1e-30, 1e39]),
+    st.floats(-2.0, 10.0, width=32),
+)
 ID = st.integers(-2, N + 1)
 PAIRS = st.lists(st.tuples(ID, LOSS), max_size=6)  # (id, loss) of each position; ids may repeat
 BAD_INT = st.sampled_from([-1, -2, 2**63 - 1, 2**63, 2**64, 10**30, 1.5, "2", None, True])
@@ -149,15 +151,23 @@ class World:
         return ("sel", sel.positions.tolist(), key(sel.scales), key(sel.losses), key(sel.weights))
 
     def op_select_logits(self, ids, logits, targets):
-        sel = self.es.select(torch.tensor(ids, dtype=torch.int64),
-                             logits=torch.tensor(logits, dtype=torch.float32).reshape(len(ids), 2),
-                             targets=torch.tensor(targets, dtype=torch.int64))
+        sel = self.es.select(
+            torch.tensor(ids, dtype=torch.int64),
+            logits=torch.tensor(logits, dtype=torch.float32).reshape(len(ids), 2),
+            targets=torch.tensor(targets, dtype=torch.int64),
+        )
         return ("sel", sel.positions.tolist(), key(sel.scales), key(sel.losses), key(sel.weights))
 
     def op_update(self, ids, losses):
-        w = ek.es_update(torch.tensor(ids, dtype=torch.int64), torch.tensor(losses, dtype=torch.float32),
-                         self.es.state, beta1=CFG["beta1"], beta2=CFG["beta2"], lam=CFG["lam"],
-                         w_min=CFG["w_min"])
+        w = ek.es_update(
+            torch.tensor(ids, dtype=torch.int64),
+            torch.tensor(losses, dtype=torch.float32),
+            self.es.state,
+            beta1=CFG["beta1"],
+            beta2=CFG["beta2"],
+            lam=CFG["lam"],
+            w_min=CFG["w_min"],
+        )
         return ("w", key(w))
 
     def op_bad_select(self, kind):
@@ -174,8 +184,7 @@ class World:
             "neither": lambda: self.es.select(ids),
             "no targets": lambda: self.es.select(ids, logits=torch.rand(3, 2)),
             "bad targets dtype": lambda: self.es.select(ids, logits=torch.rand(3, 2), targets=ids.float()),
-            "bad smoothing": lambda: self.es.select(ids, logits=torch.rand(3, 2), targets=ids,
-                                                    label_smoothing=2.0),
+            "bad smoothing": lambda: self.es.select(ids, logits=torch.rand(3, 2), targets=ids, label_smoothing=2.0),
         }
         return calls[kind]()
 
@@ -224,10 +233,24 @@ class World:
         def plan(p):
             return None if p is None else (p.epoch, p.ids.tolist(), key(p.scale), p.pos)
 
-        return {"state": key(es.state.tensor), "errors": es.state.errors.tolist(), "step": es.step,
-                "es_epoch": es.epoch, "scale": key(es.scale), "epoch": pr.epoch, "active": pr._active,
-                "plan": plan(pr._plan) if pr._active else None, "next": plan(pr._next),
-                "live": self.it is not None and pr._active}
+        # an epoch in progress whose ids were all yielded is complete: a
+        # checkpoint keeps only its length (what len() reports until iter())
+        done = pr._active and pr._plan is not None and pr._plan.pos >= len(pr._plan)
+        running = pr._active and not done
+        finished = len(pr._plan) if done else (pr._finished if not pr._active and pr._next is None else None)
+        return {
+            "state": key(es.state.tensor),
+            "errors": es.state.errors.tolist(),
+            "step": es.step,
+            "es_epoch": es.epoch,
+            "scale": key(es.scale),
+            "epoch": pr.epoch,
+            "active": running,
+            "plan": plan(pr._plan) if running else None,
+            "next": plan(pr._next),
+            "finished": finished,
+            "live": self.it is not None and running,
+        }
 
 
 def corrupt(blob, kind):
@@ -235,8 +258,19 @@ def corrupt(blob, kind):
     and one bad entry."""
     ck = torch.load(io.BytesIO(blob))
     es, pr = ck["es"], ck["pr"]
-    es.update(mini_batch=5, beta1=0.9, beta2=0.1, lam=0.0, eps=0.0, seed=99, w_min=1e-3, select_mode="topk",
-              step=es["step"] + 3, epoch=es["epoch"] + 1, scale=torch.full((N,), 2.0))
+    es.update(
+        mini_batch=5,
+        beta1=0.9,
+        beta2=0.1,
+        lam=0.0,
+        eps=0.0,
+        seed=99,
+        w_min=1e-3,
+        select_mode="topk",
+        step=es["step"] + 3,
+        epoch=es["epoch"] + 1,
+        scale=torch.full((N,), 2.0),
+    )
     es["state"] = {k: v + 1 for k, v in es["state"].items()}
     pr.update(num_epochs=9, prune_ratio=0.25, anneal_frac=0.5, rescale=False, seed=5, epoch=pr["epoch"] + 1)
     if kind == "s inf":
@@ -304,14 +338,20 @@ class SamplerMachine(RuleBasedStateMachine):
         b = min(MB, len(ids))
         assert len(pos) == b and pos == sorted(set(pos)) and all(0 <= p < len(ids) for p in pos)
         assert weights == f32_key(w)
-        sc = [1.0] * b if self.m.scale is None else [
-            self.m.scale[2].view(torch.float32)[ids[p]].item() if 0 <= ids[p] < N else 1.0 for p in pos]
+        sc = (
+            [1.0] * b
+            if self.m.scale is None
+            else [self.m.scale[2].view(torch.float32)[ids[p]].item() if 0 <= ids[p] < N else 1.0 for p in pos]
+        )
         assert scales == f32_key(sc)
 
     # ---------------------------------------------------------- rules
 
-    @rule(pairs=PAIRS, ids_dtype=st.sampled_from([torch.int64, torch.int32]),
-          loss_dtype=st.sampled_from([torch.float32, torch.float64]))
+    @rule(
+        pairs=PAIRS,
+        ids_dtype=st.sampled_from([torch.int64, torch.int32]),
+        loss_dtype=st.sampled_from([torch.float32, torch.float64]),
+    )
     def select(self, pairs, ids_dtype, loss_dtype):
         ids, losses = [p[0] for p in pairs], [p[1] for p in pairs]
         out = self.run("select", ids, losses, ids_dtype, loss_dtype)
@@ -335,9 +375,24 @@ class SamplerMachine(RuleBasedStateMachine):
             w = self.m.update(ids, [F32(x) for x in losses])
         assert out[1] == f32_key(w)
 
-    @rule(kind=st.sampled_from(["2d ids", "0-d ids", "int ids", "float ids", "meta ids", "short losses",
-                                "int losses", "both", "neither", "no targets", "bad targets dtype",
-                                "bad smoothing"]))
+    @rule(
+        kind=st.sampled_from(
+            [
+                "2d ids",
+                "0-d ids",
+                "int ids",
+                "float ids",
+                "meta ids",
+                "short losses",
+                "int losses",
+                "both",
+                "neither",
+                "no targets",
+                "bad targets dtype",
+                "bad smoothing",
+            ]
+        )
+    )
     def bad_select(self, kind):
         assert self.run("bad_select", kind) == ("raised", "ValueError")
 
@@ -408,7 +463,8 @@ class SamplerMachine(RuleBasedStateMachine):
             plan = m.active if m.active is not None else m.pending
             hi = 0 if plan is None else plan[3]
             assert (isinstance(e, RuntimeError) and m.errors != [0, 0]) or (
-                isinstance(e, ValueError) and m.errors == [0, 0] and position > hi)
+                isinstance(e, ValueError) and m.errors == [0, 0] and position > hi
+            )
             return
         assert m.errors == [0, 0]
         live = m.it is not None and m.it is m.active
@@ -457,13 +513,42 @@ class SamplerMachine(RuleBasedStateMachine):
         self.steps += 1
 
     @precondition(lambda self: self.ck is not None)
-    @rule(kind=st.sampled_from(["s inf", "d nan", "errors negative", "step huge", "beta1 nan", "mini_batch 0",
-                                "scale short", "es missing", "epoch huge", "position huge", "kept bad",
-                                "pr extra", "prune_ratio 1"]))
+    @rule(
+        kind=st.sampled_from(
+            [
+                "s inf",
+                "d nan",
+                "errors negative",
+                "step huge",
+                "beta1 nan",
+                "mini_batch 0",
+                "scale short",
+                "es missing",
+                "epoch huge",
+                "position huge",
+                "kept bad",
+                "pr extra",
+                "prune_ratio 1",
+            ]
+        )
+    )
     def load_corrupt(self, kind):
         ck = corrupt(self.ck[0], kind)
-        side = "es" if kind in ("s inf", "d nan", "errors negative", "step huge", "beta1 nan",
-                                "mini_batch 0", "scale short", "es missing") else "pr"
+        side = (
+            "es"
+            if kind
+            in (
+                "s inf",
+                "d nan",
+                "errors negative",
+                "step huge",
+                "beta1 nan",
+                "mini_batch 0",
+                "scale short",
+                "es missing",
+            )
+            else "pr"
+        )
         before = self.w.snapshot()
         with pytest.raises(ValueError):
             (self.w.es if side == "es" else self.w.pr).load_state_dict(ck[side])
@@ -517,12 +602,20 @@ class SamplerMachine(RuleBasedStateMachine):
         STATS["calls"] += self.steps
 
 
-STATS = {"examples": 0, "calls": 0, "checkpoints": 0, "loads": 0, "corrupt loads": 0, "resumes verified": 0,
-         "calls replayed": 0}
+STATS = {
+    "examples": 0,
+    "calls": 0,
+    "checkpoints": 0,
+    "loads": 0,
+    "corrupt loads": 0,
+    "resumes verified": 0,
+    "calls replayed": 0,
+}
 
 
-SamplerMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
-                                            derandomize=True)
+SamplerMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=True
+)
 TestSamplerFuzz = SamplerMachine.TestCase
 
 

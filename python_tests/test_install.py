@@ -12,6 +12,7 @@
 The slow ones (marked `slow`, run by `make test`; `-m "not slow"` skips them)
 take about 2 minutes on 2 cores, plus the first download.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,11 +62,15 @@ def _cmake() -> str:
 
 def _configure(build: Path, *args, env=None) -> subprocess.CompletedProcess:
     gen = ["-G", "Ninja"] if shutil.which("ninja", path=_env()["PATH"]) else []
-    return _run([_cmake(), "-S", ROOT, "-B", build, *gen, f"-DPython3_EXECUTABLE={sys.executable}", *args],
-                ok=False, env=env or _env())
+    return _run(
+        [_cmake(), "-S", ROOT, "-B", build, *gen, f"-DPython3_EXECUTABLE={sys.executable}", *args],
+        ok=False,
+        env=env or _env(),
+    )
 
 
 # --- CMake, fast ---------------------------------------------------------------
+
 
 def test_cmake_finds_this_torch_and_its_abi(tmp_path):
     """Without hints CMake finds the interpreter's torch (without importing it)
@@ -102,8 +107,13 @@ def test_reconfigure_follows_the_torch_dir(tmp_path):
 
 # --- against a CUDA build of torch, no CUDA toolkit ------------------------------
 
-_CUDA_TORCH_PARTS = ("torch/include/", "torch/share/cmake/", "torch/lib/libc10.so", "torch/lib/libtorch_cpu.so",
-                     "torch/version.py")
+_CUDA_TORCH_PARTS = (
+    "torch/include/",
+    "torch/share/cmake/",
+    "torch/lib/libc10.so",
+    "torch/lib/libtorch_cpu.so",
+    "torch/version.py",
+)
 
 
 def _cuda_torch() -> Path:
@@ -120,9 +130,25 @@ def _cuda_torch() -> Path:
     dl.mkdir(parents=True)
     # `===`: exactly this version, not the local CPU build (2.13.0+cpu) that
     # `==` also matches. PyPI's Linux wheel of torch is the CUDA build.
-    res = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", dl,
-                "--platform", "manylinux_2_28_x86_64", "--python-version", f"{sys.version_info[0]}.{sys.version_info[1]}",
-                f"torch==={TORCH_VERSION}"], ok=False, env=_env())
+    res = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            dl,
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--python-version",
+            f"{sys.version_info[0]}.{sys.version_info[1]}",
+            f"torch==={TORCH_VERSION}",
+        ],
+        ok=False,
+        env=_env(),
+    )
     wheels = list(dl.glob("torch-*.whl"))
     if res.returncode != 0 or not wheels:
         shutil.rmtree(dest, ignore_errors=True)
@@ -155,17 +181,20 @@ def test_builds_against_cuda_torch_without_cuda(tmp_path):
     # (where a machine has a complete one, it may succeed: then nothing to show).
     probe = tmp_path / "probe"
     probe.mkdir()
-    (probe / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.18)\nproject(p CXX)\n"
-                                          "find_package(Torch REQUIRED)\n")
-    ctl = _run([_cmake(), "-S", probe, "-B", probe / "b", f"-DCMAKE_PREFIX_PATH={torch_dir / 'share' / 'cmake'}"],
-               ok=False, env=env)
+    (probe / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(p CXX)\nfind_package(Torch REQUIRED)\n"
+    )
+    ctl = _run(
+        [_cmake(), "-S", probe, "-B", probe / "b", f"-DCMAKE_PREFIX_PATH={torch_dir / 'share' / 'cmake'}"],
+        ok=False,
+        env=env,
+    )
     if ctl.returncode != 0:
         assert "CUDA" in ctl.stdout + ctl.stderr
 
     # The project: configures, compiles and links, looks for nothing of CUDA.
     build = tmp_path / "build"
-    res = _configure(build, f"-DES_KERNELS_TORCH_DIR={torch_dir}", f"-DES_KERNELS_OUTPUT_DIR={build / 'out'}",
-                     env=env)
+    res = _configure(build, f"-DES_KERNELS_TORCH_DIR={torch_dir}", f"-DES_KERNELS_OUTPUT_DIR={build / 'out'}", env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "_GLIBCXX_USE_CXX11_ABI=1" in res.stdout
     cache_vars = re.findall(r"^([A-Za-z_][\w-]*):", (build / "CMakeCache.txt").read_text(), re.M)
@@ -180,10 +209,25 @@ def test_builds_against_cuda_torch_without_cuda(tmp_path):
 
 # --- installs into a fresh venv ----------------------------------------------------
 
+
 def _copy_source(dst: Path) -> Path:
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".hypothesis", ".pytest_cache",
-        "demo_results", "results"))
+    shutil.copytree(
+        ROOT,
+        dst,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            "*.so",
+            ".hypothesis",
+            ".pytest_cache",
+            "demo_results",
+            "results",
+        ),
+    )
     return dst
 
 
@@ -206,12 +250,16 @@ def test_no_build_install(fresh_venv, tmp_path):
     """ES_KERNELS_NO_BUILD=1: the pure-Python package, with build isolation."""
     src = _copy_source(tmp_path / "src")
     _run([fresh_venv, "-m", "pip", "install", "-q", "--no-deps", src], env=_env(ES_KERNELS_NO_BUILD="1"))
-    res = _import_check(fresh_venv, tmp_path, "import importlib.util, torch, es_kernels as ek\n"
-                        "assert importlib.util.find_spec('es_kernels._C') is None and not ek._ops.HAS_CPP\n"
-                        "st = ek.ESState(10)\n"
-                        "r = ek.es_step_from_losses(torch.rand(4), torch.arange(4), st, 2)\n"
-                        "assert r.positions.shape == (2,) and not torch.isnan(st.s[:4]).any()\n"
-                        "print(ek.__version__)")
+    res = _import_check(
+        fresh_venv,
+        tmp_path,
+        "import importlib.util, torch, es_kernels as ek\n"
+        "assert importlib.util.find_spec('es_kernels._C') is None and not ek._ops.HAS_CPP\n"
+        "st = ek.ESState(10)\n"
+        "r = ek.es_step_from_losses(torch.rand(4), torch.arange(4), st, 2)\n"
+        "assert r.positions.shape == (2,) and not torch.isnan(st.s[:4]).any()\n"
+        "print(ek.__version__)",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     from es_kernels._version import __version__
 
@@ -238,18 +286,24 @@ def test_wheel_works_without_the_source_tree(fresh_venv, tmp_path):
     if importlib.util.find_spec("es_kernels._C") is None:
         pytest.skip("this environment has no C++ build")
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", dist, ROOT],
-         env=_env(ES_KERNELS_REQUIRE_BUILD="1"))
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", dist, ROOT],
+        env=_env(ES_KERNELS_REQUIRE_BUILD="1"),
+    )
     (whl,) = dist.glob("es_kernels-*.whl")
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()
     assert [n for n in names if n.startswith("es_kernels/_C")], names
     assert "es_kernels/_triton/__init__.py" in names
     _run([fresh_venv, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", whl], env=_env())
-    res = _import_check(fresh_venv, tmp_path, "import torch, es_kernels, es_kernels._C\n"
-                        "assert 'site-packages' in es_kernels.__file__, es_kernels.__file__\n"
-                        "w = torch.tensor([0.1, 5.0, 0.2, 4.0])\n"
-                        "print(torch.ops.es_kernels.weighted_select(w, 2, 'topk').tolist())")
+    res = _import_check(
+        fresh_venv,
+        tmp_path,
+        "import torch, es_kernels, es_kernels._C\n"
+        "assert 'site-packages' in es_kernels.__file__, es_kernels.__file__\n"
+        "w = torch.tensor([0.1, 5.0, 0.2, 4.0])\n"
+        "print(torch.ops.es_kernels.weighted_select(w, 2, 'topk').tolist())",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "[1, 3]"
 
@@ -264,6 +318,14 @@ def test_sdist_has_the_build_files(tmp_path):
 
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {"CMakeLists.txt", "setup.py", "pyproject.toml", "LICENSE", "README.md", "es_kernels/_version.py",
-            "csrc/register.cpp", "csrc/ops.h"} <= names
+    assert {
+        "CMakeLists.txt",
+        "setup.py",
+        "pyproject.toml",
+        "LICENSE",
+        "README.md",
+        "es_kernels/_version.py",
+        "csrc/register.cpp",
+        "csrc/ops.h",
+    } <= names
     assert not [n for n in names if n.endswith(".so") or n.startswith("build/")]

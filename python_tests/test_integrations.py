@@ -1,5 +1,6 @@
 """The HF Trainer and Lightning integrations against hand-written loops (tiny
 random-init GPT-2 from a config, CPU, fixed seeds; nothing downloaded)."""
+
 import os
 
 import pytest
@@ -26,9 +27,11 @@ def make_data(seed=0):
 
 def make_model(seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -70,29 +73,53 @@ def test_stream_fixed_length_and_exact_replay():
 # -- Hugging Face Trainer -------------------------------------------------------------------
 def _installed(name):
     import importlib.util
+
     return importlib.util.find_spec(name) is not None
 
 
-hf = pytest.mark.skipif(not (_installed("transformers") and _installed("accelerate")),
-                        reason="transformers / accelerate not installed (pip install -e '.[integrations]')")
+hf = pytest.mark.skipif(
+    not (_installed("transformers") and _installed("accelerate")),
+    reason="transformers / accelerate not installed (pip install -e '.[integrations]')",
+)
 
 
 def trainer_args(tmp_path, **kw):
     from transformers import TrainingArguments
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=B, learning_rate=LR, optim="sgd", max_grad_norm=0.0,
-                weight_decay=0.0, warmup_steps=0, lr_scheduler_type="linear", logging_strategy="no",
-                save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-                dataloader_num_workers=0)
+
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=B,
+        learning_rate=LR,
+        optim="sgd",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        warmup_steps=0,
+        lr_scheduler_type="linear",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
 
 def make_trainer(tmp_path, eswp=False, seed=0, **kw):
     from es_kernels.integrations.transformers import ESTrainer
+
     es = ek.EvolvedSampler(N, mini_batch=b, seed=seed)
     pruner = ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None
-    tr = ESTrainer(model=make_model(), args=trainer_args(tmp_path, **kw), train_dataset=make_data(),
-                   data_collator=collate, es_sampler=es, eswp=pruner)
+    tr = ESTrainer(
+        model=make_model(),
+        args=trainer_args(tmp_path, **kw),
+        train_dataset=make_data(),
+        data_collator=collate,
+        es_sampler=es,
+        eswp=pruner,
+    )
     return tr, es, pruner
 
 
@@ -104,6 +131,7 @@ def record_selections(es):
         sel = orig(ids, **kw)
         seen.append(ids[sel.positions].tolist())
         return sel
+
     es.select = select
     return seen
 
@@ -125,6 +153,7 @@ def hand_loop(steps, accum=1, eswp=False, seed=0):
     """The loop the README describes, with the Trainer's optimizer, schedule and
     token-mean loss (normalised over the tokens of all micro-batches of a step)."""
     from transformers import get_linear_schedule_with_warmup
+
     model = make_model()
     es = ek.EvolvedSampler(N, mini_batch=b, seed=seed)
     stream = ESStream(ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None, es=es)
@@ -190,6 +219,7 @@ def test_trainer_eswp_planned_steps_run(tmp_path):
     def compute_loss(model, inputs, **kw):
         scales.append(inputs["es_scale"].clone())
         return orig(model, inputs, **kw)
+
     tr.compute_loss = compute_loss
     out = tr.train()
     assert tr.state.max_steps == 24 and out.global_step == 24
@@ -201,6 +231,7 @@ def test_trainer_eswp_planned_steps_run(tmp_path):
 @hf
 def test_trainer_resume_is_exact(tmp_path):
     from es_kernels.integrations.transformers import CHECKPOINT_FILE
+
     tr, es, _ = make_trainer(tmp_path / "a", eswp=True, max_steps=12, save_strategy="steps", save_steps=6)
     tr.train()
     ckpt = tmp_path / "a" / "checkpoint-6"
@@ -221,6 +252,7 @@ def test_trainer_resume_is_exact(tmp_path):
 @hf
 def test_trainer_evaluation_does_not_score(tmp_path):
     from transformers import Trainer
+
     tr, es, _ = make_trainer(tmp_path)
     ev = make_data(seed=1)
     got = tr.evaluate(eval_dataset=ev)
@@ -233,6 +265,7 @@ def test_trainer_evaluation_does_not_score(tmp_path):
 @hf
 def test_trainer_unused_columns_and_version_check(tmp_path):
     from es_kernels.integrations.transformers import check_version
+
     # the "text" column is dropped by ESCollator (remove_unused_columns=True), es_id is kept
     tr, es, _ = make_trainer(tmp_path, max_steps=1)
     batch = next(iter(tr.get_train_dataloader()))
@@ -282,14 +315,22 @@ def make_lit(pl, eswp):
 
 
 def lit_trainer(pl, root, **kw):
-    return pl.Trainer(default_root_dir=str(root), accelerator="cpu", devices=1, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, **kw)
+    return pl.Trainer(
+        default_root_dir=str(root),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("eswp", [False, True])
 def test_lightning_mid_epoch_resume_is_exact(tmp_path, eswp):
     pl = _lightning()
     from lightning.pytorch.callbacks import ModelCheckpoint
+
     # 4 steps an epoch; the checkpoint at step 6 is in the middle of epoch 1
     ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=6, save_top_k=-1)
     m1 = make_lit(pl, eswp)

@@ -1,15 +1,19 @@
 """Language-model scoring (es_kernels.lm and shift_labels): against
 materialised logits and F.cross_entropy."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import triton_ops
 
 import es_kernels as ek
-from conftest import new_state, triton_ops
 from es_kernels import lm
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
 
 
 def explicit(logits, targets, ignore_index=-100, label_smoothing=0.0, shift=False):
@@ -17,8 +21,13 @@ def explicit(logits, targets, ignore_index=-100, label_smoothing=0.0, shift=Fals
     if shift:
         logits, targets = logits[:, :-1], targets[:, 1:]
     x = logits.float()
-    tok = F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1).long(), reduction="none",
-                          ignore_index=ignore_index, label_smoothing=label_smoothing)
+    tok = F.cross_entropy(
+        x.reshape(-1, x.shape[-1]),
+        targets.reshape(-1).long(),
+        reduction="none",
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
     if logits.dim() == 2:
         return tok
     tok = tok.reshape(targets.shape)
@@ -29,11 +38,11 @@ def explicit(logits, targets, ignore_index=-100, label_smoothing=0.0, shift=Fals
 def lm_batch(B, T, H, V, dtype=torch.float32, seed=0, bias=True, pad=True):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g).to(dtype) if T else torch.randn(B, H, generator=g).to(dtype)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 3).to(dtype)
     b = (torch.randn(V, generator=g)).to(dtype) if bias else None
     targets = torch.randint(0, V, hidden.shape[:-1], generator=g)
     if pad and T:
-        targets[0, T // 2:] = -100  # right padding
+        targets[0, T // 2 :] = -100  # right padding
         targets[-1, :] = -100  # a sequence with nothing to score
     return hidden, weight, b, targets
 
@@ -52,8 +61,12 @@ def test_shift_labels_equals_explicit_shift(dtype):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert got[2] == 0
         # unshifted use is unchanged
-        torch.testing.assert_close(ek.per_sample_cross_entropy(logits, labels, label_smoothing=ls),
-                                   explicit(logits, labels, label_smoothing=ls), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ek.per_sample_cross_entropy(logits, labels, label_smoothing=ls),
+            explicit(logits, labels, label_smoothing=ls),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_es_step_shift_labels_equals_views():
@@ -86,8 +99,9 @@ def test_hidden_equals_materialised_3d(V, workspace, bias):
     for ls in (0.0, 0.2):
         for shift in (False, True):
             want = explicit(logits, targets, label_smoothing=ls, shift=shift)
-            got = ek.per_sample_losses_from_hidden(hidden, weight, targets, b, label_smoothing=ls,
-                                                   shift_labels=shift, workspace_bytes=workspace)
+            got = ek.per_sample_losses_from_hidden(
+                hidden, weight, targets, b, label_smoothing=ls, shift_labels=shift, workspace_bytes=workspace
+            )
             assert got.dtype == torch.float32 and got.shape == (5,)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert got[-1] == 0  # no scored token
@@ -101,8 +115,7 @@ def test_hidden_equals_materialised_2d(bias):
     logits = F.linear(hidden, weight, b)
     for ws in (4 * 33 * 50, 2**20):
         for ls in (0.0, 0.3):
-            got = ek.per_sample_losses_from_hidden(hidden, weight, targets, b, label_smoothing=ls,
-                                                   workspace_bytes=ws)
+            got = ek.per_sample_losses_from_hidden(hidden, weight, targets, b, label_smoothing=ls, workspace_bytes=ws)
             torch.testing.assert_close(got, explicit(logits, targets, label_smoothing=ls), rtol=1e-5, atol=1e-5)
             assert got[3] == 0
 
@@ -137,8 +150,9 @@ def test_hidden_dtypes(dtype):
     logits = F.linear(hidden, weight, b)
     assert logits.dtype == dtype
     for shift in (False, True):
-        got = ek.per_sample_losses_from_hidden(hidden, weight, targets, b, shift_labels=shift,
-                                               label_smoothing=0.1, workspace_bytes=4 * 40 * 50)
+        got = ek.per_sample_losses_from_hidden(
+            hidden, weight, targets, b, shift_labels=shift, label_smoothing=0.1, workspace_bytes=4 * 40 * 50
+        )
         torch.testing.assert_close(got, explicit(logits, targets, label_smoothing=0.1, shift=shift), **TOL[dtype])
 
 
@@ -158,8 +172,9 @@ def test_empty():
     assert ek.per_sample_losses_from_hidden(hidden[:0], weight, torch.zeros(0, 3, dtype=torch.long)).shape == (0,)
     got = ek.per_sample_losses_from_hidden(hidden[:, :0], weight, torch.zeros(2, 0, dtype=torch.long))
     assert torch.equal(got, torch.zeros(2))
-    got = ek.per_sample_losses_from_hidden(hidden[:, :1], weight, torch.zeros(2, 1, dtype=torch.long),
-                                           shift_labels=True)
+    got = ek.per_sample_losses_from_hidden(
+        hidden[:, :1], weight, torch.zeros(2, 1, dtype=torch.long), shift_labels=True
+    )
     assert torch.equal(got, torch.zeros(2))
 
 
@@ -177,8 +192,9 @@ def test_es_step_from_hidden_equals_es_step():
     ids = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:12]
     kw = dict(seed=3, step=5, label_smoothing=0.1, select_mode="sample", eps=0.1)
     a, c, d = ek.ESState(50), ek.ESState(50), ek.ESState(50)
-    r_h = ek.es_step_from_hidden(hidden, weight, targets, ids, a, 4, bias=b, shift_labels=True,
-                                 workspace_bytes=4 * 96 * 30, **kw)
+    r_h = ek.es_step_from_hidden(
+        hidden, weight, targets, ids, a, 4, bias=b, shift_labels=True, workspace_bytes=4 * 96 * 30, **kw
+    )
     r_l = ek.es_step(F.linear(hidden, weight, b), targets, ids, c, 4, shift_labels=True, **kw)
     torch.testing.assert_close(r_h.losses, r_l.losses, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r_h.weights, r_l.weights, rtol=1e-5, atol=1e-5)
@@ -192,8 +208,9 @@ def test_sampler_select_with_hidden():
     hidden, weight, b, labels = lm_batch(8, 6, 16, 77, seed=11)
     ids = torch.arange(8) * 3
     e1, e2 = ek.EvolvedSampler(30, 3, seed=2), ek.EvolvedSampler(30, 3, seed=2)
-    s1 = e1.select(ids, hidden=hidden, weight=weight, bias=b, targets=labels, shift_labels=True,
-                   workspace_bytes=4 * 40 * 20)
+    s1 = e1.select(
+        ids, hidden=hidden, weight=weight, bias=b, targets=labels, shift_labels=True, workspace_bytes=4 * 40 * 20
+    )
     s2 = e2.select(ids, logits=F.linear(hidden, weight, b), targets=labels, shift_labels=True)
     torch.testing.assert_close(s1.losses, s2.losses, rtol=1e-5, atol=1e-5)
     assert s1.positions.shape == (3,) and e1.step == 1
@@ -213,8 +230,9 @@ def test_hidden_path_makes_no_host_round_trip():
     es = ek.EvolvedSampler(40, 2, seed=1, eps=0.1)
     ids = torch.arange(6)
     with no_host_sync():
-        ek.per_sample_losses_from_hidden(hidden, weight, labels, b, label_smoothing=0.1, shift_labels=True,
-                                         workspace_bytes=4 * 42 * 9)
+        ek.per_sample_losses_from_hidden(
+            hidden, weight, labels, b, label_smoothing=0.1, shift_labels=True, workspace_bytes=4 * 42 * 9
+        )
         ek.es_step_from_hidden(hidden, weight, labels, ids, es.state, 2, bias=b, workspace_bytes=100)
         es.select(ids, hidden=hidden, weight=weight, targets=labels, shift_labels=True)
         es.select(ids, logits=F.linear(hidden, weight), targets=labels, shift_labels=True)

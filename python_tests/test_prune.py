@@ -1,10 +1,12 @@
 """ESWP pruning (docs/spec.md section 7) on every backend."""
+
 import math
 
 import torch
-from hypothesis import given, strategies as st
-
 from conftest import new_state
+from hypothesis import given
+from hypothesis import strategies as st
+
 from es_kernels import reference as R
 
 
@@ -18,9 +20,15 @@ def check_against_reference(backend, st, *args):
     return order, int(num_kept), scale
 
 
-@given(n=st.integers(0, 3000), observed=st.floats(0, 1), r=st.sampled_from([0.0, 0.3, 0.7, 0.999]),
-       epoch=st.integers(0, 12), rescale=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 2**62))
+@given(
+    n=st.integers(0, 3000),
+    observed=st.floats(0, 1),
+    r=st.sampled_from([0.0, 0.3, 0.7, 0.999]),
+    epoch=st.integers(0, 12),
+    rescale=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**62),
+)
 def test_against_reference(backend, n, observed, r, epoch, rescale, dtype, seed):
     st, _ = new_state(n, dtype, observed, seed=seed % 997)
     check_against_reference(backend, st, r, seed, epoch, 10, 0.125, rescale)

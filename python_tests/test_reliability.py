@@ -8,6 +8,7 @@
 * argument errors are ValueErrors naming the argument, before any write.
 (docs/spec.md sections 8 and 11.)
 """
+
 import io
 import math
 
@@ -25,6 +26,7 @@ N = 40
 
 # ----------------------------------------------------------------- snapshots
 
+
 def bits(t):
     """A tensor's exact content (NaN payloads and -0 included), or None."""
     if t is None:
@@ -41,9 +43,15 @@ def same_bits(a, b):
 
 
 def es_snapshot(es):
-    return {"state": bits(es.state.tensor), "errors": bits(es.state.errors), "step": es.step,
-            "epoch": es.epoch, "scale": bits(es.scale), "scale_obj": id(es.scale),
-            "settings": tuple(getattr(es, k) for k in es.SETTINGS)}
+    return {
+        "state": bits(es.state.tensor),
+        "errors": bits(es.state.errors),
+        "step": es.step,
+        "epoch": es.epoch,
+        "scale": bits(es.scale),
+        "scale_obj": id(es.scale),
+        "settings": tuple(getattr(es, k) for k in es.SETTINGS),
+    }
 
 
 def plan_snapshot(plan):
@@ -53,9 +61,14 @@ def plan_snapshot(plan):
 
 
 def pr_snapshot(pr):
-    return {"settings": (pr.seed, pr.num_epochs, pr.prune_ratio, pr.anneal_frac, pr.rescale),
-            "epoch": pr.epoch, "active": pr._active, "plan": plan_snapshot(pr._plan),
-            "next": plan_snapshot(pr._next), "es": es_snapshot(pr.es)}
+    return {
+        "settings": (pr.seed, pr.num_epochs, pr.prune_ratio, pr.anneal_frac, pr.rescale),
+        "epoch": pr.epoch,
+        "active": pr._active,
+        "plan": plan_snapshot(pr._plan),
+        "next": plan_snapshot(pr._next),
+        "es": es_snapshot(pr.es),
+    }
 
 
 def assert_same(a, b):
@@ -73,6 +86,7 @@ def assert_same(a, b):
 
 
 # ------------------------------------------------------------- setups
+
 
 def trained(mid=True, seed=3):
     """An ES + ESWP pair after some training, mid-epoch (or between epochs)."""
@@ -98,8 +112,9 @@ def good_dicts():
 
 HUGE = st.sampled_from([2**63, 2**64, 10**30, -(2**63) - 1, -1, -2])
 NOT_INT = st.sampled_from([1.5, float("nan"), "3", None, True, [1], torch.tensor(3), b"1"])
-NOT_REAL = st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.5, 10**400, "0.5", None,
-                            torch.tensor(0.5), [0.5], True])
+NOT_REAL = st.sampled_from(
+    [float("nan"), float("inf"), -float("inf"), -0.5, 10**400, "0.5", None, torch.tensor(0.5), [0.5], True]
+)
 ODD_TENSOR = st.sampled_from(["shape+1", "2d", "0d", "dtype", "list", "numpy", "meta", "sparse", "empty"])
 
 
@@ -136,40 +151,59 @@ def mutations():
     for obj, keys in ints.items():
         for k in keys:
             m.append((obj, (k,), st.one_of(HUGE, NOT_INT), k))
-    m += [("es", ("mini_batch",), st.just(0), "mini_batch"), ("pr", ("num_epochs",), st.just(0), "num_epochs"),
-          ("pr", ("epoch",), st.just(2**63 - 1), "epoch")]
+    m += [
+        ("es", ("mini_batch",), st.just(0), "mini_batch"),
+        ("pr", ("num_epochs",), st.just(0), "num_epochs"),
+        ("pr", ("epoch",), st.just(2**63 - 1), "epoch"),
+    ]
     reals = {"es": ["beta1", "beta2", "eps", "w_min", "lam"], "pr": ["prune_ratio", "anneal_frac"]}
     for obj, keys in reals.items():
         for k in keys:
             m.append((obj, (k,), NOT_REAL, k))
-    m += [("es", ("beta1",), st.just(1.5), "beta1"), ("pr", ("prune_ratio",), st.just(1.0), "prune_ratio"),
-          ("es", ("w_min",), st.just(0.0), "w_min"), ("es", ("lam",), st.just(-1.0), "lam"),
-          ("es", ("select_mode",), st.sampled_from(["greedy", 3, None, b"sample", ["sample"]]), "select_mode"),
-          ("pr", ("rescale",), st.sampled_from([1, 0, "True", None, np.float64(1.0)]), "rescale")]
-    for obj, path, name in [("es", ("scale",), "scale"), ("pr", ("scale",), "scale"),
-                            ("es", ("state", "s"), "'s'"), ("es", ("state", "d"), "'d'"),
-                            ("es", ("state", "errors"), "'errors'"),
-                            ("st", ("s",), "'s'"), ("st", ("d",), "'d'"), ("st", ("errors",), "'errors'"),
-                            ("pr", ("kept",), "kept")]:
-        m.append((obj, path, ODD_TENSOR.map(lambda kind: (lambda t: odd_tensor(t, kind))), name))
+    m += [
+        ("es", ("beta1",), st.just(1.5), "beta1"),
+        ("pr", ("prune_ratio",), st.just(1.0), "prune_ratio"),
+        ("es", ("w_min",), st.just(0.0), "w_min"),
+        ("es", ("lam",), st.just(-1.0), "lam"),
+        ("es", ("select_mode",), st.sampled_from(["greedy", 3, None, b"sample", ["sample"]]), "select_mode"),
+        ("pr", ("rescale",), st.sampled_from([1, 0, "True", None, np.float64(1.0)]), "rescale"),
+    ]
+    for obj, path, name in [
+        ("es", ("scale",), "scale"),
+        ("pr", ("scale",), "scale"),
+        ("es", ("state", "s"), "'s'"),
+        ("es", ("state", "d"), "'d'"),
+        ("es", ("state", "errors"), "'errors'"),
+        ("st", ("s",), "'s'"),
+        ("st", ("d",), "'d'"),
+        ("st", ("errors",), "'errors'"),
+        ("pr", ("kept",), "kept"),
+    ]:
+        m.append((obj, path, ODD_TENSOR.map(lambda kind: lambda t: odd_tensor(t, kind)), name))
     vals = st.integers(0, 10**6)
     for obj, path, values, name in [
-            ("es", ("scale",), [float("nan"), float("inf"), -1.0, -0.0 - 1e-30], "scale"),
-            ("pr", ("scale",), [float("nan"), -float("inf"), -2.0], "scale"),
-            ("es", ("state", "s"), [float("inf"), -float("inf")], "'s'"),
-            ("es", ("state", "d"), [float("nan"), float("inf"), -float("inf")], "'d'"),
-            ("es", ("state", "errors"), [-1, -(2**63)], "'errors'"),
-            ("st", ("s",), [float("inf")], "'s'"), ("st", ("d",), [float("nan")], "'d'"),
-            ("st", ("errors",), [-5], "'errors'"),
-            ("pr", ("kept",), [-1, N, 2**40], "kept")]:
-        m.append((obj, path, st.tuples(vals, st.sampled_from(values)).map(
-            lambda iv: (lambda t: set_values(t, *iv))), name))
+        ("es", ("scale",), [float("nan"), float("inf"), -1.0, -0.0 - 1e-30], "scale"),
+        ("pr", ("scale",), [float("nan"), -float("inf"), -2.0], "scale"),
+        ("es", ("state", "s"), [float("inf"), -float("inf")], "'s'"),
+        ("es", ("state", "d"), [float("nan"), float("inf"), -float("inf")], "'d'"),
+        ("es", ("state", "errors"), [-1, -(2**63)], "'errors'"),
+        ("st", ("s",), [float("inf")], "'s'"),
+        ("st", ("d",), [float("nan")], "'d'"),
+        ("st", ("errors",), [-5], "'errors'"),
+        ("pr", ("kept",), [-1, N, 2**40], "kept"),
+    ]:
+        m.append(
+            (obj, path, st.tuples(vals, st.sampled_from(values)).map(lambda iv: lambda t: set_values(t, *iv)), name)
+        )
     m.append(("pr", ("kept",), st.just(lambda t: torch.cat([t[:-1], t[:1]])), "kept"))  # a repeated id
     m.append(("pr", ("position",), st.just(lambda p: 10**6), "position"))
     m.append(("pr", ("kept",), st.just(lambda t: None), "position"))  # position > 0 without kept
     m.append(("pr", ("scale",), st.just(lambda t: None), "scale"))  # kept without scale
-    for obj, keys in {"es": ek.EvolvedSampler.STATE_KEYS, "pr": ek.ESWPSampler.STATE_KEYS,
-                      "st": ek.ESState.KEYS}.items():
+    for obj, keys in {
+        "es": ek.EvolvedSampler.STATE_KEYS,
+        "pr": ek.ESWPSampler.STATE_KEYS,
+        "st": ek.ESState.KEYS,
+    }.items():
         for k in keys:
             m.append((obj, (k,), st.just("DELETE"), repr(k)))
     for obj in ("es", "pr", "st"):
@@ -265,8 +299,7 @@ def test_good_dicts_load_and_equivalent_values_are_accepted():
     es.load_state_dict(GOOD["es"])
     pr.load_state_dict(GOOD["pr"])
     es.state.load_state_dict(GOOD["st"])
-    sd = dict(GOOD["es"], step=np.int64(GOOD["es"]["step"]), beta1=np.float32(0.25), lam=3,
-              scale=None, epoch=2**63 - 1)
+    sd = dict(GOOD["es"], step=np.int64(GOOD["es"]["step"]), beta1=np.float32(0.25), lam=3, scale=None, epoch=2**63 - 1)
     es.load_state_dict(sd)
     assert es.beta1 == 0.25 and es.lam == 3.0 and es.scale is None and es.epoch == 2**63 - 1
     pr.load_state_dict(dict(GOOD["pr"], epoch=2**63 - 2, seed=2**63 - 1))
@@ -287,6 +320,7 @@ def test_errors_may_be_saved_by_the_state_but_not_by_the_sampler():
 
 # ------------------------------------------------- the plan of an epoch
 
+
 def eswp_pair(n=300, seed=1, prune_ratio=0.6, num_epochs=5):
     es = ek.EvolvedSampler(n, 4, seed=seed)
     ek.es_update(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(seed)), es.state)
@@ -300,8 +334,13 @@ def losses_of(ids, epoch):
 def train_with_loader(num_workers, epochs=3, len_calls=True, set_epoch=False, n=300):
     es, pr = eswp_pair(n)
     x = torch.randn(n, 2)
-    loader = DataLoader(ek.IndexedDataset(TensorDataset(x)), batch_size=16, sampler=pr,
-                        num_workers=num_workers, persistent_workers=False)
+    loader = DataLoader(
+        ek.IndexedDataset(TensorDataset(x)),
+        batch_size=16,
+        sampler=pr,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
     log = []
     for epoch in range(epochs):
         announced = None
@@ -388,6 +427,7 @@ def test_a_new_iteration_or_set_epoch_stops_a_stale_iterator():
 
 # ------------------------------------------------- mid-epoch resume
 
+
 def loop(es, pr, epochs, stop=None, set_epoch=False, bs=7):
     """Train ``epochs`` epochs from the sampler's epoch; with ``stop=(e, k)``
     return a checkpoint after k batches of the e-th epoch run here."""
@@ -459,8 +499,9 @@ def test_resume_with_prefetching_loader_uses_the_consumed_position():
     n, bs = 200, 10
     es_a, pr_a = eswp_pair(n)
     x = torch.arange(n).float()
-    mk = lambda pr, w: DataLoader(ek.IndexedDataset(TensorDataset(x)), batch_size=bs, sampler=pr,
-                                  num_workers=w, persistent_workers=False)
+    mk = lambda pr, w: DataLoader(
+        ek.IndexedDataset(TensorDataset(x)), batch_size=bs, sampler=pr, num_workers=w, persistent_workers=False
+    )
     ref = []
     for epoch in range(2):
         for ids, _ in mk(pr_a, 0):
@@ -533,6 +574,7 @@ def test_a_plan_computed_by_len_is_saved():
 
 # ------------------------------------------------- argument errors
 
+
 @pytest.mark.parametrize("bad", [2**63, 2**64, 10**40, -1, -2, 1.0, "1", None, torch.tensor(1)])
 def test_epoch_arguments(bad):
     es, pr = eswp_pair(20)
@@ -552,9 +594,18 @@ def test_epoch_arguments(bad):
         pr.set_epoch(2**63 - 1)  # its next epoch would not be an int64
 
 
-@pytest.mark.parametrize("ids", [3, torch.tensor(3), torch.zeros(2, 2, dtype=torch.long),
-                                 torch.arange(4, device="meta"), torch.arange(4).float(), [1, 2],
-                                 np.arange(4)])
+@pytest.mark.parametrize(
+    "ids",
+    [
+        3,
+        torch.tensor(3),
+        torch.zeros(2, 2, dtype=torch.long),
+        torch.arange(4, device="meta"),
+        torch.arange(4).float(),
+        [1, 2],
+        np.arange(4),
+    ],
+)
 def test_select_bad_ids(ids):
     es = ek.EvolvedSampler(10, 2)
     before = es_snapshot(es)
@@ -610,3 +661,27 @@ def test_eswp_settings_are_all_or_nothing_on_load():
         pr.load_state_dict(sd)
     assert_same(before, pr_snapshot(pr))
     assert pr.num_epochs == 6 and math.isclose(pr.prune_ratio, 0.5)
+
+
+def test_checkpoint_after_a_complete_epoch_resumes_len():
+    """Found by the stateful fuzz: a checkpoint taken when the epoch's ids were
+    all yielded (before the next iter()) resumes with the same len() and the
+    same next epoch, although the state moved after the checkpoint."""
+    import es_kernels as ek
+
+    def pair():
+        es = ek.EvolvedSampler(16, 2, seed=7)
+        ek.es_update(torch.arange(16), torch.linspace(0.1, 3.0, 16), es.state)
+        return es, ek.ESWPSampler(es, num_epochs=4, prune_ratio=0.5)
+
+    es, pr = pair()
+    ids = list(pr)  # the whole epoch
+    ck = {"es": es.state_dict(), "pr": pr.state_dict()}
+    assert ck["pr"]["finished"] == len(ids) and ck["pr"]["kept"] is None
+    es2, pr2 = pair()
+    es2.load_state_dict(ck["es"])
+    pr2.load_state_dict(ck["pr"])
+    for e in (es, es2):  # the state moves after the checkpoint
+        e.select(torch.tensor([0, 2]), losses=torch.tensor([50.0, 1.0]))
+    assert len(pr2) == len(pr) == len(ids)
+    assert list(pr2) == list(pr)

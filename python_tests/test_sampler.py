@@ -4,10 +4,10 @@ test_demo.py)."""
 
 import pytest
 import torch
+from conftest import assert_state_equal
 from torch.utils.data import DataLoader, TensorDataset
 
 import es_kernels as ek
-from conftest import assert_state_equal
 from es_kernels import reference as R
 
 
@@ -97,7 +97,11 @@ def test_eswp_prunes_rescales_and_anneals():
     want = R.eswp_prune(es.state.tensor, r, 1, 0, E, 0.25, True)
     assert kept == want[0][: int(want[1])].tolist() and torch.equal(es.scale, want[2])
     assert 0.6 * n < len(kept) < 0.8 * n  # about half below the mean, 60% of those dropped
-    assert int((es.scale == 1 / (1 - r)).sum()) > 0 and set(es.scale.unique().tolist()) <= {0.0, 1.0, float(torch.tensor(1 / (1 - r)))}
+    assert int((es.scale == 1 / (1 - r)).sum()) > 0 and set(es.scale.unique().tolist()) <= {
+        0.0,
+        1.0,
+        float(torch.tensor(1 / (1 - r))),
+    }
     assert pr.epoch == 1  # one pass advanced the epoch
     sel = es.select(torch.tensor(kept[:20]), losses=torch.rand(20))
     assert torch.equal(sel.scales, es.scale[torch.tensor(kept[:20])[sel.positions]])

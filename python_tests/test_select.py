@@ -1,11 +1,13 @@
 """Selection (docs/spec.md section 4): exact top-k, Gumbel sampling, determinism,
 and inclusion frequencies against successive sampling without replacement."""
+
 import itertools
 import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from es_kernels import reference as R
 
@@ -15,8 +17,13 @@ def rand_weights(n, seed):
     return torch.rand(n, generator=g) * 3 + 1e-3
 
 
-@given(n=st.integers(1, 500), frac=st.floats(0, 1), mode=st.sampled_from(["sample", "topk"]),
-       seed=st.integers(0, 2**62), step=st.integers(0, 2**40))
+@given(
+    n=st.integers(1, 500),
+    frac=st.floats(0, 1),
+    mode=st.sampled_from(["sample", "topk"]),
+    seed=st.integers(0, 2**62),
+    step=st.integers(0, 2**40),
+)
 def test_against_reference(backend, n, frac, mode, seed, step):
     w = rand_weights(n, seed % 1000)
     b = int(frac * n)
@@ -58,16 +65,24 @@ def test_determinism(backend):
     assert not torch.equal(a, backend.weighted_select(w, 1024, "sample", 12, 5))  # another seed
 
 
-@given(n=st.integers(1, 400), frac=st.floats(0, 1), eps=st.sampled_from([1e-6, 0.1, 0.5, 1.0]),
-       scale=st.sampled_from([1e-42, 1e-8, 1.0, 1e35]), seed=st.integers(0, 2**62), step=st.integers(0, 2**40))
+@given(
+    n=st.integers(1, 400),
+    frac=st.floats(0, 1),
+    eps=st.sampled_from([1e-6, 0.1, 0.5, 1.0]),
+    scale=st.sampled_from([1e-42, 1e-8, 1.0, 1e35]),
+    seed=st.integers(0, 2**62),
+    step=st.integers(0, 2**40),
+)
 def test_exploration_mix_against_reference(backend, n, frac, eps, scale, seed, step):
     """eps > 0: the fixed-point mean makes the keys the same bits on every backend."""
     g = torch.Generator().manual_seed(seed % 1000)
     w = torch.rand(n, generator=g) * scale
     w[torch.rand(n, generator=g) < 0.1] = 0.0
     b = int(frac * n)
-    assert torch.equal(backend.weighted_select(w, b, "sample", seed, step, eps=eps),
-                       R.weighted_select(w, b, "sample", seed, step, eps=eps))
+    assert torch.equal(
+        backend.weighted_select(w, b, "sample", seed, step, eps=eps),
+        R.weighted_select(w, b, "sample", seed, step, eps=eps),
+    )
 
 
 def test_exploration_mix_limits(backend):

@@ -1,16 +1,25 @@
 """The fused step (docs/spec.md section 6) on every backend."""
-import torch
-from hypothesis import given, strategies as st
 
+import torch
 from conftest import assert_state_equal, clone_all, new_state
+from hypothesis import given
+from hypothesis import strategies as st
+
 from es_kernels import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@given(batch=st.integers(0, 64), c=st.integers(1, 200), n_extra=st.integers(0, 100),
-       dtype=st.sampled_from(DTYPES), mode=st.sampled_from(["sample", "topk"]),
-       frac=st.floats(0, 1), seq=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(0, 64),
+    c=st.integers(1, 200),
+    n_extra=st.integers(0, 100),
+    dtype=st.sampled_from(DTYPES),
+    mode=st.sampled_from(["sample", "topk"]),
+    frac=st.floats(0, 1),
+    seq=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_step_from_logits(backend, batch, c, n_extra, dtype, mode, frac, seq, seed):
     g = torch.Generator().manual_seed(seed)
     n = batch + n_extra
@@ -22,8 +31,9 @@ def test_step_from_logits(backend, batch, c, n_extra, dtype, mode, frac, seq, se
     b = int(frac * batch)
     state = new_state(n, seed=seed)
     mine, ref = clone_all(state), clone_all(state)
-    pos, losses, w = backend.es_step(logits, targets, ids, *mine, b, 0.3, 0.7, mode, seed, 17,
-                                     ignore_index=-100, label_smoothing=0.0, w_min=1e-8)
+    pos, losses, w = backend.es_step(
+        logits, targets, ids, *mine, b, 0.3, 0.7, mode, seed, 17, ignore_index=-100, label_smoothing=0.0, w_min=1e-8
+    )
     r_pos, r_losses, r_w = R.es_step(logits, targets, ids, *ref, b, 0.3, 0.7, mode, seed, 17)
     torch.testing.assert_close(losses, r_losses, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(w, r_w, rtol=1e-5, atol=1e-5)
@@ -33,9 +43,16 @@ def test_step_from_logits(backend, batch, c, n_extra, dtype, mode, frac, seq, se
     assert torch.equal(pos, R.weighted_select(w, b, mode, seed, 17))
 
 
-@given(batch=st.integers(0, 200), n_extra=st.integers(0, 50), mode=st.sampled_from(["sample", "topk"]),
-       frac=st.floats(0, 1), seed=st.integers(0, 2**16), step=st.integers(0, 2**33),
-       lam=st.sampled_from([0.0, 1.0, 2.5]), eps=st.sampled_from([0.0, 0.1, 1.0]))
+@given(
+    batch=st.integers(0, 200),
+    n_extra=st.integers(0, 50),
+    mode=st.sampled_from(["sample", "topk"]),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+    step=st.integers(0, 2**33),
+    lam=st.sampled_from([0.0, 1.0, 2.5]),
+    eps=st.sampled_from([0.0, 0.1, 1.0]),
+)
 def test_step_from_losses_exact(backend, batch, n_extra, mode, frac, seed, step, lam, eps):
     eps = eps if mode == "sample" else 0.0
     g = torch.Generator().manual_seed(seed)
@@ -45,8 +62,9 @@ def test_step_from_losses_exact(backend, batch, n_extra, mode, frac, seed, step,
     b = int(frac * batch)
     state = new_state(n, seed=seed)
     mine, ref = clone_all(state), clone_all(state)
-    pos, out_losses, w = backend.es_step_from_losses(losses, ids, *mine, b, 0.2, 0.9, mode, seed, step,
-                                                     lam=lam, eps=eps)
+    pos, out_losses, w = backend.es_step_from_losses(
+        losses, ids, *mine, b, 0.2, 0.9, mode, seed, step, lam=lam, eps=eps
+    )
     r = R.es_step_from_losses(losses, ids, *ref, b, 0.2, 0.9, mode, seed, step, lam=lam, eps=eps)
     assert torch.equal(pos, r[0]) and torch.equal(out_losses, r[1])
     torch.testing.assert_close(w, r[2], rtol=0, atol=0)
@@ -89,16 +107,17 @@ def test_device_step_counter_equals_host_ints(backend):
     for k in range(4):
         ids = torch.randperm(n, generator=g)[:batch]
         losses = torch.rand(batch, generator=g)
-        want = backend.es_step_from_losses(losses, ids, *host, b, 0.2, 0.5, "sample", 2**40 + 3, 5 + k,
-                                           eps=0.2)[0]
-        got = backend.es_step_from_losses(losses, ids, *dev, b, 0.2, 0.5, "sample", 0, 0, seed_t, step_t,
-                                          True, eps=0.2)[0]
+        want = backend.es_step_from_losses(losses, ids, *host, b, 0.2, 0.5, "sample", 2**40 + 3, 5 + k, eps=0.2)[0]
+        got = backend.es_step_from_losses(
+            losses, ids, *dev, b, 0.2, 0.5, "sample", 0, 0, seed_t, step_t, True, eps=0.2
+        )[0]
         assert torch.equal(got, want)
         assert int(step_t) == 6 + k and int(seed_t) == 2**40 + 3
     assert_state_equal(dev, host)
     # an empty meta-batch still counts as a call
-    backend.es_step_from_losses(torch.empty(0), torch.empty(0, dtype=torch.long), *dev, 0, 0.2, 0.5, "sample",
-                                0, 0, None, step_t, True)
+    backend.es_step_from_losses(
+        torch.empty(0), torch.empty(0, dtype=torch.long), *dev, 0, 0.2, 0.5, "sample", 0, 0, None, step_t, True
+    )
     assert int(step_t) == 10
 
 
@@ -112,8 +131,15 @@ def test_step_tensor_without_advance_is_read_only(backend):
     assert int(step_t) == 9
 
 
-@given(batch=st.integers(0, 40), T=st.integers(0, 9), n_extra=st.integers(0, 30), frac=st.floats(0, 1),
-       masked=st.booleans(), seed=st.integers(0, 2**16), mode=st.sampled_from(["sample", "topk"]))
+@given(
+    batch=st.integers(0, 40),
+    T=st.integers(0, 9),
+    n_extra=st.integers(0, 30),
+    frac=st.floats(0, 1),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["sample", "topk"]),
+)
 def test_token_losses_with_mask_exact(backend, batch, T, n_extra, frac, masked, seed, mode):
     """[B, T] token losses: per-row means inside the op (float64 in token
     order), a row with no token skipped; bit-exact with the reference."""

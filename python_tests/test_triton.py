@@ -1,10 +1,10 @@
 """The Triton path: the same positions as the C++ path, no host round-trip,
 and the CUDA registration. Runs under TRITON_INTERPRET=1 on CPU tensors."""
+
 import contextlib
 
 import pytest
 import torch
-
 from conftest import BACKENDS, DEVICE, clone_all, new_state, triton_ops
 
 pytestmark = pytest.mark.skipif(triton_ops is None, reason="Triton is not installed")
@@ -72,6 +72,7 @@ def no_host_sync():
             if not in_kernel():
                 raise AssertionError(f"host round-trip: Tensor.{name} called by the op path")
             return orig(self, *args, **kwargs)
+
         return wrapper
 
     def sync(*args, **kwargs):
@@ -114,11 +115,11 @@ def test_op_paths_make_no_host_round_trip():
         triton_ops.weighted_select(weights, 4, "sample", 0, 1)
         triton_ops.weighted_select(weights, 4, "sample", 0, 0, seed_t, step_t, 0.3)
         triton_ops.es_step_from_losses(losses, ids, st, e, 4, 0.2, 0.9, "sample", 0, 1)
-        triton_ops.es_step_from_losses(losses, ids, st, e, 4, 0.2, 0.9, "sample", 0, 0, seed_t, step_t, True,
-                                       1.0, 0.2, 1e-8)
+        triton_ops.es_step_from_losses(
+            losses, ids, st, e, 4, 0.2, 0.9, "sample", 0, 0, seed_t, step_t, True, 1.0, 0.2, 1e-8
+        )
         triton_ops.es_step(logits, targets, ids, st, e, 4, 0.2, 0.9, "topk", 0, 1)
-        triton_ops.es_step(seq_logits, seq_targets, ids[:4], st, e, 2, 0.2, 0.9, "sample", 0, 0, None, step_t,
-                           True)
+        triton_ops.es_step(seq_logits, seq_targets, ids[:4], st, e, 2, 0.2, 0.9, "sample", 0, 0, None, step_t, True)
         triton_ops.eswp_prune(st, 0.5, 0, 1, 10, 0.125, True)
     assert int(step_t) == 11
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
-
 from conftest import assert_state_equal, clone_all, new_state
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
 from es_kernels import reference as R
 
 
@@ -18,10 +19,16 @@ def run_both(backend, ids, losses, state, beta1, beta2, w_min=1e-8, lam=1.0):
     return mine, w
 
 
-@given(n=st.integers(1, 300), frac=st.floats(0.0, 1.0), beta1=st.sampled_from([0.0, 0.2, 0.9, 1.0]),
-       beta2=st.sampled_from([0.0, 0.5, 1.0]), dtype=st.sampled_from([torch.float32, torch.float64]),
-       id_dtype=st.sampled_from([torch.int64, torch.int32]), seed=st.integers(0, 2**16),
-       lam=st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+@given(
+    n=st.integers(1, 300),
+    frac=st.floats(0.0, 1.0),
+    beta1=st.sampled_from([0.0, 0.2, 0.9, 1.0]),
+    beta2=st.sampled_from([0.0, 0.5, 1.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    id_dtype=st.sampled_from([torch.int64, torch.int32]),
+    seed=st.integers(0, 2**16),
+    lam=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+)
 def test_random_against_reference(backend, n, frac, beta1, beta2, dtype, id_dtype, seed, lam):
     assume(dtype in backend.state_dtypes)
     g = torch.Generator().manual_seed(seed)

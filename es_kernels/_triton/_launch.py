@@ -8,6 +8,7 @@ fail outside kernels, which holds the Python orchestration to no host
 round-trip while the Triton interpreter (which runs kernels through NumPy on
 the host) still works.
 """
+
 import contextlib
 import threading
 

@@ -34,6 +34,7 @@ test is python_tests/test_aot_compile.py; bench/sass_report.py uses the same
 harness. The kernels must be real ``JITFunction``s: run without
 ``TRITON_INTERPRET=1`` (the test starts a subprocess without it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -71,17 +73,17 @@ PACKAGE = "es_kernels._triton"
 # repeat its calls). To cross a knob with everything, move it into AXES.
 _IDX = [torch.int64, torch.int32]
 AXES: dict[str, tuple[list, set[str]]] = {
-    "batch": ([5, 0], {"*"}),                               # 0: empty inputs
+    "batch": ([5, 0], {"*"}),  # 0: empty inputs
     "logits_dim": ([3, 2], {"logits"}),
-    "losses_dim": ([1, 2], {"losses"}),                     # 2: per-token losses
-    "mask": ([False, True], {"mask"}),                      # a bool token mask
+    "losses_dim": ([1, 2], {"losses"}),  # 2: per-token losses
+    "mask": ([False, True], {"mask"}),  # a bool token mask
     "select_mode": (["sample", "topk"], {"select_mode"}),
     "b": ([3, 0], {"b"}),
     "label_smoothing": ([0.0, 0.1], {"label_smoothing"}),
     "seed_as_tensor": ([False, True], {"seed", "step", "seed_tensor", "step_tensor"}),  # 0-d int64 tensors
     "advance_step": ([False, True], {"advance_step"}),
     "eps": ([0.0, 0.05], {"eps"}),
-    "epoch": ([0, 9], {"epoch"}),                           # of 10: pruning, then annealing
+    "epoch": ([0, 9], {"epoch"}),  # of 10: pruning, then annealing
 }
 SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
     ("logits_dtype", "targets_dtype", "ids_dtype"): {
@@ -90,8 +92,39 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
         "ids_dtype": (_IDX, {"ids"}),
     },
     # every block size of the class axis, V divisible by 16 or not, V == 1
-    ("V", "logits_dtype", "targets_dtype"): {"V": ([37, 1, 2, 3, 5, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513,
-                                   1024, 1025, 2048, 2049, 4096, 4097, 32000, 50257], {"logits"})},
+    ("V", "logits_dtype", "targets_dtype"): {
+        "V": (
+            [
+                37,
+                1,
+                2,
+                3,
+                5,
+                9,
+                16,
+                17,
+                32,
+                33,
+                64,
+                65,
+                128,
+                129,
+                256,
+                257,
+                512,
+                513,
+                1024,
+                1025,
+                2048,
+                2049,
+                4096,
+                4097,
+                32000,
+                50257,
+            ],
+            {"logits"},
+        )
+    },
     # tokens per row (3-D logits, 2-D losses): T == 1 specialises, T == 0 has no tokens
     ("T",): {"T": ([3, 1, 0], {"logits", "targets", "losses", "mask"})},
     # ints past 2**31 reach the kernels as i64 (step and epoch as their low 32 bits)
@@ -99,8 +132,10 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
     ("step",): {"step": ([7, 2**31 + 5], {"step", "step_tensor", "epoch"})},
     ("ignore_index",): {"ignore_index": ([-100, 1, 16, 2**40], {"ignore_index"})},
     # the number of samples (N == 1 and N % 16 == 0 specialise) and the state dtype
-    ("n_state", "state_dtype"): {"n_state": ([40, 1, 16, 3000], {"s", "d", "state"}),
-                                 "state_dtype": ([torch.float32, torch.float64], {"s", "d", "state"})},
+    ("n_state", "state_dtype"): {
+        "n_state": ([40, 1, 16, 3000], {"s", "d", "state"}),
+        "state_dtype": ([torch.float32, torch.float64], {"s", "d", "state"}),
+    },
     # inputs one element past an aligned address: pointers not divisible by 16
     ("offset",): {"offset": ([0, 1], {"*"})},
 }
@@ -151,16 +186,23 @@ def _build_args(params: list[str], k: dict) -> dict:
     builders: dict[str, Callable[[], Any]] = {
         "logits": lambda: t(torch.randn(lshape, generator=g).to(k["logits_dtype"])),
         "targets": lambda: t(torch.randint(0, max(V, 1), lshape[:-1], generator=g).to(k["targets_dtype"])),
-        "ids": lambda: t(torch.randperm(N, generator=g)[:B].to(k["ids_dtype"])) if B <= N
-        else t(torch.randint(0, N, (B,), generator=g).to(k["ids_dtype"])),
+        "ids": lambda: (
+            t(torch.randperm(N, generator=g)[:B].to(k["ids_dtype"]))
+            if B <= N
+            else t(torch.randint(0, N, (B,), generator=g).to(k["ids_dtype"]))
+        ),
         "losses": lambda: t(torch.rand((B, T) if k["losses_dim"] == 2 else (B,), generator=g) * 3),
         "mask": lambda: t(torch.rand(B, T, generator=g) > 0.3) if k["mask"] else None,
         "weights": lambda: t(torch.rand(B, generator=g) + 0.1),
-        "s": lambda: t(s), "d": lambda: t(d),
+        "s": lambda: t(s),
+        "d": lambda: t(d),
         "state": lambda: t(torch.stack([s, d], 1)),
         "errors": lambda: torch.zeros(2, dtype=torch.int64),
         "b": lambda: min(k["b"], B),
-        "beta1": lambda: 0.3, "beta2": lambda: 0.5, "lam": lambda: 1.0, "w_min": lambda: 1e-8,
+        "beta1": lambda: 0.3,
+        "beta2": lambda: 0.5,
+        "lam": lambda: 1.0,
+        "w_min": lambda: 1e-8,
         "select_mode": lambda: k["select_mode"],
         "seed": lambda: torch.tensor(seed) if as_tensor and "seed_tensor" not in params else seed,
         "step": lambda: torch.tensor(step) if as_tensor and "step_tensor" not in params else step,
@@ -177,7 +219,6 @@ def _build_args(params: list[str], k: dict) -> dict:
         "rescale": lambda: True,
     }
     return {p: builders[p]() for p in params if p in builders}
-
 
 
 # ------------------------------------------------ 2. recording launcher calls
@@ -217,6 +258,7 @@ class _AsIfOnCuda(torch.overrides.TorchFunctionMode):
 @dataclasses.dataclass(frozen=True)
 class Ptr:
     """A tensor argument as Triton's binder sees it: a dtype and an address."""
+
     dtype: torch.dtype
     address: int
 
@@ -228,6 +270,7 @@ class Ptr:
 class Call:
     """One recorded launch: the kernel, its arguments (tensors as :class:`Ptr`),
     its keyword arguments (constexprs and options) and where it came from."""
+
     module: str
     name: str
     args: tuple
@@ -251,6 +294,7 @@ def recording(calls: list, origin: Callable[[], str] = lambda: ""):
     """Patch ``launch`` (in _launch and every module that imported it) to append a
     :class:`Call` to ``calls`` instead of running the kernel."""
     from . import _launch
+
     original = _launch.launch
     sig = inspect.signature(original)
     names = {p.kind: n for n, p in sig.parameters.items()}
@@ -260,8 +304,16 @@ def recording(calls: list, origin: Callable[[], str] = lambda: ""):
         bound = sig.bind(*a, **kw).arguments
         kernel = bound["kernel"]
         fn = getattr(kernel, "fn", None)
-        calls.append(Call(fn.__module__, fn.__name__, tuple(_mock(x) for x in bound[var_pos]),
-                          dict(bound.get(var_kw, {})), bound.get("grid"), origin()))
+        calls.append(
+            Call(
+                fn.__module__,
+                fn.__name__,
+                tuple(_mock(x) for x in bound[var_pos]),
+                dict(bound.get(var_kw, {})),
+                bound.get("grid"),
+                origin(),
+            )
+        )
 
     patched = [m for m in list(sys.modules.values()) if getattr(m, "launch", None) is original]
     for m in patched:
@@ -276,15 +328,15 @@ def recording(calls: list, origin: Callable[[], str] = lambda: ""):
 @dataclasses.dataclass
 class Recorded:
     calls: list[Call]
-    accepted: dict[str, int]   # launcher -> calls that ran
-    refused: dict[str, int]    # launcher -> inputs refused with ValueError
+    accepted: dict[str, int]  # launcher -> calls that ran
+    refused: dict[str, int]  # launcher -> inputs refused with ValueError
 
 
-def record_calls(launchers: dict[str, Callable] | None = None,
-                 matrix: list[dict] | None = None) -> Recorded:
+def record_calls(launchers: dict[str, Callable] | None = None, matrix: list[dict] | None = None) -> Recorded:
     """Run every launcher over the op-input matrix with ``launch`` recording."""
     if launchers is None:
         from . import ops
+
         launchers = dict(ops.OPS)
     matrix = input_matrix() if matrix is None else matrix
     knob_params = {k: params for k, (_, params) in knobs().items()}
@@ -307,8 +359,9 @@ def record_calls(launchers: dict[str, Callable] | None = None,
                 kwargs = _build_args(params, point)
                 missing = [p for p in required if p not in kwargs]
                 if missing:
-                    raise TypeError(f"aot.input_matrix: no value for {op}'s parameter(s) {missing}; "
-                                    f"add them to aot._build_args")
+                    raise TypeError(
+                        f"aot.input_matrix: no value for {op}'s parameter(s) {missing}; add them to aot._build_args"
+                    )
                 current[0] = f"{op}({', '.join(f'{p}={_describe(v)}' for p, v in kwargs.items())})"
                 try:
                     with _AsIfOnCuda():
@@ -344,8 +397,15 @@ class Variant:
 
     def key(self):
         opts = {k: v for k, v in self.options.items() if k != "extern_libs"}
-        return (self.module, self.name, self.arch, repr(sorted(self.signature.items())),
-                repr(sorted(self.constexprs.items())), repr(sorted(self.attrs.items())), repr(sorted(opts.items())))
+        return (
+            self.module,
+            self.name,
+            self.arch,
+            repr(sorted(self.signature.items())),
+            repr(sorted(self.constexprs.items())),
+            repr(sorted(self.attrs.items())),
+            repr(sorted(opts.items())),
+        )
 
 
 _BINDERS: dict = {}
@@ -353,9 +413,12 @@ _BINDERS: dict = {}
 
 def _jit_function(kernel):
     from triton.runtime.jit import JITFunction
+
     if not isinstance(kernel, JITFunction):
-        raise RuntimeError(f"{kernel!r} is not a triton JITFunction (TRITON_INTERPRET=1 is set?): "
-                           "the ahead-of-time compile needs the kernels imported without the interpreter")
+        raise RuntimeError(
+            f"{kernel!r} is not a triton JITFunction (TRITON_INTERPRET=1 is set?): "
+            "the ahead-of-time compile needs the kernels imported without the interpreter"
+        )
     return kernel
 
 
@@ -381,8 +444,7 @@ def bind(call: Call, arch: str, target: tuple | None = None) -> Variant:
             kwargs[opt] = getattr(knobs.compilation, opt)
     bound_args, specialization, options = binder(*call.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    v = Variant(call.module, call.name, arch, target, signature, constexprs, attrs, dict(options.__dict__),
-                call.origin)
+    v = Variant(call.module, call.name, arch, target, signature, constexprs, attrs, dict(options.__dict__), call.origin)
     return v
 
 
@@ -440,10 +502,10 @@ class Result:
     ok: bool
     error: str = ""
     regs: int | None = None
-    shared: int | None = None      # bytes, Triton's metadata (dynamic shared memory)
+    shared: int | None = None  # bytes, Triton's metadata (dynamic shared memory)
     shared_static: int | None = None
-    local: int | None = None       # bytes per thread, cuobjdump LOCAL
-    stack: int | None = None       # bytes per thread, cuobjdump STACK
+    local: int | None = None  # bytes per thread, cuobjdump LOCAL
+    stack: int | None = None  # bytes per thread, cuobjdump STACK
     spill_stores: int | None = None
     spill_loads: int | None = None
     num_warps: int | None = None
@@ -454,9 +516,11 @@ class Result:
 
 def _tool(name: str, arch: int) -> str:
     from triton import knobs
+
     if name == "ptxas":
         try:
             from triton.backends.nvidia.compiler import get_ptxas
+
             return get_ptxas(arch).path
         except ImportError:
             return knobs.nvidia.ptxas.path
@@ -465,6 +529,7 @@ def _tool(name: str, arch: int) -> str:
 
 def _aux_cache_dir() -> str:
     from triton import knobs
+
     d = os.path.join(knobs.cache.dir, "es_kernels_aot")
     os.makedirs(d, exist_ok=True)
     return d
@@ -474,6 +539,7 @@ def _resources(cubin: bytes, ptx: str, arch: int, options: dict, sass: bool) -> 
     """cuobjdump -res-usage of the cubin, ptxas -v of the PTX (rerun with the
     flags Triton compiles with), optionally nvdisasm; cached by content."""
     from triton.backends.nvidia.compiler import sm_arch_from_capability
+
     gpu = sm_arch_from_capability(arch)
     flags = (["--fmad=false"] if not options.get("enable_fp_fusion", True) else []) + ["--regAllocOptLevel=2"]
     h = hashlib.sha256(cubin + ptx.encode() + repr((gpu, flags, sass)).encode()).hexdigest()
@@ -488,14 +554,20 @@ def _resources(cubin: bytes, ptx: str, arch: int, options: dict, sass: bool) -> 
             f.write(cubin)
         with open(src, "w") as f:
             f.write(ptx)
-        res = subprocess.run([_tool("cuobjdump", arch), "-res-usage", cub], capture_output=True, text=True,
-                             check=True).stdout
-        log = subprocess.run([_tool("ptxas", arch), "-v", *flags, f"--gpu-name={gpu}", src, "-o",
-                              os.path.join(tmp, "v.o")], capture_output=True, text=True, check=True).stderr
+        res = subprocess.run(
+            [_tool("cuobjdump", arch), "-res-usage", cub], capture_output=True, text=True, check=True
+        ).stdout
+        log = subprocess.run(
+            [_tool("ptxas", arch), "-v", *flags, f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "v.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
         dis = None
         if sass:
-            dis = subprocess.run([_tool("nvdisasm", arch), "-c", cub], capture_output=True, text=True,
-                                 check=True).stdout
+            dis = subprocess.run(
+                [_tool("nvdisasm", arch), "-c", cub], capture_output=True, text=True, check=True
+            ).stdout
     out = {"res_usage": res, "ptxas_log": log, "sass": dis}
     with open(path + ".tmp", "w") as f:
         json.dump(out, f)
@@ -516,6 +588,7 @@ def compile_variant(v: Variant, sass: bool = False) -> Result:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
+
         kernel = _jit_function(getattr(importlib.import_module(v.module), v.name))
         src = ASTSource(kernel, v.signature, v.constexprs, v.attrs)
         ck = triton.compile(src, target=GPUTarget(*v.target), options=v.options)
@@ -567,7 +640,7 @@ def defined_kernels(package: str = PACKAGE) -> list[str]:
             if callable(fn) and getattr(fn, "__module__", None) == mod.__name__ and hasattr(obj, "arg_names"):
                 jit[name] = fn
     called = set()
-    for name, fn in jit.items():
+    for fn in jit.values():
         for node in ast.walk(ast.parse(inspect.getsource(fn).lstrip())):
             if isinstance(node, ast.Call):
                 f = node.func
@@ -579,8 +652,9 @@ def defined_kernels(package: str = PACKAGE) -> list[str]:
 def summary(results: list[Result]) -> dict:
     out: dict = {}
     for r in results:
-        s = out.setdefault(r.name, {}).setdefault(r.arch, {"variants": 0, "errors": 0, "regs_max": 0,
-                                                            "shared_max": 0, "local_max": 0, "stack_max": 0})
+        s = out.setdefault(r.name, {}).setdefault(
+            r.arch, {"variants": 0, "errors": 0, "regs_max": 0, "shared_max": 0, "local_max": 0, "stack_max": 0}
+        )
         s["variants"] += 1
         s["errors"] += not r.ok
         if r.ok:
@@ -617,9 +691,26 @@ def write_tables(results: list[Result], md_path: str, json_path: str) -> None:
     data = {
         "triton": _triton_version(),
         "summary": summary(results),
-        "variants": [{k: getattr(r, k) for k in ("name", "label", "arch", "regs", "shared", "local", "stack",
-                                                 "spill_stores", "spill_loads", "num_warps", "ok", "error")}
-                     for r in rows],
+        "variants": [
+            {
+                k: getattr(r, k)
+                for k in (
+                    "name",
+                    "label",
+                    "arch",
+                    "regs",
+                    "shared",
+                    "local",
+                    "stack",
+                    "spill_stores",
+                    "spill_loads",
+                    "num_warps",
+                    "ok",
+                    "error",
+                )
+            }
+            for r in rows
+        ],
     }
     os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
     with open(json_path, "w") as f:
@@ -638,17 +729,26 @@ def write_tables(results: list[Result], md_path: str, json_path: str) -> None:
     ]
     for name, archs in sorted(data["summary"].items()):
         for arch, s in sorted(archs.items()):
-            lines.append(f"| {name} | {arch} | {s['variants']} | {s['regs_max']} | {s['shared_max']} | "
-                         f"{s['local_max']} | {s['stack_max']} |")
-    lines += ["", "## Every variant", "",
-              "Label: the constexprs, then each argument whose type or specialisation is not the kernel's most "
-              "common one (`/16`: an int divisible by 16; `(unaligned)`: a pointer not divisible by 16), then "
-              "the warps.", "",
-              "| kernel | variant | arch | registers | shared (B) | local (B) | stack (B) |",
-              "|---|---|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {name} | {arch} | {s['variants']} | {s['regs_max']} | {s['shared_max']} | "
+                f"{s['local_max']} | {s['stack_max']} |"
+            )
+    lines += [
+        "",
+        "## Every variant",
+        "",
+        "Label: the constexprs, then each argument whose type or specialisation is not the kernel's most "
+        "common one (`/16`: an int divisible by 16; `(unaligned)`: a pointer not divisible by 16), then "
+        "the warps.",
+        "",
+        "| kernel | variant | arch | registers | shared (B) | local (B) | stack (B) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.name} | {r.label} | {r.arch} | {r.regs if r.ok else 'ERROR'} | "
-                     f"{r.shared if r.ok else ''} | {r.local if r.ok else ''} | {r.stack if r.ok else ''} |")
+        lines.append(
+            f"| {r.name} | {r.label} | {r.arch} | {r.regs if r.ok else 'ERROR'} | "
+            f"{r.shared if r.ok else ''} | {r.local if r.ok else ''} | {r.stack if r.ok else ''} |"
+        )
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -659,6 +759,7 @@ def _natural(text: str) -> list:
 
 def _triton_version() -> str:
     import triton
+
     return triton.__version__
 
 
@@ -681,19 +782,32 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"accepted": rec.accepted, "refused": rec.refused, "calls": len(rec.calls),
-                       "defined_kernels": defined_kernels(), "wall_s": wall,
-                       "results": [dataclasses.asdict(r) for r in results]}, f)
+            json.dump(
+                {
+                    "accepted": rec.accepted,
+                    "refused": rec.refused,
+                    "calls": len(rec.calls),
+                    "defined_kernels": defined_kernels(),
+                    "wall_s": wall,
+                    "results": [dataclasses.asdict(r) for r in results],
+                },
+                f,
+            )
     if args.tables:
-        write_tables(results, os.path.join(args.tables, "aot_kernels.md"),
-                     os.path.join(args.tables, "aot_kernels.json"))
+        write_tables(
+            results, os.path.join(args.tables, "aot_kernels.md"), os.path.join(args.tables, "aot_kernels.json")
+        )
     for name, archs in sorted(summary(results).items()):
         for arch, s in sorted(archs.items()):
-            print(f"{name:28s} {arch:7s} {s['variants']:4d} variants, {s['errors']} errors, "
-                  f"regs <= {s['regs_max']}, shared <= {s['shared_max']} B, local <= {s['local_max']} B")
+            print(
+                f"{name:28s} {arch:7s} {s['variants']:4d} variants, {s['errors']} errors, "
+                f"regs <= {s['regs_max']}, shared <= {s['shared_max']} B, local <= {s['local_max']} B"
+            )
     bad = problems(results)
-    print(f"{len(rec.calls)} launches recorded ({rec.accepted} accepted, {rec.refused} refused), "
-          f"{len(vs)} variants, {wall:.1f} s")
+    print(
+        f"{len(rec.calls)} launches recorded ({rec.accepted} accepted, {rec.refused} refused), "
+        f"{len(vs)} variants, {wall:.1f} s"
+    )
     for p in bad:
         print("PROBLEM:", p)
     return 1 if bad else 0

@@ -7,13 +7,26 @@ Non-finite logits, as F.cross_entropy treats them: a -inf logit (masked
 class) adds nothing to the sum of exponentials and +inf to the smoothing sum
 (its log-probability is -inf), a -inf target logit gives +inf; a NaN or +inf
 logit, or a row of -inf only, gives NaN. An ignored row is not read."""
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def ce_token_kernel(logits_ptr, targets_ptr, out_ptr, V, T, stride_b, stride_t, ignore_index,
-                    one_minus_eps, eps_over_v, SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr):
+def ce_token_kernel(
+    logits_ptr,
+    targets_ptr,
+    out_ptr,
+    V,
+    T,
+    stride_b,
+    stride_t,
+    ignore_index,
+    one_minus_eps,
+    eps_over_v,
+    SMOOTH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     # only the ignored flag lives across the loop: a 64-bit target kept there
     # spilled to the stack on sm_80 (the AOT test); the target is reloaded after

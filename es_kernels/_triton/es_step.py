@@ -30,6 +30,7 @@ atomics (so the result does not depend on the programs' order):
 tensors; float64 constants come as their bit patterns (a Python float
 argument would reach the kernel as float32).
 """
+
 import triton
 import triton.language as tl
 
@@ -109,14 +110,41 @@ def _threshold(scratch_ptr, b, PASSES: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "B", "N", "seed", "step_lo_arg", "ignore_index"])
 def observe_kernel(
-    tok_ptr, targets_ptr, mask_ptr, T, ignore_index,  # token losses [B * T] (or losses / weights [B])
-    ids_ptr, B, state_ptr, err_ptr, N,
-    beta1, one_m_beta1, beta2, one_m_beta2, lam, w_min,
-    losses_out_ptr, weights_out_ptr, keys_ptr, scratch_ptr,
-    seed, step_lo_arg, seed_ptr, step_ptr,
-    HAS_TARGETS: tl.constexpr, TOKENS: tl.constexpr, HAS_MASK: tl.constexpr,
-    STORE_LOSSES: tl.constexpr, DO_UPDATE: tl.constexpr, DO_SELECT: tl.constexpr, SAMPLE: tl.constexpr,
-    EPS_MIX: tl.constexpr, SEED_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    tok_ptr,
+    targets_ptr,
+    mask_ptr,
+    T,
+    ignore_index,  # token losses [B * T] (or losses / weights [B])
+    ids_ptr,
+    B,
+    state_ptr,
+    err_ptr,
+    N,
+    beta1,
+    one_m_beta1,
+    beta2,
+    one_m_beta2,
+    lam,
+    w_min,
+    losses_out_ptr,
+    weights_out_ptr,
+    keys_ptr,
+    scratch_ptr,
+    seed,
+    step_lo_arg,
+    seed_ptr,
+    step_ptr,
+    HAS_TARGETS: tl.constexpr,
+    TOKENS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STORE_LOSSES: tl.constexpr,
+    DO_UPDATE: tl.constexpr,
+    DO_SELECT: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    EPS_MIX: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = j < B
@@ -161,8 +189,9 @@ def observe_kernel(
         d_new = tl.where(unseen, 0.0, d_upd)
         w_raw = s_new + lam * d_new
         w_new = tl.where(w_raw < w_min, w_min, w_raw)  # NaN stays NaN
-        ok = ((tl.abs(s_new) < float("inf")) & (tl.abs(d_new) < float("inf"))
-              & (tl.abs(w_new) < float("inf")))  # False for NaN too
+        ok = (
+            (tl.abs(s_new) < float("inf")) & (tl.abs(d_new) < float("inf")) & (tl.abs(w_new) < float("inf"))
+        )  # False for NaN too
         good = cand & ok
         tl.store(state_ptr + offs, tl.join(s_new, d_new), mask=good[:, None])
         tl.atomic_add(err_ptr, tl.sum((active & ~in_range).to(tl.int64), 0))
@@ -199,8 +228,21 @@ def mix_sum_kernel(w_ptr, B, scratch_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["B", "seed", "step_lo_arg", "eps_bits", "one_m_eps_bits"])
-def mix_keys_kernel(w_ptr, B, scratch_ptr, keys_ptr, eps_bits, one_m_eps_bits, seed, step_lo_arg, seed_ptr,
-                    step_ptr, SEED_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+def mix_keys_kernel(
+    w_ptr,
+    B,
+    scratch_ptr,
+    keys_ptr,
+    eps_bits,
+    one_m_eps_bits,
+    seed,
+    step_lo_arg,
+    seed_ptr,
+    step_ptr,
+    SEED_FROM_PTR: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Keys of the exploration mix v = ((1 - eps) w+) / mean + eps (v = 1 when every w+ is 0)."""
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = j < B
@@ -239,8 +281,19 @@ def select_count_kernel(keys_ptr, B, scratch_ptr, b, counts_ptr, P, BLOCK: tl.co
 
 
 @triton.jit(do_not_specialize=["B", "b", "P"])
-def select_write_kernel(keys_ptr, B, scratch_ptr, b, counts_ptr, P, pos_out_ptr, step_ptr,
-                        ADVANCE_STEP: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr):
+def select_write_kernel(
+    keys_ptr,
+    B,
+    scratch_ptr,
+    b,
+    counts_ptr,
+    P,
+    pos_out_ptr,
+    step_ptr,
+    ADVANCE_STEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PBLOCK: tl.constexpr,
+):
     """The selected positions in ascending order: keys above the threshold,
     then the lowest positions among the keys equal to it."""
     prefix, remaining = _threshold(scratch_ptr, b, 4)

@@ -5,6 +5,7 @@ No launcher reads a device value on the host: every branch is on metadata
 (shapes, dtypes) or host scalars, outputs have sizes known from the inputs,
 and counts stay on the device.
 """
+
 from __future__ import annotations
 
 import struct
@@ -16,8 +17,15 @@ from .. import _checks, _spec
 from .._ops import NAMESPACE
 from ._launch import launch
 from .cross_entropy import ce_token_kernel
-from .es_step import (SCRATCH, mix_keys_kernel, mix_sum_kernel, observe_kernel, radix_hist_kernel,
-                      select_count_kernel, select_write_kernel)
+from .es_step import (
+    SCRATCH,
+    mix_keys_kernel,
+    mix_sum_kernel,
+    observe_kernel,
+    radix_hist_kernel,
+    select_count_kernel,
+    select_write_kernel,
+)
 from .prune import prune_decide_kernel, prune_max_kernel, prune_sum_kernel
 
 PRUNE_BLOCK = 1024
@@ -80,16 +88,53 @@ def _token_losses(logits, targets, ignore_index, label_smoothing):
     if t.shape[0] > 0:
         eps = float(label_smoothing)
         block_v = min(triton.next_power_of_2(V), 4096 if logits.device.type == "cuda" else 1024)
-        launch(ce_token_kernel, (t.shape[0],), logits.device, x, t, out, V, T, x.stride(0), stride_t,
-               ignore_index, 1.0 - eps, eps / V, SMOOTH=eps > 0.0, BLOCK_V=block_v,
-               **_meta(logits.device, num_warps=8 if block_v >= 2048 else 4))
+        launch(
+            ce_token_kernel,
+            (t.shape[0],),
+            logits.device,
+            x,
+            t,
+            out,
+            V,
+            T,
+            x.stride(0),
+            stride_t,
+            ignore_index,
+            1.0 - eps,
+            eps / V,
+            SMOOTH=eps > 0.0,
+            BLOCK_V=block_v,
+            **_meta(logits.device, num_warps=8 if block_v >= 2048 else 4),
+        )
     return out
 
 
-def _update_select(src, *, targets=None, token_mask=None, tokens=False, T=1, ignore_index=0, ids=None,
-                   state=None, errors=None, beta1=0.0, beta2=0.0, lam=1.0, w_min=1.0, b=0,
-                   select_mode="topk", seed=0, step=0, seed_tensor=None, step_tensor=None,
-                   advance_step=False, eps=0.0, store_losses=False, do_select=False):
+def _update_select(
+    src,
+    *,
+    targets=None,
+    token_mask=None,
+    tokens=False,
+    T=1,
+    ignore_index=0,
+    ids=None,
+    state=None,
+    errors=None,
+    beta1=0.0,
+    beta2=0.0,
+    lam=1.0,
+    w_min=1.0,
+    b=0,
+    select_mode="topk",
+    seed=0,
+    step=0,
+    seed_tensor=None,
+    step_tensor=None,
+    advance_step=False,
+    eps=0.0,
+    store_losses=False,
+    do_select=False,
+):
     """The launches of es_step.py over the B positions of ``src`` (B * T
     token losses when ``targets`` are given or ``tokens`` is set, with an
     optional bool ``token_mask``; else B losses or weights). With ``state``
@@ -111,32 +156,93 @@ def _update_select(src, *, targets=None, token_mask=None, tokens=False, T=1, ign
         keys = torch.empty(B if do_select else 1, dtype=torch.int64, device=dev)
         scratch = torch.zeros(SCRATCH if do_select else 1, dtype=torch.int64, device=dev)
         any_ptr = keys  # stands in for the pointers a variant does not read
-        noise = dict(seed=seed, step_lo_arg=step & 0xFFFFFFFF,
-                     seed_ptr=seed_tensor if seed_tensor is not None else any_ptr,
-                     step_ptr=step_tensor if step_tensor is not None else any_ptr)
+        noise = dict(
+            seed=seed,
+            step_lo_arg=step & 0xFFFFFFFF,
+            seed_ptr=seed_tensor if seed_tensor is not None else any_ptr,
+            step_ptr=step_tensor if step_tensor is not None else any_ptr,
+        )
         flags = dict(SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None)
         eps_mix = do_select and eps > 0.0
-        launch(observe_kernel, (triton.cdiv(B, OBSERVE_BLOCK),), dev,
-               src, targets if targets is not None else any_ptr, token_mask if token_mask is not None else any_ptr,
-               T, ignore_index, ids if ids is not None else any_ptr, B,
-               state if do_update else src, errors if do_update else any_ptr, state.shape[0] if do_update else 0,
-               float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(lam), float(w_min),
-               losses, weights, keys, scratch, noise["seed"], noise["step_lo_arg"], noise["seed_ptr"],
-               noise["step_ptr"], HAS_TARGETS=targets is not None, TOKENS=tokens,
-               HAS_MASK=token_mask is not None, STORE_LOSSES=store_losses, DO_UPDATE=do_update,
-               DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=eps_mix, BLOCK=OBSERVE_BLOCK,
-               **flags, **_meta(dev))
+        launch(
+            observe_kernel,
+            (triton.cdiv(B, OBSERVE_BLOCK),),
+            dev,
+            src,
+            targets if targets is not None else any_ptr,
+            token_mask if token_mask is not None else any_ptr,
+            T,
+            ignore_index,
+            ids if ids is not None else any_ptr,
+            B,
+            state if do_update else src,
+            errors if do_update else any_ptr,
+            state.shape[0] if do_update else 0,
+            float(beta1),
+            float(1.0 - beta1),
+            float(beta2),
+            float(1.0 - beta2),
+            float(lam),
+            float(w_min),
+            losses,
+            weights,
+            keys,
+            scratch,
+            noise["seed"],
+            noise["step_lo_arg"],
+            noise["seed_ptr"],
+            noise["step_ptr"],
+            HAS_TARGETS=targets is not None,
+            TOKENS=tokens,
+            HAS_MASK=token_mask is not None,
+            STORE_LOSSES=store_losses,
+            DO_UPDATE=do_update,
+            DO_SELECT=do_select,
+            SAMPLE=select_mode == "sample",
+            EPS_MIX=eps_mix,
+            BLOCK=OBSERVE_BLOCK,
+            **flags,
+            **_meta(dev),
+        )
         if eps_mix:
             launch(mix_sum_kernel, grid, dev, weights, B, scratch, BLOCK=block, **_meta(dev))
-            launch(mix_keys_kernel, grid, dev, weights, B, scratch, keys, _f64_bits(eps), _f64_bits(1.0 - eps),
-                   **noise, **flags, BLOCK=block, **_meta(dev))
+            launch(
+                mix_keys_kernel,
+                grid,
+                dev,
+                weights,
+                B,
+                scratch,
+                keys,
+                _f64_bits(eps),
+                _f64_bits(1.0 - eps),
+                **noise,
+                **flags,
+                BLOCK=block,
+                **_meta(dev),
+            )
         if do_select:
             for p in (1, 2, 3):
                 launch(radix_hist_kernel, grid, dev, keys, B, scratch, b, PASS=p, BLOCK=block, **_meta(dev))
             counts = torch.empty(2 * grid[0], dtype=torch.int64, device=dev)
             launch(select_count_kernel, grid, dev, keys, B, scratch, b, counts, grid[0], BLOCK=block, **_meta(dev))
-            launch(select_write_kernel, grid, dev, keys, B, scratch, b, counts, grid[0], positions, noise["step_ptr"],
-                   ADVANCE_STEP=advance, BLOCK=block, PBLOCK=1024, **_meta(dev))
+            launch(
+                select_write_kernel,
+                grid,
+                dev,
+                keys,
+                B,
+                scratch,
+                b,
+                counts,
+                grid[0],
+                positions,
+                noise["step_ptr"],
+                ADVANCE_STEP=advance,
+                BLOCK=block,
+                PBLOCK=1024,
+                **_meta(dev),
+            )
             return positions, losses, weights
     if advance:  # no selection launch to advance it in
         step_tensor.add_(1)
@@ -158,56 +264,176 @@ def es_update(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
     _checks.update(ids, losses, state, errors, beta1, beta2, lam, w_min)
     _float32_state(state)
     with _Contiguous(state, errors) as (st, er):
-        _, _, w = _update_select(losses.to(torch.float32).contiguous(), ids=ids.contiguous(), state=st,
-                                 errors=er, beta1=beta1, beta2=beta2, lam=lam, w_min=w_min)
+        _, _, w = _update_select(
+            losses.to(torch.float32).contiguous(),
+            ids=ids.contiguous(),
+            state=st,
+            errors=er,
+            beta1=beta1,
+            beta2=beta2,
+            lam=lam,
+            w_min=w_min,
+        )
     return w
 
 
-def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None,
-                    eps=0.0):
-    _checks.select(weights, b, select_mode, seed if seed_tensor is None else seed_tensor,
-                   step if step_tensor is None else step_tensor, eps)
+def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None, eps=0.0):
+    _checks.select(
+        weights,
+        b,
+        select_mode,
+        seed if seed_tensor is None else seed_tensor,
+        step if step_tensor is None else step_tensor,
+        eps,
+    )
     w = weights.to(torch.float32).contiguous()
-    pos, _, _ = _update_select(w, b=b, select_mode=select_mode, seed=seed, step=step, seed_tensor=seed_tensor,
-                               step_tensor=step_tensor, eps=eps, do_select=True)
+    pos, _, _ = _update_select(
+        w,
+        b=b,
+        select_mode=select_mode,
+        seed=seed,
+        step=step,
+        seed_tensor=seed_tensor,
+        step_tensor=step_tensor,
+        eps=eps,
+        do_select=True,
+    )
     return pos
 
 
-def es_step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
-                        seed_tensor=None, step_tensor=None, advance_step=False, lam=1.0, eps=0.0,
-                        w_min=1e-8, mask=None):
-    _checks.step_from_losses(losses, ids, state, errors, b, beta1, beta2, select_mode,
-                             seed if seed_tensor is None else seed_tensor,
-                             step if step_tensor is None else step_tensor, advance_step, lam, eps, w_min, mask)
+def es_step_from_losses(
+    losses,
+    ids,
+    state,
+    errors,
+    b,
+    beta1,
+    beta2,
+    select_mode="sample",
+    seed=0,
+    step=0,
+    seed_tensor=None,
+    step_tensor=None,
+    advance_step=False,
+    lam=1.0,
+    eps=0.0,
+    w_min=1e-8,
+    mask=None,
+):
+    _checks.step_from_losses(
+        losses,
+        ids,
+        state,
+        errors,
+        b,
+        beta1,
+        beta2,
+        select_mode,
+        seed if seed_tensor is None else seed_tensor,
+        step if step_tensor is None else step_tensor,
+        advance_step,
+        lam,
+        eps,
+        w_min,
+        mask,
+    )
     _float32_state(state)
     tokens = losses.dim() == 2
     src = losses.to(torch.float64 if tokens else torch.float32).contiguous()
     with _Contiguous(state, errors) as (st, er):
-        return _update_select(src, tokens=tokens, T=losses.shape[1] if tokens else 1,
-                              token_mask=mask.contiguous() if mask is not None else None,
-                              ids=ids.contiguous(), state=st, errors=er,
-                              beta1=beta1, beta2=beta2, lam=lam, w_min=w_min, b=b, select_mode=select_mode,
-                              seed=seed, step=step, seed_tensor=seed_tensor, step_tensor=step_tensor,
-                              advance_step=advance_step, eps=eps, store_losses=True, do_select=True)
+        return _update_select(
+            src,
+            tokens=tokens,
+            T=losses.shape[1] if tokens else 1,
+            token_mask=mask.contiguous() if mask is not None else None,
+            ids=ids.contiguous(),
+            state=st,
+            errors=er,
+            beta1=beta1,
+            beta2=beta2,
+            lam=lam,
+            w_min=w_min,
+            b=b,
+            select_mode=select_mode,
+            seed=seed,
+            step=step,
+            seed_tensor=seed_tensor,
+            step_tensor=step_tensor,
+            advance_step=advance_step,
+            eps=eps,
+            store_losses=True,
+            do_select=True,
+        )
 
 
-def es_step(logits, targets, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0,
-            seed_tensor=None, step_tensor=None, advance_step=False, ignore_index=-100, label_smoothing=0.0,
-            lam=1.0, eps=0.0, w_min=1e-8):
-    _checks.step_from_logits(logits, targets, ids, state, errors, b, beta1, beta2, select_mode,
-                             seed if seed_tensor is None else seed_tensor,
-                             step if step_tensor is None else step_tensor, advance_step, ignore_index,
-                             label_smoothing, lam, eps, w_min)
+def es_step(
+    logits,
+    targets,
+    ids,
+    state,
+    errors,
+    b,
+    beta1,
+    beta2,
+    select_mode="sample",
+    seed=0,
+    step=0,
+    seed_tensor=None,
+    step_tensor=None,
+    advance_step=False,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    lam=1.0,
+    eps=0.0,
+    w_min=1e-8,
+):
+    _checks.step_from_logits(
+        logits,
+        targets,
+        ids,
+        state,
+        errors,
+        b,
+        beta1,
+        beta2,
+        select_mode,
+        seed if seed_tensor is None else seed_tensor,
+        step if step_tensor is None else step_tensor,
+        advance_step,
+        ignore_index,
+        label_smoothing,
+        lam,
+        eps,
+        w_min,
+    )
     _float32_state(state)
     tok = _token_losses(logits, targets, ignore_index, label_smoothing)  # launch 1
     t = targets.contiguous()
     T = t.shape[1] if t.dim() == 2 else 1
     with _Contiguous(state, errors) as (st, er):  # launch 2
-        return _update_select(tok, targets=t, T=T, ignore_index=ignore_index,
-                              ids=ids.contiguous(), state=st, errors=er, beta1=beta1, beta2=beta2, lam=lam,
-                              w_min=w_min, b=b, select_mode=select_mode, seed=seed, step=step,
-                              seed_tensor=seed_tensor, step_tensor=step_tensor, advance_step=advance_step,
-                              eps=eps, store_losses=True, do_select=True)
+        return _update_select(
+            tok,
+            targets=t,
+            T=T,
+            ignore_index=ignore_index,
+            ids=ids.contiguous(),
+            state=st,
+            errors=er,
+            beta1=beta1,
+            beta2=beta2,
+            lam=lam,
+            w_min=w_min,
+            b=b,
+            select_mode=select_mode,
+            seed=seed,
+            step=step,
+            seed_tensor=seed_tensor,
+            step_tensor=step_tensor,
+            advance_step=advance_step,
+            eps=eps,
+            store_losses=True,
+            do_select=True,
+        )
 
 
 def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
@@ -223,9 +449,23 @@ def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.
     launch(prune_max_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
     launch(prune_sum_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
     sort_key = torch.empty(n, dtype=torch.int64, device=dev)
-    launch(prune_decide_kernel, grid, dev, st, n, acc, seed, epoch & 0xFFFFFFFF, _spec.drop_levels(prune_ratio),
-           _spec.kept_scale(prune_ratio, rescale), scale, sort_key,
-           ANNEALING=epoch >= _spec.anneal_stop(num_epochs, anneal_frac), BLOCK=PRUNE_BLOCK, **_meta(dev))
+    launch(
+        prune_decide_kernel,
+        grid,
+        dev,
+        st,
+        n,
+        acc,
+        seed,
+        epoch & 0xFFFFFFFF,
+        _spec.drop_levels(prune_ratio),
+        _spec.kept_scale(prune_ratio, rescale),
+        scale,
+        sort_key,
+        ANNEALING=epoch >= _spec.anneal_stop(num_epochs, anneal_frac),
+        BLOCK=PRUNE_BLOCK,
+        **_meta(dev),
+    )
     order = torch.sort(sort_key, stable=True).indices
     num_kept = (sort_key < 2**32).sum()
     return order, num_kept, scale

@@ -1,5 +1,6 @@
 """Philox noise of the project's counter layout (see es_kernels.reference):
 key = seed, counter = (j, 0, step mod 2**32, stream)."""
+
 import triton
 import triton.language as tl
 

@@ -12,6 +12,7 @@ over blocks of samples, with no host round-trip:
 
 torch.sort on the device finishes the order.
 """
+
 import triton
 import triton.language as tl
 
@@ -25,8 +26,7 @@ STREAM_PRUNE = tl.constexpr(_spec.STREAM_PRUNE)
 @triton.jit
 def _scores(state_ptr, i, N):
     pair = tl.arange(0, 2)
-    s, d = tl.split(tl.load(state_ptr + i[:, None] * 2 + pair[None, :], mask=(i < N)[:, None],
-                            other=float("nan")))
+    s, d = tl.split(tl.load(state_ptr + i[:, None] * 2 + pair[None, :], mask=(i < N)[:, None], other=float("nan")))
     score = s.to(tl.float64) + d.to(tl.float64)
     observed = (i < N) & (score == score) & (tl.abs(score) < float("inf"))
     return score, observed
@@ -63,8 +63,19 @@ def prune_sum_kernel(state_ptr, N, acc_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["N", "seed", "epoch_lo", "drop_below"])
-def prune_decide_kernel(state_ptr, N, acc_ptr, seed, epoch_lo, drop_below, kept_scale, scale_ptr,
-                        sort_key_ptr, ANNEALING: tl.constexpr, BLOCK: tl.constexpr):
+def prune_decide_kernel(
+    state_ptr,
+    N,
+    acc_ptr,
+    seed,
+    epoch_lo,
+    drop_below,
+    kept_scale,
+    scale_ptr,
+    sort_key_ptr,
+    ANNEALING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     bits = tl.load(acc_ptr)
     count = tl.load(acc_ptr + 1)
     total = tl.load(acc_ptr + 2)

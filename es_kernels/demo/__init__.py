@@ -5,5 +5,6 @@ several methods and compare them fairly. See :mod:`es_kernels.demo.run`.
 * ``tasks``: the data sets and label noise;
 * ``report``: tables, plot, machine description.
 """
+
 from .run import METHODS, Config, main, run_ablation, run_demo, train  # noqa: F401
 from .tasks import corrupt_labels, load_dataset  # noqa: F401

@@ -15,6 +15,7 @@ the last evaluated one, so every metric reads the curve as a step function
 * :func:`rank_configs`: the ablation's rule (README, "How the defaults are
   chosen").
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The demo's output: machine description, plot, markdown tables."""
+
 from __future__ import annotations
 
 import math
@@ -15,10 +16,15 @@ from . import metrics as M
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "loadavg_start": list(load) if load else None,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "loadavg_start": list(load) if load else None,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def fmt_s(x) -> str:
@@ -36,11 +42,14 @@ def _ms(d: dict, f=fmt_s) -> str:
 
 
 def settings_caption(cfg: dict) -> str:
-    return (f"{cfg['epochs']} epochs, B={cfg['meta_batch']}, b={cfg['mini_batch']} (b/B={cfg['mini_batch'] / cfg['meta_batch']:.3g}), "
-            f"MLP hidden {cfg['hidden']}, Adam lr {cfg['lr']:g}, {cfg['seeds']} seeds, label noise {cfg['label_noise']:g}; "
-            f"ES beta1={cfg['beta1']:g} beta2={cfg['beta2']:g} lam={cfg.get('lam', 1):g} eps={cfg.get('eps', 0):g}; "
-            f"ESWP/InfoBatch prune {cfg['prune_ratio']:g}, anneal {cfg['anneal_frac']:g}; "
-            f"{cfg['threads']} threads, {cfg.get('device', 'cpu')}")
+    return (
+        f"{cfg['epochs']} epochs, B={cfg['meta_batch']}, b={cfg['mini_batch']} "
+        f"(b/B={cfg['mini_batch'] / cfg['meta_batch']:.3g}), "
+        f"MLP hidden {cfg['hidden']}, Adam lr {cfg['lr']:g}, {cfg['seeds']} seeds, label noise {cfg['label_noise']:g}; "
+        f"ES beta1={cfg['beta1']:g} beta2={cfg['beta2']:g} lam={cfg.get('lam', 1):g} eps={cfg.get('eps', 0):g}; "
+        f"ESWP/InfoBatch prune {cfg['prune_ratio']:g}, anneal {cfg['anneal_frac']:g}; "
+        f"{cfg['threads']} threads, {cfg.get('device', 'cpu')}"
+    )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -72,8 +81,15 @@ def plot(results: dict, path: Path) -> None:
             if tt is not None:
                 if tt["reached"]:
                     label += f" (target at {fmt_s(tt['wall_s']['mean'])} s, {tt['reached']}/{tt['of']} seeds)"
-                    ax.plot([tt["wall_s"]["mean"]], [target], marker="*", markersize=13, color=color,
-                            markeredgecolor="black", zorder=5)
+                    ax.plot(
+                        [tt["wall_s"]["mean"]],
+                        [target],
+                        marker="*",
+                        markersize=13,
+                        color=color,
+                        markeredgecolor="black",
+                        zorder=5,
+                    )
                 else:
                     label += " (target not reached)"
             ax.plot(t, a, marker=".", color=color, label=label, drawstyle="steps-post")  # held between evaluations
@@ -82,16 +98,19 @@ def plot(results: dict, path: Path) -> None:
             if any(len(r["curve"]) > n for r in rs):  # the seeds' own last points
                 ax.plot([r["curve"][-1][0] for r in rs], [r["curve"][-1][1] for r in rs], "x", color=color)
         if target is not None:
-            ax.axhline(target, color="black", linestyle="--", linewidth=1,
-                       label=f"target: full's final accuracy {target:.2f}%")
+            ax.axhline(
+                target, color="black", linestyle="--", linewidth=1, label=f"target: full's final accuracy {target:.2f}%"
+            )
         if window:
             ax.axvline(window, color="gray", linestyle=":", linewidth=1, label=f"ES's wall-clock {fmt_s(window)} s")
         accs = [p[1] for rs in ds["runs"].values() for r in rs for p in r["curve"][1:]]
         if accs:  # the start (chance level) would squash the interesting part
             top = max(accs)
             ax.set_ylim(max(0.0, min(accs) - 2), min(100.0, top + 0.2 * (top - min(accs)) + 1))
-        ax.set_title(f"{name} ({ds['n_train']} train, label noise {cfg['label_noise']:g})"
-                     + ("  SMOKE TEST" if results.get("smoke_test") else ""))
+        ax.set_title(
+            f"{name} ({ds['n_train']} train, label noise {cfg['label_noise']:g})"
+            + ("  SMOKE TEST" if results.get("smoke_test") else "")
+        )
         ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -124,10 +143,14 @@ def format_summary(results: dict) -> str:
     for name, ds in results["datasets"].items():
         summ = ds["summary"]
         seeds = max((len(rs) for rs in ds["runs"].values()), default=0)
-        lines.append(f"\n{name}: {ds['n_train']} train / {ds['n_test']} test, "
-                     f"label noise {cfg['label_noise']:g}, {seeds} seeds, {cfg['epochs']} epochs")
-        lines.append("| method | epochs | wall-clock s | vs full | backward samples | test acc % | vs full (points) "
-                     "| scoring share | ideal saving |")
+        lines.append(
+            f"\n{name}: {ds['n_train']} train / {ds['n_test']} test, "
+            f"label noise {cfg['label_noise']:g}, {seeds} seeds, {cfg['epochs']} epochs"
+        )
+        lines.append(
+            "| method | epochs | wall-clock s | vs full | backward samples | test acc % | vs full (points) "
+            "| scoring share | ideal saving |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for m, s in summ.items():
             saving = s.get("wall_saving_vs_full")
@@ -139,19 +162,26 @@ def format_summary(results: dict) -> str:
                 f"| {m} | {s['epochs']['mean']:.3g} | {_ms(s['wall_s'])} | {vs_full} "
                 f"| {s['backward_samples']['mean']:.0f} | {_ms(s['test_acc'], lambda x: f'{x:.2f}')} "
                 f"| {s.get('acc_minus_full', math.nan):+.2f} "
-                f"| {share} | {ideal} |")
+                f"| {share} | {ideal} |"
+            )
         target, window = ds.get("target_acc"), ds.get("window_s")
         if target is None and window is None:
             continue
         lines.append("")
         if target is not None:
-            lines.append(f"target: full's final test accuracy, {target:.2f}% (mean over seeds); "
-                         "time to target: mean over the seeds that reach it")
+            lines.append(
+                f"target: full's final test accuracy, {target:.2f}% (mean over seeds); "
+                "time to target: mean over the seeds that reach it"
+            )
         if window:
-            lines.append(f"window: [0, {fmt_s(window)} s] (ES's mean wall-clock): accuracy held at that time, "
-                         "and the mean accuracy over the window (area under the held curve / window)")
-        lines.append("| method | reached target | time to target s | backward samples to target "
-                     "| acc at window end % | mean acc over window % |")
+            lines.append(
+                f"window: [0, {fmt_s(window)} s] (ES's mean wall-clock): accuracy held at that time, "
+                "and the mean accuracy over the window (area under the held curve / window)"
+            )
+        lines.append(
+            "| method | reached target | time to target s | backward samples to target "
+            "| acc at window end % | mean acc over window % |"
+        )
         lines.append("|---|---|---|---|---|---|")
         for m, s in summ.items():
             tt = s.get("time_to_target")
@@ -159,19 +189,24 @@ def format_summary(results: dict) -> str:
             lines.append(
                 f"| {m} | {reached} | {_ms(tt and tt['wall_s'])} "
                 f"| {_ms(tt and tt['backward_samples'], lambda x: f'{x:.0f}')} "
-                f"| {_ms(s.get('acc_at_window'), lambda x: f'{x:.2f}')} | {_ms(s.get('auc'), lambda x: f'{x:.2f}')} |")
-    lines.append("\nscoring share: the scoring passes' (no-grad forward over B + the fused step) share of the "
-                 "method's training time; ideal saving: 1 - (scoring time / full's time + backward samples / "
-                 "full's), what ES would save if training b samples cost exactly b/B of a full step.")
+                f"| {_ms(s.get('acc_at_window'), lambda x: f'{x:.2f}')} | {_ms(s.get('auc'), lambda x: f'{x:.2f}')} |"
+            )
+    lines.append(
+        "\nscoring share: the scoring passes' (no-grad forward over B + the fused step) share of the "
+        "method's training time; ideal saving: 1 - (scoring time / full's time + backward samples / "
+        "full's), what ES would save if training b samples cost exactly b/B of a full step."
+    )
     return "\n".join(lines)
 
 
 def format_ablation(res: dict) -> str:
     lines = ["# ES ablation", "", res["rule"], ""]
     cfg = res["config"]
-    lines.append(f"{len(res['settings'])} settings x {len(res['tasks'])} tasks x {cfg['seeds']} seeds; "
-                 f"B={cfg['meta_batch']}, hidden {cfg['hidden']}, MNIST-1D {cfg['mnist1d_samples']} samples; "
-                 f"{cfg['threads']} threads; {res['machine']['date']}")
+    lines.append(
+        f"{len(res['settings'])} settings x {len(res['tasks'])} tasks x {cfg['seeds']} seeds; "
+        f"B={cfg['meta_batch']}, hidden {cfg['hidden']}, MNIST-1D {cfg['mnist1d_samples']} samples; "
+        f"{cfg['threads']} threads; {res['machine']['date']}"
+    )
     if res.get("load_warning"):
         lines.append(res["load_warning"])
     if not res["complete"]:
@@ -180,7 +215,9 @@ def format_ablation(res: dict) -> str:
     lines.append("targets: " + "; ".join(f"{t}: {a:.2f}%" for t, a in res["targets"].items()))
     lines.append("")
     tasks = res["tasks"]
-    lines.append("| rank | setting | mean rank | mean final acc % | " + " | ".join(f"{t}: s to target" for t in tasks) + " |")
+    lines.append(
+        "| rank | setting | mean rank | mean final acc % | " + " | ".join(f"{t}: s to target" for t in tasks) + " |"
+    )
     lines.append("|---|---|---|---|" + "---|" * len(tasks))
     ranked = {r["setting"]: (i + 1, r) for i, r in enumerate(res["ranking"])}
     order = [r["setting"] for r in res["ranking"]] + [c for c in res["cells"] if c not in ranked]
@@ -202,8 +239,9 @@ def format_ablation(res: dict) -> str:
     lines.append("")
     if res.get("chosen"):
         s = res["chosen"]
-        lines.append(f"chosen: beta1={s['beta1']:g} beta2={s['beta2']:g} lam={s['lam']:g} eps={s['eps']:g} "
-                     f"b/B={s['ratio']}")
+        lines.append(
+            f"chosen: beta1={s['beta1']:g} beta2={s['beta2']:g} lam={s['lam']:g} eps={s['eps']:g} b/B={s['ratio']}"
+        )
     else:
         lines.append("chosen: none (the grid did not finish)")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ Data, all generated or shipped locally: MNIST-1D made by the ``mnist1d``
 package (``make_dataset``, never its download) and scikit-learn's bundled
 handwritten digits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,6 @@ import functools
 import importlib.util
 import itertools
 import json
-import math
 import os
 import statistics
 import sys
@@ -62,9 +62,11 @@ METHODS = ("full", "uniform", "es", "eswp", "infobatch") + TIME_METHODS
 
 
 def smoke_note(epochs: int) -> str:
-    return (f"SMOKE TEST (--quick): {epochs} epochs on reduced data check that everything runs; {epochs} epochs are "
-            f"too few for ES's loss history (each sample is scored only {epochs} times, so its level s and trend d "
-            "barely leave their first values). Do not read the numbers as results.")
+    return (
+        f"SMOKE TEST (--quick): {epochs} epochs on reduced data check that everything runs; {epochs} epochs are "
+        f"too few for ES's loss history (each sample is scored only {epochs} times, so its level s and trend d "
+        "barely leave their first values). Do not read the numbers as results."
+    )
 
 
 @dataclass
@@ -99,8 +101,10 @@ QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
 def make_model(d_in: int, hidden: int, k: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(d_in, hidden), torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(d_in, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
         torch.nn.Linear(hidden, k),
     )
 
@@ -197,8 +201,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     if base == "infobatch":  # score = the last training loss: s = l, d = 0
         es = ES(n, B, beta1=0.0, beta2=1.0, seed=seed, device=dev)
     if base in ("eswp", "infobatch"):
-        pruner = Pruner(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio,
-                        anneal_frac=cfg.anneal_frac, seed=seed)
+        pruner = Pruner(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio, anneal_frac=cfg.anneal_frac, seed=seed)
     ac_dtype = score_autocast_dtype(cfg, dev)
     max_epochs = cfg.epochs if time_budget is None else 1000 * max(cfg.epochs, 1)
     wall = score_s = 0.0
@@ -235,8 +238,10 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 backward += pos.shape[0]
             else:
                 ts = time.perf_counter()
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=ac_dtype or torch.bfloat16,
-                                                             enabled=ac_dtype is not None):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(dev.type, dtype=ac_dtype or torch.bfloat16, enabled=ac_dtype is not None),
+                ):
                     logits = net(x)  # the scoring pass: no autograd record at all
                 sel = es.select(ids, logits=logits, targets=y)
                 _sync(dev)  # CUDA only: timing the scoring separately costs a synchronisation there
@@ -261,9 +266,11 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             epochs += 1
         curve.append([wall, accuracy(net, xte, yte), backward * world])  # evaluation is not timed
         if progress is not None:
-            progress.set_postfix_str(f"{method} seed {seed} epoch {epoch + 1}"
-                                     f"{'' if time_budget is not None else '/' + str(cfg.epochs)} "
-                                     f"acc {curve[-1][1]:.1f}")
+            progress.set_postfix_str(
+                f"{method} seed {seed} epoch {epoch + 1}"
+                f"{'' if time_budget is not None else '/' + str(cfg.epochs)} "
+                f"acc {curve[-1][1]:.1f}"
+            )
         if stopped:
             break
     if es is not None:
@@ -276,9 +283,17 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
         backward = int(back)
         score_s = _agree_max(score_s, world)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"wall_s": wall, "backward_samples": backward, "test_acc": curve[-1][1], "curve": curve,
-            "epochs": epochs, "score_s": score_s, "elapsed_s": time.perf_counter() - started, "load_1min": load,
-            "time_budget_s": time_budget}
+    return {
+        "wall_s": wall,
+        "backward_samples": backward,
+        "test_acc": curve[-1][1],
+        "curve": curve,
+        "epochs": epochs,
+        "score_s": score_s,
+        "elapsed_s": time.perf_counter() - started,
+        "load_1min": load,
+        "time_budget_s": time_budget,
+    }
 
 
 # ---------------------------------------------------------------- summaries
@@ -320,26 +335,37 @@ def summarize(runs: dict) -> dict:
         if target is not None:
             hits = [M.time_to_target(r["curve"], target) for r in rs]
             got = [h for h in hits if h is not None]
-            s["time_to_target"] = {"reached": len(got), "of": len(rs), "per_seed": hits,
-                                   "wall_s": _mean_sd([h[0] for h in got]),
-                                   "backward_samples": _mean_sd([h[1] for h in got])}
+            s["time_to_target"] = {
+                "reached": len(got),
+                "of": len(rs),
+                "per_seed": hits,
+                "wall_s": _mean_sd([h[0] for h in got]),
+                "backward_samples": _mean_sd([h[1] for h in got]),
+            }
         if window:
             s["acc_at_window"] = _mean_sd([M.acc_at(r["curve"], window) for r in rs])
             s["auc"] = _mean_sd([M.auc(r["curve"], window) for r in rs])
     if "full" in out:
         base = out["full"]
-        for m, s in out.items():
+        for s in out.values():
             s["wall_saving_vs_full"] = 1.0 - s["wall_s"]["mean"] / base["wall_s"]["mean"]
             s["acc_minus_full"] = s["test_acc"]["mean"] - base["test_acc"]["mean"]
             if "score_s" in s:  # what ES would save if its training part cost exactly its share of backward
-                s["ideal_saving"] = 1.0 - (s["score_s"]["mean"] / base["wall_s"]["mean"]
-                                           + s["backward_samples"]["mean"] / base["backward_samples"]["mean"])
+                s["ideal_saving"] = 1.0 - (
+                    s["score_s"]["mean"] / base["wall_s"]["mean"]
+                    + s["backward_samples"]["mean"] / base["backward_samples"]["mean"]
+                )
     return out
 
 
 # ---------------------------------------------------------------- ETA, load, output
-_COST = {"full": lambda r: 1.0, "infobatch": lambda r: 0.75, "uniform": lambda r: r,
-         "es": lambda r: 1 / 3 + r, "eswp": lambda r: 0.75 * (1 / 3 + r)}
+_COST = {
+    "full": lambda r: 1.0,
+    "infobatch": lambda r: 0.75,
+    "uniform": lambda r: r,
+    "es": lambda r: 1 / 3 + r,
+    "eswp": lambda r: 0.75 * (1 / 3 + r),
+}
 
 
 class Eta:
@@ -408,8 +434,10 @@ def load_warning(threads: int) -> str | None:
         return None
     load = os.getloadavg()[0]
     if load > threads:
-        return (f"WARNING: load average {load:.1f} > {threads} threads: other work competes for the cores, "
-                f"so wall-clock numbers (and everything measured in time) are unreliable on this run.")
+        return (
+            f"WARNING: load average {load:.1f} > {threads} threads: other work competes for the cores, "
+            f"so wall-clock numbers (and everything measured in time) are unreliable on this run."
+        )
     return None
 
 
@@ -482,8 +510,15 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     world, rank = _world()
     torch.set_num_threads(max(1, cfg.threads // world))
     warn = load_warning(cfg.threads)
-    results = {"config": asdict(cfg), "machine": machine(), "smoke_test": cfg.smoke_test, "complete": False,
-               "interrupted": False, "load_warning": warn, "datasets": {}}
+    results = {
+        "config": asdict(cfg),
+        "machine": machine(),
+        "smoke_test": cfg.smoke_test,
+        "complete": False,
+        "interrupted": False,
+        "load_warning": warn,
+        "datasets": {},
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "demo.json"
     jobs = demo_jobs(cfg)
@@ -499,8 +534,12 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             if name not in cache:
                 cache[name] = _device_data(load_dataset(name, cfg), cfg)
                 xtr, xte = cache[name][0], cache[name][2]
-                results["datasets"][name] = {"n_train": int(xtr.shape[0]), "n_test": int(xte.shape[0]),
-                                             "summary": {}, "runs": {m: [] for m in cfg.methods}}
+                results["datasets"][name] = {
+                    "n_train": int(xtr.shape[0]),
+                    "n_test": int(xte.shape[0]),
+                    "summary": {},
+                    "runs": {m: [] for m in cfg.methods},
+                }
             xtr, ytr, xte, yte, k = cache[name]
             ds = results["datasets"][name]
             data = (xtr, corrupt_labels(ytr.cpu(), cfg.label_noise, k, seed).to(ytr.device), xte, yte, k)
@@ -516,9 +555,11 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             ds.update(fair_reference(ds["runs"]))
             if rank == 0:
                 write_json(path, results)
-            rest = fmt_eta(*eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1:]]))
-            log.line(f"[{i + 1}/{len(jobs)}] {name} {method} seed {seed}: {fmt_s(r['wall_s'])} s, "
-                     f"{r['epochs']:.3g} epochs, acc {r['test_acc']:.2f}%; {rest}")
+            rest = fmt_eta(*eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1 :]]))
+            log.line(
+                f"[{i + 1}/{len(jobs)}] {name} {method} seed {seed}: {fmt_s(r['wall_s'])} s, "
+                f"{r['epochs']:.3g} epochs, acc {r['test_acc']:.2f}%; {rest}"
+            )
             log.update(rest.split(" + ")[0])
     except KeyboardInterrupt:
         results["interrupted"] = True
@@ -546,16 +587,18 @@ class Task:
         return f"{self.dataset} {self.epochs}ep noise {self.label_noise:g}"
 
 
-DEFAULT_TASKS = ("mnist1d:10:0,digits:10:0,mnist1d:30:0,digits:30:0,"
-                 "mnist1d:30:0.4,digits:30:0.4,mnist1d:30:0.6,digits:30:0.6")
-DEFAULT_GRID = {"beta1": "0,0.2,0.5", "beta2": "0.5,0.9", "lam": "0,1,2", "eps": "0,0.1",
-                "ratio": "1/8,1/4,1/3"}
+DEFAULT_TASKS = (
+    "mnist1d:10:0,digits:10:0,mnist1d:30:0,digits:30:0,mnist1d:30:0.4,digits:30:0.4,mnist1d:30:0.6,digits:30:0.6"
+)
+DEFAULT_GRID = {"beta1": "0,0.2,0.5", "beta2": "0.5,0.9", "lam": "0,1,2", "eps": "0,0.1", "ratio": "1/8,1/4,1/3"}
 ABLATION_MNIST1D_SAMPLES = 10000  # half the demo's: the grid is large
-RULE = ("Rule, fixed before any run: per task the target is full's final test accuracy (mean over seeds); "
-        "a setting's time-to-target on a task is the median over seeds of the training wall-clock at the first "
-        "epoch whose test accuracy reaches the target (not reached = infinite); per task the settings are ranked "
-        "by it (ties share their mean rank); the setting with the lowest mean rank over the tasks wins, ties "
-        "broken by the higher mean final test accuracy over tasks and seeds.")
+RULE = (
+    "Rule, fixed before any run: per task the target is full's final test accuracy (mean over seeds); "
+    "a setting's time-to-target on a task is the median over seeds of the training wall-clock at the first "
+    "epoch whose test accuracy reaches the target (not reached = infinite); per task the settings are ranked "
+    "by it (ties share their mean rank); the setting with the lowest mean rank over the tasks wins, ties "
+    "broken by the higher mean final test accuracy over tasks and seeds."
+)
 
 
 def parse_tasks(text: str) -> list:
@@ -579,8 +622,9 @@ def grid_settings(grid: dict) -> list:
     the weight (w = s), and with beta2 = 1 the trend stays 0, so those
     collapse to one setting each (the grid's first beta2 / lam)."""
     seen, out = set(), []
-    for b1, b2, lam, eps, ratio in itertools.product(grid["beta1"], grid["beta2"], grid["lam"], grid["eps"],
-                                                      grid["ratio"]):
+    for b1, b2, lam, eps, ratio in itertools.product(
+        grid["beta1"], grid["beta2"], grid["lam"], grid["eps"], grid["ratio"]
+    ):
         if lam == 0:
             b2 = grid["beta2"][0]
         if b2 == 1:
@@ -630,15 +674,30 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
     settings = grid_settings(grid)
     jobs = ablation_jobs(cfg, tasks, settings)
     warn = load_warning(cfg.threads)
-    res = {"config": asdict(cfg), "machine": machine(), "rule": RULE, "grid": grid, "settings": settings,
-           "tasks": [t.name for t in tasks], "targets": {}, "cells": {setting_name(s): {} for s in settings},
-           "full": {}, "ranking": [], "chosen": None, "complete": False, "interrupted": False, "load_warning": warn}
+    res = {
+        "config": asdict(cfg),
+        "machine": machine(),
+        "rule": RULE,
+        "grid": grid,
+        "settings": settings,
+        "tasks": [t.name for t in tasks],
+        "targets": {},
+        "cells": {setting_name(s): {} for s in settings},
+        "full": {},
+        "ranking": [],
+        "chosen": None,
+        "complete": False,
+        "interrupted": False,
+        "load_warning": warn,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "ablation.json"
     eta = Eta(cfg.meta_batch)
     log = _Log(len(jobs), "ablation", show_progress)
-    log.line(f"ablation: {len(settings)} settings x {len(tasks)} tasks x {cfg.seeds} seeds = "
-             f"{len(settings) * len(tasks) * cfg.seeds} ES runs + {len(tasks) * cfg.seeds} full runs")
+    log.line(
+        f"ablation: {len(settings)} settings x {len(tasks)} tasks x {cfg.seeds} seeds = "
+        f"{len(settings) * len(tasks) * cfg.seeds} ES runs + {len(tasks) * cfg.seeds} full runs"
+    )
     log.line(RULE)
     if warn:
         log.line(warn)
@@ -657,12 +716,19 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
                     res["targets"][task.name] = statistics.fmean(x["test_acc"] for x in res["full"][task.name])
                 what = "full"
             else:
-                tcfg = replace(tcfg, beta1=s["beta1"], beta2=s["beta2"], lam=s["lam"], eps=s["eps"],
-                               mini_batch=_mini_batch(cfg, s["ratio"]))
+                tcfg = replace(
+                    tcfg,
+                    beta1=s["beta1"],
+                    beta2=s["beta2"],
+                    lam=s["lam"],
+                    eps=s["eps"],
+                    mini_batch=_mini_batch(cfg, s["ratio"]),
+                )
                 r = train("es", data, tcfg, seed, log.bar)
                 hit = M.time_to_target(r["curve"], res["targets"][task.name])
                 cell = res["cells"][setting_name(s)].setdefault(
-                    task.name, {"ttt": [], "ttt_backward": [], "final_acc": [], "wall_s": [], "curve": []})
+                    task.name, {"ttt": [], "ttt_backward": [], "final_acc": [], "wall_s": [], "curve": []}
+                )
                 cell["ttt"].append(None if hit is None else hit[0])
                 cell["ttt_backward"].append(None if hit is None else hit[1])
                 cell["final_acc"].append(r["test_acc"])
@@ -671,9 +737,13 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
                 what = setting_name(s)
             eta.record(_ablation_key(cfg, task, s), r["epochs"], r["elapsed_s"])
             write_json(path, res)
-            rest = fmt_eta(*eta.remaining_partial([(_ablation_key(cfg, t, s_), t.epochs) for t, _, s_ in jobs[i + 1:]]))
-            log.line(f"[{i + 1}/{len(jobs)}] {task.name} seed {seed} {what}: {fmt_s(r['wall_s'])} s, "
-                     f"acc {r['test_acc']:.2f}%; {rest}")
+            rest = fmt_eta(
+                *eta.remaining_partial([(_ablation_key(cfg, t, s_), t.epochs) for t, _, s_ in jobs[i + 1 :]])
+            )
+            log.line(
+                f"[{i + 1}/{len(jobs)}] {task.name} seed {seed} {what}: {fmt_s(r['wall_s'])} s, "
+                f"acc {r['test_acc']:.2f}%; {rest}"
+            )
             log.update(rest.split(" + ")[0])
     except KeyboardInterrupt:
         res["interrupted"] = True
@@ -736,12 +806,21 @@ def _floats(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="es-kernels demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke test: smaller data, 8 epochs (too few for ES's loss history: not results)")
-    ap.add_argument("--label-noise", type=float, default=0.0, metavar="P",
-                    help="symmetric label corruption of the training set, probability P")
+    ap = argparse.ArgumentParser(
+        prog="es-kernels demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: smaller data, 8 epochs (too few for ES's loss history: not results)",
+    )
+    ap.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="symmetric label corruption of the training set, probability P",
+    )
     ap.add_argument("--datasets", default=None, help="comma-separated: mnist1d,digits")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--seeds", type=int, default=None)
@@ -749,27 +828,45 @@ def main(argv=None) -> int:
     ap.add_argument("--mnist1d-samples", type=int, default=None)
     ap.add_argument("--beta1", type=float, default=DEFAULT_BETA1, help="ES level smoothing (default %(default)s)")
     ap.add_argument("--beta2", type=float, default=DEFAULT_BETA2, help="ES trend smoothing (default %(default)s)")
-    ap.add_argument("--lam", type=float, default=DEFAULT_LAM,
-                    help="ES trend gain: w = max(s + lam*d, w_min) (default %(default)s)")
-    ap.add_argument("--eps", type=float, default=DEFAULT_EPS,
-                    help="uniform share of ES's selection mass (default %(default)s)")
+    ap.add_argument(
+        "--lam", type=float, default=DEFAULT_LAM, help="ES trend gain: w = max(s + lam*d, w_min) (default %(default)s)"
+    )
+    ap.add_argument(
+        "--eps", type=float, default=DEFAULT_EPS, help="uniform share of ES's selection mass (default %(default)s)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--score-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                    help="autocast dtype of ES's scoring pass: auto = bfloat16 on CUDA, float32 on the CPU")
-    ap.add_argument("--ablate", action="store_true",
-                    help="run ES over the grid of settings on the task list and pick the defaults by the rule")
-    ap.add_argument("--tasks", default=DEFAULT_TASKS, help="ablation tasks, dataset:epochs:label_noise,... "
-                    "(default %(default)s)")
+    ap.add_argument(
+        "--score-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="autocast dtype of ES's scoring pass: auto = bfloat16 on CUDA, float32 on the CPU",
+    )
+    ap.add_argument(
+        "--ablate",
+        action="store_true",
+        help="run ES over the grid of settings on the task list and pick the defaults by the rule",
+    )
+    ap.add_argument(
+        "--tasks", default=DEFAULT_TASKS, help="ablation tasks, dataset:epochs:label_noise,... (default %(default)s)"
+    )
     for k, v in DEFAULT_GRID.items():
         ap.add_argument(f"--grid-{k}", type=_floats, default=v, help=f"ablation values of {k} (default %(default)s)")
-    ap.add_argument("--eta-only", action="store_true",
-                    help="time one epoch per data set, print the estimated run time of the planned run, exit")
+    ap.add_argument(
+        "--eta-only",
+        action="store_true",
+        help="time one epoch per data set, print the estimated run time of the planned run, exit",
+    )
     ap.add_argument("--out", default="demo_results", help="folder for the JSON, markdown and plot")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--nproc", type=int, default=1, metavar="W",
-                    help="run every method under DDP on W gloo processes (spawned here); "
-                         "under torchrun the processes come from torchrun instead")
+    ap.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="W",
+        help="run every method under DDP on W gloo processes (spawned here); "
+        "under torchrun the processes come from torchrun instead",
+    )
     a = ap.parse_args(argv)
     if not 0.0 <= a.label_noise < 1.0:
         ap.error("--label-noise must be in [0, 1)")
@@ -778,11 +875,21 @@ def main(argv=None) -> int:
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     missing = missing_demo_deps()
     if missing:
-        print(f"es-kernels demo needs {', '.join(missing)}: pip install \"es-kernels[demo]\" "
-              f"(or pip install {' '.join(missing)})", file=sys.stderr)
+        print(
+            f'es-kernels demo needs {", ".join(missing)}: pip install "es-kernels[demo]" '
+            f"(or pip install {' '.join(missing)})",
+            file=sys.stderr,
+        )
         return 2
-    cfg = Config(label_noise=a.label_noise, beta1=a.beta1, beta2=a.beta2, lam=a.lam, eps=a.eps,
-                 device=a.device, score_dtype=a.score_dtype)
+    cfg = Config(
+        label_noise=a.label_noise,
+        beta1=a.beta1,
+        beta2=a.beta2,
+        lam=a.lam,
+        eps=a.eps,
+        device=a.device,
+        score_dtype=a.score_dtype,
+    )
     if a.quick:
         cfg = replace(cfg, **QUICK)
     if a.ablate and not a.quick:
@@ -808,8 +915,10 @@ def main(argv=None) -> int:
     if a.eta_only:
         total = estimate_only(cfg, a.ablate, grid, tasks)
         what = "ablation" if a.ablate else "demo"
-        print(f"estimated {what} run time: {fmt_eta(total)[4:]} (from one epoch of full and ES per data set"
-              f" on this machine, {cfg.threads} threads)")
+        print(
+            f"estimated {what} run time: {fmt_eta(total)[4:]} (from one epoch of full and ES per data set"
+            f" on this machine, {cfg.threads} threads)"
+        )
         warn = load_warning(cfg.threads)
         if warn:
             print(warn)
@@ -828,8 +937,12 @@ def main(argv=None) -> int:
             import torch.multiprocessing as mp
 
             with tempfile.TemporaryDirectory() as tmp:
-                mp.spawn(_dist_worker, args=(cfg.nproc, cfg, out, not a.no_progress, f"file://{tmp}/init"),
-                         nprocs=cfg.nproc, join=True)
+                mp.spawn(
+                    _dist_worker,
+                    args=(cfg.nproc, cfg, out, not a.no_progress, f"file://{tmp}/init"),
+                    nprocs=cfg.nproc,
+                    join=True,
+                )
             res = json.loads((out / "demo.json").read_text())
         print(format_summary(res))
         print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")

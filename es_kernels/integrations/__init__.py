@@ -14,9 +14,11 @@ imported here.
   sample through a collator as ``es_id`` / ``es_scale``.
 * :func:`select_batch`: the selection step on a collated batch.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -31,6 +33,7 @@ class ESItem(NamedTuple):
     """One sample with its dataset id and ESWP scale (``None``: 1). Not a dict,
     so column-removing collators (the HF Trainer's ``RemoveColumnsCollator``)
     pass it through untouched."""
+
     id: int
     scale: float | None
     item: Any
@@ -78,8 +81,7 @@ class ESCollator:
         scales = torch.tensor([1.0 if f.scale is None else f.scale for f in features], dtype=torch.float32)
         items = [f.item for f in features]
         if self.keep_keys is not None:
-            items = [{k: v for k, v in x.items() if k in self.keep_keys} if isinstance(x, dict) else x
-                     for x in items]
+            items = [{k: v for k, v in x.items() if k in self.keep_keys} if isinstance(x, dict) else x for x in items]
         batch = self.collate_fn(items)
         if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__setitem__")):
             batch = dict(batch)
@@ -155,8 +157,14 @@ class ESStream(Sampler):
       stateful loader needs).
     """
 
-    def __init__(self, pruner: ESWPSampler | None = None, *, es: EvolvedSampler | None = None,
-                 length: int | None = None, resume_mid_epoch: bool = False):
+    def __init__(
+        self,
+        pruner: ESWPSampler | None = None,
+        *,
+        es: EvolvedSampler | None = None,
+        length: int | None = None,
+        resume_mid_epoch: bool = False,
+    ):
         if pruner is None:
             if es is None:
                 raise ValueError("ESStream needs an ESWPSampler or es=EvolvedSampler")
@@ -251,16 +259,24 @@ class ESStream(Sampler):
     def state_dict(self) -> dict:
         """The position (snapshot of the current loader epoch's start, the plans
         made since, the samples consumed) and the pruner's settings."""
-        return {"epoch": self._epoch, "k": self._k, "start": self._start, "first_eswp": self._first_eswp,
-                "consumed": self._consumed, "length": self.length,
-                "plans": [(p.epoch, p.ids.clone(), p.scales.clone()) for p in self._plans],
-                "pruner": self.pruner.state_dict()}
+        return {
+            "epoch": self._epoch,
+            "k": self._k,
+            "start": self._start,
+            "first_eswp": self._first_eswp,
+            "consumed": self._consumed,
+            "length": self.length,
+            "plans": [(p.epoch, p.ids.clone(), p.scales.clone()) for p in self._plans],
+            "pruner": self.pruner.state_dict(),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if int(sd["length"]) != self.length:
             raise ValueError(f"state_dict is for loader epochs of {sd['length']} samples, not {self.length}")
-        plans = [_Plan(int(e), torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(s, dtype=torch.float32))
-                 for e, i, s in sd["plans"]]
+        plans = [
+            _Plan(int(e), torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(s, dtype=torch.float32))
+            for e, i, s in sd["plans"]
+        ]
         self.pruner.load_state_dict(sd["pruner"])
         self._epoch = int(sd["epoch"])
         self._k = None if sd["k"] is None else int(sd["k"])

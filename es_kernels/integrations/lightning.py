@@ -32,6 +32,7 @@ DDP: pass ``use_distributed_sampler=False`` (the stream must not be replaced
 by a DistributedSampler) and shard batches yourself; the ES state must be
 identical on every rank (gather ids and losses before ``select``: not done here).
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,13 @@ class ESLightningMixin:
         """The training loader: meta-batches of ``batch_size`` with ``es_id`` / ``es_scale``."""
         if len(dataset) != self.es_sampler.state.num_samples:
             raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
-        return ESDataLoader(ESDataset(dataset), batch_size=batch_size, sampler=self.es_stream,
-                            collate_fn=ESCollator(collate_fn), **kwargs)
+        return ESDataLoader(
+            ESDataset(dataset),
+            batch_size=batch_size,
+            sampler=self.es_stream,
+            collate_fn=ESCollator(collate_fn),
+            **kwargs,
+        )
 
     def es_sample_losses(self, batch) -> torch.Tensor:  # pragma: no cover - the user's
         raise NotImplementedError("define es_sample_losses(batch) -> per-sample losses [B]")

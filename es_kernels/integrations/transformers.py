@@ -50,6 +50,7 @@ state and the same stream: the per-rank ids and losses must be gathered before
 ``es.select`` (not done here yet), and ``es_sampler.pt`` is written by the main
 process only.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -63,7 +64,9 @@ try:
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as e:  # pragma: no cover
-    raise ImportError("es_kernels.integrations.transformers needs transformers: pip install 'es-kernels[integrations]'") from e
+    raise ImportError(
+        "es_kernels.integrations.transformers needs transformers: pip install 'es-kernels[integrations]'"
+    ) from e
 
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
@@ -98,13 +101,14 @@ def check_version(version: str | None = None) -> None:
         raise RuntimeError(
             f"es_kernels.integrations.transformers supports transformers >= {'.'.join(map(str, MIN_VERSION))}, "
             f"< {MAX_MAJOR + 1} (tested with {TESTED_VERSION}); found {v}"
-            + (f", whose Trainer lacks {', '.join(missing)}" if missing else ""))
+            + (f", whose Trainer lacks {', '.join(missing)}" if missing else "")
+        )
 
 
 class ESCheckpointCallback(TrainerCallback):
     """Writes the samplers' state into each checkpoint folder (``es_sampler.pt``)."""
 
-    def __init__(self, trainer: "ESTrainer"):
+    def __init__(self, trainer: ESTrainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
@@ -126,8 +130,15 @@ class ESTrainer(Trainer):
     with dropout off and draws no random numbers).
     """
 
-    def __init__(self, *args, es_sampler: EvolvedSampler, eswp: ESWPSampler | None = None,
-                 es_shift_labels: bool | None = None, es_score_in_eval_mode: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        es_sampler: EvolvedSampler,
+        eswp: ESWPSampler | None = None,
+        es_shift_labels: bool | None = None,
+        es_score_in_eval_mode: bool = True,
+        **kwargs,
+    ):
         check_version()
         if eswp is not None and eswp.es is not es_sampler:
             raise ValueError("eswp must be built on es_sampler")
@@ -139,8 +150,9 @@ class ESTrainer(Trainer):
         self._es_shift = es_shift_labels
         if self.train_dataset is not None:
             if len(self.train_dataset) != es_sampler.state.num_samples:
-                raise ValueError(f"train_dataset has {len(self.train_dataset)} samples, "
-                                 f"es_sampler {es_sampler.state.num_samples}")
+                raise ValueError(
+                    f"train_dataset has {len(self.train_dataset)} samples, es_sampler {es_sampler.state.num_samples}"
+                )
             self.train_dataset = ESDataset(self.train_dataset)
         keep = None
         if self.args.remove_unused_columns:
@@ -168,8 +180,10 @@ class ESTrainer(Trainer):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             path = os.path.join(resume_from_checkpoint, CHECKPOINT_FILE)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by ESTrainer, "
-                                        "so the ES state cannot be restored")
+                raise FileNotFoundError(
+                    f"{path} is missing: this checkpoint was not written by ESTrainer, "
+                    "so the ES state cannot be restored"
+                )
             self.es_load_state_dict(torch.load(path, weights_only=False))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -178,6 +192,7 @@ class ESTrainer(Trainer):
         if self._es_shift is not None:
             return bool(self._es_shift)
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
         model = self.accelerator.unwrap_model(self.model)
         return model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
@@ -233,8 +248,9 @@ class ESTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scale = inputs.pop(SCALE_KEY, None) if isinstance(inputs, dict) else None
         if scale is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         shift = inputs.pop("shift_labels", None)
@@ -243,9 +259,13 @@ class ESTrainer(Trainer):
         batch = {"labels": labels} if shift is None else {"labels": labels, "shift_labels": shift}
         logits, targets = self._es_logits_targets(logits, batch)
         targets = targets.to(logits.device)
-        token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                ignore_index=-100, reduction="none",
-                                label_smoothing=self.args.label_smoothing_factor).view(targets.shape)
+        token = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+            label_smoothing=self.args.label_smoothing_factor,
+        ).view(targets.shape)
         per_sample = token.sum(dim=1) if token.dim() == 2 else token
         total = (per_sample * scale.to(per_sample.device)).sum()
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
