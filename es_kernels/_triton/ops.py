@@ -301,139 +301,56 @@ def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tenso
     return pos
 
 
-def es_step_from_losses(
-    losses,
-    ids,
-    state,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode="sample",
-    seed=0,
-    step=0,
-    seed_tensor=None,
-    step_tensor=None,
-    advance_step=False,
-    lam=1.0,
-    eps=0.0,
-    w_min=1e-8,
-    mask=None,
-):
-    _checks.step_from_losses(
-        losses,
-        ids,
-        state,
-        errors,
-        b,
-        beta1,
-        beta2,
-        select_mode,
-        seed if seed_tensor is None else seed_tensor,
-        step if step_tensor is None else step_tensor,
-        advance_step,
-        lam,
-        eps,
-        w_min,
-        mask,
-    )
+def _fused_step(src, state, errors, ids, step_args: dict, **src_kw):
+    """The update + selection launches of es_step_from_losses and of es_step's
+    second launch: ``src`` and ``src_kw`` say what the per-position losses
+    come from, ``step_args`` are the schema's update and selection arguments."""
     _float32_state(state)
-    tokens = losses.dim() == 2
-    src = losses.to(torch.float64 if tokens else torch.float32).contiguous()
     with _Contiguous(state, errors) as (st, er):
         return _update_select(
-            src,
-            tokens=tokens,
-            T=losses.shape[1] if tokens else 1,
-            token_mask=mask.contiguous() if mask is not None else None,
-            ids=ids.contiguous(),
-            state=st,
-            errors=er,
-            beta1=beta1,
-            beta2=beta2,
-            lam=lam,
-            w_min=w_min,
-            b=b,
-            select_mode=select_mode,
-            seed=seed,
-            step=step,
-            seed_tensor=seed_tensor,
-            step_tensor=step_tensor,
-            advance_step=advance_step,
-            eps=eps,
-            store_losses=True,
-            do_select=True,
+            src, ids=ids.contiguous(), state=st, errors=er, store_losses=True, do_select=True, **src_kw, **step_args
         )
+
+
+def _step_args(b, beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min):
+    return dict(
+        b=b, beta1=beta1, beta2=beta2, select_mode=select_mode, seed=seed, step=step, seed_tensor=seed_tensor,
+        step_tensor=step_tensor, advance_step=advance_step, lam=lam, eps=eps, w_min=w_min,
+    )  # fmt: skip
+
+
+def es_step_from_losses(
+    losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0, seed_tensor=None,
+    step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8, mask=None,
+):  # fmt: skip
+    noise = (seed if seed_tensor is None else seed_tensor, step if step_tensor is None else step_tensor)
+    _checks.step_from_losses(
+        losses, ids, state, errors, b, beta1, beta2, select_mode, *noise, advance_step, lam, eps, w_min, mask
+    )
+    tokens = losses.dim() == 2
+    src = losses.to(torch.float64 if tokens else torch.float32).contiguous()
+    args = _step_args(b, beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min)
+    return _fused_step(
+        src, state, errors, ids, args, tokens=tokens, T=losses.shape[1] if tokens else 1,
+        token_mask=mask.contiguous() if mask is not None else None,
+    )  # fmt: skip
 
 
 def es_step(
-    logits,
-    targets,
-    ids,
-    state,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode="sample",
-    seed=0,
-    step=0,
-    seed_tensor=None,
-    step_tensor=None,
-    advance_step=False,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    lam=1.0,
-    eps=0.0,
-    w_min=1e-8,
-):
+    logits, targets, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0, seed_tensor=None,
+    step_tensor=None, advance_step=False, ignore_index=-100, label_smoothing=0.0, lam=1.0, eps=0.0, w_min=1e-8,
+):  # fmt: skip
+    noise = (seed if seed_tensor is None else seed_tensor, step if step_tensor is None else step_tensor)
     _checks.step_from_logits(
-        logits,
-        targets,
-        ids,
-        state,
-        errors,
-        b,
-        beta1,
-        beta2,
-        select_mode,
-        seed if seed_tensor is None else seed_tensor,
-        step if step_tensor is None else step_tensor,
-        advance_step,
-        ignore_index,
-        label_smoothing,
-        lam,
-        eps,
-        w_min,
-    )
+        logits, targets, ids, state, errors, b, beta1, beta2, select_mode, *noise, advance_step, ignore_index,
+        label_smoothing, lam, eps, w_min,
+    )  # fmt: skip
     _float32_state(state)
     tok = _token_losses(logits, targets, ignore_index, label_smoothing)  # launch 1
     t = targets.contiguous()
-    T = t.shape[1] if t.dim() == 2 else 1
-    with _Contiguous(state, errors) as (st, er):  # launch 2
-        return _update_select(
-            tok,
-            targets=t,
-            T=T,
-            ignore_index=ignore_index,
-            ids=ids.contiguous(),
-            state=st,
-            errors=er,
-            beta1=beta1,
-            beta2=beta2,
-            lam=lam,
-            w_min=w_min,
-            b=b,
-            select_mode=select_mode,
-            seed=seed,
-            step=step,
-            seed_tensor=seed_tensor,
-            step_tensor=step_tensor,
-            advance_step=advance_step,
-            eps=eps,
-            store_losses=True,
-            do_select=True,
-        )
+    args = _step_args(b, beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min)
+    return _fused_step(tok, state, errors, ids, args, targets=t, T=t.shape[1] if t.dim() == 2 else 1,
+                       ignore_index=ignore_index)  # fmt: skip
 
 
 def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
