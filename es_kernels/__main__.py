@@ -6,8 +6,15 @@ import sys
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: es-kernels demo [options]   (es-kernels demo --help for the options)")
+        print(
+            "usage: es-kernels demo [options]   (es-kernels demo --help for the options)\n       es-kernels --version"
+        )
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from ._version import __version__
+
+        print(f"es-kernels {__version__}")
+        return 0
     if argv[0] == "demo":
         from .demo import main as demo_main
 
