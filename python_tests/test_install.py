@@ -329,3 +329,22 @@ def test_sdist_has_the_build_files(tmp_path):
         "csrc/ops.h",
     } <= names
     assert not [n for n in names if n.endswith(".so") or n.startswith("build/")]
+
+
+@pytest.mark.slow
+def test_sdist_builds_a_wheel_with_torch_preinstalled(tmp_path):
+    """`python -m build --sdist`, then a wheel built from that sdist alone
+    (torch and the build tools preinstalled, no build isolation) holds _C."""
+    if importlib.util.find_spec("build") is None:
+        pytest.skip("`build` not installed (the dev extra has it)")
+    src = _copy_source(tmp_path / "src")
+    _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", tmp_path / "dist", src], env=_env())
+    (sdist,) = (tmp_path / "dist").glob("es_kernels-*.tar.gz")
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", tmp_path / "whl", sdist],
+        env=_env(ES_KERNELS_REQUIRE_BUILD="1"),
+        timeout=900,
+    )
+    (whl,) = (tmp_path / "whl").glob("es_kernels-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        assert [n for n in z.namelist() if n.startswith("es_kernels/_C")], z.namelist()
