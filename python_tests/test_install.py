@@ -341,7 +341,18 @@ def test_sdist_builds_a_wheel_with_torch_preinstalled(tmp_path):
     _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", tmp_path / "dist", src], env=_env())
     (sdist,) = (tmp_path / "dist").glob("es_kernels-*.tar.gz")
     _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", tmp_path / "whl", sdist],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            "-w",
+            tmp_path / "whl",
+            sdist,
+        ],
         env=_env(ES_KERNELS_REQUIRE_BUILD="1"),
         timeout=900,
     )
