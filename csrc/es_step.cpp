@@ -224,7 +224,7 @@ Tensor3 fused_step(const at::Tensor& losses, const bool* scored, const at::Tenso
                    at::Tensor& state, at::Tensor& errors, int64_t b, double beta1, double beta2,
                    c10::string_view select_mode, int64_t seed, int64_t step,
                    const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step,
-                   double lam, double eps, double w_min) {
+                   double lam, double eps, double w_min, bool own_losses) {
   const bool sample = parse_mode(select_mode, eps);
   TORCH_CHECK_VALUE(b >= 0 && b <= ids.numel(), "b must be in [0, B] = [0, ", ids.numel(),
                     "], got ", b);
@@ -237,7 +237,26 @@ Tensor3 fused_step(const at::Tensor& losses, const bool* scored, const at::Tenso
     int64_t* p = step_tensor->data_ptr<int64_t>();
     *p = static_cast<int64_t>(static_cast<uint64_t>(*p) + 1u);
   }
-  return {pos, losses.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true), w};
+  // the losses output must not alias an input: copy the caller's, return our own
+  return {pos, own_losses ? losses : losses.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true),
+          w};
+}
+
+// Which rows (or sequences) have a target to score: targets != ignore_index,
+// any over the sequence; one pass over the targets, no temporaries.
+std::vector<uint8_t> scored_rows(const at::Tensor& targets_in, int64_t ignore_index) {
+  const at::Tensor targets = targets_in.contiguous();
+  const int64_t B = targets.size(0), T = targets.dim() == 2 ? targets.size(1) : 1;
+  std::vector<uint8_t> scored(B, 0);
+  AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "scored_rows", [&] {
+    const index_t* tg = targets.const_data_ptr<index_t>();
+    for (int64_t r = 0; r < B; ++r) {
+      for (int64_t t = 0; t < T && !scored[r]; ++t) {
+        scored[r] = static_cast<int64_t>(tg[r * T + t]) != ignore_index;
+      }
+    }
+  });
+  return scored;
 }
 
 }  // namespace
@@ -273,14 +292,15 @@ Tensor3 es_step_from_losses(const at::Tensor& losses, const at::Tensor& ids, at:
   if (losses.dim() == 1) {
     TORCH_CHECK_VALUE(!mask.has_value(), "mask goes with token losses [B, T]");
     return fused_step(losses, nullptr, ids, state, errors, b, beta1, beta2, select_mode, seed, step,
-                      seed_tensor, step_tensor, advance_step, lam, eps, w_min);
+                      seed_tensor, step_tensor, advance_step, lam, eps, w_min,
+                      /*own_losses=*/false);
   }
   TORCH_CHECK_VALUE(at::isFloatingType(losses.scalar_type()), "losses must be floating point");
   std::vector<uint8_t> scored;
   const at::Tensor means = sequence_means(losses, mask, scored);
   return fused_step(means, reinterpret_cast<const bool*>(scored.data()), ids, state, errors, b,
                     beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step,
-                    lam, eps, w_min);
+                    lam, eps, w_min, /*own_losses=*/true);
 }
 
 Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& ids,
@@ -294,11 +314,10 @@ Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::T
                     "ids must be 1-D with the batch size of logits (", logits.size(0), ")");
   at::Tensor losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing);
   // a row (or sequence) with no target to score is skipped by the update
-  const at::Tensor has = (targets != ignore_index);
-  const at::Tensor scored = (has.dim() == 2 ? has.any(1) : has).contiguous();
-  return fused_step(losses, scored.data_ptr<bool>(), ids, state, errors, b, beta1, beta2,
-                    select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps,
-                    w_min);
+  const std::vector<uint8_t> scored = scored_rows(targets, ignore_index);
+  return fused_step(losses, reinterpret_cast<const bool*>(scored.data()), ids, state, errors, b,
+                    beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step,
+                    lam, eps, w_min, /*own_losses=*/true);
 }
 
 }  // namespace es_kernels

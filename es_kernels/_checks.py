@@ -137,9 +137,12 @@ def noise(value, name: str, device, *, mutable: bool = False) -> None:
         integer(value, name, 0, _spec.INT64_MAX)
 
 
-def split_noise(value):
-    """(host int, tensor or None): how the op schemas take ``seed`` and ``step``."""
-    return (0, value) if isinstance(value, torch.Tensor) else (int(value), None)
+def split_noise(seed, step):
+    """``(seed int, step int, seed tensor or None, step tensor or None)``: how
+    the op schemas take ``seed`` and ``step`` (a tensor, when given, wins)."""
+    seed_t = seed if isinstance(seed, torch.Tensor) else None
+    step_t = step if isinstance(step, torch.Tensor) else None
+    return (0 if seed_t is not None else int(seed), 0 if step_t is not None else int(step), seed_t, step_t)
 
 
 def selection(b, batch: int, select_mode, seed, step, eps, device) -> None:

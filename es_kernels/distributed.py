@@ -139,8 +139,7 @@ def rank_selection(
     x = torch.zeros(lo + n, dtype=torch.float32, device=weights_all.device)
     own = weights_all[lo : lo + n].to(torch.float32)
     x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
-    seed_i, seed_t = _checks.split_noise(seed)
-    step_i, step_t = _checks.split_noise(step)
+    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
     pos = ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0)
     return pos - lo
 

@@ -194,8 +194,7 @@ def weighted_select(
         int64 ``[b]``, ascending. No host synchronisation.
     """
     _checks.select(weights, b, select_mode, seed, step, eps)
-    seed_i, seed_t = _checks.split_noise(seed)
-    step_i, step_t = _checks.split_noise(step)
+    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
     return ops.weighted_select(weights, b, select_mode, seed_i, step_i, seed_t, step_t, float(eps))
 
 
@@ -258,8 +257,7 @@ def es_step(
         w_min,
     )
     logits, targets = _shift(logits, targets, shift_labels)
-    seed_i, seed_t = _checks.split_noise(seed)
-    step_i, step_t = _checks.split_noise(step)
+    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
     return StepResult(
         *_run_checked(
             st,
@@ -319,8 +317,7 @@ def es_step_from_losses(
     _checks.step_from_losses(
         losses, ids, st.tensor, st.errors, b, beta1, beta2, select_mode, seed, step, advance_step, lam, eps, w_min, mask
     )
-    seed_i, seed_t = _checks.split_noise(seed)
-    step_i, step_t = _checks.split_noise(step)
+    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
     return StepResult(
         *_run_checked(
             st,
