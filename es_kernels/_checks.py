@@ -187,10 +187,13 @@ def ids_losses(ids, losses, device, token_losses: bool = False, mask=None) -> No
         raise ValueError(f"ids and losses must have the same length, got {ids.shape[0]} and {losses.shape[0]}")
 
 
-def update(ids, losses, st, errors, beta1, beta2, lam, w_min) -> None:
-    state(st, errors)
-    ids_losses(ids, losses, st.device)
-    hyper(beta1, beta2, lam, w_min)
+# The op checks take the call's arguments bound to the op's schema
+# (``_ops.bind``); ``seed`` and ``step`` are checked as the user gave them
+# (``args.noise``: an int or a 0-d tensor).
+def update(a) -> None:
+    state(a.state, a.errors)
+    ids_losses(a.ids, a.losses, a.state.device)
+    hyper(a.beta1, a.beta2, a.lam, a.w_min)
 
 
 def step_tensor(step, advance_step) -> None:
@@ -201,57 +204,45 @@ def step_tensor(step, advance_step) -> None:
         writable(step, "step")
 
 
-def step_from_losses(
-    losses, ids, st, errors, b, beta1, beta2, select_mode, seed, step, advance_step, lam, eps, w_min, mask=None
-) -> None:
-    state(st, errors)
-    ids_losses(ids, losses, st.device, token_losses=True, mask=mask)
-    hyper(beta1, beta2, lam, w_min)
-    selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
-    step_tensor(step, advance_step)
+def step_settings(a, batch: int, device) -> None:
+    """The update and selection settings of a fused step over ``batch`` positions."""
+    seed, step = a.noise
+    hyper(a.beta1, a.beta2, a.lam, a.w_min)
+    selection(a.b, batch, a.select_mode, seed, step, a.eps, device)
+    step_tensor(step, a.advance_step)
 
 
-def step_from_logits(
-    logits,
-    targets,
-    ids,
-    st,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode,
-    seed,
-    step,
-    advance_step,
-    ignore_index,
-    label_smoothing,
-    lam,
-    eps,
-    w_min,
-) -> None:
-    state(st, errors)
-    logits_targets(logits, targets, ignore_index, label_smoothing, device=st.device)
-    tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=st.device)
-    if ids.shape[0] != logits.shape[0]:
-        raise ValueError(f"ids must have the batch size of logits ({logits.shape[0]}), got {ids.shape[0]}")
-    hyper(beta1, beta2, lam, w_min)
-    selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
-    step_tensor(step, advance_step)
+def step_from_losses(a) -> None:
+    state(a.state, a.errors)
+    ids_losses(a.ids, a.losses, a.state.device, token_losses=True, mask=a.mask)
+    step_settings(a, a.ids.shape[0], a.state.device)
 
 
-def select(weights, b, select_mode, seed, step, eps) -> None:
-    tensor(weights, "weights", dim=1)
-    if not weights.dtype.is_floating_point:
-        raise ValueError(f"weights must be floating point, got {weights.dtype}")
-    selection(b, weights.shape[0], select_mode, seed, step, eps, weights.device)
+def batch_ids(ids, batch: int, of: str, device) -> None:
+    tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=device)
+    if ids.shape[0] != batch:
+        raise ValueError(f"ids must have the batch size of {of} ({batch}), got {ids.shape[0]}")
 
 
-def prune(st, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale) -> None:
-    state(st)
-    real(prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True)
-    integer(seed, "seed", 0)
-    integer(num_epochs, "num_epochs", 1)
-    integer(epoch, "epoch", 0)
-    real(anneal_frac, "anneal_frac", 0.0, 1.0)
-    flag(rescale, "rescale")
+def step_from_logits(a) -> None:
+    state(a.state, a.errors)
+    logits_targets(a.logits, a.targets, a.ignore_index, a.label_smoothing, device=a.state.device)
+    batch_ids(a.ids, a.logits.shape[0], "logits", a.state.device)
+    step_settings(a, a.ids.shape[0], a.state.device)
+
+
+def select(a) -> None:
+    tensor(a.weights, "weights", dim=1)
+    if not a.weights.dtype.is_floating_point:
+        raise ValueError(f"weights must be floating point, got {a.weights.dtype}")
+    selection(a.b, a.weights.shape[0], a.select_mode, *a.noise, a.eps, a.weights.device)
+
+
+def prune(a) -> None:
+    state(a.state)
+    real(a.prune_ratio, "prune_ratio", 0.0, 1.0, hi_open=True)
+    integer(a.seed, "seed", 0)
+    integer(a.num_epochs, "num_epochs", 1)
+    integer(a.epoch, "epoch", 0)
+    real(a.anneal_frac, "anneal_frac", 0.0, 1.0)
+    flag(a.rescale, "rescale")

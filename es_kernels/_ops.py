@@ -21,12 +21,15 @@ Kernels, by device:
 
 from __future__ import annotations
 
+import collections
+import functools
+import inspect
 import os
 import warnings
 
 import torch
 
-from . import _checks, reference
+from . import _checks
 
 NAMESPACE = "es_kernels"
 
@@ -58,8 +61,84 @@ for _name, _schema in SCHEMAS.items():
 ops = getattr(torch.ops, NAMESPACE)
 
 
-def _noise_arg(value, tensor):
-    return value if tensor is None else tensor
+# ------------------------------------------------------------------ binding
+_CASTS = {"float": float, "int": int}
+
+
+class OpArgs(tuple):
+    """The arguments of one op call, named as in its schema (the base of the
+    classes in :data:`ARGS`). ``tuple(args)`` is the positional call."""
+
+    __slots__ = ()
+
+    @property
+    def noise(self) -> tuple:
+        """``(seed, step)`` as the user gave them: the schema's tensor, where
+        given, else its int (``seed_tensor`` / ``step_tensor`` win)."""
+        seed_t, step_t = getattr(self, "seed_tensor", None), getattr(self, "step_tensor", None)
+        return (self.seed if seed_t is None else seed_t, self.step if step_t is None else step_t)
+
+    def split_noise(self) -> OpArgs:
+        """A ``seed`` / ``step`` given as a tensor moved to ``seed_tensor`` /
+        ``step_tensor`` (how the schema takes them); a checked call's form."""
+        seed_i, step_i, seed_t, step_t = _checks.split_noise(*self.noise)
+        return self._replace(seed=seed_i, step=step_i, seed_tensor=seed_t, step_tensor=step_t)
+
+    def for_op(self) -> OpArgs:
+        """``float`` and ``int`` arguments as Python floats and ints (a numpy
+        scalar passes the checks but not the dispatcher)."""
+        return self._replace(**{k: _CASTS[t](getattr(self, k)) for k, t in self._types.items() if t in _CASTS})
+
+
+def _args_class(name: str) -> type:
+    schema = getattr(ops, name).default._schema
+    fields = [a.name for a in schema.arguments]
+    defaults = [a.default_value for a in schema.arguments if a.has_default_value()]
+    if any(not a.has_default_value() for a in schema.arguments[len(fields) - len(defaults) :]):
+        raise TypeError(f"{name}: arguments with defaults must come last")
+    base = collections.namedtuple(f"{name}_args", fields, defaults=defaults)
+    params = [
+        inspect.Parameter(
+            a.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=a.default_value if a.has_default_value() else inspect.Parameter.empty,
+        )
+        for a in schema.arguments
+    ]
+    namespace = {
+        "__slots__": (),
+        "_types": {a.name: str(a.type) for a in schema.arguments},
+        "signature": inspect.Signature(params),
+    }
+    return type(f"{name}_args", (base, OpArgs), namespace)
+
+
+ARGS = {name: _args_class(name) for name in OP_NAMES}
+
+
+def bind(name: str, *args, **kwargs) -> OpArgs:
+    """Map a call of op ``name`` (positional and keyword arguments, schema
+    defaults filled in) to its named arguments; ``TypeError`` as a Python
+    call would raise it."""
+    return ARGS[name](*args, **kwargs)
+
+
+def binds(name: str):
+    """Decorate ``fn(args: OpArgs)`` into a function with op ``name``'s
+    signature (``inspect.signature`` shows the schema's): the fakes, the
+    Triton launchers and the reference take their arguments this way."""
+
+    def deco(fn):
+        cls = ARGS[name]
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return fn(cls(*args, **kwargs))
+
+        call.__signature__ = cls.signature
+        return call
+
+    return deco
 
 
 # ------------------------------------------------------------------ fakes
@@ -71,125 +150,60 @@ FAKES = {}
 
 
 def _fake(name):
-    """register_fake, and keep the function: the reference fallback runs the
-    same argument checks before it writes anything."""
+    """register_fake of ``fn(args)`` bound to the schema, and keep it: the
+    reference fallback runs the same argument checks before it writes anything."""
 
     def deco(fn):
-        FAKES[name] = fn
+        FAKES[name] = fn = binds(name)(fn)
         return torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)
 
     return deco
 
 
 @_fake("per_sample_cross_entropy")
-def _(logits, targets, ignore_index=-100, label_smoothing=0.0):
-    _checks.logits_targets(logits, targets, ignore_index, label_smoothing)
-    return _empty(logits.shape[0], logits, torch.float32)
+def _(a):
+    _checks.logits_targets(a.logits, a.targets, a.ignore_index, a.label_smoothing)
+    return _empty(a.logits.shape[0], a.logits, torch.float32)
 
 
 @_fake("es_update")
-def _(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
-    _checks.update(ids, losses, state, errors, beta1, beta2, lam, w_min)
-    return _empty(ids.shape[0], state, torch.float32)
+def _(a):
+    _checks.update(a)
+    return _empty(a.ids.shape[0], a.state, torch.float32)
 
 
 @_fake("weighted_select")
-def _(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None, eps=0.0):
-    _checks.select(weights, b, select_mode, _noise_arg(seed, seed_tensor), _noise_arg(step, step_tensor), eps)
-    return _empty(b, weights, torch.int64)
+def _(a):
+    _checks.select(a)
+    return _empty(a.b, a.weights, torch.int64)
+
+
+def _step_outputs(a):
+    n = a.ids.shape[0]
+    return _empty(a.b, a.state, torch.int64), _empty(n, a.state, torch.float32), _empty(n, a.state, torch.float32)
 
 
 @_fake("es_step_from_losses")
-def _(
-    losses,
-    ids,
-    state,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode="sample",
-    seed=0,
-    step=0,
-    seed_tensor=None,
-    step_tensor=None,
-    advance_step=False,
-    lam=1.0,
-    eps=0.0,
-    w_min=1e-8,
-    mask=None,
-):
-    _checks.step_from_losses(
-        losses,
-        ids,
-        state,
-        errors,
-        b,
-        beta1,
-        beta2,
-        select_mode,
-        _noise_arg(seed, seed_tensor),
-        _noise_arg(step, step_tensor),
-        advance_step,
-        lam,
-        eps,
-        w_min,
-        mask,
-    )
-    n = ids.shape[0]
-    return _empty(b, state, torch.int64), _empty(n, state, torch.float32), _empty(n, state, torch.float32)
+def _(a):
+    _checks.step_from_losses(a)
+    return _step_outputs(a)
 
 
 @_fake("es_step")
-def _(
-    logits,
-    targets,
-    ids,
-    state,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode="sample",
-    seed=0,
-    step=0,
-    seed_tensor=None,
-    step_tensor=None,
-    advance_step=False,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    lam=1.0,
-    eps=0.0,
-    w_min=1e-8,
-):
-    _checks.step_from_logits(
-        logits,
-        targets,
-        ids,
-        state,
-        errors,
-        b,
-        beta1,
-        beta2,
-        select_mode,
-        _noise_arg(seed, seed_tensor),
-        _noise_arg(step, step_tensor),
-        advance_step,
-        ignore_index,
-        label_smoothing,
-        lam,
-        eps,
-        w_min,
-    )
-    n = ids.shape[0]
-    return _empty(b, state, torch.int64), _empty(n, state, torch.float32), _empty(n, state, torch.float32)
+def _(a):
+    _checks.step_from_logits(a)
+    return _step_outputs(a)
 
 
 @_fake("eswp_prune")
-def _(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
-    _checks.prune(state, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
-    n = state.shape[0]
-    return (_empty(n, state, torch.int64), state.new_empty((), dtype=torch.int64), _empty(n, state, torch.float32))
+def _(a):
+    _checks.prune(a)
+    n = a.state.shape[0]
+    return (
+        _empty(n, a.state, torch.int64),
+        a.state.new_empty((), dtype=torch.int64),
+        _empty(n, a.state, torch.float32),
+    )
 
 
 # ------------------------------------------------------------------ kernels
@@ -198,9 +212,11 @@ _WHY = {"cpu": "C++ library not built", "cuda": "CUDA needs Triton"}
 
 
 def _fallback(name: str):
-    fn, check = getattr(reference, name), FAKES[name]
+    check = FAKES[name]
 
     def kernel(*args, **kwargs):
+        from . import reference  # here: the reference binds its ops' arguments with this module
+
         check(*args, **kwargs)
         dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         if dev not in _warned:
@@ -212,7 +228,7 @@ def _fallback(name: str):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return fn(*args, **kwargs)
+        return getattr(reference, name)(*args, **kwargs)
 
     return kernel
 

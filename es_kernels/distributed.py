@@ -29,6 +29,7 @@ Both are subclasses, so ``es_kernels/sampler.py`` is unchanged (its
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -37,12 +38,6 @@ import torch.distributed as dist
 from . import _checks
 from ._ops import ops
 from ._spec import (
-    DEFAULT_ANNEAL_FRAC,
-    DEFAULT_BETA1,
-    DEFAULT_BETA2,
-    DEFAULT_EPS,
-    DEFAULT_LAM,
-    DEFAULT_W_MIN,
     INT64_MIN,
     SELECT_MEAN_BITS,
 )
@@ -154,6 +149,15 @@ def replica_digest(state, step: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, state.errors[0], state.errors[1], step.reshape(())])
 
 
+def _extended_signature(base_init, init) -> inspect.Signature:
+    """The signature shown for a subclass's ``__init__(self, *args, <keyword-only
+    extras>, **kwargs)`` that passes ``args`` and ``kwargs`` to ``base_init``:
+    the base's parameters, then the extras."""
+    base = inspect.signature(base_init)
+    extras = [p for p in inspect.signature(init).parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    return base.replace(parameters=[*base.parameters.values(), *extras])
+
+
 # --------------------------------------------------------------------------- ES
 class DistributedEvolvedSampler(EvolvedSampler):
     """:class:`EvolvedSampler` on a process group: a full state replica per rank.
@@ -163,9 +167,12 @@ class DistributedEvolvedSampler(EvolvedSampler):
     meta-batch (``ids`` and ``logits``/``targets`` or ``losses``) and returns
     THIS rank's selection; every rank's state sees every rank's observations.
 
-    Extra parameters
-    ----------------
-    process_group : the group (``None``: the default, initialised group). Its
+    Parameters
+    ----------
+    num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam, eps
+        As in :class:`EvolvedSampler`.
+    process_group : ProcessGroup or None
+        The group (``None``: the default, initialised group). Its
         collectives run on the state's device: gloo for a CPU state, NCCL for CUDA.
     meta_batch : int >= 1 or None
         ``cap``, the most positions one rank passes to ``select``; every call is
@@ -179,31 +186,18 @@ class DistributedEvolvedSampler(EvolvedSampler):
     (``ES_KERNELS_CHECKED=1``) compares the replicas after every step.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        mini_batch: int,
-        beta1: float = DEFAULT_BETA1,
-        beta2: float = DEFAULT_BETA2,
-        select_mode: str = "sample",
-        seed: int = 0,
-        device=None,
-        w_min: float = DEFAULT_W_MIN,
-        *,
-        lam: float = DEFAULT_LAM,
-        eps: float = DEFAULT_EPS,
-        process_group=None,
-        meta_batch: int | None = None,
-    ):
+    def __init__(self, *args, process_group=None, meta_batch: int | None = None, **kwargs):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "DistributedEvolvedSampler needs torch.distributed initialised (init_process_group) on every rank"
             )
-        super().__init__(num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam=lam, eps=eps)
+        super().__init__(*args, **kwargs)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self.meta_batch = None if meta_batch is None else _checks.integer(meta_batch, "meta_batch", 1)
+
+    __init__.__signature__ = _extended_signature(EvolvedSampler.__init__, __init__)
 
     # ---- the exchange
     def _capacity(self, n: int) -> int:
@@ -353,19 +347,10 @@ class DistributedESWPSampler(ESWPSampler):
     """
 
     def __init__(
-        self,
-        es: EvolvedSampler,
-        num_epochs: int,
-        prune_ratio: float = 0.5,
-        anneal_frac: float = DEFAULT_ANNEAL_FRAC,
-        rescale: bool = True,
-        seed: int | None = None,
-        *,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        drop_last: bool = False,
+        self, *args, num_replicas: int | None = None, rank: int | None = None, drop_last: bool = False, **kwargs
     ):
-        super().__init__(es, num_epochs, prune_ratio, anneal_frac, rescale, seed)
+        super().__init__(*args, **kwargs)
+        es = self.es
         if num_replicas is None:
             num_replicas = es.world_size if isinstance(es, DistributedEvolvedSampler) else dist.get_world_size()
         if rank is None:
@@ -373,6 +358,8 @@ class DistributedESWPSampler(ESWPSampler):
         self.num_replicas = _checks.integer(num_replicas, "num_replicas", 1)
         self.rank = _checks.integer(rank, "rank", 0, self.num_replicas - 1)
         self.drop_last = _checks.flag(drop_last, "drop_last")
+
+    __init__.__signature__ = _extended_signature(ESWPSampler.__init__, __init__)
 
     def __iter__(self):
         # a generator, like the base's: nothing runs before the first id is asked for

@@ -9,13 +9,14 @@ step then also refuses duplicate ids and calls ``state.check()`` afterwards
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import NamedTuple
 
 import torch
 
 from . import _checks
-from ._ops import ops
+from ._ops import ARGS, OpArgs, bind, ops
 from ._spec import (
     DEFAULT_ANNEAL_FRAC,
     DEFAULT_BETA1,
@@ -68,12 +69,27 @@ def _state(state) -> ESState:
     return state
 
 
-def _run_checked(state: ESState, ids: torch.Tensor, call):
+def _op_args(name: str, values: dict) -> OpArgs:
+    """The arguments of op ``name`` from a public function's ``locals()``:
+    an :class:`ESState` becomes the schema's ``state`` (and ``errors``)
+    tensors, names the schema lacks (``shift_labels``) stay out. ``seed`` and
+    ``step`` stay as given (an int or a tensor) for the checks."""
+    fields = ARGS[name]._fields
+    v = {k: x for k, x in values.items() if k in fields}
+    if "state" in v:
+        st = _state(v["state"])
+        v["state"] = st.tensor
+        if "errors" in fields:
+            v["errors"] = st.errors
+    return bind(name, **v)
+
+
+def _run_checked(state: ESState, ids: torch.Tensor, op, args: OpArgs):
     if not checked_mode():
-        return call()
+        return op(*args)
     if ids.numel() != torch.unique(ids).numel():
         raise RuntimeError("es_kernels checked mode: ids within one call must be distinct")
-    out = call()
+    out = op(*args)
     state.check()
     return out
 
@@ -157,13 +173,9 @@ def es_update(
         float32 ``[B]`` weights (``w_min`` where an observation was skipped and counted).
         No host synchronisation (except in the checked mode).
     """
-    st = _state(state)
-    _checks.update(ids, losses, st.tensor, st.errors, beta1, beta2, lam, w_min)
-    return _run_checked(
-        st,
-        ids,
-        lambda: ops.es_update(ids, losses, st.tensor, st.errors, float(beta1), float(beta2), float(lam), float(w_min)),
-    )
+    a = _op_args("es_update", locals())
+    _checks.update(a)
+    return _run_checked(state, ids, ops.es_update, a.for_op())
 
 
 def weighted_select(
@@ -193,11 +205,75 @@ def weighted_select(
     Tensor
         int64 ``[b]``, ascending. No host synchronisation.
     """
-    _checks.select(weights, b, select_mode, seed, step, eps)
-    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
-    return ops.weighted_select(weights, b, select_mode, seed_i, step_i, seed_t, step_t, float(eps))
+    a = _op_args("weighted_select", locals())
+    _checks.select(a)
+    return ops.weighted_select(*a.split_noise().for_op())
 
 
+# ------------------------------------------------------------ the fused step
+# The settings of a fused step: keyword-only arguments of es_step,
+# es_step_from_losses and lm.es_step_from_hidden, the settings an
+# EvolvedSampler holds (with its step counter). Defined once, here.
+STEP_SETTINGS = {
+    "beta1": DEFAULT_BETA1,
+    "beta2": DEFAULT_BETA2,
+    "lam": DEFAULT_LAM,
+    "select_mode": "sample",
+    "eps": DEFAULT_EPS,
+    "seed": 0,
+    "step": 0,
+    "advance_step": False,
+    "w_min": DEFAULT_W_MIN,
+}
+
+_STEP_SETTINGS_DOC = """\
+    Other Parameters
+    ----------------
+    beta1, beta2 : float in [0, 1]
+        Smoothing of the level ``s`` and of the trend ``d`` (spec section 3).
+    lam : float >= 0
+        Trend gain of the weight ``w = max(s + lam * d, w_min)``.
+    select_mode : {"sample", "topk"}
+        As in :func:`es_kernels.weighted_select`.
+    eps : float in [0, 1]
+        Exploration mix (``"sample"`` only).
+    seed, step : int in [0, 2**63) or 0-d int64 tensor on the state's device
+        The selection noise is a function of ``(seed, step, position)``
+        alone (spec section 9): the same inputs, seed and step select the
+        same positions on every run and backend. A tensor is read on the
+        device (no synchronisation; a captured CUDA graph replays with the
+        tensor's current value).
+    advance_step : bool
+        Add one to the ``step`` tensor after reading it (needs ``step`` as a
+        tensor): a training loop's counter, advanced without a host round-trip.
+    w_min : float > 0
+        Floor of the weight.
+"""
+
+
+def takes_step_settings(fn):
+    """Give ``fn(..., **settings)`` the keyword-only parameters of
+    :data:`STEP_SETTINGS` in its signature (``inspect.signature``, ``help``)
+    and its docstring (the *Other Parameters* section, before *Raises*)."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in STEP_SETTINGS.items()]
+    fn.__signature__ = sig.replace(parameters=own + extra)
+    head, raises, tail = fn.__doc__.partition("\n    Raises\n")
+    fn.__doc__ = head.rstrip("\n ") + "\n\n" + _STEP_SETTINGS_DOC + raises + tail
+    return fn
+
+
+def step_settings(given: dict, caller: str) -> dict:
+    """:data:`STEP_SETTINGS` with the ``given`` values; ``TypeError`` for a
+    name that is not a setting (as a Python call would raise it)."""
+    for name in given:
+        if name not in STEP_SETTINGS:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+    return {**STEP_SETTINGS, **given}
+
+
+@takes_step_settings
 def es_step(
     logits,
     targets,
@@ -205,144 +281,92 @@ def es_step(
     state,
     b,
     *,
-    beta1=DEFAULT_BETA1,
-    beta2=DEFAULT_BETA2,
-    lam=DEFAULT_LAM,
-    select_mode="sample",
-    eps=DEFAULT_EPS,
-    seed=0,
-    step=0,
-    advance_step=False,
     ignore_index=DEFAULT_IGNORE_INDEX,
     label_smoothing=0.0,
-    w_min=DEFAULT_W_MIN,
     shift_labels=False,
+    **settings,
 ) -> StepResult:
-    """The fused ES step from logits: per-sample losses (section 5), the state
-    update (section 3) and the selection of ``b`` positions (section 4), in
-    one op (two launches on a GPU). Arguments as in
-    :func:`per_sample_cross_entropy`, :func:`es_update` and
-    :func:`weighted_select`; with ``advance_step=True`` the op adds one to the
-    ``step`` tensor after reading it; ``shift_labels=True`` scores a causal
-    LM's full ``[B, T, V]`` logits against its ``[B, T]`` labels shifted by
-    one (see :func:`per_sample_cross_entropy`). A row (``[B, C]``) whose
-    target is ``ignore_index``, or a sequence (``[B, T, V]``) with no target
-    to score, is skipped by the update: state untouched, nothing counted,
-    weight 0.
+    """The fused ES step from logits, in one op (spec section 6).
+
+    Per-sample losses (section 5), the update of the state of ``ids``
+    (section 3) and the selection of ``b`` positions (section 4). A row
+    (``[B, C]``) whose target is ``ignore_index``, or a sequence
+    (``[B, T, V]``) with no target to score, is skipped by the update: its
+    state is untouched, nothing is counted and its weight is 0.
+
+    Parameters
+    ----------
+    logits, targets, ignore_index, label_smoothing, shift_labels
+        As in :func:`per_sample_cross_entropy`.
+    ids : Tensor
+        int64 / int32 ``[B]`` sample ids in ``[0, N)``, on the state's device.
+    state : ESState
+        Mutated in place (``state.tensor``, ``state.errors``); every tensor
+        argument must be on its device.
+    b : int in [0, B]
+        How many positions to select.
 
     Returns
     -------
     StepResult
-        ``(positions int64 [b], losses float32 [B], weights float32 [B])``.
-        No host synchronisation (except in the checked mode).
+        ``positions`` int64 ``[b]`` ascending, ``losses`` float32 ``[B]``,
+        ``weights`` float32 ``[B]``, on the state's device.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument (wrong shape, dtype, device or value), before
+        anything is written. Ids out of range and non-finite losses are not
+        errors: they are counted in ``state.errors`` (``state.check()``).
+
+    Notes
+    -----
+    No host synchronisation (except in the checked mode,
+    ``ES_KERNELS_CHECKED=1``); CUDA-graph and ``torch.compile`` friendly.
+    One C++ call on the CPU; a fixed sequence of Triton launches on CUDA.
     """
-    st = _state(state)
-    _checks.step_from_logits(
-        logits,
-        targets,
-        ids,
-        st.tensor,
-        st.errors,
-        b,
-        beta1,
-        beta2,
-        select_mode,
-        seed,
-        step,
-        advance_step,
-        ignore_index,
-        label_smoothing,
-        lam,
-        eps,
-        w_min,
-    )
+    a = _op_args("es_step", locals() | step_settings(settings, "es_step"))
+    _checks.step_from_logits(a)
     logits, targets = _shift(logits, targets, shift_labels)
-    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
-    return StepResult(
-        *_run_checked(
-            st,
-            ids,
-            lambda: ops.es_step(
-                logits,
-                targets,
-                ids,
-                st.tensor,
-                st.errors,
-                b,
-                float(beta1),
-                float(beta2),
-                select_mode,
-                seed_i,
-                step_i,
-                seed_t,
-                step_t,
-                advance_step,
-                ignore_index,
-                float(label_smoothing),
-                float(lam),
-                float(eps),
-                float(w_min),
-            ),
-        )
-    )
+    a = a._replace(logits=logits, targets=targets).split_noise().for_op()
+    return StepResult(*_run_checked(state, ids, ops.es_step, a))
 
 
-def es_step_from_losses(
-    losses,
-    ids,
-    state,
-    b,
-    *,
-    mask=None,
-    beta1=DEFAULT_BETA1,
-    beta2=DEFAULT_BETA2,
-    lam=DEFAULT_LAM,
-    select_mode="sample",
-    eps=DEFAULT_EPS,
-    seed=0,
-    step=0,
-    advance_step=False,
-    w_min=DEFAULT_W_MIN,
-) -> StepResult:
-    """The ES step from precomputed losses (any loss); see :func:`es_step`.
+@takes_step_settings
+def es_step_from_losses(losses, ids, state, b, *, mask=None, **settings) -> StepResult:
+    """The fused ES step from precomputed losses (any loss; spec section 6).
 
-    ``losses`` is ``[B]`` (one loss per sample), or token losses ``[B, T]``
-    whose per-row means over the tokens where ``mask`` (bool ``[B, T]``;
-    None: every token) holds are taken inside the op (float64 accumulation
-    in token order). A row with no token to score is skipped: its state is
-    untouched, nothing is counted and its weight is 0. The returned
-    ``losses`` are the per-row values ``[B]``.
+    Parameters
+    ----------
+    losses : Tensor
+        floating ``[B]`` (one loss per sample), or token losses ``[B, T]``
+        whose per-row means over the tokens where ``mask`` holds are taken
+        inside the op (float64 accumulation in token order). A row with no
+        token to score is skipped: its state is untouched, nothing is
+        counted and its weight is 0.
+    ids, state, b
+        As in :func:`es_step`.
+    mask : Tensor or None
+        bool ``[B, T]`` with token losses: the tokens that count (None: all).
+
+    Returns
+    -------
+    StepResult
+        As in :func:`es_step`; ``losses`` are the per-row values ``[B]``.
+
+    Raises
+    ------
+    ValueError
+        As in :func:`es_step`.
+
+    Notes
+    -----
+    No host synchronisation (except in the checked mode).
     """
-    st = _state(state)
-    _checks.step_from_losses(
-        losses, ids, st.tensor, st.errors, b, beta1, beta2, select_mode, seed, step, advance_step, lam, eps, w_min, mask
-    )
-    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
-    return StepResult(
-        *_run_checked(
-            st,
-            ids,
-            lambda: ops.es_step_from_losses(
-                losses,
-                ids,
-                st.tensor,
-                st.errors,
-                b,
-                float(beta1),
-                float(beta2),
-                select_mode,
-                seed_i,
-                step_i,
-                seed_t,
-                step_t,
-                advance_step,
-                float(lam),
-                float(eps),
-                float(w_min),
-                mask,
-            ),
-        )
-    )
+    a = _op_args("es_step_from_losses", locals() | step_settings(settings, "es_step_from_losses"))
+    _checks.step_from_losses(a)
+    a = a.split_noise().for_op()
+    return StepResult(*_run_checked(state, ids, ops.es_step_from_losses, a))
 
 
 def eswp_prune(
@@ -378,8 +402,6 @@ def eswp_prune(
         ``scale`` float32 ``[N]``. No host synchronisation; ``.kept_ids`` reads
         ``num_kept`` (one).
     """
-    st = _state(state)
-    _checks.prune(st.tensor, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
-    return PruneResult(
-        *ops.eswp_prune(st.tensor, float(prune_ratio), seed, epoch, num_epochs, float(anneal_frac), rescale)
-    )
+    a = _op_args("eswp_prune", locals())
+    _checks.prune(a)
+    return PruneResult(*ops.eswp_prune(*a.for_op()))

@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from ._spec import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM, DEFAULT_W_MIN
-from .functional import StepResult, _state, es_step_from_losses
+from ._ops import bind
+from ._spec import DEFAULT_IGNORE_INDEX
+from .functional import StepResult, _state, es_step_from_losses, step_settings, takes_step_settings
 
 __all__ = ["DEFAULT_WORKSPACE_BYTES", "per_sample_losses_from_hidden", "es_step_from_hidden"]
 
@@ -193,6 +194,7 @@ def per_sample_losses_from_hidden(
         return _losses(hidden, weight, targets, bias, ignore_index, float(label_smoothing), workspace_bytes)
 
 
+@takes_step_settings
 def es_step_from_hidden(
     hidden,
     weight,
@@ -202,36 +204,47 @@ def es_step_from_hidden(
     b,
     *,
     bias=None,
-    beta1=DEFAULT_BETA1,
-    beta2=DEFAULT_BETA2,
-    lam=DEFAULT_LAM,
-    select_mode="sample",
-    eps=DEFAULT_EPS,
-    seed=0,
-    step=0,
-    advance_step=False,
     ignore_index=DEFAULT_IGNORE_INDEX,
     label_smoothing=0.0,
     shift_labels=False,
     workspace_bytes=DEFAULT_WORKSPACE_BYTES,
-    w_min=DEFAULT_W_MIN,
+    **settings,
 ) -> StepResult:
     """The ES step from hidden states: :func:`per_sample_losses_from_hidden`
-    then :func:`es_kernels.es_step_from_losses` (arguments as there and in
-    :func:`es_kernels.es_step`). Every argument is validated before the
-    losses are computed or anything is written. No host synchronisation
-    (except in the checked mode)."""
+    then :func:`es_kernels.es_step_from_losses`.
+
+    Parameters
+    ----------
+    hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
+        As in :func:`per_sample_losses_from_hidden`.
+    ids, state, b
+        As in :func:`es_kernels.es_step`; ``hidden`` must be on the state's device.
+
+    Returns
+    -------
+    StepResult
+        As in :func:`es_kernels.es_step`.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument; every argument is validated before the losses
+        are computed or anything is written.
+
+    Notes
+    -----
+    No host synchronisation (except in the checked mode).
+    """
+    settings = step_settings(settings, "es_step_from_hidden")
     st = _state(state)
     _checks.state(st.tensor, st.errors)
     _check_hidden(
         hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes, device=st.device
     )
-    _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=st.device)
-    if ids.shape[0] != hidden.shape[0]:
-        raise ValueError(f"ids must have the batch size of hidden ({hidden.shape[0]}), got {ids.shape[0]}")
-    _checks.hyper(beta1, beta2, lam, w_min)
-    _checks.selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
-    _checks.step_tensor(step, advance_step)
+    _checks.batch_ids(ids, hidden.shape[0], "hidden", st.device)
+    _checks.step_settings(
+        bind("es_step_from_losses", None, ids, st.tensor, st.errors, b, **settings), ids.shape[0], st.device
+    )
     losses = per_sample_losses_from_hidden(
         hidden,
         weight,
@@ -242,18 +255,4 @@ def es_step_from_hidden(
         shift_labels=shift_labels,
         workspace_bytes=workspace_bytes,
     )
-    return es_step_from_losses(
-        losses,
-        ids,
-        st,
-        b,
-        beta1=beta1,
-        beta2=beta2,
-        lam=lam,
-        select_mode=select_mode,
-        eps=eps,
-        seed=seed,
-        step=step,
-        advance_step=advance_step,
-        w_min=w_min,
-    )
+    return es_step_from_losses(losses, ids, st, b, **settings)

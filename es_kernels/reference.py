@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from . import _spec
+from . import _ops, _spec
 
 __all__ = [
     "philox4x32",
@@ -248,121 +248,38 @@ def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tenso
 # --------------------------------------------------------------------------
 # Section 6: the fused step
 # --------------------------------------------------------------------------
-def _step(
-    losses,
-    scored,
-    ids,
-    state,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode,
-    seed,
-    step,
-    seed_tensor,
-    step_tensor,
-    advance_step,
-    lam,
-    eps,
-    w_min,
-):
-    weights = _update(ids, losses, state, errors, beta1, beta2, lam, w_min, scored)
-    positions = weighted_select(weights, b, select_mode, seed, step, seed_tensor, step_tensor, eps)
-    if advance_step and step_tensor is not None:
-        step_tensor.add_(1)
+def _step(losses, scored, a):
+    """Update with ``losses`` at the ``scored`` positions, then select: the
+    rest of a fused step, from its op arguments ``a``."""
+    weights = _update(a.ids, losses, a.state, a.errors, a.beta1, a.beta2, a.lam, a.w_min, scored)
+    positions = weighted_select(weights, a.b, a.select_mode, a.seed, a.step, a.seed_tensor, a.step_tensor, a.eps)
+    if a.advance_step and a.step_tensor is not None:
+        a.step_tensor.add_(1)
     return positions, losses.to(torch.float32, copy=True), weights
 
 
-def es_step_from_losses(
-    losses,
-    ids,
-    state,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode="sample",
-    seed=0,
-    step=0,
-    seed_tensor=None,
-    step_tensor=None,
-    advance_step=False,
-    lam=1.0,
-    eps=0.0,
-    w_min=1e-8,
-    mask=None,
-):
+# The fused steps take their schemas' arguments (``inspect.signature`` shows
+# them; es_kernels/_ops.py defines them once).
+@_ops.binds("es_step_from_losses")
+def es_step_from_losses(a):
     """``losses`` ``[B]``, or token losses ``[B, T]`` (with an optional bool
     ``mask``) whose per-row means are taken inside the op; a row with no
     token to score is skipped (state untouched, not counted, weight 0)."""
-    scored = None
+    losses, scored = a.losses, None
     if losses.dim() == 2:
-        losses, scored = sequence_means(losses, mask)
-    return _step(
-        losses,
-        scored,
-        ids,
-        state,
-        errors,
-        b,
-        beta1,
-        beta2,
-        select_mode,
-        seed,
-        step,
-        seed_tensor,
-        step_tensor,
-        advance_step,
-        lam,
-        eps,
-        w_min,
-    )
+        losses, scored = sequence_means(losses, a.mask)
+    return _step(losses, scored, a)
 
 
-def es_step(
-    logits,
-    targets,
-    ids,
-    state,
-    errors,
-    b,
-    beta1,
-    beta2,
-    select_mode="sample",
-    seed=0,
-    step=0,
-    seed_tensor=None,
-    step_tensor=None,
-    advance_step=False,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    lam=1.0,
-    eps=0.0,
-    w_min=1e-8,
-):
-    losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
-    scored = targets != ignore_index  # a row or sequence with no target to score is skipped
-    scored = scored.any(dim=1) if logits.dim() == 3 else scored
-    return _step(
-        losses,
-        scored,
-        ids,
-        state,
-        errors,
-        b,
-        beta1,
-        beta2,
-        select_mode,
-        seed,
-        step,
-        seed_tensor,
-        step_tensor,
-        advance_step,
-        lam,
-        eps,
-        w_min,
-    )
+@_ops.binds("es_step")
+def es_step(a):
+    """Per-sample cross-entropy of ``logits`` (section 5), then the step of
+    :func:`es_step_from_losses`; a row or sequence with no target to score
+    is skipped."""
+    losses = per_sample_cross_entropy(a.logits, a.targets, a.ignore_index, a.label_smoothing)
+    scored = a.targets != a.ignore_index
+    scored = scored.any(dim=1) if a.logits.dim() == 3 else scored
+    return _step(losses, scored, a)
 
 
 # --------------------------------------------------------------------------

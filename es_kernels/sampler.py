@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from . import _checks, _spec
 from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
-from .functional import es_step, es_step_from_losses, eswp_prune
+from .functional import STEP_SETTINGS, es_step, es_step_from_losses, eswp_prune
 from .lm import DEFAULT_WORKSPACE_BYTES, es_step_from_hidden
 from .state import ESState
 
@@ -77,18 +77,7 @@ class EvolvedSampler:
         lam: float = DEFAULT_LAM,
         eps: float = DEFAULT_EPS,
     ):
-        cfg = self._validate(
-            dict(
-                mini_batch=mini_batch,
-                beta1=beta1,
-                beta2=beta2,
-                lam=lam,
-                select_mode=select_mode,
-                eps=eps,
-                seed=seed,
-                w_min=w_min,
-            )
-        )
+        cfg = self._validate({k: v for k, v in locals().items() if k in self.SETTINGS})
         self.state = ESState(num_samples, device=device)
         self._configure(cfg)
         self._step = torch.zeros((), dtype=torch.int64, device=self.state.device)
@@ -211,17 +200,9 @@ class EvolvedSampler:
             raise ValueError("ids is a meta tensor: it holds no values")
         ids = ids.to(self.device, non_blocking=True)
         b = min(self.mini_batch, ids.shape[0])  # the last meta-batch of an epoch may be short
-        kw = dict(
-            beta1=self.beta1,
-            beta2=self.beta2,
-            lam=self.lam,
-            select_mode=self.select_mode,
-            eps=self.eps,
-            seed=self.seed,
-            step=self._step,
-            advance_step=True,
-            w_min=self.w_min,
-        )
+        # the step settings, this sampler's values and its device step counter
+        kw = {k: getattr(self, k) for k in self.SETTINGS if k in STEP_SETTINGS}
+        kw.update(step=self._step, advance_step=True)
         if losses is not None:
             res = es_step_from_losses(losses, ids, self.state, b, **kw)
         elif hidden is not None:

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .. import _checks, _spec
-from .._ops import NAMESPACE
+from .._ops import NAMESPACE, binds
 from ._launch import launch
 from .cross_entropy import ce_token_kernel
 from .es_step import (
@@ -109,36 +109,24 @@ def _token_losses(logits, targets, ignore_index, label_smoothing):
     return out
 
 
-def _update_select(
-    src,
-    *,
-    targets=None,
-    token_mask=None,
-    tokens=False,
-    T=1,
-    ignore_index=0,
-    ids=None,
-    state=None,
-    errors=None,
-    beta1=0.0,
-    beta2=0.0,
-    lam=1.0,
-    w_min=1.0,
-    b=0,
-    select_mode="topk",
-    seed=0,
-    step=0,
-    seed_tensor=None,
-    step_tensor=None,
-    advance_step=False,
-    eps=0.0,
-    store_losses=False,
-    do_select=False,
-):
-    """The launches of es_step.py over the B positions of ``src`` (B * T
-    token losses when ``targets`` are given or ``tokens`` is set, with an
-    optional bool ``token_mask``; else B losses or weights). With ``state``
-    it updates; with ``do_select`` it selects ``b``."""
+def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=False):
+    """The launches of es_step.py over the B positions of ``src``, for the
+    op arguments ``a`` (an ``OpArgs``; its tensors contiguous): B * T token
+    losses when ``a`` has ``targets`` or ``tokens`` is set (with an optional
+    bool ``token_mask``), else B losses or weights. It updates where the op
+    has a ``state`` and selects ``a.b`` where it has ``b``; an argument the
+    op lacks reads as off (no targets, no update, no selection)."""
+
+    def arg(name, absent=None):
+        return getattr(a, name, absent)
+
+    targets, ids, state, errors, seed_tensor, step_tensor = map(
+        arg, ("targets", "ids", "state", "errors", "seed_tensor", "step_tensor")
+    )
+    beta1, beta2, lam, w_min = (float(arg(k, 1.0)) for k in ("beta1", "beta2", "lam", "w_min"))
+    b, select_mode, eps = arg("b", 0), arg("select_mode", "topk"), arg("eps", 0.0)
+    seed, step, advance_step = arg("seed", 0), arg("step", 0), arg("advance_step", False)
+    ignore_index, do_select = arg("ignore_index", 0), "b" in a._fields
     dev = src.device
     B = ids.shape[0] if ids is not None else (targets.shape[0] if targets is not None else src.shape[0])
     if B > 0 and T == 0:  # rows without tokens: nothing to score, nothing to read
@@ -178,12 +166,12 @@ def _update_select(
             state if do_update else src,
             errors if do_update else any_ptr,
             state.shape[0] if do_update else 0,
-            float(beta1),
-            float(1.0 - beta1),
-            float(beta2),
-            float(1.0 - beta2),
-            float(lam),
-            float(w_min),
+            beta1,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            lam,
+            w_min,
             losses,
             weights,
             keys,
@@ -250,111 +238,70 @@ def _update_select(
 
 
 # ---------------------------------------------------------------- the ops
-def per_sample_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0):
-    _checks.logits_targets(logits, targets, ignore_index, label_smoothing)
-    tok = _token_losses(logits, targets, ignore_index, label_smoothing)
-    if logits.dim() == 2:
+# Each launcher takes its op's schema arguments, bound by _ops.binds.
+@binds("per_sample_cross_entropy")
+def per_sample_cross_entropy(a):
+    _checks.logits_targets(a.logits, a.targets, a.ignore_index, a.label_smoothing)
+    tok = _token_losses(a.logits, a.targets, a.ignore_index, a.label_smoothing)
+    if a.logits.dim() == 2:
         return tok
-    t = targets.contiguous()
-    _, losses, _ = _update_select(tok, targets=t, T=t.shape[1], ignore_index=ignore_index, store_losses=True)
+    t = a.targets.contiguous()
+    _, losses, _ = _update_select(tok, a._replace(targets=t), T=t.shape[1], store_losses=True)
     return losses
 
 
-def es_update(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
-    _checks.update(ids, losses, state, errors, beta1, beta2, lam, w_min)
-    _float32_state(state)
-    with _Contiguous(state, errors) as (st, er):
-        _, _, w = _update_select(
-            losses.to(torch.float32).contiguous(),
-            ids=ids.contiguous(),
-            state=st,
-            errors=er,
-            beta1=beta1,
-            beta2=beta2,
-            lam=lam,
-            w_min=w_min,
-        )
+@binds("es_update")
+def es_update(a):
+    _checks.update(a)
+    _float32_state(a.state)
+    with _Contiguous(a.state, a.errors) as (st, er):
+        _, _, w = _update_select(a.losses.to(torch.float32).contiguous(), _in_place(a, st, er))
     return w
 
 
-def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None, eps=0.0):
-    _checks.select(
-        weights,
-        b,
-        select_mode,
-        seed if seed_tensor is None else seed_tensor,
-        step if step_tensor is None else step_tensor,
-        eps,
-    )
-    w = weights.to(torch.float32).contiguous()
-    pos, _, _ = _update_select(
-        w,
-        b=b,
-        select_mode=select_mode,
-        seed=seed,
-        step=step,
-        seed_tensor=seed_tensor,
-        step_tensor=step_tensor,
-        eps=eps,
-        do_select=True,
-    )
+def _in_place(a, state, errors):
+    """``a`` with its state and errors replaced by their contiguous buffers, and ``ids`` contiguous."""
+    return a._replace(ids=a.ids.contiguous(), state=state, errors=errors)
+
+
+@binds("weighted_select")
+def weighted_select(a):
+    _checks.select(a)
+    pos, _, _ = _update_select(a.weights.to(torch.float32).contiguous(), a)
     return pos
 
 
-def _fused_step(src, state, errors, ids, step_args: dict, **src_kw):
+def _fused_step(src, a, **src_kw):
     """The update + selection launches of es_step_from_losses and of es_step's
     second launch: ``src`` and ``src_kw`` say what the per-position losses
-    come from, ``step_args`` are the schema's update and selection arguments."""
-    _float32_state(state)
-    with _Contiguous(state, errors) as (st, er):
-        return _update_select(
-            src, ids=ids.contiguous(), state=st, errors=er, store_losses=True, do_select=True, **src_kw, **step_args
-        )
+    come from, ``a`` holds the schema's arguments."""
+    _float32_state(a.state)
+    with _Contiguous(a.state, a.errors) as (st, er):
+        return _update_select(src, _in_place(a, st, er), store_losses=True, **src_kw)
 
 
-def _step_args(b, beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min):
-    return dict(
-        b=b, beta1=beta1, beta2=beta2, select_mode=select_mode, seed=seed, step=step, seed_tensor=seed_tensor,
-        step_tensor=step_tensor, advance_step=advance_step, lam=lam, eps=eps, w_min=w_min,
-    )  # fmt: skip
+@binds("es_step_from_losses")
+def es_step_from_losses(a):
+    _checks.step_from_losses(a)
+    tokens = a.losses.dim() == 2
+    src = a.losses.to(torch.float64 if tokens else torch.float32).contiguous()
+    mask = a.mask.contiguous() if a.mask is not None else None
+    return _fused_step(src, a, tokens=tokens, T=a.losses.shape[1] if tokens else 1, token_mask=mask)
 
 
-def es_step_from_losses(
-    losses, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0, seed_tensor=None,
-    step_tensor=None, advance_step=False, lam=1.0, eps=0.0, w_min=1e-8, mask=None,
-):  # fmt: skip
-    noise = (seed if seed_tensor is None else seed_tensor, step if step_tensor is None else step_tensor)
-    _checks.step_from_losses(
-        losses, ids, state, errors, b, beta1, beta2, select_mode, *noise, advance_step, lam, eps, w_min, mask
-    )
-    tokens = losses.dim() == 2
-    src = losses.to(torch.float64 if tokens else torch.float32).contiguous()
-    args = _step_args(b, beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min)
-    return _fused_step(
-        src, state, errors, ids, args, tokens=tokens, T=losses.shape[1] if tokens else 1,
-        token_mask=mask.contiguous() if mask is not None else None,
-    )  # fmt: skip
+@binds("es_step")
+def es_step(a):
+    _checks.step_from_logits(a)
+    _float32_state(a.state)
+    tok = _token_losses(a.logits, a.targets, a.ignore_index, a.label_smoothing)  # launch 1
+    t = a.targets.contiguous()
+    return _fused_step(tok, a._replace(targets=t), T=t.shape[1] if t.dim() == 2 else 1)
 
 
-def es_step(
-    logits, targets, ids, state, errors, b, beta1, beta2, select_mode="sample", seed=0, step=0, seed_tensor=None,
-    step_tensor=None, advance_step=False, ignore_index=-100, label_smoothing=0.0, lam=1.0, eps=0.0, w_min=1e-8,
-):  # fmt: skip
-    noise = (seed if seed_tensor is None else seed_tensor, step if step_tensor is None else step_tensor)
-    _checks.step_from_logits(
-        logits, targets, ids, state, errors, b, beta1, beta2, select_mode, *noise, advance_step, ignore_index,
-        label_smoothing, lam, eps, w_min,
-    )  # fmt: skip
-    _float32_state(state)
-    tok = _token_losses(logits, targets, ignore_index, label_smoothing)  # launch 1
-    t = targets.contiguous()
-    args = _step_args(b, beta1, beta2, select_mode, seed, step, seed_tensor, step_tensor, advance_step, lam, eps, w_min)
-    return _fused_step(tok, state, errors, ids, args, targets=t, T=t.shape[1] if t.dim() == 2 else 1,
-                       ignore_index=ignore_index)  # fmt: skip
-
-
-def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
-    _checks.prune(state, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale)
+@binds("eswp_prune")
+def eswp_prune(a):
+    _checks.prune(a)
+    state, seed, epoch, prune_ratio = a.state, a.seed, a.epoch, a.prune_ratio
     n = state.shape[0]
     dev = state.device
     scale = torch.empty(n, dtype=torch.float32, device=dev)
@@ -376,10 +323,10 @@ def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.
         seed,
         epoch & 0xFFFFFFFF,
         _spec.drop_levels(prune_ratio),
-        _spec.kept_scale(prune_ratio, rescale),
+        _spec.kept_scale(prune_ratio, a.rescale),
         scale,
         sort_key,
-        ANNEALING=epoch >= _spec.anneal_stop(num_epochs, anneal_frac),
+        ANNEALING=epoch >= _spec.anneal_stop(a.num_epochs, a.anneal_frac),
         BLOCK=PRUNE_BLOCK,
         **_meta(dev),
     )
