@@ -253,6 +253,20 @@ class World:
         }
 
 
+# the corruptions of corrupt(), by the sampler whose saved dict they touch
+ES_CORRUPTIONS = (
+    "s inf",
+    "d nan",
+    "errors negative",
+    "step huge",
+    "beta1 nan",
+    "mini_batch 0",
+    "scale short",
+    "es missing",
+)
+PR_CORRUPTIONS = ("epoch huge", "position huge", "kept bad", "pr extra", "prune_ratio 1")
+
+
 def corrupt(blob, kind):
     """The checkpoint with other valid settings (a partial write would show)
     and one bad entry."""
@@ -513,42 +527,10 @@ class SamplerMachine(RuleBasedStateMachine):
         self.steps += 1
 
     @precondition(lambda self: self.ck is not None)
-    @rule(
-        kind=st.sampled_from(
-            [
-                "s inf",
-                "d nan",
-                "errors negative",
-                "step huge",
-                "beta1 nan",
-                "mini_batch 0",
-                "scale short",
-                "es missing",
-                "epoch huge",
-                "position huge",
-                "kept bad",
-                "pr extra",
-                "prune_ratio 1",
-            ]
-        )
-    )
+    @rule(kind=st.sampled_from(ES_CORRUPTIONS + PR_CORRUPTIONS))
     def load_corrupt(self, kind):
         ck = corrupt(self.ck[0], kind)
-        side = (
-            "es"
-            if kind
-            in (
-                "s inf",
-                "d nan",
-                "errors negative",
-                "step huge",
-                "beta1 nan",
-                "mini_batch 0",
-                "scale short",
-                "es missing",
-            )
-            else "pr"
-        )
+        side = "es" if kind in ES_CORRUPTIONS else "pr"
         before = self.w.snapshot()
         with pytest.raises(ValueError):
             (self.w.es if side == "es" else self.w.pr).load_state_dict(ck[side])

@@ -259,28 +259,24 @@ def load_fails(load, sd, names, snap, before):
     assert_same(before, snap())
 
 
-@settings(max_examples=300)
-@given(corrupt("es"))
-def test_evolved_sampler_load_is_all_or_nothing(case):
-    es, _ = PAIR
-    before = es_snapshot(es)
-    load_fails(es.load_state_dict, *case, lambda: es_snapshot(es), before)
+def _load_is_all_or_nothing(which: str, examples: int):
+    """A test: loading a corrupt dict of ``which`` (``es``, ``pr``: the samplers,
+    ``st``: the state) raises ValueError naming the entry and changes nothing."""
+
+    @settings(max_examples=examples)
+    @given(corrupt(which))
+    def test(case):
+        es, pr = PAIR
+        snap = (lambda: pr_snapshot(pr)) if which == "pr" else (lambda: es_snapshot(es))
+        load = {"es": es, "pr": pr, "st": es.state}[which].load_state_dict
+        load_fails(load, *case, snap, snap())
+
+    return test
 
 
-@settings(max_examples=300)
-@given(corrupt("pr"))
-def test_eswp_sampler_load_is_all_or_nothing(case):
-    _, pr = PAIR
-    before = pr_snapshot(pr)
-    load_fails(pr.load_state_dict, *case, lambda: pr_snapshot(pr), before)
-
-
-@settings(max_examples=150)
-@given(corrupt("st"))
-def test_state_load_is_all_or_nothing(case):
-    es, _ = PAIR
-    before = es_snapshot(es)
-    load_fails(es.state.load_state_dict, *case, lambda: es_snapshot(es), before)
+test_evolved_sampler_load_is_all_or_nothing = _load_is_all_or_nothing("es", 300)
+test_eswp_sampler_load_is_all_or_nothing = _load_is_all_or_nothing("pr", 300)
+test_state_load_is_all_or_nothing = _load_is_all_or_nothing("st", 150)
 
 
 @pytest.mark.parametrize("obj", ["es", "pr", "st"])
