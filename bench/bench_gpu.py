@@ -317,22 +317,11 @@ def run_case(c: Case, timer: Timer, bw: float, notes: list[str], device: str = "
     return r
 
 
-COLUMNS = [
-    ("op", "op"),
-    ("size", "size"),
-    ("dtype", "dtype"),
-    ("us", "Triton µs (median)"),
-    ("ref_us", "reference µs"),
-    ("x_ref", "x reference"),
-    ("baseline", "baseline"),
-    ("x_baseline", "x baseline"),
-    ("baseline2", "baseline 2"),
-    ("x_baseline2", "x baseline 2"),
-    ("GBps", "GB/s"),
-    ("x_read_once", "x read-once time"),
-    ("peak_mem_mb", "peak MB"),
-    ("noisy", "noisy"),
-]
+COLUMNS = harness.table_columns(
+    "us ref_us x_ref baseline x_baseline baseline2 x_baseline2 GBps x_read_once",
+    us="Triton µs (median)",
+    ref_us="reference µs",
+)
 
 
 def main(argv=None):

@@ -120,19 +120,9 @@ def prune_rows(sizes):
     return rows
 
 
-COLUMNS = [
-    ("op", "op"),
-    ("size", "size"),
-    ("dtype", "dtype"),
-    ("median_ms", "C++ ms (median)"),
-    ("ref_ms", "reference ms"),
-    ("x_ref", "x reference"),
-    ("baseline", "baseline"),
-    ("baseline_ms", "baseline ms"),
-    ("x_baseline", "x baseline"),
-    ("peak_mem_mb", "peak MB"),
-    ("noisy", "noisy"),
-]
+COLUMNS = harness.table_columns(
+    "median_ms ref_ms x_ref baseline baseline_ms x_baseline", median_ms="C++ ms (median)", ref_ms="reference ms"
+)
 
 
 def _pairs(text):

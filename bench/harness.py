@@ -54,20 +54,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 HISTORY = RESULTS / "history.csv"
 
+# The run's package, commit and machine columns of history.csv (from the run info).
+RUN_INFO_COLUMNS = ["version", "commit", "dirty", "cpu", "cores", "torch_threads", "torch", "cuda_device"]
 # history.csv's columns, in order. A row may lack some (a CPU row has no GB/s).
 HISTORY_COLUMNS = [
     "run_id",
     "date",
     "bench",
     "quick",
-    "version",
-    "commit",
-    "dirty",
-    "cpu",
-    "cores",
-    "torch_threads",
-    "torch",
-    "cuda_device",
+    *RUN_INFO_COLUMNS,
     "op",
     "size",
     "n",
@@ -355,6 +350,32 @@ def make_row(
     return r
 
 
+# The header of each result key in the tables; a bench names its own time
+# columns (their unit and backend) in table_columns.
+HEADERS = {
+    "op": "op",
+    "size": "size",
+    "dtype": "dtype",
+    "x_ref": "x reference",
+    "baseline": "baseline",
+    "baseline_ms": "baseline ms",
+    "x_baseline": "x baseline",
+    "baseline2": "baseline 2",
+    "x_baseline2": "x baseline 2",
+    "GBps": "GB/s",
+    "x_read_once": "x read-once time",
+    "peak_mem_mb": "peak MB",
+    "noisy": "noisy",
+}
+
+
+def table_columns(keys: str, **headers: str) -> list[tuple[str, str]]:
+    """``[(key, header)]`` for :func:`format_table`: op, size and dtype, the
+    space-separated ``keys`` (headers from :data:`HEADERS` or ``headers``),
+    then the peak memory and the noisy flag."""
+    return [(k, headers.get(k) or HEADERS[k]) for k in ["op", "size", "dtype", *keys.split(), "peak_mem_mb", "noisy"]]
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Markdown table of ``rows`` with ``columns`` = [(key, header), ...]."""
 
@@ -381,21 +402,7 @@ def _dated_path(out: Path, stem: str, date: str) -> Path:
 
 
 def history_line(row: dict, info: dict, bench: str, quick: bool) -> dict:
-    line = {
-        k: info.get(k)
-        for k in (
-            "run_id",
-            "date",
-            "version",
-            "commit",
-            "dirty",
-            "cpu",
-            "cores",
-            "torch_threads",
-            "torch",
-            "cuda_device",
-        )
-    }
+    line = {k: info.get(k) for k in ("run_id", "date", *RUN_INFO_COLUMNS)}
     line.update(bench=bench, quick=int(quick))
     line.update({k: v for k, v in row.items() if k in HISTORY_COLUMNS})
     return line
