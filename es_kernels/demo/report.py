@@ -35,6 +35,13 @@ def fmt_s(x) -> str:
     return f"{x:.0f}" if ax >= 100 else f"{x:.1f}" if ax >= 10 else f"{x:.2f}" if ax >= 1 else f"{x:.3f}"
 
 
+def md_table(header: str, rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table; ``header``: the column titles joined by ``|``."""
+    cells = [h.strip() for h in header.split("|")]
+    out = ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
+    return out + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
 def _ms(d: dict, f=fmt_s) -> str:
     if not d or d.get("mean") is None:
         return "—"
@@ -147,23 +154,28 @@ def format_summary(results: dict) -> str:
             f"\n{name}: {ds['n_train']} train / {ds['n_test']} test, "
             f"label noise {cfg['label_noise']:g}, {seeds} seeds, {cfg['epochs']} epochs"
         )
-        lines.append(
-            "| method | epochs | wall-clock s | vs full | backward samples | test acc % | vs full (points) "
-            "| scoring share | ideal saving |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        rows = []
         for m, s in summ.items():
             saving = s.get("wall_saving_vs_full")
-            vs_full = "—" if saving is None else f"{-100 * saving + 0.0:+.0f}%"
             share = s.get("scoring_share")
-            share = "—" if share is None else f"{100 * share['mean']:.0f}%"
-            ideal = "—" if s.get("ideal_saving") is None else f"{100 * s['ideal_saving']:.0f}%"
-            lines.append(
-                f"| {m} | {s['epochs']['mean']:.3g} | {_ms(s['wall_s'])} | {vs_full} "
-                f"| {s['backward_samples']['mean']:.0f} | {_ms(s['test_acc'], lambda x: f'{x:.2f}')} "
-                f"| {s.get('acc_minus_full', math.nan):+.2f} "
-                f"| {share} | {ideal} |"
+            rows.append(
+                [
+                    m,
+                    f"{s['epochs']['mean']:.3g}",
+                    _ms(s["wall_s"]),
+                    "—" if saving is None else f"{-100 * saving + 0.0:+.0f}%",
+                    f"{s['backward_samples']['mean']:.0f}",
+                    _ms(s["test_acc"], lambda x: f"{x:.2f}"),
+                    f"{s.get('acc_minus_full', math.nan):+.2f}",
+                    "—" if share is None else f"{100 * share['mean']:.0f}%",
+                    "—" if s.get("ideal_saving") is None else f"{100 * s['ideal_saving']:.0f}%",
+                ]
             )
+        lines += md_table(
+            "method | epochs | wall-clock s | vs full | backward samples | test acc % | vs full (points) "
+            "| scoring share | ideal saving",
+            rows,
+        )
         target, window = ds.get("target_acc"), ds.get("window_s")
         if target is None and window is None:
             continue
@@ -178,19 +190,24 @@ def format_summary(results: dict) -> str:
                 f"window: [0, {fmt_s(window)} s] (ES's mean wall-clock): accuracy held at that time, "
                 "and the mean accuracy over the window (area under the held curve / window)"
             )
-        lines.append(
-            "| method | reached target | time to target s | backward samples to target "
-            "| acc at window end % | mean acc over window % |"
-        )
-        lines.append("|---|---|---|---|---|---|")
+        rows = []
         for m, s in summ.items():
             tt = s.get("time_to_target")
-            reached = "—" if tt is None else f"{tt['reached']}/{tt['of']}"
-            lines.append(
-                f"| {m} | {reached} | {_ms(tt and tt['wall_s'])} "
-                f"| {_ms(tt and tt['backward_samples'], lambda x: f'{x:.0f}')} "
-                f"| {_ms(s.get('acc_at_window'), lambda x: f'{x:.2f}')} | {_ms(s.get('auc'), lambda x: f'{x:.2f}')} |"
+            rows.append(
+                [
+                    m,
+                    "—" if tt is None else f"{tt['reached']}/{tt['of']}",
+                    _ms(tt and tt["wall_s"]),
+                    _ms(tt and tt["backward_samples"], lambda x: f"{x:.0f}"),
+                    _ms(s.get("acc_at_window"), lambda x: f"{x:.2f}"),
+                    _ms(s.get("auc"), lambda x: f"{x:.2f}"),
+                ]
             )
+        lines += md_table(
+            "method | reached target | time to target s | backward samples to target "
+            "| acc at window end % | mean acc over window %",
+            rows,
+        )
     lines.append(
         "\nscoring share: the scoring passes' (no-grad forward over B + the fused step) share of the "
         "method's training time; ideal saving: 1 - (scoring time / full's time + backward samples / "
