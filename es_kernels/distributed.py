@@ -95,12 +95,29 @@ def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
 
 
 def gathered_update(ids, losses, state, beta1, beta2, lam, w_min) -> torch.Tensor:
-    """Apply the observations of the gathered batch to ``state`` (an ``ESState``) and
-    return the float32 weight of every gathered position (spec section 11.1, Update).
+    """Apply the observations of the gathered batch to ``state`` (spec section 11.1, Update).
 
     An id held by several positions is observed once, at its lowest position, and every
     position holding it gets that weight (``DistributedSampler`` pads by repeating ids).
-    ``PAD_ID`` positions are skipped and not counted in ``errors``."""
+    ``PAD_ID`` positions are skipped and not counted in ``errors``.
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 ``[W * cap]``, the gathered ids (``PAD_ID`` at padding), on the state's device.
+    losses : Tensor
+        floating ``[W * cap]``, their losses.
+    state : ESState
+        Mutated in place.
+    beta1, beta2, lam, w_min : float
+        As in :func:`es_kernels.es_update`.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[W * cap]``: the weight of every gathered position. No host
+        synchronisation.
+    """
     first = first_occurrence(ids)
     dup = first != torch.arange(ids.shape[0], device=ids.device)
     upd = torch.where(dup, PAD_ID, ids)
@@ -110,8 +127,20 @@ def gathered_update(ids, losses, state, beta1, beta2, lam, w_min) -> torch.Tenso
 
 
 def eps_mix(w: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 ``f32(v)``, the section 4 exploration mix of ``w`` ``[B]`` (``B >= 1``)
-    over these positions, on the device (no host read)."""
+    """The exploration mix of spec section 4 over these positions.
+
+    Parameters
+    ----------
+    w : Tensor
+        floating ``[B]`` weights, ``B >= 1``.
+    eps : float in [0, 1]
+
+    Returns
+    -------
+    Tensor
+        float32 ``f32(v)``, ``v = (1 - eps) w / mean(w) + eps`` with the
+        fixed-point mean, on ``w``'s device. No host synchronisation.
+    """
     wp = torch.where(torch.isfinite(w) & (w > 0), w, 0.0).to(torch.float32)
     big = wp.max().reshape(1)
     e = ((big.view(torch.int32) >> 23) & 0xFF).to(torch.int64) - 126  # M < 2**e
@@ -124,12 +153,28 @@ def eps_mix(w: torch.Tensor, eps: float) -> torch.Tensor:
 def rank_selection(
     weights_all, rank: int, cap: int, n: int, b: int, select_mode: str, seed, step, eps: float = 0.0
 ) -> torch.Tensor:
-    """Positions (ascending, in ``[0, n)``) of the ``b`` that rank ``rank`` selects among
-    its ``n`` real positions ``rank * cap + j`` of the gathered weights (spec section 11.1, Selection).
+    """The ``b`` positions that rank ``rank`` selects among its own (spec section 11.1, Selection).
 
     One ``weighted_select`` over the prefix ``[0, rank * cap + n)`` with every other
     position's weight set to 0: those keys are 0, below every real key (weights are
-    ``>= w_min > 0``), and each real position keeps its global noise index."""
+    ``>= w_min > 0``), and each real position keeps its global noise index.
+
+    Parameters
+    ----------
+    weights_all : Tensor
+        float ``[W * cap]``, the weights of every gathered position.
+    rank, cap, n : int
+        This rank, the padded meta-batch per rank and this rank's real
+        positions ``rank * cap + j``, ``j < n``.
+    b : int in [0, n]
+    select_mode, seed, step, eps
+        As in :func:`es_kernels.weighted_select`.
+
+    Returns
+    -------
+    Tensor
+        int64 ``[b]``, ascending positions in ``[0, n)``. No host synchronisation.
+    """
     lo = rank * cap
     x = torch.zeros(lo + n, dtype=torch.float32, device=weights_all.device)
     own = weights_all[lo : lo + n].to(torch.float32)
@@ -140,8 +185,20 @@ def rank_selection(
 
 
 def replica_digest(state, step: torch.Tensor) -> torch.Tensor:
-    """int64 ``[4]`` on the device: a position-weighted sum of the state's bits, the two
-    error counts, the step (identical on every rank while the replicas are)."""
+    """A digest of a replica, identical on every rank while the replicas are.
+
+    Parameters
+    ----------
+    state : ESState
+    step : Tensor
+        The 0-d int64 step counter.
+
+    Returns
+    -------
+    Tensor
+        int64 ``[4]`` on the state's device: a position-weighted sum of the
+        state's bits, the two error counts, the step. No host synchronisation.
+    """
     t = state.tensor
     bits = t.reshape(-1).view(torch.int32 if t.dtype == torch.float32 else torch.int64).to(torch.int64)
     mult = 2 * torch.arange(bits.shape[0], dtype=torch.int64, device=t.device) + 0x9E3779B1
@@ -234,8 +291,20 @@ class DistributedEvolvedSampler(EvolvedSampler):
         return ids, losses
 
     def observe(self, ids, losses) -> torch.Tensor:
-        """Exchange and apply the observations of every rank without selecting (e.g. a
-        full-batch loss that only feeds pruning); returns this rank's float32 weights."""
+        """Exchange and apply the observations of every rank without selecting
+        (e.g. a full-batch loss that only feeds pruning).
+
+        Parameters
+        ----------
+        ids, losses : Tensor
+            This rank's ``[B]`` ids and losses.
+
+        Returns
+        -------
+        Tensor
+            float32 ``[B]``, this rank's weights. One collective, no host
+            synchronisation (but the first call when ``meta_batch`` is None).
+        """
         ids, losses = self._inputs(ids, None, None, losses, -100, 0.0)
         n = ids.shape[0]
         cap = self._capacity(n)
@@ -255,8 +324,23 @@ class DistributedEvolvedSampler(EvolvedSampler):
     def select(
         self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100, label_smoothing: float = 0.0
     ) -> Selection:
-        """As :meth:`EvolvedSampler.select`, on this rank's meta-batch (one collective,
-        no host synchronisation)."""
+        """As :meth:`EvolvedSampler.select`, on this rank's meta-batch.
+
+        Parameters
+        ----------
+        ids, logits, targets, losses, ignore_index, label_smoothing
+            As in :meth:`EvolvedSampler.select`, this rank's ``B`` samples.
+
+        Returns
+        -------
+        Selection
+            This rank's selection (positions into its own meta-batch).
+
+        Notes
+        -----
+        One collective, no host synchronisation (but the first call when
+        ``meta_batch`` is None: one read, to agree on it).
+        """
         ids, losses = self._inputs(ids, logits, targets, losses, ignore_index, label_smoothing)
         n = ids.shape[0]
         b = min(self.mini_batch, n)
@@ -277,8 +361,18 @@ class DistributedEvolvedSampler(EvolvedSampler):
                 raise RuntimeError(f"es_kernels checked mode: rank {r} passed duplicate ids in one step")
 
     def check_replicas(self) -> None:
-        """Compare a digest of every rank's replica (state bits, errors, step) with one
-        ``all_reduce``; ``RuntimeError`` on every rank if any differ. Reads the device."""
+        """Compare a digest of every rank's replica (state bits, errors, step)
+        with one ``all_reduce``.
+
+        Raises
+        ------
+        RuntimeError
+            On every rank, if any replica differs.
+
+        Notes
+        -----
+        Reads the digest on the host (one synchronisation).
+        """
         h = replica_digest(self.state, self._step)
         both = torch.cat([h, -h])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
@@ -291,15 +385,33 @@ class DistributedEvolvedSampler(EvolvedSampler):
 
     # ---- checkpoints
     def state_dict(self) -> dict:
-        """The full state (any rank gives the same) plus ``distributed``:
-        ``{"world_size", "meta_batch"}`` (the noise of position ``j`` depends on both)."""
+        """The full state (any rank gives the same).
+
+        Returns
+        -------
+        dict
+            :meth:`EvolvedSampler.state_dict` plus ``distributed``:
+            ``{"world_size", "meta_batch"}`` (the noise of position ``j``
+            depends on both).
+        """
         out = super().state_dict()
         out["distributed"] = {"world_size": self.world_size, "meta_batch": self.meta_batch}
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore on every rank (all or nothing). ``meta_batch`` comes from the checkpoint
-        unless this sampler was given one."""
+        """Restore on every rank (all or nothing).
+
+        Parameters
+        ----------
+        sd : dict
+            As :meth:`state_dict` returns it; ``meta_batch`` comes from it
+            unless this sampler was given one.
+
+        Raises
+        ------
+        ValueError
+            Naming the entry; nothing is written on failure.
+        """
         extra = sd.get("distributed") if isinstance(sd, dict) else None
         cap = None
         if extra is not None:
@@ -315,16 +427,39 @@ class DistributedEvolvedSampler(EvolvedSampler):
 
 # --------------------------------------------------------------------------- ESWP
 def shard_length(n: int, num_replicas: int, drop_last: bool) -> int:
-    """Ids per rank for ``n`` kept ids (``DistributedSampler``'s ``num_samples``)."""
+    """Ids per rank for ``n`` kept ids (``DistributedSampler``'s ``num_samples``).
+
+    Parameters
+    ----------
+    n, num_replicas : int
+    drop_last : bool
+
+    Returns
+    -------
+    int
+    """
     if drop_last and n % num_replicas:
         return math.ceil((n - num_replicas) / num_replicas)
     return math.ceil(n / num_replicas)
 
 
 def shard_indices(kept: list, num_replicas: int, rank: int, drop_last: bool) -> list:
-    """This rank's share of the kept ids, with ``DistributedSampler``'s conventions:
-    pad to a multiple of ``num_replicas`` by wrapping around (or drop the tail with
-    ``drop_last``), then take every ``num_replicas``-th id from ``rank`` on."""
+    """This rank's share of the kept ids, with ``DistributedSampler``'s conventions.
+
+    Pad to a multiple of ``num_replicas`` by wrapping around (or drop the tail
+    with ``drop_last``), then take every ``num_replicas``-th id from ``rank`` on.
+
+    Parameters
+    ----------
+    kept : list of int
+    num_replicas, rank : int
+    drop_last : bool
+
+    Returns
+    -------
+    list of int
+        ``shard_length(len(kept), num_replicas, drop_last)`` ids.
+    """
     per = shard_length(len(kept), num_replicas, drop_last)
     total = per * num_replicas
     idx = list(kept)
@@ -342,8 +477,24 @@ class DistributedESWPSampler(ESWPSampler):
     share of the kept ids (:func:`shard_indices`). ``set_epoch``, ``state_dict`` and
     the scales are those of :class:`ESWPSampler`.
 
-    ``num_replicas`` / ``rank``: default from ``es`` when it is a
-    :class:`DistributedEvolvedSampler`, else from the default process group.
+    Parameters
+    ----------
+    es, num_epochs, prune_ratio, anneal_frac, rescale, seed
+        As in :class:`ESWPSampler`.
+    num_replicas, rank : int or None
+        The number of ranks and this one (``None``: from ``es`` when it is a
+        :class:`DistributedEvolvedSampler`, else from the default process group).
+    drop_last : bool
+        Drop the tail of the kept ids instead of padding by wrapping around.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, for a bad value.
+
+    Notes
+    -----
+    As :class:`ESWPSampler`: one host synchronisation per epoch, when it starts.
     """
 
     def __init__(

@@ -42,12 +42,38 @@ __all__ = [
 
 
 class StepResult(NamedTuple):
+    """What a fused step returns, on the state's device.
+
+    Attributes
+    ----------
+    positions : Tensor
+        int64 ``[b]``, ascending positions into the meta-batch.
+    losses : Tensor
+        float32 ``[B]``, the per-sample losses.
+    weights : Tensor
+        float32 ``[B]``, the weights of the update (``w_min`` for a counted,
+        skipped observation; 0 for a position with nothing to score).
+    """
+
     positions: torch.Tensor  # int64 [b], ascending positions into the meta-batch
     losses: torch.Tensor  # float32 [B], per-sample losses
     weights: torch.Tensor  # float32 [B], the weights of the update (w_min for a skipped observation)
 
 
 class PruneResult(NamedTuple):
+    """What :func:`eswp_prune` returns, on the state's device.
+
+    Attributes
+    ----------
+    order : Tensor
+        int64 ``[N]``: the kept ids in the epoch's random order, then the
+        dropped ids ascending.
+    num_kept : Tensor
+        int64 0-d: how many ids ``order`` starts with are kept.
+    scale : Tensor
+        float32 ``[N]``: the loss scale of each sample (0 if dropped).
+    """
+
     order: torch.Tensor  # int64 [N]: kept ids in the epoch's random order, then dropped ids
     num_kept: torch.Tensor  # int64 0-d, on the device
     scale: torch.Tensor  # float32 [N]: loss scale of each sample (0 if dropped)
@@ -59,7 +85,16 @@ class PruneResult(NamedTuple):
 
 
 def checked_mode() -> bool:
-    """True when ``ES_KERNELS_CHECKED`` is set to 1 / true / yes / on."""
+    """Whether the checked mode is on (spec section 8).
+
+    Returns
+    -------
+    bool
+        True when the environment variable ``ES_KERNELS_CHECKED`` is 1 /
+        true / yes / on: every step then also refuses duplicate ids and calls
+        ``state.check()`` afterwards (both read device values: host
+        synchronisations, for debugging).
+    """
     return os.environ.get("ES_KERNELS_CHECKED", "").lower() in ("1", "true", "yes", "on")
 
 
@@ -170,8 +205,18 @@ def es_update(
     Returns
     -------
     Tensor
-        float32 ``[B]`` weights (``w_min`` where an observation was skipped and counted).
-        No host synchronisation (except in the checked mode).
+        float32 ``[B]`` weights on the state's device (``w_min`` where an
+        observation was skipped and counted).
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, before anything is written. Ids out of range
+        and non-finite losses are counted in ``state.errors`` instead.
+
+    Notes
+    -----
+    No host synchronisation (except in the checked mode).
     """
     a = _op_args("es_update", locals())
     _checks.update(a)
@@ -203,7 +248,16 @@ def weighted_select(
     Returns
     -------
     Tensor
-        int64 ``[b]``, ascending. No host synchronisation.
+        int64 ``[b]`` positions, ascending, on the weights' device.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument (``b > B``, ``eps`` with ``"topk"``, ...).
+
+    Notes
+    -----
+    No host synchronisation.
     """
     a = _op_args("weighted_select", locals())
     _checks.select(a)
@@ -384,6 +438,7 @@ def eswp_prune(
     Parameters
     ----------
     state : ESState
+        Read only.
     prune_ratio : float in [0, 1)
         Probability of dropping a sample whose score ``s + d`` is below the mean.
     seed, epoch : int >= 0
@@ -399,8 +454,16 @@ def eswp_prune(
     PruneResult
         ``order`` int64 ``[N]`` (kept ids in the epoch's random order, then the
         dropped ids ascending), ``num_kept`` 0-d int64 on the device and
-        ``scale`` float32 ``[N]``. No host synchronisation; ``.kept_ids`` reads
-        ``num_kept`` (one).
+        ``scale`` float32 ``[N]``, on the state's device.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument.
+
+    Notes
+    -----
+    No host synchronisation; ``.kept_ids`` reads ``num_kept`` (one).
     """
     a = _op_args("eswp_prune", locals())
     _checks.prune(a)

@@ -24,6 +24,21 @@ from .state import ESState
 
 
 class Selection(NamedTuple):
+    """What :meth:`EvolvedSampler.select` returns, on the state's device.
+
+    Attributes
+    ----------
+    positions : Tensor
+        int64 ``[b]``: ascending positions into the meta-batch, the rows to train on.
+    scales : Tensor
+        float32 ``[b]``: the loss scale of each selected sample (ESWP's
+        ``1 / (1 - prune_ratio)`` where it pruned), else 1.
+    losses : Tensor
+        float32 ``[B]``: per-sample losses of the meta-batch.
+    weights : Tensor
+        float32 ``[B]``: the ES weights the selection used.
+    """
+
     positions: torch.Tensor  # int64 [b]: ascending positions into the meta-batch
     scales: torch.Tensor  # float32 [b]: loss scale of each selected sample (ESWP), else 1
     losses: torch.Tensor  # float32 [B]: per-sample losses of the meta-batch
@@ -50,7 +65,16 @@ class EvolvedSampler:
     beta1, beta2, lam, select_mode, eps, w_min
         As in :func:`es_kernels.es_step`.
     seed : int in [0, 2**63)
-    device : the state's device (``None``: the CPU).
+        The noise of the selections: step ``k`` (the ``k``-th call of
+        :meth:`select`) draws from ``(seed, k)``, so a run is reproducible
+        and a resumed one draws what the uninterrupted one would.
+    device : torch.device, str or None
+        The state's device (``None``: the CPU); meta-batches are moved there.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting, for a bad value.
 
     Attributes
     ----------
@@ -58,6 +82,12 @@ class EvolvedSampler:
         float32 ``[N]`` on the state's device: the loss scale in force, that of
         the epoch being trained (set by :class:`ESWPSampler` when an epoch's
         iteration starts), or ``None`` (every scale 1).
+
+    Notes
+    -----
+    :meth:`select` makes no host synchronisation; :attr:`step`,
+    :meth:`set_epoch`, :meth:`state_dict` and :meth:`load_state_dict` read
+    device values (once each).
     """
 
     SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min")
@@ -107,6 +137,7 @@ class EvolvedSampler:
 
     @property
     def device(self) -> torch.device:
+        """The state's device."""
         return self.state.device
 
     @property
@@ -121,6 +152,8 @@ class EvolvedSampler:
 
     @property
     def scale(self) -> torch.Tensor | None:
+        """The per-sample loss scale in force (float32 ``[N]`` on the state's
+        device), or ``None``; setting it checks dtype, device and length."""
         return self._scale
 
     @scale.setter
@@ -235,8 +268,20 @@ class EvolvedSampler:
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Loss scale of each id: the scale in force (ESWP's rescale where it
-        pruned), 1 where none is in force or the id is out of range."""
+        """The loss scale of each id.
+
+        Parameters
+        ----------
+        ids : Tensor
+            int64 ``[k]`` sample ids on the state's device.
+
+        Returns
+        -------
+        Tensor
+            float32 ``[k]``: the scale in force (ESWP's rescale where it
+            pruned), 1 where none is in force or the id is out of range. No
+            host synchronisation.
+        """
         n = self.state.num_samples
         if self._scale is None or n == 0:
             return torch.ones(ids.shape[0], dtype=torch.float32, device=self.device)
@@ -244,17 +289,44 @@ class EvolvedSampler:
         return torch.where(inside, self._scale[ids.clamp(0, n - 1)], 1.0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch``: checks the state once (raises on bad values seen)."""
+        """Start ``epoch``.
+
+        Parameters
+        ----------
+        epoch : int >= 0
+
+        Raises
+        ------
+        RuntimeError
+            From :meth:`ESState.check`, when bad values were counted.
+
+        Notes
+        -----
+        Checks the state once (one synchronisation).
+        """
         epoch = _checks.integer(epoch, "epoch", 0)
         self.state.check()
         self.epoch = epoch
 
     def state_dict(self) -> dict:
-        """Everything a resume needs: the state, step, epoch, settings and the
-        scale in force (taken mid-epoch, with :meth:`ESWPSampler.state_dict`
-        at the same point, the resumed run continues the epoch bit for bit).
-        Checks the state first (one synchronisation; RuntimeError on counted
-        errors)."""
+        """Everything a resume needs.
+
+        Returns
+        -------
+        dict
+            The state, step, epoch, settings and the scale in force (taken
+            mid-epoch, with :meth:`ESWPSampler.state_dict` at the same point,
+            the resumed run continues the epoch bit for bit).
+
+        Raises
+        ------
+        RuntimeError
+            When the state counted errors (:meth:`ESState.check`).
+
+        Notes
+        -----
+        Checks the state and reads the step (host synchronisations).
+        """
         self.state.check()
         out = {
             "state": self.state.state_dict(),
@@ -266,9 +338,23 @@ class EvolvedSampler:
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore from :meth:`state_dict`: all or nothing. Every entry (keys,
-        types, shapes, dtypes, values) is validated first; a bad one raises
-        ``ValueError`` naming it and nothing is written."""
+        """Restore from :meth:`state_dict`: all or nothing.
+
+        Parameters
+        ----------
+        sd : dict
+            As :meth:`state_dict` returns it.
+
+        Raises
+        ------
+        ValueError
+            Naming the entry; every entry (keys, types, shapes, dtypes,
+            values) is validated first and nothing is written on failure.
+
+        Notes
+        -----
+        Reads the saved values to validate them (one synchronisation on a GPU).
+        """
         _checks.keys(sd, "state_dict", self.STATE_KEYS)
         cfg = self._validate({k: sd[k] for k in self.SETTINGS})
         step = _checks.integer(sd["step"], "state_dict['step']", 0)
@@ -345,6 +431,33 @@ class ESWPSampler(Sampler[int]):
     drawn ahead (``num_workers=0``, after training on the batch), or pass
     ``state_dict(position=n)`` with ``n`` the ids of this epoch the loop has
     trained on (``skip`` style: the batches consumed times the batch size).
+
+    Parameters
+    ----------
+    es : EvolvedSampler
+        The sampler whose state scores the samples; the epoch's scales become
+        ``es.scale``.
+    num_epochs : int >= 1
+        The planned number of epochs (for the annealing phase).
+    prune_ratio : float in [0, 1)
+        Probability of dropping a below-mean sample.
+    anneal_frac : float in [0, 1]
+        From epoch ``floor((1 - anneal_frac) * num_epochs)`` on nothing is pruned.
+    rescale : bool
+        Scale a kept below-mean sample's loss by ``1 / (1 - prune_ratio)``.
+    seed : int in [0, 2**63) or None
+        The noise of the drops and of the order (``None``: ``es.seed``).
+
+    Raises
+    ------
+    ValueError
+        Naming the setting, for a bad value.
+
+    Notes
+    -----
+    Starting an epoch (``iter()``, or ``len()`` between epochs) runs
+    :func:`es_kernels.eswp_prune` and copies the kept ids to the host (one
+    synchronisation per epoch); yielding ids makes none.
     """
 
     STATE_KEYS = (
@@ -406,11 +519,17 @@ class ESWPSampler(Sampler[int]):
         return self._next.pos if self._next is not None else 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Make ``epoch`` (an int in ``[0, 2**63 - 1)``) the one the next
-        ``iter()`` runs. The scales in force stay until then; an iterator of
-        the epoch in progress yields nothing more; a plan computed or restored
-        for another epoch is dropped (one for ``epoch`` itself is kept, so a
-        resumed loop may call ``set_epoch`` as usual)."""
+        """Make ``epoch`` the one the next ``iter()`` runs.
+
+        The scales in force stay until then; an iterator of the epoch in
+        progress yields nothing more; a plan computed or restored for another
+        epoch is dropped (one for ``epoch`` itself is kept, so a resumed loop
+        may call ``set_epoch`` as usual). No host synchronisation.
+
+        Parameters
+        ----------
+        epoch : int in [0, 2**63 - 1)
+        """
         epoch = _checks.integer(epoch, "epoch", 0, MAX_EPOCH)
         if self._next is not None and self._next.epoch != epoch:
             self._next = None
@@ -459,14 +578,25 @@ class ESWPSampler(Sampler[int]):
         return len(plan)
 
     def state_dict(self, position: int | None = None) -> dict:
-        """The settings, and where the epochs stand: ``epoch`` (the epoch in
-        progress, else the next one), ``position`` (ids of it yielded so far;
-        or ``position`` if given: an int from 0 to the ids yielded) and its
-        plan, ``kept`` (int64 ``[K]`` on the CPU) and ``scale`` (float32
-        ``[N]``); ``None`` for both when no plan is in progress or pending, or
-        the epoch is complete (then ``position`` is 0). Save it with
-        ``es.state_dict()`` taken at the same point; with a DataLoader that
-        reads ahead, pass ``position`` (see the class docstring)."""
+        """The settings, and where the epochs stand.
+
+        Parameters
+        ----------
+        position : int or None
+            The ids of the epoch in progress the loop has trained on, from 0
+            to the ids yielded (``None``: the ids yielded). Pass it with a
+            DataLoader that reads ahead (see the class docstring).
+
+        Returns
+        -------
+        dict
+            ``epoch`` (the epoch in progress, else the next one),
+            ``position`` and its plan, ``kept`` (int64 ``[K]`` on the CPU)
+            and ``scale`` (float32 ``[N]``); ``None`` for both when no plan
+            is in progress or pending, or the epoch is complete (then
+            ``position`` is 0). Save it with ``es.state_dict()`` taken at the
+            same point. No host synchronisation.
+        """
         plan = self._plan if self._active else self._next  # _next: from len() or a checkpoint, not started
         hi = 0 if plan is None else plan.pos
         pos = hi if position is None else _checks.integer(position, "position", 0, hi)
@@ -493,11 +623,23 @@ class ESWPSampler(Sampler[int]):
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore from :meth:`state_dict`: all or nothing (every entry is
-        validated first; a bad one raises ``ValueError`` naming it and
-        nothing is written). With ``kept``, the next ``iter()`` yields
-        ``kept[position:]`` with those scales, then epochs go on from
-        ``epoch + 1``; ``epoch`` is then the epoch that ``iter()`` continues."""
+        """Restore from :meth:`state_dict`: all or nothing.
+
+        With ``kept``, the next ``iter()`` yields ``kept[position:]`` with
+        those scales, then epochs go on from ``epoch + 1``; ``epoch`` is then
+        the epoch that ``iter()`` continues.
+
+        Parameters
+        ----------
+        sd : dict
+            As :meth:`state_dict` returns it.
+
+        Raises
+        ------
+        ValueError
+            Naming the entry; every entry is validated first and nothing is
+            written on failure.
+        """
         _checks.keys(sd, "state_dict", self.STATE_KEYS)
         cfg = self._settings(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
         epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0, MAX_EPOCH)
@@ -537,7 +679,14 @@ class ESWPSampler(Sampler[int]):
 
 
 class IndexedDataset(Dataset):
-    """``dataset[i]`` as ``(i, *item)``: the ids the samplers need."""
+    """``dataset[i]`` as ``(i, *item)``: the ids the samplers need.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Any map-style dataset; an item that is a tuple is unpacked after the
+        index, another item follows it as one element.
+    """
 
     def __init__(self, dataset):
         self.dataset = dataset

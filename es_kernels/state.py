@@ -10,7 +10,22 @@ from . import _checks
 
 
 class ESState:
-    """Per-sample state of a dataset of ``num_samples`` samples.
+    """Per-sample state of a dataset of ``num_samples`` samples (spec section 2).
+
+    Parameters
+    ----------
+    num_samples : int in [0, 2**32)
+        ``N``, the dataset size; sample ids are in ``[0, N)``.
+    device : torch.device, str or None
+        Where the state lives (``None``: the CPU); every op on it takes its
+        inputs on this device.
+    dtype : torch.float32 or torch.float64
+        float64 on the CPU only (the Triton kernels take float32).
+
+    Raises
+    ------
+    ValueError
+        For a bad ``num_samples`` or ``dtype``.
 
     Attributes
     ----------
@@ -25,6 +40,12 @@ class ESState:
         int64 ``[2]``: ids out of range and non-finite observations seen so
         far. Kernels count bad values here on the device instead of writing
         them into the state; :meth:`check` reads the counts and raises.
+
+    Notes
+    -----
+    Construction and the views make no host synchronisation; :meth:`check`,
+    :meth:`validate_state_dict` and :meth:`load_state_dict` read device
+    values (one synchronisation each).
     """
 
     KEYS = ("s", "d", "errors")
@@ -39,36 +60,75 @@ class ESState:
 
     @property
     def s(self) -> torch.Tensor:
+        """``[N]`` view of the level ``s`` (NaN: never observed)."""
         return self.tensor[:, 0]
 
     @property
     def d(self) -> torch.Tensor:
+        """``[N]`` view of the trend ``d``."""
         return self.tensor[:, 1]
 
     @property
     def num_samples(self) -> int:
+        """``N``, the number of samples."""
         return self.tensor.shape[0]
 
     @property
     def device(self) -> torch.device:
+        """The state's device."""
         return self.tensor.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The state's dtype (float32 or float64)."""
         return self.tensor.dtype
 
     def observed(self) -> torch.Tensor:
-        """Boolean mask of the samples seen at least once."""
+        """The samples seen at least once.
+
+        Returns
+        -------
+        Tensor
+            bool ``[N]`` on the state's device. No host synchronisation.
+        """
         return ~torch.isnan(self.s)
 
     def weights(self, lam: float = 1.0, w_min: float = 1e-8) -> torch.Tensor:
-        """The current weight ``max(s + lam * d, w_min)`` of every sample (NaN where unseen)."""
+        """The current weight of every sample (spec section 3).
+
+        Parameters
+        ----------
+        lam : float >= 0
+            Trend gain.
+        w_min : float > 0
+            Floor of the weight.
+
+        Returns
+        -------
+        Tensor
+            ``max(s + lam * d, w_min)``, ``[N]`` in the state's dtype and
+            device; NaN where unseen. No host synchronisation.
+        """
         return torch.clamp(self.s + lam * self.d, min=w_min)
 
     def check(self) -> None:
-        """Raise ``RuntimeError`` if any bad value was seen. Reads two integers
-        from the device (one synchronisation): call it once an epoch, not
-        every step."""
+        """Raise if any bad value was seen (ids out of range, non-finite
+        observations: ``errors``).
+
+        Returns
+        -------
+        None
+
+        Raises
+        ------
+        RuntimeError
+            With the two counts, when either is non-zero.
+
+        Notes
+        -----
+        Reads two integers from the device (one synchronisation): call it
+        once an epoch, not every step.
+        """
         bad_ids, bad_losses = (int(v) for v in self.errors.tolist())
         if bad_ids or bad_losses:
             raise RuntimeError(
@@ -79,19 +139,51 @@ class ESState:
             )
 
     def reset_errors(self) -> None:
+        """Set both error counts to 0 (on the device, no synchronisation).
+
+        Returns
+        -------
+        None
+        """
         self.errors.zero_()
 
     def state_dict(self) -> dict:
-        """``{"s", "d", "errors"}``: copies (``s`` and ``d`` as ``[N]`` tensors)."""
+        """The state, for a checkpoint.
+
+        Returns
+        -------
+        dict
+            ``{"s", "d", "errors"}``: copies on the state's device (``s`` and
+            ``d`` as ``[N]`` tensors). No host synchronisation.
+        """
         return {"s": self.s.clone(), "d": self.d.clone(), "errors": self.errors.clone()}
 
     def validate_state_dict(self, state_dict, prefix: str = "state_dict") -> tuple:
-        """Check a saved state without writing anything; return ``(s, d, errors)``.
+        """Check a saved state without writing anything.
 
-        Keys (exactly ``s``, ``d``, ``errors``), types, shapes, dtypes and
-        values (``s`` finite or NaN, ``d`` finite, ``errors >= 0``): a bad
-        entry raises ``ValueError`` naming it. Reads the values (one
-        synchronisation on a GPU)."""
+        Parameters
+        ----------
+        state_dict : dict
+            Exactly ``s``, ``d`` (``[N]``, the state's dtype) and ``errors``
+            (int64 ``[2]``), on any device.
+        prefix : str
+            The name of the dict in error messages.
+
+        Returns
+        -------
+        tuple
+            ``(s, d, errors)``, the dict's tensors.
+
+        Raises
+        ------
+        ValueError
+            Naming the entry: keys, types, shapes, dtypes and values (``s``
+            finite or NaN, ``d`` finite, ``errors >= 0``).
+
+        Notes
+        -----
+        Reads the values (one synchronisation on a GPU).
+        """
         _checks.keys(state_dict, prefix, self.KEYS)
         n = self.num_samples
         for key, dtype, length in (("s", self.dtype, n), ("d", self.dtype, n), ("errors", torch.int64, 2)):
@@ -106,8 +198,27 @@ class ESState:
         return s, d, errors
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Copy a saved state into this one (on this state's device): all or
-        nothing, every entry is validated before anything is written."""
+        """Copy a saved state into this one, on this state's device.
+
+        Parameters
+        ----------
+        state_dict : dict
+            As :meth:`state_dict` returns it (see :meth:`validate_state_dict`).
+
+        Returns
+        -------
+        None
+
+        Raises
+        ------
+        ValueError
+            As :meth:`validate_state_dict`: all or nothing, every entry is
+            validated before anything is written.
+
+        Notes
+        -----
+        Reads the values to validate them (one synchronisation on a GPU).
+        """
         s, d, errors = self.validate_state_dict(state_dict)
         self._load_validated(s, d, errors)
 
@@ -118,6 +229,17 @@ class ESState:
         self.errors.copy_(errors)
 
     def to(self, device) -> ESState:
+        """A copy of the state on ``device``.
+
+        Parameters
+        ----------
+        device : torch.device or str
+
+        Returns
+        -------
+        ESState
+            The tensors moved with ``Tensor.to`` (no copy if already there).
+        """
         out = ESState.__new__(ESState)
         out.tensor, out.errors = self.tensor.to(device), self.errors.to(device)
         return out
