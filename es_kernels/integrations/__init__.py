@@ -41,7 +41,13 @@ class ESItem(NamedTuple):
 
 class ESDataset(Dataset):
     """``dataset[key]`` as :class:`ESItem`; ``key`` is an index or the
-    ``(index, scale)`` pair that :class:`ESStream` yields."""
+    ``(index, scale)`` pair that :class:`ESStream` yields.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Any map-style dataset.
+    """
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -66,6 +72,13 @@ class ESCollator:
     A dict batch gets the two keys; any other batch becomes
     ``{"es_id", "es_scale", "batch": batch}``. Features that are not
     :class:`ESItem` (evaluation) go to ``collate_fn`` unchanged.
+
+    Parameters
+    ----------
+    collate_fn : callable or None
+        The collate function of the items (``None``: ``default_collate``).
+    keep_keys : iterable of str or None
+        Keep only these keys of dict items (``None``: all).
     """
 
     def __init__(self, collate_fn: Callable | None = None, keep_keys=None):
@@ -91,8 +104,22 @@ class ESCollator:
 
 
 def take(data, positions: torch.Tensor, size: int):
-    """``data`` with every tensor whose first dimension is ``size`` indexed by
-    ``positions`` (dicts, lists and tuples are walked; other values kept)."""
+    """The rows ``positions`` of a batch.
+
+    Parameters
+    ----------
+    data : Tensor, dict, list, tuple or any
+        A batch; dicts, lists and tuples (named ones too) are walked.
+    positions : Tensor
+        int64 ``[b]`` rows to keep (moved to each tensor's device).
+    size : int
+        The batch size ``B``: only tensors whose first dimension is ``size`` are indexed.
+
+    Returns
+    -------
+    The same structure with those tensors indexed, other values kept. No
+    host synchronisation.
+    """
     if isinstance(data, torch.Tensor):
         return data[positions.to(data.device)] if data.dim() >= 1 and data.shape[0] == size else data
     if isinstance(data, dict):
@@ -107,10 +134,22 @@ def take(data, positions: torch.Tensor, size: int):
 def select_batch(es: EvolvedSampler, batch: dict, score: Callable[[Any], dict]) -> dict:
     """Score a collated meta-batch and keep the selected rows.
 
-    ``score(batch)`` returns the keyword arguments of ``es.select``
-    (``{"logits": ..., "targets": ...}`` or ``{"losses": ...}``); it should run
-    without autograd. Returns the batch with the ``mini_batch`` selected rows
-    (``es_scale`` of those rows, ``es_id`` removed).
+    Parameters
+    ----------
+    es : EvolvedSampler
+    batch : dict
+        A batch of :class:`ESCollator`, with ``es_id`` (and ``es_scale``).
+    score : callable
+        ``score(batch)`` returns the keyword arguments of ``es.select``
+        (``{"logits": ..., "targets": ...}`` or ``{"losses": ...}``); it
+        should run without autograd.
+
+    Returns
+    -------
+    dict
+        The batch with the ``mini_batch`` selected rows (``es_scale`` of
+        those rows, ``es_id`` removed). No host synchronisation beyond
+        ``score``'s.
     """
     batch = dict(batch)
     ids = batch.pop(ID_KEY)
@@ -155,6 +194,26 @@ class ESStream(Sampler):
       trained meta-batch of ``n`` samples, the loader epoch in progress at the
       checkpoint continues after its consumed samples (what a Lightning
       stateful loader needs).
+
+    Parameters
+    ----------
+    pruner : ESWPSampler or None
+        The ESWP epochs to stream.
+    es : EvolvedSampler or None
+        Without ``pruner``: ES alone (a seeded shuffle per pass).
+    length : int >= 1 or None
+        Samples per loader epoch (``None``: the dataset size).
+    resume_mid_epoch : bool
+        Resume inside the loader epoch in progress (with :meth:`mark_consumed`).
+
+    Raises
+    ------
+    ValueError
+        For a missing sampler, a pruner of another ``es`` or a bad ``length``.
+
+    Notes
+    -----
+    Each new ESWP epoch costs :class:`ESWPSampler`'s one host synchronisation.
     """
 
     def __init__(
@@ -212,14 +271,24 @@ class ESStream(Sampler):
         return self.length
 
     def set_epoch(self, epoch: int) -> None:
-        """The loader epoch the next ``iter`` runs (frameworks call it)."""
+        """The loader epoch the next ``iter`` runs (frameworks call it).
+
+        Parameters
+        ----------
+        epoch : int >= 0
+        """
         epoch = int(epoch)
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch = epoch
 
     def mark_consumed(self, n: int) -> None:
-        """``n`` more samples of the current loader epoch were trained."""
+        """``n`` more samples of the current loader epoch were trained.
+
+        Parameters
+        ----------
+        n : int
+        """
         self._consumed += int(n)
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
@@ -257,8 +326,14 @@ class ESStream(Sampler):
 
     # -- checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The position (snapshot of the current loader epoch's start, the plans
-        made since, the samples consumed) and the pruner's settings."""
+        """The position and the pruner's state.
+
+        Returns
+        -------
+        dict
+            The snapshot of the current loader epoch's start, the plans made
+            since, the samples consumed, and ``pruner.state_dict()``.
+        """
         return {
             "epoch": self._epoch,
             "k": self._k,
@@ -271,6 +346,12 @@ class ESStream(Sampler):
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore from :meth:`state_dict` (with the pruner's state).
+
+        Parameters
+        ----------
+        sd : dict
+        """
         if int(sd["length"]) != self.length:
             raise ValueError(f"state_dict is for loader epochs of {sd['length']} samples, not {self.length}")
         plans = [

@@ -43,21 +43,56 @@ from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
 
 
 class ESDataLoader(DataLoader):
-    """A DataLoader over an :class:`ESStream` whose position Lightning saves and restores."""
+    """A DataLoader over an :class:`ESStream` whose position Lightning saves and restores.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        Those of ``torch.utils.data.DataLoader``, with an :class:`ESStream` as ``sampler``.
+    """
 
     def state_dict(self) -> dict:
+        """The stream's position (``ESStream.state_dict``)."""
         return self.sampler.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self.sampler.load_state_dict(sd)
 
 
 class ESLightningMixin:
-    """Mix into a ``LightningModule`` (before it); see the module docstring."""
+    """Mix into a ``LightningModule`` (before it) to train on ES's pick of each meta-batch.
+
+    Call :meth:`es_setup` in ``__init__``, define :meth:`es_sample_losses`,
+    return :meth:`es_dataloader` from ``train_dataloader`` and
+    :meth:`es_loss` from ``training_step``; see the module docstring.
+
+    Attributes
+    ----------
+    es_score_in_eval_mode : bool
+        The scoring pass runs with dropout off (default True).
+
+    Notes
+    -----
+    The scoring and the selection make no host synchronisation of their
+    own; each new ESWP epoch makes one.
+    """
 
     es_score_in_eval_mode = True
 
     def es_setup(self, es: EvolvedSampler, eswp: ESWPSampler | None = None) -> None:
+        """Attach the samplers (``eswp`` optional, built on ``es``).
+
+        Parameters
+        ----------
+        es : EvolvedSampler
+        eswp : ESWPSampler or None
+
+        Raises
+        ------
+        ValueError
+            For an ``eswp`` built on another sampler.
+        """
         if eswp is not None and eswp.es is not es:
             raise ValueError("eswp must be built on es")
         self.es_sampler = es
@@ -65,7 +100,22 @@ class ESLightningMixin:
         self.es_stream = ESStream(eswp, es=es, resume_mid_epoch=True)
 
     def es_dataloader(self, dataset, batch_size: int, collate_fn=None, **kwargs) -> ESDataLoader:
-        """The training loader: meta-batches of ``batch_size`` with ``es_id`` / ``es_scale``."""
+        """The training loader: meta-batches of ``batch_size`` with ``es_id`` / ``es_scale``.
+
+        Parameters
+        ----------
+        dataset : Dataset
+            The train set, of ``es.state.num_samples`` samples.
+        batch_size : int
+            The meta-batch ``B``.
+        collate_fn : callable or None
+        **kwargs
+            More ``DataLoader`` arguments.
+
+        Returns
+        -------
+        ESDataLoader
+        """
         if len(dataset) != self.es_sampler.state.num_samples:
             raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
         return ESDataLoader(
@@ -77,15 +127,28 @@ class ESLightningMixin:
         )
 
     def es_sample_losses(self, batch) -> torch.Tensor:  # pragma: no cover - the user's
+        """Define it: the per-sample losses ``[B]`` of a batch (scoring and training)."""
         raise NotImplementedError("define es_sample_losses(batch) -> per-sample losses [B]")
 
     def es_loss(self, batch) -> torch.Tensor:
-        """Mean over the selected rows of the per-sample loss times its ESWP scale."""
+        """The training loss of the selected rows.
+
+        Parameters
+        ----------
+        batch : dict
+            The selected rows, with ``es_scale`` under ESWP.
+
+        Returns
+        -------
+        Tensor
+            The mean over the rows of :meth:`es_sample_losses` times the ESWP scale.
+        """
         losses = self.es_sample_losses(batch)
         scale = batch.get(SCALE_KEY) if isinstance(batch, dict) else None
         return (losses * scale).mean() if scale is not None else losses.mean()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning's hook: in training, score the meta-batch and keep the selected rows."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         trainer = getattr(self, "_trainer", None)
         if trainer is None or not trainer.training or not isinstance(batch, dict) or ID_KEY not in batch:
@@ -105,10 +168,12 @@ class ESLightningMixin:
         return batch
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning's hook: store the sampler's state under ``es_sampler``."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["es_sampler"] = self.es_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning's hook: restore the sampler's state."""
         super().on_load_checkpoint(checkpoint)
         self.es_sampler.load_state_dict(checkpoint["es_sampler"])
 

@@ -86,7 +86,18 @@ def _version_tuple(v: str) -> tuple:
 
 
 def check_version(version: str | None = None) -> None:
-    """Raise RuntimeError unless the installed transformers has the hooks ESTrainer relies on."""
+    """Check that a transformers version has the hooks ESTrainer relies on.
+
+    Parameters
+    ----------
+    version : str or None
+        The version to check (``None``: the installed one).
+
+    Raises
+    ------
+    RuntimeError
+        Outside the supported range, or when the Trainer lacks a hook.
+    """
     v = transformers.__version__ if version is None else version
     t = _version_tuple(v)
     missing = []
@@ -106,12 +117,18 @@ def check_version(version: str | None = None) -> None:
 
 
 class ESCheckpointCallback(TrainerCallback):
-    """Writes the samplers' state into each checkpoint folder (``es_sampler.pt``)."""
+    """Writes the samplers' state into each checkpoint folder (``es_sampler.pt``).
+
+    Parameters
+    ----------
+    trainer : ESTrainer
+    """
 
     def __init__(self, trainer: ESTrainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        """The Trainer's hook: save ``trainer.es_state_dict()`` on the main process."""
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
@@ -122,12 +139,33 @@ class ESCheckpointCallback(TrainerCallback):
 class ESTrainer(Trainer):
     """``transformers.Trainer`` that trains on ES's pick of each meta-batch.
 
-    Extra keyword arguments: ``es_sampler`` (:class:`~es_kernels.EvolvedSampler`,
-    its ``num_samples`` the train set's size), ``eswp`` (optional
-    :class:`~es_kernels.ESWPSampler` on the same ``es_sampler``),
-    ``es_shift_labels`` (``None``: as the Trainer decides for its loss, True for
-    causal LMs), ``es_score_in_eval_mode`` (default True: the scoring pass runs
-    with dropout off and draws no random numbers).
+    ``per_device_train_batch_size`` is the meta-batch ``B``; each step trains
+    ``es_sampler.mini_batch`` of it, with the ESWP scales in the loss.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        Those of ``transformers.Trainer``.
+    es_sampler : EvolvedSampler
+        Its ``num_samples`` is the train set's size.
+    eswp : ESWPSampler or None
+        Optional, on the same ``es_sampler``.
+    es_shift_labels : bool or None
+        ``None``: as the Trainer decides for its loss (True for causal LMs).
+    es_score_in_eval_mode : bool
+        The scoring pass runs with dropout off and draws no random numbers.
+
+    Raises
+    ------
+    ValueError
+        For an ``eswp`` on another sampler or a train set of another size.
+    RuntimeError
+        For an unsupported transformers version (:func:`check_version`).
+
+    Notes
+    -----
+    The scoring pass and the selection make no host synchronisation of their
+    own (the Trainer's loop may); each new ESWP epoch makes one.
     """
 
     def __init__(
@@ -166,13 +204,16 @@ class ESTrainer(Trainer):
         return self.es_stream
 
     def es_state_dict(self) -> dict:
+        """The sampler's and the stream's state (what a checkpoint stores)."""
         return {"es": self.es_sampler.state_dict(), "stream": self.es_stream.state_dict()}
 
     def es_load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`es_state_dict`."""
         self.es_sampler.load_state_dict(sd["es"])
         self.es_stream.load_state_dict(sd["stream"])
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, restoring the ES state of ``resume_from_checkpoint`` first."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -246,6 +287,7 @@ class ESTrainer(Trainer):
 
     # -- the loss ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss on the selected rows, each sample's loss times its ESWP scale."""
         scale = inputs.pop(SCALE_KEY, None) if isinstance(inputs, dict) else None
         if scale is None:
             return super().compute_loss(
