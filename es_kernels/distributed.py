@@ -241,6 +241,12 @@ class DistributedEvolvedSampler(EvolvedSampler):
     Every rank must construct it with the same settings and call ``select`` the
     same number of times (one collective per call). The checked mode
     (``ES_KERNELS_CHECKED=1``) compares the replicas after every step.
+
+    Notes
+    -----
+    ``select`` and ``observe`` make no host synchronisation (but the first
+    call when ``meta_batch`` is None); on NCCL the collective queues on the
+    device like a kernel.
     """
 
     def __init__(self, *args, process_group=None, meta_batch: int | None = None, **kwargs):
