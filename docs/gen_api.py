@@ -35,7 +35,7 @@ MODULES = [
 NOT_DOCUMENTED_HERE = {"es_kernels": {"lm", "reference", "ops"}}
 # Values that depend on the machine: the page shows what they mean instead.
 MACHINE_DEPENDENT = {
-    "es_kernels.HAS_TRITON_CUDA": "HAS_TRITON_CUDA: bool  # the CUDA kernels are registered: CUDA is available and Triton imports",
+    "es_kernels.HAS_TRITON_CUDA": "HAS_TRITON_CUDA: bool  # CUDA kernels registered: CUDA available, Triton imports",
 }
 
 
