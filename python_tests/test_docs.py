@@ -7,6 +7,7 @@ import importlib
 import inspect
 import pathlib
 import re
+import subprocess
 import sys
 
 import pytest
@@ -97,3 +98,31 @@ def test_spec_op_signatures_are_the_schemas():
         name, rest = sig.split("(", 1)
         found[name.strip()] = " ".join(("(" + rest).split())
     assert found == {name: " ".join(schema.split()) for name, schema in SCHEMAS.items()}
+
+
+def _tracked_files() -> list:
+    """The files git tracks, or None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [pathlib.PurePosixPath(f) for f in out.splitlines()]
+
+
+def test_readme_layout_names_every_file_of_the_tree():
+    """Every tracked file (bench/results aside) is named in the README's
+    layout section, and every file or folder that section names exists."""
+    files = _tracked_files()
+    if files is None:
+        pytest.skip("not a git checkout")
+    text = (ROOT / "README.md").read_text()
+    layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([^`\s]+)`", layout))
+    results = pathlib.PurePosixPath("bench/results")
+    missing = [str(f) for f in files if f.name not in named and str(f) not in named and results not in f.parents]
+    assert not missing, f"not in the README's layout section: {missing}"
+    folders = {str(d) + "/" for f in files for d in f.parents} | {d.name + "/" for f in files for d in f.parents}
+    existing = {f.name for f in files} | {str(f) for f in files} | folders
+    file_like = re.compile(r"^[\w./-]+(\.(py|md|cpp|h|inc|toml|sh|yaml|in|txt)|/)$|/")
+    stale = sorted(n for n in named if file_like.search(n) and n not in existing)
+    assert not stale, f"named in the README's layout section but not in the tree: {stale}"
