@@ -234,8 +234,9 @@ class EvolvedSampler:
         ids = ids.to(self.device, non_blocking=True)
         b = min(self.mini_batch, ids.shape[0])  # the last meta-batch of an epoch may be short
         # the step settings, this sampler's values and its device step counter
-        kw = {k: getattr(self, k) for k in self.SETTINGS if k in STEP_SETTINGS}
-        kw.update(step=self._step, advance_step=True)
+        kw = dict(
+            step=self._step, advance_step=True, **{k: getattr(self, k) for k in self.SETTINGS if k in STEP_SETTINGS}
+        )
         if losses is not None:
             res = es_step_from_losses(losses, ids, self.state, b, **kw)
         elif hidden is not None:
@@ -632,13 +633,13 @@ class ESWPSampler(Sampler[int]):
         Parameters
         ----------
         sd : dict
-            As :meth:`state_dict` returns it.
+            The settings and the saved plan, from :meth:`state_dict`.
 
         Raises
         ------
         ValueError
-            Naming the entry; every entry is validated first and nothing is
-            written on failure.
+            Naming the bad entry (settings, epoch, position, plan), before
+            anything is written.
         """
         _checks.keys(sd, "state_dict", self.STATE_KEYS)
         cfg = self._settings(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
