@@ -27,7 +27,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) CMakeLists.txt setup.py pypro
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) "setuptools>=77"
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) "setuptools>=77.0.3"
 	ES_KERNELS_NO_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 

@@ -73,7 +73,7 @@ from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
 
 CHECKPOINT_FILE = "es_sampler.pt"
 TESTED_VERSION = "5.24.0"
-MIN_VERSION = (4, 50)
+MIN_VERSION = (4, 52)  # _get_train_sampler(train_dataset) (pyproject.toml: tested floors)
 MAX_MAJOR = 5
 
 
