@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -33,6 +34,10 @@ def fmt_s(x) -> str:
         return "—"
     ax = abs(x)
     return f"{x:.0f}" if ax >= 100 else f"{x:.1f}" if ax >= 10 else f"{x:.2f}" if ax >= 1 else f"{x:.3f}"
+
+
+def _scaled(per: int, x: float) -> str:
+    return f"{per * x:.0f}"
 
 
 def _ms(d: dict, f=fmt_s) -> str:
@@ -227,7 +232,7 @@ def format_summary(results: dict) -> str:
             reached = "—" if tt is None else f"{tt['reached']}/{tt['of']}"
             lines.append(
                 f"| {m} | {reached} | {_ms(tt and tt['wall_s'])} "
-                f"| {_ms(tt and tt['backward_samples'], lambda x: f'{per * x:.0f}')} "
+                f"| {_ms(tt and tt['backward_samples'], functools.partial(_scaled, per))} "
                 f"| {_ms(s.get(f'{goal.short}_at_window'), gf)} | {_ms(s.get('auc'), gf)} |"
             )
     lines.append(
@@ -254,7 +259,10 @@ def format_ablation(res: dict) -> str:
     goals = {t: M.GOALS[k] for t, k in res.get("metrics", {}).items()}
     lines.append(
         "targets: "
-        + "; ".join(f"{t}: {goals.get(t, M.ACCURACY).fmt(a)} ({goals.get(t, M.ACCURACY).label})" for t, a in res["targets"].items())
+        + "; ".join(
+            f"{t}: {goals.get(t, M.ACCURACY).fmt(a)} ({goals.get(t, M.ACCURACY).label})"
+            for t, a in res["targets"].items()
+        )
     )
     lines.append("")
     tasks = res["tasks"]

@@ -606,7 +606,11 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
         for i, (name, seed, method) in enumerate(jobs):
             if name not in cache:
                 cache[name] = _device_data(load_dataset(name, cfg), cfg)
-                results["datasets"][name] = {**_describe(cache[name]), "summary": {}, "runs": {m: [] for m in cfg.methods}}
+                results["datasets"][name] = {
+                    **_describe(cache[name]),
+                    "summary": {},
+                    "runs": {m: [] for m in cfg.methods},
+                }
             ds = results["datasets"][name]
             goal = _goal(cache[name])
             data = _with_noise(cache[name], cfg.label_noise, seed)
@@ -674,7 +678,10 @@ def parse_tasks(text: str) -> list:
         parts = item.strip().split(":")
         if len(parts) != 3:
             raise ValueError(f"a task is dataset:epochs:label_noise, got {item!r}")
-        tasks.append(Task(parts[0], int(parts[1]), float(parts[2])))
+        task = Task(parts[0], int(parts[1]), float(parts[2]))
+        if task.dataset == "lm" and task.label_noise > 0:
+            raise ValueError(f"label noise applies to the classification data sets, not the LM task: {item!r}")
+        tasks.append(task)
     return tasks
 
 
@@ -965,7 +972,7 @@ def main(argv=None) -> int:
     missing = missing_demo_deps(a.task)
     if missing:
         print(
-            f'es-kernels demo{" --task lm" if lm else ""} needs {", ".join(missing)}: '
+            f"es-kernels demo{' --task lm' if lm else ''} needs {', '.join(missing)}: "
             f'pip install "es-kernels[demo{",integrations" if lm else ""}]" (or pip install {" ".join(missing)})',
             file=sys.stderr,
         )
@@ -1005,7 +1012,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     grid = {k: getattr(a, f"grid_{k}") for k in DEFAULT_GRID}
-    tasks = parse_tasks(a.tasks)
+    try:
+        tasks = parse_tasks(a.tasks)
+    except ValueError as e:
+        ap.error(f"--tasks: {e}")
     out = Path(a.out)
     if a.eta_only:
         total = estimate_only(cfg, a.ablate, grid, tasks)
