@@ -8,6 +8,7 @@ each method needs to reach the full baseline's accuracy.
     es-kernels demo --ablate         # the grid and the rule behind the defaults
     es-kernels demo --eta-only       # time an epoch of full and ES per data set, print the ETA
     es-kernels demo --nproc 2        # every method under DDP on 2 gloo processes
+    es-kernels demo --task lm        # a small GPT-2 on the standard library's sources (held-out loss)
 
 Methods, each with the same optimizer and model:
 
@@ -29,7 +30,10 @@ accuracy-vs-time curve divided by the window).
 
 Data, all generated or shipped locally: MNIST-1D made by the ``mnist1d``
 package (``make_dataset``, never its download) and scikit-learn's bundled
-handwritten digits.
+handwritten digits. ``--task lm`` (:mod:`es_kernels.demo.lmtask`): a GPT-2
+built from a ``transformers`` config trained on the Python standard
+library's sources, bytes as tokens; the metric is the held-out loss
+(nats/byte, lower is better) and the target full's final held-out loss.
 """
 
 from __future__ import annotations
