@@ -22,9 +22,10 @@ Losses. A sequence's training loss (and ES's score) is the mean
 cross-entropy over its targets; the held-out loss is the mean over all
 held-out targets, in nats per byte. ES scores the meta-batch from the last
 hidden states and the tied ``lm_head`` weight with
-:func:`es_kernels.per_sample_losses_from_hidden` (``EvolvedSampler.select(ids,
-hidden=..., weight=..., targets=labels, shift_labels=True)``): the
-``[B, T, V]`` logits of the scoring pass are never materialised.
+:func:`es_kernels.per_sample_losses_from_hidden` (``shift_labels=True``;
+what ``EvolvedSampler.select(ids, hidden=..., weight=..., targets=labels,
+shift_labels=True)`` computes): the ``[B, T, V]`` logits of the scoring pass
+are never materialised.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..lm import per_sample_losses_from_hidden
 from . import metrics as M
 
 VOCAB = 257  # 256 bytes + padding
@@ -132,11 +134,13 @@ class LMTask:
         return sequence_losses(model(input_ids=x).logits, y)
 
     def score(self, net, x, y) -> dict:
-        """ES's scoring pass, as ``EvolvedSampler.select``'s arguments (the
-        caller holds inference_mode): the last hidden states and the
-        ``lm_head`` weight, never the logits."""
+        """ES's scoring pass, as ``select``'s arguments (the caller holds
+        inference_mode): per-sequence losses from the last hidden states and
+        the ``lm_head`` weight, never the logits. The losses (not
+        ``select(hidden=...)``, which computes the same ones) so that the
+        distributed sampler takes them too."""
         hidden = net.transformer(input_ids=x).last_hidden_state
-        return {"hidden": hidden, "weight": net.lm_head.weight, "targets": y, "shift_labels": True}
+        return {"losses": per_sample_losses_from_hidden(hidden, net.lm_head.weight, y, shift_labels=True)}
 
     @torch.inference_mode()
     def evaluate(self, net, batch: int = 256) -> float:
