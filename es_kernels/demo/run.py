@@ -39,6 +39,7 @@ library's sources, bytes as tokens; the metric is the held-out loss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -509,6 +510,7 @@ class _Log:
     def __init__(self, total: int, desc: str, show: bool, quiet: bool = False):
         self.bar = None
         self.desc = desc
+        self.total = total
         self.quiet = quiet  # a rank > 0 of a distributed run
         if show and not quiet:
             from tqdm.auto import tqdm
@@ -532,6 +534,30 @@ class _Log:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def finished(self, i: int, what: str, r: dict, goal, remaining: tuple) -> None:
+        """The line of finished run ``i`` (``what``, its result ``r``, scored
+        by ``goal``) with the ETA of the ``remaining`` runs (``Eta.remaining_partial``)."""
+        rest = fmt_eta(*remaining)
+        self.line(
+            f"[{i + 1}/{self.total}] {what}: {fmt_s(r['wall_s'])} s, "
+            f"{r['epochs']:.3g} epochs, {goal.short} {goal.fmt(r[goal.key])}; {rest}"
+        )
+        self.update(rest.split(" + ")[0])
+
+    @contextlib.contextmanager
+    def running(self, results: dict, path: Path):
+        """Around the loop of runs: Ctrl-C stops it with ``results`` marked
+        interrupted (the finished runs are in ``path``); the bar is closed;
+        ``results["complete"]`` says whether every run finished."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            results["interrupted"] = True
+            self.line(f"interrupted: the finished runs are in {path}")
+        finally:
+            self.close()
+        results["complete"] = not results["interrupted"]
 
 
 def _key(cfg: Config, ds: str, method: str):
@@ -606,7 +632,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     if warn:
         log.line(warn)
     cache = {}
-    try:
+    with log.running(results, path):
         for i, (name, seed, method) in enumerate(jobs):
             if name not in cache:
                 cache[name] = _device_data(load_dataset(name, cfg), cfg)
@@ -630,18 +656,8 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             ds.update(fair_reference(ds["runs"], goal))
             if rank == 0:
                 write_json(path, results)
-            rest = fmt_eta(*eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1 :]]))
-            log.line(
-                f"[{i + 1}/{len(jobs)}] {name} {method} seed {seed}: {fmt_s(r['wall_s'])} s, "
-                f"{r['epochs']:.3g} epochs, {goal.short} {goal.fmt(r[goal.key])}; {rest}"
-            )
-            log.update(rest.split(" + ")[0])
-    except KeyboardInterrupt:
-        results["interrupted"] = True
-        log.line(f"interrupted: the finished runs are in {path}")
-    finally:
-        log.close()
-    results["complete"] = not results["interrupted"]
+            rest = eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1 :]])
+            log.finished(i, f"{name} {method} seed {seed}", r, goal, rest)
     if rank > 0:  # rank 0 writes
         return results
     write_json(path, results)
@@ -789,7 +805,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
     if warn:
         log.line(warn)
     cache = {}
-    try:
+    with log.running(res, path):
         for i, (task, seed, s) in enumerate(jobs):
             if task.dataset not in cache:
                 cache[task.dataset] = _device_data(load_dataset(task.dataset, cfg), cfg)
@@ -826,20 +842,8 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
                 what = setting_name(s)
             eta.record(_ablation_key(cfg, task, s), r["epochs"], r["elapsed_s"])
             write_json(path, res)
-            rest = fmt_eta(
-                *eta.remaining_partial([(_ablation_key(cfg, t, s_), t.epochs) for t, _, s_ in jobs[i + 1 :]])
-            )
-            log.line(
-                f"[{i + 1}/{len(jobs)}] {task.name} seed {seed} {what}: {fmt_s(r['wall_s'])} s, "
-                f"{goal.short} {goal.fmt(r[goal.key])}; {rest}"
-            )
-            log.update(rest.split(" + ")[0])
-    except KeyboardInterrupt:
-        res["interrupted"] = True
-        log.line(f"interrupted: the finished runs are in {path}")
-    finally:
-        log.close()
-    res["complete"] = not res["interrupted"]
+            rest = eta.remaining_partial([(_ablation_key(cfg, t, s_), t.epochs) for t, _, s_ in jobs[i + 1 :]])
+            log.finished(i, f"{task.name} seed {seed} {what}", r, goal, rest)
     ranking = rank_ablation(res)
     res["ranking"] = [{"setting": c, "mean_rank": r, "mean_final_acc": a} for c, r, a in ranking]
     if ranking and res["complete"]:
