@@ -78,16 +78,18 @@ class OpArgs(tuple):
         seed_t, step_t = getattr(self, "seed_tensor", None), getattr(self, "step_tensor", None)
         return (self.seed if seed_t is None else seed_t, self.step if step_t is None else step_t)
 
-    def split_noise(self) -> OpArgs:
-        """A ``seed`` / ``step`` given as a tensor moved to ``seed_tensor`` /
-        ``step_tensor`` (how the schema takes them); a checked call's form."""
-        seed_i, step_i, seed_t, step_t = _checks.split_noise(*self.noise)
-        return self._replace(seed=seed_i, step=step_i, seed_tensor=seed_t, step_tensor=step_t)
-
     def for_op(self) -> OpArgs:
-        """``float`` and ``int`` arguments as Python floats and ints (a numpy
-        scalar passes the checks but not the dispatcher)."""
-        return self._replace(**{k: _CASTS[t](getattr(self, k)) for k, t in self._types.items() if t in _CASTS})
+        """The call as the op takes it: a ``seed`` / ``step`` given as a
+        tensor moved to ``seed_tensor`` / ``step_tensor``, ``float`` and
+        ``int`` arguments as Python floats and ints (a numpy scalar passes
+        the checks but not the dispatcher). For a checked call."""
+        values = list(self)
+        if self._noise_at is not None:
+            for i, v in zip(self._noise_at, _checks.split_noise(*self.noise)):
+                values[i] = v
+        for i, cast in self._casts:
+            values[i] = cast(values[i])
+        return tuple.__new__(type(self), values)
 
 
 def _args_class(name: str) -> type:
@@ -105,9 +107,11 @@ def _args_class(name: str) -> type:
         )
         for a in schema.arguments
     ]
+    noise = ("seed", "step", "seed_tensor", "step_tensor")
     namespace = {
         "__slots__": (),
-        "_types": {a.name: str(a.type) for a in schema.arguments},
+        "_casts": [(i, _CASTS[str(a.type)]) for i, a in enumerate(schema.arguments) if str(a.type) in _CASTS],
+        "_noise_at": [fields.index(k) for k in noise] if set(noise) <= set(fields) else None,
         "signature": inspect.Signature(params),
     }
     return type(f"{name}_args", (base, OpArgs), namespace)

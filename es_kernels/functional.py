@@ -261,7 +261,7 @@ def weighted_select(
     """
     a = _op_args("weighted_select", locals())
     _checks.select(a)
-    return ops.weighted_select(*a.split_noise().for_op())
+    return ops.weighted_select(*a.for_op())
 
 
 # ------------------------------------------------------------ the fused step
@@ -382,7 +382,7 @@ def es_step(
     a = _op_args("es_step", locals() | step_settings(settings, "es_step"))
     _checks.step_from_logits(a)
     logits, targets = _shift(logits, targets, shift_labels)
-    a = a._replace(logits=logits, targets=targets).split_noise().for_op()
+    a = a._replace(logits=logits, targets=targets).for_op()
     return StepResult(*_run_checked(state, ids, ops.es_step, a))
 
 
@@ -419,7 +419,7 @@ def es_step_from_losses(losses, ids, state, b, *, mask=None, **settings) -> Step
     """
     a = _op_args("es_step_from_losses", locals() | step_settings(settings, "es_step_from_losses"))
     _checks.step_from_losses(a)
-    a = a.split_noise().for_op()
+    a = a.for_op()
     return StepResult(*_run_checked(state, ids, ops.es_step_from_losses, a))
 
 
