@@ -78,6 +78,14 @@ def _run_checked(state: ESState, ids: torch.Tensor, call):
     return out
 
 
+STEP_KEYS = ("beta1", "beta2", "lam", "select_mode", "eps", "seed", "step", "advance_step", "w_min")
+
+
+def step_kw(scope: dict) -> dict:
+    """The step's settings (``STEP_KEYS``) from a step function's ``locals()``, to pass on."""
+    return {k: scope[k] for k in STEP_KEYS}
+
+
 def _shift(logits, targets, shift_labels):
     """Causal-LM scoring: logits[:, t] against targets[:, t + 1], as views (no copy)."""
     _checks.flag(shift_labels, "shift_labels")
@@ -257,15 +265,7 @@ def es_step(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             shift_labels=shift_labels,
-            beta1=beta1,
-            beta2=beta2,
-            lam=lam,
-            select_mode=select_mode,
-            eps=eps,
-            seed=seed,
-            step=step,
-            advance_step=advance_step,
-            w_min=w_min,
+            **step_kw(locals()),
         )
     st = _state(state)
     _checks.step_from_logits(
@@ -359,15 +359,7 @@ def es_step_from_losses(
             b,
             segment_ids,
             mask=mask,
-            beta1=beta1,
-            beta2=beta2,
-            lam=lam,
-            select_mode=select_mode,
-            eps=eps,
-            seed=seed,
-            step=step,
-            advance_step=advance_step,
-            w_min=w_min,
+            **step_kw(locals()),
         )
     st = _state(state)
     _checks.step_from_losses(

@@ -32,19 +32,10 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks
+from . import _checks, _spec
 from ._ops import ops
-from ._spec import (
-    DEFAULT_BETA1,
-    DEFAULT_BETA2,
-    DEFAULT_EPS,
-    DEFAULT_IGNORE_INDEX,
-    DEFAULT_LAM,
-    DEFAULT_W_MIN,
-    INT64_MAX,
-    MAX_POSITIONS,
-)
-from .functional import StepResult, _run_checked, _state, es_step_from_losses
+from ._spec import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM, DEFAULT_W_MIN
+from .functional import StepResult, _run_checked, _state, es_step_from_losses, step_kw
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
@@ -260,17 +251,7 @@ def es_step_from_hidden(
     losses are computed or anything is written. No host synchronisation
     (except in the checked mode)."""
     st = _state(state)
-    kw = dict(
-        beta1=beta1,
-        beta2=beta2,
-        lam=lam,
-        select_mode=select_mode,
-        eps=eps,
-        seed=seed,
-        step=step,
-        advance_step=advance_step,
-        w_min=w_min,
-    )
+    kw = step_kw(locals())
     if segment_ids is not None:
         _check_packed_step(ids, segment_ids, st, b, **kw)
         _check_hidden(
@@ -343,7 +324,7 @@ def _group(tok, scored, doc):
     Returns the :class:`DocumentLosses` and each token's slot (int64 ``[B, T]``)."""
     n = doc.numel()
     dev = doc.device
-    key = torch.where(scored, doc, INT64_MAX).reshape(-1)
+    key = torch.where(scored, doc, _spec.INT64_MAX).reshape(-1)
     sorted_key, perm = torch.sort(key)
     start = torch.ones(n, dtype=torch.bool, device=dev)
     start[1:] = sorted_key[1:] != sorted_key[:-1]
@@ -372,7 +353,7 @@ def _check_segments(segment_ids, shape, device) -> None:
     _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES, device=device)
     if tuple(segment_ids.shape) != tuple(shape):
         raise ValueError(f"segment_ids must have shape {tuple(shape)} (the token grid), got {tuple(segment_ids.shape)}")
-    if segment_ids.numel() > MAX_POSITIONS:
+    if segment_ids.numel() > _spec.MAX_POSITIONS:
         raise ValueError(f"segment_ids: at most 2**32 - 1 tokens per call, got {segment_ids.numel()}")
 
 

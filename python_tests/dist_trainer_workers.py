@@ -6,13 +6,15 @@ with the same data, sampler, loss and optimizer. Each rank saves what it saw to
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from test_integrations import LR, N, V, collate, hand_select, make_data, make_model, trainer_args
+from test_integrations import record_selections as record
 
-N, T, V, B, b = 32, 8, 257, 4, 2  # 32 samples, 4 per meta-batch per rank: 4 steps an epoch on 2 ranks
-LR = 0.5
+B, b = 4, 2  # per rank; N = 32 samples: 4 steps an epoch on 2 ranks
 STEPS = 6
 
 
@@ -37,66 +39,22 @@ def entry(rank: int, world: int, port: int, out: str, scenarios: tuple) -> None:
         dist.destroy_process_group()
 
 
-def make_data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, V, (N, T), generator=g)
-    y = x.clone()
-    y[:, 0] = -100
-    y[: N // 2, -2:] = -100
-    return [{"input_ids": x[i], "labels": y[i]} for i in range(N)]
-
-
-def make_model():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    return GPT2LMHeadModel(cfg)
-
-
-def collate(items):
-    return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "labels")}
-
-
 def make_es(eswp: bool):
-    from es_kernels import ESWPSampler
     from es_kernels.distributed import DistributedESWPSampler, DistributedEvolvedSampler
 
     es = DistributedEvolvedSampler(N, mini_batch=b, seed=5, meta_batch=B)
-    return es, (DistributedESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None), ESWPSampler
+    return es, (DistributedESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None)
 
 
 def make_trainer(out, eswp=False, **kw):
-    from transformers import TrainingArguments
-
     from es_kernels.integrations.transformers import ESTrainer
 
-    es, pruner, _ = make_es(eswp)
-    args = dict(
-        output_dir=out,
-        per_device_train_batch_size=B,
-        learning_rate=LR,
-        optim="sgd",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        warmup_steps=0,
-        lr_scheduler_type="linear",
-        logging_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_backend="gloo",
-        max_steps=STEPS,
-    )
+    es, pruner = make_es(eswp)
+    args = dict(per_device_train_batch_size=B, ddp_backend="gloo", max_steps=STEPS)
     args.update(kw)
     tr = ESTrainer(
         model=make_model(),
-        args=TrainingArguments(**args),
+        args=trainer_args(Path(out), **args),
         train_dataset=make_data(),
         data_collator=collate,
         es_sampler=es,
@@ -105,24 +63,11 @@ def make_trainer(out, eswp=False, **kw):
     return tr, es
 
 
-def record(es):
-    seen = []
-    orig = es.select
-
-    def select(ids, **kw):
-        sel = orig(ids, **kw)
-        seen.append(ids[sel.positions].tolist())
-        return sel
-
-    es.select = select
-    return seen
-
-
 def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def trainer_run(rank, world, out, eswp=False):
+def trainer_run(rank, world, out):
     tr, es = make_trainer(os.path.join(out, "trainer"))
     seen = record(es)
     tr.train()
@@ -141,7 +86,7 @@ def hand_loop(rank, world, out):
     from es_kernels.integrations import ESCollator, ESDataset, ESStream
 
     model = make_model()
-    es, _, _ = make_es(False)
+    es, _ = make_es(False)
     stream = ESStream(es=es)
     loader = DataLoader(ESDataset(make_data()), batch_size=B, sampler=stream, collate_fn=ESCollator(collate))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -157,14 +102,8 @@ def hand_loop(rank, world, out):
     it = batches()
     for _ in range(STEPS):
         batch = next(it)
-        x, y, ids = batch["input_ids"], batch["labels"], batch["es_id"]
-        model.eval()
-        with torch.no_grad():
-            sel = es.select(ids, logits=model(x).logits[:, :-1], targets=y[:, 1:])
-        model.train()
-        pos = sel.positions
-        seen.append(ids[pos].tolist())
-        x, y = x[pos], y[pos]
+        pos = hand_select(model, es, batch, seen)
+        x, y = batch["input_ids"][pos], batch["labels"][pos]
         count = (y[:, 1:] != -100).sum()
         dist.all_reduce(count)
         logits = model(x).logits[:, :-1]
