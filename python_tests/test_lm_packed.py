@@ -282,3 +282,22 @@ def test_bad_input_raises_before_writing():
         with pytest.raises(ValueError, match=name):
             call()
     assert torch.equal(state.tensor.nan_to_num(-1), before.nan_to_num(-1)) and state.errors.tolist() == [0, 0]
+
+
+@pytest.mark.skipif(triton_ops is None, reason="the guard needs es_kernels._triton")
+def test_packed_paths_make_no_host_round_trip():
+    from test_triton import no_host_sync
+
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2], [2, 2, -1, 3, 3, 3], [1, 1, 1, 1, 4, 4]])
+    logits, targets = logits_batch(seg, 13, torch.float32, 3)
+    weight = torch.randn(13, 5)
+    hidden = torch.randn(3, 6, 5)
+    es = ek.EvolvedSampler(6, 2, seed=1, eps=0.1)
+    with no_host_sync():
+        lm.per_document_cross_entropy(logits, targets, seg, shift_labels=True)
+        lm.per_document_losses_from_hidden(hidden, weight, targets, seg, workspace_bytes=64)
+        lm.per_document_losses(token_losses(seg.shape, torch.float32, 1), seg)
+        es.select(logits=logits, targets=targets, segment_ids=seg, shift_labels=True)
+        es.select(hidden=hidden, weight=weight, targets=targets, segment_ids=seg)
+        es.select(losses=token_losses(seg.shape, torch.bfloat16, 2), segment_ids=seg)
+    assert es.step == 3
