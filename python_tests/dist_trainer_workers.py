@@ -68,10 +68,19 @@ def params(model):
 
 
 def trainer_run(rank, world, out):
+    from es_kernels import EvolvedSampler
+    from es_kernels.integrations.transformers import ESTrainer
+
+    try:  # a plain sampler under DDP: refused (its replicas would drift apart)
+        ESTrainer(model=make_model(), args=trainer_args(Path(out) / "plain"), es_sampler=EvolvedSampler(N, b))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
     tr, es = make_trainer(os.path.join(out, "trainer"))
     seen = record(es)
     tr.train()
-    return {"seen": seen, "state": es.state.tensor.clone(), "step": es.step, "params": params(tr.model)}
+    res = {"seen": seen, "state": es.state.tensor.clone(), "step": es.step, "params": params(tr.model)}
+    return {**res, "refused": refused}
 
 
 def hand_loop(rank, world, out):

@@ -52,6 +52,7 @@ def same(a, b):
 
 def test_trainer_ddp_matches_hand_loop(runs):
     for r in range(WORLD):
+        assert "DistributedEvolvedSampler" in runs["trainer_run", r]["refused"]
         tr, hand = runs["trainer_run", r], runs["hand_loop", r]
         assert len(tr["seen"]) == W.STEPS and all(len(s) == W.b for s in tr["seen"])
         assert tr["seen"] == hand["seen"]

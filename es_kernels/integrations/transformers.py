@@ -78,6 +78,7 @@ except ImportError as e:  # pragma: no cover
         "es_kernels.integrations.transformers needs transformers: pip install 'es-kernels[integrations]'"
     ) from e
 
+from ..distributed import DistributedEvolvedSampler
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
 
@@ -153,6 +154,11 @@ class ESTrainer(Trainer):
         if eswp is not None and eswp.es is not es_sampler:
             raise ValueError("eswp must be built on es_sampler")
         super().__init__(*args, **kwargs)
+        if self.args.world_size > 1 and not isinstance(es_sampler, DistributedEvolvedSampler):
+            raise ValueError(
+                f"es_sampler must be an es_kernels.distributed.DistributedEvolvedSampler when the Trainer runs "
+                f"on {self.args.world_size} processes: the replicas of a plain EvolvedSampler would drift apart"
+            )
         self.es_sampler = es_sampler
         self.es_eswp = eswp
         self.es_stream = ESStream(eswp, es=es_sampler)
