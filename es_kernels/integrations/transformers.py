@@ -55,7 +55,8 @@ meta-batch, and the sampler's exchange applies every rank's observations to
 every replica, so the replicas, the plans and the stream stay bit-identical.
 ``num_items_in_batch`` is the Trainer's count over every rank's selected rows
 (``average_tokens_across_devices``). ``es_sampler.pt`` is written by the main
-process and read by every rank on resume. Tested on 2 gloo processes against a
+process and read by every rank on resume. A plain ``EvolvedSampler`` on several
+processes is refused (ValueError). Tested on 2 gloo processes against a
 hand-written DDP loop (bit-identical selections, state and parameters) and for
 a bit-exact resume in the middle of a pruned ESWP epoch
 (``python_tests/test_integrations_ddp.py``).
