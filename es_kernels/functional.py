@@ -318,6 +318,14 @@ def takes_step_settings(fn):
     return fn
 
 
+STEP_KEYS = tuple(STEP_SETTINGS)
+
+
+def step_kw(scope: dict) -> dict:
+    """The step's settings (:data:`STEP_SETTINGS`) from a step function's ``locals()``, to pass on."""
+    return {k: scope[k] for k in STEP_KEYS}
+
+
 def step_settings(given: dict, caller: str) -> dict:
     """:data:`STEP_SETTINGS` with the ``given`` values; ``TypeError`` for a
     name that is not a setting (as a Python call would raise it)."""
@@ -338,6 +346,7 @@ def es_step(
     ignore_index=DEFAULT_IGNORE_INDEX,
     label_smoothing=0.0,
     shift_labels=False,
+    segment_ids=None,
     **settings,
 ) -> StepResult:
     """The fused ES step from logits, in one op (spec section 6).
@@ -359,6 +368,14 @@ def es_step(
         argument must be on its device.
     b : int in [0, B]
         How many positions to select.
+    segment_ids : Tensor or None
+        Packed rows: int64 / int32 ``[B, T]``, each token's document id in
+        the state, negative for padding; ``ids`` must then be None. The state
+        is per document and ``b`` rows are selected by the token-weighted
+        mean of their documents' weights (docs/spec.md section 6.1);
+        ``shift_labels=True`` also drops the positions whose next token
+        starts another document. The returned ``losses`` and ``weights`` are
+        per row.
 
     Returns
     -------
@@ -379,7 +396,13 @@ def es_step(
     ``ES_KERNELS_CHECKED=1``); CUDA-graph and ``torch.compile`` friendly.
     One C++ call on the CPU; a fixed sequence of Triton launches on CUDA.
     """
-    a = _op_args("es_step", locals() | step_settings(settings, "es_step"))
+    settings = step_settings(settings, "es_step")
+    if segment_ids is not None:
+        from .lm import packed_step_from_logits  # lm builds on this module
+
+        shift = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, shift_labels=shift_labels)
+        return packed_step_from_logits(logits, targets, ids, state, b, segment_ids, **shift, **settings)
+    a = _op_args("es_step", locals() | settings)
     _checks.step_from_logits(a)
     logits, targets = _shift(logits, targets, shift_labels)
     a = a._replace(logits=logits, targets=targets).for_op()
@@ -387,7 +410,7 @@ def es_step(
 
 
 @takes_step_settings
-def es_step_from_losses(losses, ids, state, b, *, mask=None, **settings) -> StepResult:
+def es_step_from_losses(losses, ids, state, b, *, mask=None, segment_ids=None, **settings) -> StepResult:
     """The fused ES step from precomputed losses (any loss; spec section 6).
 
     Parameters
@@ -402,6 +425,9 @@ def es_step_from_losses(losses, ids, state, b, *, mask=None, **settings) -> Step
         As in :func:`es_step`.
     mask : Tensor or None
         bool ``[B, T]`` with token losses: the tokens that count (None: all).
+    segment_ids : Tensor or None
+        Packed rows, as in :func:`es_step` (``ids`` None): ``losses`` are
+        then token losses ``[B, T]`` and the state is per document.
 
     Returns
     -------
@@ -417,7 +443,12 @@ def es_step_from_losses(losses, ids, state, b, *, mask=None, **settings) -> Step
     -----
     No host synchronisation (except in the checked mode).
     """
-    a = _op_args("es_step_from_losses", locals() | step_settings(settings, "es_step_from_losses"))
+    settings = step_settings(settings, "es_step_from_losses")
+    if segment_ids is not None:
+        from .lm import packed_step_from_losses  # lm builds on this module
+
+        return packed_step_from_losses(losses, ids, state, b, segment_ids, mask=mask, **settings)
+    a = _op_args("es_step_from_losses", locals() | settings)
     _checks.step_from_losses(a)
     a = a.for_op()
     return StepResult(*_run_checked(state, ids, ops.es_step_from_losses, a))
