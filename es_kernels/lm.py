@@ -490,12 +490,15 @@ def per_document_cross_entropy(
     Returns
     -------
     DocumentLosses
-        As in :func:`per_document_losses`. No host synchronisation.
+        The documents' mean token cross-entropies, laid out as
+        :func:`per_document_losses` lays them out; on the logits' device, no
+        host synchronisation.
 
     Raises
     ------
     ValueError
-        Naming the argument, for a wrong shape, dtype, device or value.
+        Naming the argument: logits, targets and segment_ids of other
+        shapes, dtypes or devices, a bad ``ignore_index`` or ``label_smoothing``.
     """
     _check_packed_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels)
     return _group(
