@@ -305,17 +305,36 @@ _STEP_SETTINGS_DOC = """\
 """
 
 
-def takes_step_settings(fn):
-    """Give ``fn(..., **settings)`` the keyword-only parameters of
-    :data:`STEP_SETTINGS` in its signature (``inspect.signature``, ``help``)
-    and its docstring (the *Other Parameters* section, before *Raises*)."""
-    sig = inspect.signature(fn)
-    own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in STEP_SETTINGS.items()]
-    fn.__signature__ = sig.replace(parameters=own + extra)
-    head, raises, tail = fn.__doc__.partition("\n    Raises\n")
-    fn.__doc__ = head.rstrip("\n ") + "\n\n" + _STEP_SETTINGS_DOC + raises + tail
-    return fn
+def takes_keywords(defaults: dict, doc: str = ""):
+    """Decorate ``fn(..., **kw)`` to show the keyword-only parameters
+    ``defaults`` (name -> default) in its signature (``inspect.signature``,
+    ``help``), and ``doc`` (an *Other Parameters* section) in its docstring,
+    before *Raises*. ``fn`` fills them in with :func:`keywords`."""
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()]
+        fn.__signature__ = sig.replace(parameters=own + extra)
+        if doc:
+            head, raises, tail = fn.__doc__.partition("\n    Raises\n")
+            fn.__doc__ = head.rstrip("\n ") + "\n\n" + doc + raises + tail
+        return fn
+
+    return deco
+
+
+def keywords(given: dict, defaults: dict, caller: str) -> dict:
+    """``defaults`` with the ``given`` values; ``TypeError`` for a name that
+    is not among them (as a Python call would raise it)."""
+    for name in given:
+        if name not in defaults:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+    return {**defaults, **given}
+
+
+# es_step, es_step_from_losses and lm.es_step_from_hidden take STEP_SETTINGS
+takes_step_settings = takes_keywords(STEP_SETTINGS, _STEP_SETTINGS_DOC)
 
 
 STEP_KEYS = tuple(STEP_SETTINGS)
@@ -327,12 +346,8 @@ def step_kw(scope: dict) -> dict:
 
 
 def step_settings(given: dict, caller: str) -> dict:
-    """:data:`STEP_SETTINGS` with the ``given`` values; ``TypeError`` for a
-    name that is not a setting (as a Python call would raise it)."""
-    for name in given:
-        if name not in STEP_SETTINGS:
-            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
-    return {**STEP_SETTINGS, **given}
+    """:data:`STEP_SETTINGS` with the ``given`` values (:func:`keywords`)."""
+    return keywords(given, STEP_SETTINGS, caller)
 
 
 @takes_step_settings

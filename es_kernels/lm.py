@@ -28,6 +28,7 @@ value is read into Python.
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -35,7 +36,7 @@ import torch
 from . import _checks, _spec
 from ._ops import bind, ops
 from ._spec import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM, DEFAULT_W_MIN
-from .functional import StepResult, _run_checked, _state, es_step_from_losses, step_kw
+from .functional import StepResult, _run_checked, _state, es_step_from_losses, keywords, step_kw, takes_keywords
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
@@ -506,18 +507,16 @@ def per_document_cross_entropy(
     )[0]
 
 
-def per_document_losses_from_hidden(
-    hidden,
-    weight,
-    targets,
-    segment_ids,
-    bias=None,
-    *,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    label_smoothing: float = 0.0,
-    shift_labels: bool = False,
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-) -> DocumentLosses:
+# per_document_losses_from_hidden takes per_sample_losses_from_hidden's keyword-only options
+HIDDEN_OPTIONS = {
+    p.name: p.default
+    for p in inspect.signature(per_sample_losses_from_hidden).parameters.values()
+    if p.kind == inspect.Parameter.KEYWORD_ONLY
+}
+
+
+@takes_keywords(HIDDEN_OPTIONS)
+def per_document_losses_from_hidden(hidden, weight, targets, segment_ids, bias=None, **options) -> DocumentLosses:
     """:func:`per_document_cross_entropy` of ``hidden @ weight.T + bias`` without
     the logits (vocabulary chunks, as :func:`per_sample_losses_from_hidden`).
 
@@ -540,15 +539,13 @@ def per_document_losses_from_hidden(
     ValueError
         Naming the argument, for a wrong shape, dtype, device or value.
     """
-    _check_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes)
+    o = keywords(options, HIDDEN_OPTIONS, "per_document_losses_from_hidden")
+    opts = (o["ignore_index"], o["label_smoothing"], o["shift_labels"], o["workspace_bytes"])
+    _check_hidden(hidden, weight, targets, bias, *opts)
     _check_segments(segment_ids, targets.shape, hidden.device)
     if hidden.dim() != 3:
         raise ValueError(f"segment_ids needs hidden [B, T, H], got {tuple(hidden.shape)}")
-    return _group(
-        *_packed_tokens_from_hidden(
-            hidden, weight, targets, segment_ids, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
-        )
-    )[0]
+    return _group(*_packed_tokens_from_hidden(hidden, weight, targets, segment_ids, bias, *opts))[0]
 
 
 def packed_step(tok, scored, doc, state, b, *, beta1, beta2, lam, select_mode, eps, seed, step, advance_step, w_min):
