@@ -391,13 +391,13 @@ def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.
         _spec.kept_scale(prune_ratio, rescale),
         scale,
         skip,
-        domain // 32,
+        k,
         counts[visits:],
         ANNEALING=epoch >= _spec.anneal_stop(num_epochs, anneal_frac),
         BLOCK=PRUNE_BLOCK,
         **_meta(dev),
     )
-    visit = (skip, domain, k, seed, epoch_lo)
+    visit = (skip, k, seed, epoch_lo)
     launch(prune_count_kernel, (visits,), dev, *visit, counts, BLOCK=PRUNE_BLOCK, **_meta(dev))
     start = torch.zeros(visits + blocks + 1, dtype=torch.int64, device=dev)  # exclusive scan: first slots
     torch.cumsum(counts, 0, out=start[1:])

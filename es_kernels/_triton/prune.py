@@ -76,7 +76,13 @@ def prune_sum_kernel(state_ptr, N, acc_ptr, BLOCK: tl.constexpr):
     tl.atomic_add(acc_ptr + 2, tl.sum(q, 0))
 
 
-@triton.jit(do_not_specialize=["N", "seed", "epoch_lo", "drop_below", "words"])
+@triton.jit
+def _domain(k):
+    """2**k as int64 (k <= 32)."""
+    return tl.full((), 1, tl.int64) << k
+
+
+@triton.jit(do_not_specialize=["N", "seed", "epoch_lo", "drop_below", "k"])
 def prune_decide_kernel(
     state_ptr,
     N,
@@ -87,7 +93,7 @@ def prune_decide_kernel(
     kept_scale,
     scale_ptr,
     skip_ptr,
-    words,
+    k,
     gone_ptr,
     ANNEALING: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -114,7 +120,7 @@ def prune_decide_kernel(
     flags = tl.reshape((dropped | ~inb).to(tl.uint32), (BLOCK // 32, 32))
     word = tl.sum(flags << tl.arange(0, 32).to(tl.uint32)[None, :], 1)
     w = pid.to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-    tl.store(skip_ptr + w, word.to(tl.int32, bitcast=True), mask=w < words)
+    tl.store(skip_ptr + w, word.to(tl.int32, bitcast=True), mask=w < _domain(k) // 32)
 
 
 @triton.jit
@@ -146,19 +152,20 @@ def _visit_perm(q, k, seed, epoch_lo):
 
 
 @triton.jit
-def _kept_in_visit(skip_ptr, q, domain, k, seed, epoch_lo):
+def _kept_in_visit(skip_ptr, q, k, seed, epoch_lo):
     """(perm(q) as int64, kept) for the q (int64) of one block of the domain."""
+    domain = _domain(k)
     x = _visit_perm(q.to(tl.uint32), k, seed, epoch_lo)
     word = tl.load(skip_ptr + (x >> 5).to(tl.int64), mask=q < domain, other=-1)
     kept = (q < domain) & (((word >> (x & 31).to(tl.int32)) & 1) == 0)
     return x.to(tl.int64), kept
 
 
-@triton.jit(do_not_specialize=["domain", "k", "seed", "epoch_lo"])
-def prune_count_kernel(skip_ptr, domain, k, seed, epoch_lo, count_ptr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["k", "seed", "epoch_lo"])
+def prune_count_kernel(skip_ptr, k, seed, epoch_lo, count_ptr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _, kept = _kept_in_visit(skip_ptr, q, domain, k, seed, epoch_lo)
+    _, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo)
     tl.store(count_ptr + pid, tl.sum(kept.to(tl.int64), 0))
 
 
@@ -170,11 +177,11 @@ def _write_compacted(order_ptr, start_ptr, pid, value, keep):
     tl.store(order_ptr + slot, value, mask=keep)
 
 
-@triton.jit(do_not_specialize=["domain", "k", "seed", "epoch_lo"])
-def prune_write_kept_kernel(skip_ptr, domain, k, seed, epoch_lo, start_ptr, order_ptr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["k", "seed", "epoch_lo"])
+def prune_write_kept_kernel(skip_ptr, k, seed, epoch_lo, start_ptr, order_ptr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x, kept = _kept_in_visit(skip_ptr, q, domain, k, seed, epoch_lo)
+    x, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo)
     _write_compacted(order_ptr, start_ptr, pid, x, kept)
 
 
