@@ -189,7 +189,7 @@ class ESStream(Sampler):
     def _new_plan(self) -> None:
         epoch = self._plans[-1].epoch + 1 if self._plans else self._first_eswp
         self.pruner.set_epoch(epoch)
-        ids = torch.tensor(list(iter(self.pruner)), dtype=torch.int64)
+        ids = self.pruner.epoch_ids()
         scales = self.es.scales_of(ids.to(self.es.device)).to("cpu", torch.float32)
         self._plans.append(_Plan(epoch, ids, scales))
 
