@@ -45,7 +45,8 @@ void update_kernel(const I* ids, const S* l, const bool* scored, int64_t B, S* s
   const S lm = static_cast<S>(lam), wmin = static_cast<S>(w_min);
   const float wmin_f = static_cast<float>(wmin);
   int64_t bad_id = 0, bad_obs = 0;
-  constexpr int64_t kAhead = 16;  // pairs requested ahead: after a pass over the logits the state is cold
+  // pairs requested ahead: after a pass over the logits the state is cold
+  constexpr int64_t kAhead = 16;
   for (int64_t j = 0; j < std::min(B, kAhead); ++j) prefetch_pair(ids[j], st, N);
   for (int64_t j = 0; j < B; ++j) {
     if (j + kAhead < B) prefetch_pair(ids[j + kAhead], st, N);

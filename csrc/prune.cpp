@@ -113,7 +113,8 @@ struct VisitPerm {
     const Philox4 p = philox4x32_10(seed, 0, epoch, kStreamPruneOrder);
     for (int r = 0; r < 4; ++r) {
       key[r] = p.x[r];
-      mask[r] = static_cast<uint32_t>((uint64_t(1) << (r % 2 == 0 ? k - lo : lo)) - 1);  // the half it xors
+      const int width = r % 2 == 0 ? k - lo : lo;  // of the half round r xors
+      mask[r] = static_cast<uint32_t>((uint64_t(1) << width) - 1);
     }
   }
 
@@ -205,7 +206,7 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
     int64_t* out = order + K + gone[c];
     for (int64_t w = b >> 6; w < (e + 63) >> 6; ++w) {
       uint64_t m = skip[w];
-      if (N % 64 && w == N >> 6) m &= (uint64_t(1) << (N % 64)) - 1;  // the bits from N on are not ids
+      if (N % 64 && w == N >> 6) m &= (uint64_t(1) << (N % 64)) - 1;  // bits from N on: no ids
       for (; m; m &= m - 1) *out++ = (w << 6) + __builtin_ctzll(m);
     }
   });

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 import torch
 from conftest import new_state
 from hypothesis import given
