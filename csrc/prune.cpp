@@ -132,11 +132,17 @@ struct VisitPerm {
     return (a << lo) | b;
   }
 
-  // out[j] = perm(q0 + j) for j < n
-  void block(int64_t q0, int64_t n, uint32_t* out) const {
-    for (int64_t j = 0; j < n; ++j) out[j] = (*this)(static_cast<uint32_t>(q0 + j));
-  }
 };
+
+// out[j] = perm(q0 + j) for j < n. On x86 with GCC an AVX2 copy (8 lanes of
+// 32-bit multiplies) is chosen at run time where the CPU has it; the portable
+// copy emulates the multiplies with SSE2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__AVX2__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void perm_block(const VisitPerm& perm, int64_t q0, int64_t n, uint32_t* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = perm(static_cast<uint32_t>(q0 + j));
+}
 
 constexpr int64_t kPermBlock = 512;  // perm values computed at once (on the stack)
 
@@ -178,7 +184,7 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
       int64_t cnt = 0;
       for (int64_t q = b; q < e; q += kPermBlock) {
         const int64_t n = std::min(kPermBlock, e - q);
-        perm.block(q, n, x);
+        perm_block(perm, q, n, x);
         for (int64_t j = 0; j < n; ++j) cnt += kept(x[j]);
       }
       at[c] = cnt;
@@ -191,7 +197,7 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
     int64_t* out = order + at[c];
     for (int64_t q = b; q < e; q += kPermBlock) {
       const int64_t n = std::min(kPermBlock, e - q);
-      perm.block(q, n, x);
+      perm_block(perm, q, n, x);
       int64_t m = 0;
       for (int64_t j = 0; j < n; ++j) {  // branch-free compaction into ids
         ids[m] = x[j];
