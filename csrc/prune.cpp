@@ -131,7 +131,6 @@ struct VisitPerm {
     }
     return (a << lo) | b;
   }
-
 };
 
 // out[j] = perm(q0 + j) for j < n. On x86 with GCC an AVX2 copy (8 lanes of
