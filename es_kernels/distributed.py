@@ -524,8 +524,18 @@ class DistributedESWPSampler(ESWPSampler):
             yield from chunk.tolist()
 
     def chunks(self, size: int = CHUNK):
-        """This rank's share of the next epoch (:meth:`ESWPSampler.chunks`), as
-        int64 CPU tensors of at most ``size`` ids; lazy like ``iter()``."""
+        """This rank's share of the next epoch (:meth:`ESWPSampler.chunks`); lazy like ``iter()``.
+
+        Parameters
+        ----------
+        size : int >= 1
+            Ids per chunk, at most.
+
+        Returns
+        -------
+        Iterator[Tensor]
+            int64 CPU tensors: this rank's share, in order.
+        """
         size = _checks.integer(size, "size", 1)
         return self._shard_chunks(size)
 

@@ -583,13 +583,30 @@ class ESWPSampler(Sampler[int]):
         int per id): for a loader that takes index tensors, or to collect the
         epoch with ``torch.cat``. A yielded chunk counts as yielded in
         ``position``; ``set_epoch``, ``load_state_dict`` or a newer ``iter()``
-        ends the iterator as they end ``iter()``'s."""
+        ends the iterator as they end ``iter()``'s.
+
+        Parameters
+        ----------
+        size : int >= 1
+            The most ids per chunk.
+
+        Returns
+        -------
+        Iterator[Tensor]
+            int64 CPU tensors. Starting the epoch makes the one host
+            synchronisation of :class:`ESWPSampler`.
+        """
         size = _checks.integer(size, "size", 1)
         return self._yield_chunks(self._begin(), size)
 
     def epoch_ids(self) -> torch.Tensor:
-        """Start the next epoch as ``iter()`` does and return all the ids it
-        yields, as one int64 CPU tensor (``chunks`` concatenated)."""
+        """Start the next epoch as ``iter()`` does and return all the ids it yields.
+
+        Returns
+        -------
+        Tensor
+            int64 CPU ``[K]``: :meth:`chunks` concatenated.
+        """
         return cat_ids(self.chunks())
 
     def _begin(self) -> _Plan:
