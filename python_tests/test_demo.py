@@ -109,6 +109,30 @@ def test_summarize_fair_metrics_on_synthetic_runs():
     assert s["es"]["wall_saving_vs_full"] == pytest.approx(0.5)
 
 
+def test_process_clock_times_training(monkeypatch):
+    """--clock process: every training time comes from time.process_time
+    (a frozen fake here: no training time passes), real time still feeds the
+    ETA; an unknown clock is refused before training."""
+    from es_kernels.demo import run
+
+    g = torch.Generator().manual_seed(0)
+    data = (
+        torch.randn(64, 5, generator=g),
+        torch.randint(0, 3, (64,), generator=g),
+        torch.randn(16, 5),
+        torch.zeros(16, dtype=torch.int64),
+        3,
+    )
+    cfg = run.Config(epochs=2, meta_batch=32, mini_batch=8, hidden=8, threads=1, clock="process")
+    monkeypatch.setitem(run.CLOCKS, "process", lambda: 5.0)
+    for method in ("full", "es"):
+        r = run.train(method, data, cfg, 0)
+        assert r["wall_s"] == 0.0 and r["score_s"] == 0.0 and r["elapsed_s"] > 0
+        assert [p[0] for p in r["curve"]] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="clock"):
+        run.train("full", data, run.Config(clock="cpu"), 0)
+
+
 def test_eta_from_measured_epochs_and_the_cost_model():
     from es_kernels.demo.run import Eta, fmt_eta
 
@@ -159,12 +183,15 @@ TINY = ["--quick", "--epochs", "2", "--mnist1d-samples", "800", "--no-progress"]
 def test_demo_quick_end_to_end(tmp_path, capsys):
     from es_kernels.demo import METHODS, main
 
-    rc = main(TINY + ["--seeds", "2", "--label-noise", "0.2", "--out", str(tmp_path), "--threads", "1"])
+    args = ["--seeds", "2", "--label-noise", "0.2", "--out", str(tmp_path), "--threads", "1", "--clock", "process"]
+    rc = main(TINY + args)
     assert rc == 0
     out = capsys.readouterr().out
     assert "SMOKE TEST" in out and "time to target" in out and "scoring share" in out
+    assert "| method | epochs | process CPU time s |" in out
     res = json.loads((tmp_path / "demo.json").read_text())
     assert res["complete"] and res["smoke_test"] and res["config"]["threads"] == 1
+    assert res["config"]["clock"] == "process"
     assert set(res["datasets"]) == {"mnist1d", "digits"}
     for ds in res["datasets"].values():
         assert set(ds["summary"]) == set(METHODS)

@@ -13,6 +13,13 @@ import torch
 
 from . import metrics as M
 
+CLOCK_NAMES = {"wall": "wall-clock", "process": "process CPU time"}
+
+
+def clock_name(cfg: dict) -> str:
+    """What the run's times are: wall-clock or process CPU time (``--clock``)."""
+    return CLOCK_NAMES[cfg.get("clock", "wall")]
+
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -48,12 +55,12 @@ def settings_caption(cfg: dict) -> str:
         f"MLP hidden {cfg['hidden']}, Adam lr {cfg['lr']:g}, {cfg['seeds']} seeds, label noise {cfg['label_noise']:g}; "
         f"ES beta1={cfg['beta1']:g} beta2={cfg['beta2']:g} lam={cfg.get('lam', 1):g} eps={cfg.get('eps', 0):g}; "
         f"ESWP/InfoBatch prune {cfg['prune_ratio']:g}, anneal {cfg['anneal_frac']:g}; "
-        f"{cfg['threads']} threads, {cfg.get('device', 'cpu')}"
+        f"{cfg['threads']} threads, {cfg.get('device', 'cpu')}; times: training {clock_name(cfg)}"
     )
 
 
 def plot(results: dict, path: Path) -> None:
-    """Accuracy against training wall-clock: one point per evaluation (start,
+    """Accuracy against training time (``--clock``): one point per evaluation (start,
     each epoch, a time stop), mean over seeds with the seeds' min-max band,
     the target line, each method's mean time-to-target, the window."""
     import matplotlib
@@ -102,7 +109,9 @@ def plot(results: dict, path: Path) -> None:
                 target, color="black", linestyle="--", linewidth=1, label=f"target: full's final accuracy {target:.2f}%"
             )
         if window:
-            ax.axvline(window, color="gray", linestyle=":", linewidth=1, label=f"ES's wall-clock {fmt_s(window)} s")
+            ax.axvline(
+                window, color="gray", linestyle=":", linewidth=1, label=f"ES's {clock_name(cfg)} {fmt_s(window)} s"
+            )
         accs = [p[1] for rs in ds["runs"].values() for r in rs for p in r["curve"][1:]]
         if accs:  # the start (chance level) would squash the interesting part
             top = max(accs)
@@ -111,7 +120,7 @@ def plot(results: dict, path: Path) -> None:
             f"{name} ({ds['n_train']} train, label noise {cfg['label_noise']:g})"
             + ("  SMOKE TEST" if results.get("smoke_test") else "")
         )
-        ax.set_xlabel("training wall-clock (s)")
+        ax.set_xlabel(f"training {clock_name(cfg)} (s)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best", framealpha=0.8)
@@ -131,7 +140,8 @@ def plot(results: dict, path: Path) -> None:
 
 def format_summary(results: dict) -> str:
     cfg = results["config"]
-    lines = []
+    clock = clock_name(cfg)
+    lines = [f"times: training {clock} (--clock {cfg.get('clock', 'wall')}), evaluation excluded"]
     if results.get("smoke_test"):
         from .run import smoke_note
 
@@ -148,7 +158,7 @@ def format_summary(results: dict) -> str:
             f"label noise {cfg['label_noise']:g}, {seeds} seeds, {cfg['epochs']} epochs"
         )
         lines.append(
-            "| method | epochs | wall-clock s | vs full | backward samples | test acc % | vs full (points) "
+            f"| method | epochs | {clock} s | vs full | backward samples | test acc % | vs full (points) "
             "| scoring share | ideal saving |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -175,11 +185,11 @@ def format_summary(results: dict) -> str:
             )
         if window:
             lines.append(
-                f"window: [0, {fmt_s(window)} s] (ES's mean wall-clock): accuracy held at that time, "
+                f"window: [0, {fmt_s(window)} s] (ES's mean {clock}): accuracy held at that time, "
                 "and the mean accuracy over the window (area under the held curve / window)"
             )
         lines.append(
-            "| method | reached target | time to target s | backward samples to target "
+            f"| method | reached target | time to target s ({clock}) | backward samples to target "
             "| acc at window end % | mean acc over window % |"
         )
         lines.append("|---|---|---|---|---|---|")
@@ -205,7 +215,8 @@ def format_ablation(res: dict) -> str:
     lines.append(
         f"{len(res['settings'])} settings x {len(res['tasks'])} tasks x {cfg['seeds']} seeds; "
         f"B={cfg['meta_batch']}, hidden {cfg['hidden']}, MNIST-1D {cfg['mnist1d_samples']} samples; "
-        f"{cfg['threads']} threads; {res['machine']['date']}"
+        f"{cfg['threads']} threads; times: training {clock_name(cfg)} (--clock {cfg.get('clock', 'wall')}); "
+        f"{res['machine']['date']}"
     )
     if res.get("load_warning"):
         lines.append(res["load_warning"])

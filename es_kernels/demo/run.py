@@ -8,6 +8,7 @@ each method needs to reach the full baseline's accuracy.
     es-kernels demo --ablate         # the grid and the rule behind the defaults
     es-kernels demo --eta-only       # time an epoch of full and ES per data set, print the ETA
     es-kernels demo --nproc 2        # every method under DDP on 2 gloo processes
+    es-kernels demo --threads 1 --clock process   # time = this process's CPU time (a shared machine)
 
 Methods, each with the same optimizer and model:
 
@@ -54,7 +55,7 @@ from .._spec import DEFAULT_EPS, DEFAULT_LAM
 from ..functional import DEFAULT_BETA1, DEFAULT_BETA2, es_update
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import metrics as M
-from .report import fmt_s, format_ablation, format_summary, machine, plot
+from .report import clock_name, fmt_s, format_ablation, format_summary, machine, plot
 from .tasks import corrupt_labels, load_dataset
 
 TIME_METHODS = ("uniform-time", "full-time")
@@ -92,6 +93,13 @@ class Config:
     score_dtype: str = "auto"  # the scoring pass: auto (bf16 autocast on CUDA), float32, bfloat16
     smoke_test: bool = False
     nproc: int = 1  # processes (DDP, gloo); the global meta-batch and mini-batch are split among them
+    clock: str = "wall"  # what training time is measured on: CLOCKS
+
+
+# Training time: "wall" is real time; "process" is this process's CPU time (all
+# its threads: meaningful with --threads 1), fair between runs made at
+# different moments on a machine shared with other work.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
@@ -158,11 +166,12 @@ def base_method(method: str) -> str:
 
 
 def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budget: float | None = None) -> dict:
-    """One run. ``time_budget`` (seconds of training wall-clock) stops the run
+    """One run. ``time_budget`` (seconds of training time on ``cfg.clock``) stops the run
     by time instead of by epochs, required by the ``-time`` methods: it stops
     after the last step that, at the last step's pace, ends within the budget.
 
-    Returns wall_s (training only, evaluation excluded), backward_samples,
+    Returns wall_s (training time on ``cfg.clock``: real time, or this
+    process's CPU time; evaluation excluded), backward_samples,
     test_acc (final), curve (``[wall_s, test_acc, backward]`` at the start,
     after each epoch and at a time stop), epochs (completed; a time stop adds
     the fraction of its last epoch), score_s (the scoring passes: no-grad
@@ -183,6 +192,9 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     n = xtr.shape[0]
     world, rank = _world()
     B, b = cfg.meta_batch // world, cfg.mini_batch // world
+    if cfg.clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {cfg.clock!r}")
+    clock = CLOCKS[cfg.clock]
     started = time.perf_counter()
     net = model = make_model(xtr.shape[1], cfg.hidden, k, seed).to(dev)
     if world > 1:
@@ -211,7 +223,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     stopped = False
     for epoch in range(max_epochs):
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         if pruner is not None:
             pruner.set_epoch(epoch)
             order = torch.tensor(list(pruner), dtype=torch.int64)  # what a DataLoader would draw
@@ -221,7 +233,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 order = torch.tensor(shard_indices(order.tolist(), world, rank, False), dtype=torch.int64)
         n_order = order.shape[0]
         for start in range(0, n_order, B):
-            t_step = time.perf_counter()
+            t_step = clock()
             ids = order[start : start + B].to(dev)
             x, y = xtr[ids], ytr[ids]
             if base in ("full", "infobatch"):
@@ -237,7 +249,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 per = F.cross_entropy(model(x[pos]), y[pos], reduction="none")
                 backward += pos.shape[0]
             else:
-                ts = time.perf_counter()
+                ts = clock()
                 with (
                     torch.inference_mode(),
                     torch.autocast(dev.type, dtype=ac_dtype or torch.bfloat16, enabled=ac_dtype is not None),
@@ -245,7 +257,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                     logits = net(x)  # the scoring pass: no autograd record at all
                 sel = es.select(ids, logits=logits, targets=y)
                 _sync(dev)  # CUDA only: timing the scoring separately costs a synchronisation there
-                score_s += time.perf_counter() - ts
+                score_s += clock() - ts
                 pos = sel.positions
                 per = F.cross_entropy(model(x[pos]), y[pos], reduction="none") * sel.scales
                 backward += pos.shape[0]
@@ -254,14 +266,14 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             opt.step()
             if time_budget is not None:  # stop before a step that would overrun the budget
                 _sync(dev)
-                now = time.perf_counter()
+                now = clock()
                 over = wall + (now - t0) + (now - t_step) > time_budget
                 if _agree_max(float(over), world) > 0:  # every rank stops after the same step
                     stopped = True
                     epochs += min(start + B, n_order) / n_order
                     break
         _sync(dev)
-        wall = _agree_max(wall + time.perf_counter() - t0, world)  # the slowest rank's
+        wall = _agree_max(wall + clock() - t0, world)  # the slowest rank's
         if not stopped:
             epochs += 1
         curve.append([wall, accuracy(net, xte, yte), backward * world])  # evaluation is not timed
@@ -428,7 +440,7 @@ def fmt_eta(seconds, unmeasured=()) -> str:
     return out + (f" + the runs on {', '.join(unmeasured)} (not measured yet)" if unmeasured else "")
 
 
-def load_warning(threads: int) -> str | None:
+def load_warning(threads: int, clock: str = "wall") -> str | None:
     """A warning when the 1-minute load average exceeds the thread count."""
     if not hasattr(os, "getloadavg"):
         return None
@@ -437,6 +449,12 @@ def load_warning(threads: int) -> str | None:
         return (
             f"WARNING: load average {load:.1f} > {threads} threads: other work competes for the cores, "
             f"so wall-clock numbers (and everything measured in time) are unreliable on this run."
+            + (
+                " The times here are this process's CPU time (--clock process): less affected by the load, "
+                "not immune to it (shared caches and memory bandwidth)."
+                if clock == "process"
+                else ""
+            )
         )
     return None
 
@@ -509,7 +527,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     (``complete`` false until the end), so an interrupt keeps what finished."""
     world, rank = _world()
     torch.set_num_threads(max(1, cfg.threads // world))
-    warn = load_warning(cfg.threads)
+    warn = load_warning(cfg.threads, cfg.clock)
     results = {
         "config": asdict(cfg),
         "machine": machine(),
@@ -524,6 +542,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     jobs = demo_jobs(cfg)
     eta = Eta(cfg.meta_batch)
     log = _Log(len(jobs), "es-kernels demo", show_progress, quiet=rank > 0)
+    log.line(f"times: training {clock_name(asdict(cfg))} (--clock {cfg.clock}), evaluation excluded")
     if cfg.smoke_test:
         log.line(smoke_note(cfg.epochs))
     if warn:
@@ -673,7 +692,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
     tasks = parse_tasks(DEFAULT_TASKS) if tasks is None else tasks
     settings = grid_settings(grid)
     jobs = ablation_jobs(cfg, tasks, settings)
-    warn = load_warning(cfg.threads)
+    warn = load_warning(cfg.threads, cfg.clock)
     res = {
         "config": asdict(cfg),
         "machine": machine(),
@@ -699,6 +718,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
         f"{len(settings) * len(tasks) * cfg.seeds} ES runs + {len(tasks) * cfg.seeds} full runs"
     )
     log.line(RULE)
+    log.line(f"times: training {clock_name(asdict(cfg))} (--clock {cfg.clock})")
     if warn:
         log.line(warn)
     cache = {}
@@ -835,6 +855,13 @@ def main(argv=None) -> int:
         "--eps", type=float, default=DEFAULT_EPS, help="uniform share of ES's selection mass (default %(default)s)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=tuple(CLOCKS),
+        help="what training time is measured on: wall (real time, the default) or process (this process's "
+        "CPU time, time.process_time: fair between runs on a shared machine; meaningful with --threads 1)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument(
         "--score-dtype",
@@ -889,6 +916,7 @@ def main(argv=None) -> int:
         eps=a.eps,
         device=a.device,
         score_dtype=a.score_dtype,
+        clock=a.clock,
     )
     if a.quick:
         cfg = replace(cfg, **QUICK)
@@ -917,9 +945,9 @@ def main(argv=None) -> int:
         what = "ablation" if a.ablate else "demo"
         print(
             f"estimated {what} run time: {fmt_eta(total)[4:]} (from one epoch of full and ES per data set"
-            f" on this machine, {cfg.threads} threads)"
+            f" on this machine, {cfg.threads} threads; the estimate is real time)"
         )
-        warn = load_warning(cfg.threads)
+        warn = load_warning(cfg.threads, cfg.clock)
         if warn:
             print(warn)
         return 0
