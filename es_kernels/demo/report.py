@@ -220,6 +220,11 @@ def format_ablation(res: dict) -> str:
     )
     if res.get("load_warning"):
         lines.append(res["load_warning"])
+    for m in res.get("merged_from", []):  # --merge: shards of one grid
+        lines.append(
+            f"merged from {m['path']}: {', '.join(m['tasks'])}"
+            + ("" if m["complete"] else " (that run was stopped after them)")
+        )
     if not res["complete"]:
         lines.append("PARTIAL: interrupted; ranked over the tasks every setting finished.")
     lines.append("")

@@ -771,13 +771,51 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
     finally:
         log.close()
     res["complete"] = not res["interrupted"]
+    return _finish_ablation(res, out_dir)
+
+
+def _finish_ablation(res: dict, out_dir: Path) -> dict:
+    """Rank by the rule, choose (only when complete), write ablation.json and ablation.md."""
     ranking = rank_ablation(res)
     res["ranking"] = [{"setting": c, "mean_rank": r, "mean_final_acc": a} for c, r, a in ranking]
+    res["chosen"] = None
     if ranking and res["complete"]:
-        res["chosen"] = next(s for s in settings if setting_name(s) == ranking[0][0])
-    write_json(path, res)
+        res["chosen"] = next(s for s in res["settings"] if setting_name(s) == ranking[0][0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "ablation.json", res)
     (out_dir / "ablation.md").write_text(format_ablation(res) + "\n")
     return res
+
+
+def merge_ablations(paths, out_dir: Path) -> dict:
+    """One ablation from several runs of the same grid on different tasks
+    (shards run side by side): each shard's finished tasks (every setting,
+    every seed) are taken, a task in two shards is refused; the rule then
+    ranks the union as if one run had made it. ``merged_from`` records which
+    tasks came from which file, and whether that run completed (a run stopped
+    early gives the tasks it finished)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("grid", "settings", "rule")
+    for p, r in zip(paths[1:], parts[1:]):
+        bad = [k for k in same if r[k] != parts[0][k]]
+        bad += [k for k in ("seeds", "clock", "threads") if r["config"].get(k) != parts[0]["config"].get(k)]
+        if bad:
+            raise ValueError(f"paths: {p} differs from {paths[0]} in {', '.join(bad)}")
+    res = dict(parts[0], tasks=[], targets={}, full={}, cells={c: {} for c in parts[0]["cells"]}, merged_from=[])
+    for p, r in zip(paths, parts):
+        done = [t for t in r["tasks"] if t in r["targets"] and all(t in cell for cell in r["cells"].values())]
+        done = [t for t in done if all(len(c[t]["final_acc"]) == r["config"]["seeds"] for c in r["cells"].values())]
+        twice = set(done) & set(res["tasks"])
+        if twice:
+            raise ValueError(f"paths: tasks {sorted(twice)} are in more than one file")
+        res["tasks"] += done
+        for t in done:
+            res["targets"][t], res["full"][t] = r["targets"][t], r["full"][t]
+            for c in res["cells"]:
+                res["cells"][c][t] = r["cells"][c][t]
+        res["merged_from"].append({"path": str(p), "tasks": done, "complete": r["complete"]})
+    res.update(complete=bool(res["tasks"]), interrupted=False)
+    return _finish_ablation(res, out_dir)
 
 
 def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float:
@@ -880,6 +918,13 @@ def main(argv=None) -> int:
     for k, v in DEFAULT_GRID.items():
         ap.add_argument(f"--grid-{k}", type=_floats, default=v, help=f"ablation values of {k} (default %(default)s)")
     ap.add_argument(
+        "--merge",
+        default=None,
+        metavar="JSON,...",
+        help="with --ablate: merge ablation.json files of the same grid run on different tasks "
+        "(shards run side by side), rank the union by the rule, write to --out",
+    )
+    ap.add_argument(
         "--eta-only",
         action="store_true",
         help="time one epoch per data set, print the estimated run time of the planned run, exit",
@@ -975,6 +1020,16 @@ def main(argv=None) -> int:
         print(format_summary(res))
         print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")
         return 130 if res["interrupted"] else 0
+    if a.merge:
+        if not a.ablate:
+            ap.error("--merge goes with --ablate")
+        try:
+            res = merge_ablations(a.merge.split(","), out)
+        except ValueError as e:
+            ap.error(str(e))
+        print(format_ablation(res))
+        print(f"\nwrote {out / 'ablation.json'} and {out / 'ablation.md'}")
+        return 0
     if a.ablate:
         res = run_ablation(cfg, out, grid=grid, tasks=tasks, show_progress=not a.no_progress)
         print(format_ablation(res))
