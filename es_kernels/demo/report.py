@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best", framealpha=0.8)
     m = results["machine"]
-    cap = settings_caption(cfg) + f"\n{m['platform']}, torch {m['torch']}, {m['cores']} cores, {m['date']}"
+    cap = textwrap.fill(settings_caption(cfg), width=int(16 * fig.get_figwidth()))  # fits one data set's width
+    cap += f"\n{m['platform']}, torch {m['torch']}, {m['cores']} cores, {m['date']}"
     if results.get("load_warning"):
         cap += "\nloaded machine (load average > threads): timings unreliable"
     if results.get("smoke_test"):
