@@ -186,7 +186,9 @@ def test_demo_trains_under_ddp(group):
     if ("demo", 0) not in res:
         pytest.skip("the demo runs in the group of 2 only")
     per_rank = math.ceil(1437 / world)  # digits: 1437 train samples, DistributedSampler's share
-    B, b = 512 // world, 96 // world
+    from es_kernels.demo.run import Config
+
+    B, b = Config().meta_batch // world, Config().mini_batch // world
     steps = math.ceil(per_rank / B)
     for r in range(world):
         got = res[("demo", r)]

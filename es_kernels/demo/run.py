@@ -80,7 +80,7 @@ class Config:
     seeds: int = 3
     epochs: int = 30
     meta_batch: int = 512
-    mini_batch: int = 96
+    mini_batch: int = 171  # b/B = 1/3, chosen with lam by the ablation's rule (README)
     hidden: int = 1024
     lr: float = 1e-3
     mnist1d_samples: int = 20000
@@ -983,6 +983,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--mnist1d-samples", type=int, default=None)
+    ap.add_argument("--mini-batch", type=int, default=None, metavar="b", help="ES's b of each meta-batch of 512")
     ap.add_argument("--beta1", type=float, default=DEFAULT_BETA1, help="ES level smoothing (default %(default)s)")
     ap.add_argument("--beta2", type=float, default=DEFAULT_BETA2, help="ES trend smoothing (default %(default)s)")
     ap.add_argument(
@@ -1073,7 +1074,13 @@ def main(argv=None) -> int:
         cfg = replace(cfg, **(LM_QUICK if lm else QUICK))
     if a.ablate and not a.quick:
         cfg = replace(cfg, mnist1d_samples=ABLATION_MNIST1D_SAMPLES)
-    over = {"seeds": a.seeds, "epochs": a.epochs, "mnist1d_samples": a.mnist1d_samples, "threads": a.threads}
+    over = {
+        "seeds": a.seeds,
+        "epochs": a.epochs,
+        "mnist1d_samples": a.mnist1d_samples,
+        "threads": a.threads,
+        "mini_batch": a.mini_batch,
+    }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if a.datasets:
         cfg = replace(cfg, datasets=tuple(a.datasets.split(",")))
