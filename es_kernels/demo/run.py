@@ -274,11 +274,11 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
         t0 = clock()
         if pruner is not None:
             pruner.set_epoch(epoch)
-            order = torch.tensor(list(pruner), dtype=torch.int64)  # what a DataLoader would draw
+            order = pruner.epoch_ids()  # what a DataLoader would draw
         else:
             order = torch.randperm(n, generator=g)
             if world > 1:  # this rank's share, as DistributedSampler (same length on every rank)
-                order = torch.tensor(shard_indices(order.tolist(), world, rank, False), dtype=torch.int64)
+                order = shard_indices(order, world, rank, False)
         n_order = order.shape[0]
         for start in range(0, n_order, B):
             t_step = clock()
