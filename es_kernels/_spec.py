@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 
-# Defaults (spec sections 3 and 4). beta2 = 0.5 comes from the demo's ablation.
+# Defaults (spec sections 3 and 4). beta2 = 0.5 comes from the demo's first
+# ablation; lam = 2 from the fixed rule's grid (README, "How the defaults are
+# chosen"; bench/results/demo_ablation_rule). The ops' own schema default stays
+# lam = 1 (the paper's weight s + d).
 DEFAULT_BETA1 = 0.2
 DEFAULT_BETA2 = 0.5
-DEFAULT_LAM = 1.0
+DEFAULT_LAM = 2.0
 DEFAULT_EPS = 0.0
 DEFAULT_W_MIN = 1e-8
 DEFAULT_IGNORE_INDEX = -100

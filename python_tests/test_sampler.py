@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import es_kernels as ek
 from es_kernels import reference as R
+from es_kernels._spec import DEFAULT_LAM
 
 
 def ref_state(n):
@@ -26,12 +27,12 @@ def test_select_matches_reference_ops():
         if step % 2:
             sel = es.select(ids, logits=logits, targets=targets)
             losses = R.per_sample_cross_entropy(logits, targets)
-            want = R.es_step_from_losses(sel.losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step)
+            want = R.es_step_from_losses(sel.losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step, lam=DEFAULT_LAM)
             torch.testing.assert_close(sel.losses, losses, rtol=2e-5, atol=2e-5)
         else:
             losses = torch.rand(B, generator=g)
             sel = es.select(ids, losses=losses)
-            want = R.es_step_from_losses(losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step)
+            want = R.es_step_from_losses(losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step, lam=DEFAULT_LAM)
         assert torch.equal(sel.positions, want[0]) and torch.equal(sel.weights, want[2])
         assert torch.equal(sel.scales, torch.ones(b))
     assert es.step == 12
