@@ -44,8 +44,7 @@ blocks, 64 warps per SM): blocks per SM = min(by registers: floor(65536 /
 (warps per block x ceil(32 x regs / 256) x 256)), by shared memory: floor(228 KB /
 (shared rounded up to 128 B + 1 KB reserved per block)), by threads:
 floor(2048 / threads per block), 32); occupancy = blocks x warps per block / 64.
-The limiter is named. A kernel launched on one program (update_select_kernel,
-grid (1,)) uses one SM whatever its occupancy.
+The limiter is named.
 
 **Loops** (from `nvdisasm -c` of the cubin): a loop is a backward branch (a
 `BRA` to a label at a lower address than itself); its body is the address range
@@ -56,9 +55,8 @@ Predicated-off or branched-over instructions are counted too, so this is an
 upper bound of the instructions a warp issues per iteration. *instr/elem* =
 instr/iter / (elements per thread per iteration), assuming one iteration handles
 one block of the kernel's block constexpr (the largest constexpr named
-`*BLOCK*`) spread over all threads (32 x num_warps); a loop over something else
-(e.g. update_select's loop over the T tokens of a row, which handles one token
-of BLOCK rows) reads the same way. A loop unrolled by the compiler shows k blocks
+`*BLOCK*`; for ce_kernel ROWS x BLOCK_V, for observe_kernel BLOCK rows x
+TBLOCK tokens) spread over all threads (32 x num_warps). A loop unrolled by the compiler shows k blocks
 per iteration, and its instr/elem is then k times too large. *BAR/iter* counts
 `BAR.*` instructions (BAR.SYNC: block-wide barriers, typically two per
 cross-warp reduction or scan) in the body.
@@ -139,19 +137,28 @@ def occupancy(regs: int, shared: int, num_warps: int) -> dict:
     return dict(blocks=blocks, occupancy=blocks * num_warps / L["warps"], limiter=limiter)
 
 
+# kernels whose loop iteration handles a 2-D tile: the product of these constexprs
+TILE = {"ce_kernel": ("ROWS", "BLOCK_V"), "observe_kernel": ("BLOCK", "TBLOCK")}
+
+
 def _block(v: aot.Variant) -> int:
+    """Elements one loop iteration handles: the largest ``*BLOCK*`` constexpr,
+    or for the kernels in TILE the product of its constexprs (rows x columns)."""
     names = list(getattr(__import__(v.module, fromlist=[v.name]), v.name).arg_names)
-    blocks = [
-        int(v.constexprs[(i,)])
+    consts = {
+        n: int(v.constexprs[(i,)])
         for i, n in enumerate(names)
-        if "BLOCK" in n and (i,) in v.constexprs and v.signature[n] == "constexpr"
-    ]
+        if (i,) in v.constexprs and v.signature[n] == "constexpr" and isinstance(v.constexprs[(i,)], int)
+    }
+    if v.name in TILE:
+        return math.prod(consts.get(n, 1) for n in TILE[v.name])
+    blocks = [val for n, val in consts.items() if "BLOCK" in n]
     return max(blocks) if blocks else 1
 
 
 def _completeness(v: aot.Variant, r: aot.Result):
     """The 'fullest' variant of a kernel: most flags on, largest block, aligned."""
-    flags = sum(1 for val in v.constexprs.values() if val is True)
+    flags = sum(sum(x is True for x in (val if isinstance(val, tuple) else (val,))) for val in v.constexprs.values())
     return (flags, _block(v), "(unaligned)" not in v.label, -len(v.label))
 
 

@@ -14,6 +14,14 @@ namespace es_kernels {
 constexpr int kSelectMeanBits = 31;
 constexpr int kPruneMeanBits = 30;
 
+// K of the fixed-point sequence means (section 6): 62 - bit_length(T), so
+// that T values |q_t| < 2^K sum below 2^62 (as _spec.seq_mean_bits).
+inline int seq_mean_bits(int64_t T) {
+  int n = 0;
+  for (uint64_t t = static_cast<uint64_t>(T); t != 0; t >>= 1) ++n;
+  return 62 - n;
+}
+
 // First epoch of the annealing phase: floor((1 - anneal_frac) * num_epochs)
 // in float64, compared with the epoch as integers (section 7).
 inline int64_t anneal_stop(int64_t num_epochs, double anneal_frac) {

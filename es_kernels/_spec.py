@@ -28,6 +28,14 @@ STREAM_PRUNE = 1
 SELECT_MEAN_BITS = 31  # weights: q_j = floor(w_j * 2**(31 - e)) < 2**31
 PRUNE_MEAN_BITS = 30  # scores: q_i = trunc(score_i * 2**(30 - e)), |q_i| < 2**30
 
+
+def seq_mean_bits(T: int) -> int:
+    """K of the fixed-point sequence means (spec section 6): token values
+    q_t = trunc(x_t * 2**(K - e)), |q_t| < 2**K, so that the sum of up to T of
+    them stays below 2**62 whatever the order."""
+    return 62 - int(T).bit_length()
+
+
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 MAX_POSITIONS = (1 << 32) - 1  # positions / sample ids enter Philox as one 32-bit word
