@@ -117,6 +117,7 @@ def loops(sass: str) -> list[dict]:
                 innermost=not inner,
                 instr=len(body),
                 bars=sum(_opcode(t).startswith("BAR") for t in body),
+                mufu=sum(_opcode(t).startswith("MUFU") for t in body),
             )
         )
     return out
@@ -160,6 +161,71 @@ def _completeness(v: aot.Variant, r: aot.Result):
     """The 'fullest' variant of a kernel: most flags on, largest block, aligned."""
     flags = sum(sum(x is True for x in (val if isinstance(val, tuple) else (val,))) for val in v.constexprs.values())
     return (flags, _block(v), "(unaligned)" not in v.label, -len(v.label))
+
+
+# H200 (sm_90) figures for the estimates: SMs, boost clock, HBM3e bandwidth
+H200 = dict(sms=132, clock_hz=1.98e9, hbm_bytes_s=4.8e12, issue_per_sm=4, mufu_lanes_per_sm=16)
+
+ESTIMATE_METHOD = """\
+Estimates, **not measurements** (no GPU measured them): for a shape, the
+kernel's hot loop (its first innermost loop: the unmasked chunks) runs
+`rows x (columns / BLOCK_V)` iterations per warp of `warps` warps;
+*issue time* = those warp instructions / (132 SMs x 4 schedulers x 1.98 GHz),
+*MUFU time* = the loop's MUFU instructions x 32 lanes / (132 SMs x 16 lanes x
+1.98 GHz), *read time* = the bytes read once / 4.8 TB/s (H200 HBM3e peak; a
+real copy reaches less: `bench/bench_gpu.py` measures it). A loop whose issue
+and MUFU times stay below the read time is memory-bound on paper; the
+epilogue, the tail chunk and the launches after it are not counted.
+`bash bench/gpu_check.sh` measures the real times."""
+
+# (what, kernel, constexprs the variant must have, logits dtype, rows, columns)
+ESTIMATES = [
+    ("es_step [4096, 32000] bf16: CE + update + key (launch 1)", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": False, "MODE": lambda m: m[0]}, "*bf16", 4096, 32000),
+    ("per_sample_cross_entropy [4096, 32000] bf16", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": False, "MODE": lambda m: not m[0]}, "*bf16", 4096, 32000),
+    ("same, label_smoothing > 0", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": True, "MODE": lambda m: not m[0]}, "*bf16", 4096, 32000),
+    ("per-sequence CE [64, 2048, 8192] bf16 (token rows)", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": False, "MODE": lambda m: not m[0]}, "*bf16", 64 * 2048, 8192),
+    ("per_sample_cross_entropy [4096, 32000] fp32", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 4, "SMOOTH": False, "MODE": lambda m: not m[0]}, "*fp32", 4096, 32000),
+]  # fmt: skip
+
+
+def _matches(v: aot.Variant, want: dict, ptr: str) -> bool:
+    names = list(getattr(__import__(v.module, fromlist=[v.name]), v.name).arg_names)
+    got = {n: v.constexprs.get((i,)) for i, n in enumerate(names)}
+    ok = all(w(got.get(k)) if callable(w) else got.get(k) == w for k, w in want.items())
+    return ok and v.signature.get(names[0]) == ptr
+
+
+def estimates(rows) -> list[str]:
+    """The ESTIMATES table from the compiled variants (see ESTIMATE_METHOD)."""
+    h = H200
+    out = [
+        "| shape | variant | regs | occupancy | hot loop: instr/elem, MUFU/elem, BAR/iter | issue us | MUFU us | "
+        "read-once us | bound (on paper) |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for what, name, want, ptr, n_rows, cols in ESTIMATES:
+        found = [row for row in rows if row[0].name == name and _matches(row[0], want, ptr)]
+        if not found:
+            out.append(f"| {what} | (no such variant compiled) | | | | | | | |")
+            continue
+        v, r, occ, ls, per_thread = found[0]
+        hot = next(lp for lp in ls if lp["innermost"])
+        warps = v.options["num_warps"]
+        iters = n_rows * (cols // _block(v))
+        issue = iters * warps * hot["instr"] / (h["sms"] * h["issue_per_sm"] * h["clock_hz"]) * 1e6
+        mufu = iters * warps * hot["mufu"] * 32 / (h["sms"] * h["mufu_lanes_per_sm"] * h["clock_hz"]) * 1e6
+        read = n_rows * cols * (2 if "16" in ptr else 4) / h["hbm_bytes_s"] * 1e6
+        bound = "memory" if max(issue, mufu) < read else ("issue" if issue >= mufu else "MUFU")
+        out.append(
+            f"| {what} | {v.label} | {r.regs} | {occ['occupancy']:.0%} | {hot['per_elem']:.1f}, "
+            f"{hot['mufu'] / per_thread:.2f}, {hot['bars']} | {issue:.0f} | {mufu:.0f} | {read:.0f} | {bound} |"
+        )
+    return out
 
 
 def main(argv=None) -> int:
@@ -223,6 +289,7 @@ def main(argv=None) -> int:
             f"| {name} | {len(g)} | {min(regs)}-{max(regs)} | {max(x[1].shared for x in g)} | "
             f"{min(occs):.0%}-{max(occs):.0%} | {max(bars) if bars else 0} |"
         )
+    lines += ["", "## Estimates for issue 13's shapes", "", ESTIMATE_METHOD, "", *estimates(rows)]
     lines += [
         "",
         "## Every variant",

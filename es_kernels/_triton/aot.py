@@ -91,8 +91,10 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
         "targets_dtype": (_IDX, {"targets"}),
         "ids_dtype": (_IDX, {"ids"}),
     },
-    # every block size of the class axis, V divisible by 16 or not, V == 1
-    ("V", "logits_dtype", "targets_dtype"): {
+    # every block size of the class axis, V divisible by 16 or not, V == 1; with
+    # 2-D logits es_step runs the update in the cross-entropy kernel's epilogue
+    ("V", "logits_dtype", "targets_dtype", "logits_dim"): {
+        "logits_dim": ([3, 2], {"logits"}),
         "V": (
             [
                 37,

@@ -7,12 +7,14 @@ errors, the exploration mix's max and sum, the radix histograms, the per-block
 counts) goes through a small zeroed scratch buffer on the device, by integer
 atomics (so the result does not depend on the programs' order):
 
-1. ``observe_kernel``: per position j the loss (the mean of the row's scored
-   token losses when targets, or token losses, are given; a row with none is
-   skipped by the update), the update of the (s, d) pair of ids[j] (one 8-byte
-   load and store of the pair), the weight and, without the exploration mix,
-   the selection key (an order-preserving uint32, stored in int64) and the
-   histogram of its top 8 bits;
+1. ``observe_kernel``: per position j the loss (the exact fixed-point mean of
+   the row's scored token losses when targets, or token losses, are given,
+   vectorised over the tokens; a row with none is skipped by the update), the
+   update of the (s, d) pair of ids[j] (one 8-byte load and store of the
+   pair), the weight and, without the exploration mix, the selection key (an
+   order-preserving uint32, stored in int64) and the histogram of its top 8
+   bits. From [B, C] logits, cross_entropy.ce_kernel does the same in its
+   per-row epilogue (``observe``), so the losses cost no launch of their own;
 2. with the exploration mix (eps > 0): ``mix_sum_kernel`` (the exact
    fixed-point sum of the weights, after step 1 found their max), then
    ``mix_keys_kernel`` (the keys and the top-8-bit histogram);
