@@ -143,16 +143,18 @@ def config(V: int, element_size: int, on_gpu: bool, group: int | None = None) ->
     - ROWS: rows per program, 1024 // BLOCK_V (at most 16) when a row is
       short, so a program still reads about 1024 columns (with 2048, 16 rows
       of 128 unaligned float32 took 251 registers on sm_90a);
-    - num_warps: 64 bytes (four 16-byte loads) per thread and chunk, or 16
-      scalar loads when G = 1; 4 to 8.
+    - num_warps: 64 bytes (four 16-byte loads) per thread and chunk, or 8
+      scalar loads when G = 1; 1 to 8 (a tile smaller than the threads, e.g.
+      16 rows of 2 classes on 4 warps, left ptxas an 8-byte stack frame on
+      sm_90a).
     """
     if group is None:
         group = 16 // element_size if V % 16 == 0 else 1
     g = max(1, min(group, triton.next_power_of_2(max(V, 1))))
     block = min(max(triton.next_power_of_2(max(V, 1)), g), 4096 if on_gpu else 1024)
     rows = max(1, min(16, 1024 // block))
-    per_thread = 64 // element_size if g > 1 else 16  # 16 scalar loads: fewer registers than 32
-    warps = max(4, min(8, rows * block // (per_thread * 32)))
+    per_thread = 64 // element_size if g > 1 else 8  # scalar loads: 8, fewer registers than 16 or 32
+    warps = max(1, min(8, rows * block // (per_thread * 32)))
     return dict(ROWS=rows, BLOCK_V=block, G=g, num_warps=warps)
 
 

@@ -230,7 +230,7 @@ def _sequence_means(tok_ptr, targets_ptr, mask_ptr, j, inb, T, ignore_index, mea
             tok_ptr, targets_ptr, mask_ptr, row, t0 + tt, inb, T, ignore_index, HAS_TARGETS, HAS_MASK
         )
         fin = keep & (tl.abs(x) < float("inf"))
-        q += tl.where(fin, (x.to(tl.float64) * up[:, None]).to(tl.int64), 0)  # toward zero
+        q += (tl.where(fin, x, 0.0).to(tl.float64) * up[:, None]).to(tl.int64)  # toward zero; |q| < 2**K
     mean = (tl.sum(q, 1).to(tl.float64) * _pow2(e - mean_bits) / tl.maximum(count, 1).to(tl.float64)).to(tl.float32)
     mean = tl.where(a == 0.0, 0.0, mean)
     mean = tl.where((f & 4) != 0, float("-inf"), mean)
@@ -274,12 +274,13 @@ def observe_kernel(
 
 def observe_config(B: int, T: int, tokens: bool) -> tuple[tuple[int], dict]:
     """(grid, block constexprs) of observe_kernel: BLOCK positions per program
-    (at most 128: with 1024 ptxas kept a few bytes on the stack in some
-    variants, the AOT test), and with token values TBLOCK tokens of each per
-    tile, so a tile holds about 1024 values (a sequence of 2048 tokens: one
-    row per program, two tiles per pass)."""
+    (at most 128, and 64 with tokens: with 1024, or 128 rows of 4 tokens,
+    ptxas kept 8 bytes on the stack in some sm_90a variants, the AOT test),
+    and with token values TBLOCK tokens of each per tile, so a tile holds at
+    most 1024 values (a sequence of 2048 tokens: one row per program, two
+    tiles per pass)."""
     tblock = min(triton.next_power_of_2(max(T, 1)), 1024) if tokens else 1
-    block = max(1, min(128, 1024 // tblock))
+    block = max(1, min(64 if tokens else 128, 1024 // tblock))
     return (triton.cdiv(B, block),), dict(BLOCK=block, TBLOCK=tblock)
 
 
