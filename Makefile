@@ -3,7 +3,8 @@
 # then runs.
 #   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
 #                and compare (es-kernels demo; DEMO_ARGS=--quick: a smoke test,
-#                DEMO_ARGS=--eta-only: the estimated run time)
+#                DEMO_ARGS=--eta-only: the estimated run time; DEMO_ARGS="--task lm":
+#                the language-model task)
 #   make test    the test suite (with the install tests, marked slow)
 #   make bench   the op benchmark (bench/bench_ops.py; BENCH_ARGS=--quick for a
 #                smoke run): writes bench/results/cpu_ops_<date>.json, appends

@@ -78,6 +78,14 @@ def _run_checked(state: ESState, ids: torch.Tensor, call):
     return out
 
 
+STEP_KEYS = ("beta1", "beta2", "lam", "select_mode", "eps", "seed", "step", "advance_step", "w_min")
+
+
+def step_kw(scope: dict) -> dict:
+    """The step's settings (``STEP_KEYS``) from a step function's ``locals()``, to pass on."""
+    return {k: scope[k] for k in STEP_KEYS}
+
+
 def _shift(logits, targets, shift_labels):
     """Causal-LM scoring: logits[:, t] against targets[:, t + 1], as views (no copy)."""
     _checks.flag(shift_labels, "shift_labels")
@@ -217,6 +225,7 @@ def es_step(
     label_smoothing=0.0,
     w_min=DEFAULT_W_MIN,
     shift_labels=False,
+    segment_ids=None,
 ) -> StepResult:
     """The fused ES step from logits: per-sample losses (section 5), the state
     update (section 3) and the selection of ``b`` positions (section 4), in
@@ -230,12 +239,34 @@ def es_step(
     to score, is skipped by the update: state untouched, nothing counted,
     weight 0.
 
+    Packed rows: with ``segment_ids`` (int64 / int32 ``[B, T]``, each token's
+    document id in the state, negative for padding; ``ids`` must be None) the
+    state is per document and ``b`` rows are selected by the token-weighted
+    mean of their documents' weights (docs/spec.md section 6.1);
+    ``shift_labels=True`` also drops the positions whose next token starts
+    another document. The returned ``losses`` and ``weights`` are per row.
+
     Returns
     -------
     StepResult
         ``(positions int64 [b], losses float32 [B], weights float32 [B])``.
         No host synchronisation (except in the checked mode).
     """
+    if segment_ids is not None:
+        from .lm import packed_step_from_logits  # lm builds on this module
+
+        return packed_step_from_logits(
+            logits,
+            targets,
+            ids,
+            state,
+            b,
+            segment_ids,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            shift_labels=shift_labels,
+            **step_kw(locals()),
+        )
     st = _state(state)
     _checks.step_from_logits(
         logits,
@@ -303,6 +334,7 @@ def es_step_from_losses(
     step=0,
     advance_step=False,
     w_min=DEFAULT_W_MIN,
+    segment_ids=None,
 ) -> StepResult:
     """The ES step from precomputed losses (any loss); see :func:`es_step`.
 
@@ -313,7 +345,23 @@ def es_step_from_losses(
     backend, summed in parallel on a GPU). A row with no token to score is skipped: its state is
     untouched, nothing is counted and its weight is 0. The returned
     ``losses`` are the per-row values ``[B]``.
+
+    With ``segment_ids`` (int ``[B, T]``, packed rows; ``ids`` must be None),
+    ``losses`` are token losses ``[B, T]`` and the state is per document
+    (docs/spec.md section 6.1), as in :func:`es_step`.
     """
+    if segment_ids is not None:
+        from .lm import packed_step_from_losses  # lm builds on this module
+
+        return packed_step_from_losses(
+            losses,
+            ids,
+            state,
+            b,
+            segment_ids,
+            mask=mask,
+            **step_kw(locals()),
+        )
     st = _state(state)
     _checks.step_from_losses(
         losses, ids, st.tensor, st.errors, b, beta1, beta2, select_mode, seed, step, advance_step, lam, eps, w_min, mask

@@ -28,13 +28,24 @@ value is read into Python.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from . import _checks
+from . import _checks, _spec
+from ._ops import ops
 from ._spec import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM, DEFAULT_W_MIN
-from .functional import StepResult, _state, es_step_from_losses
+from .functional import StepResult, _run_checked, _state, es_step_from_losses, step_kw
 
-__all__ = ["DEFAULT_WORKSPACE_BYTES", "per_sample_losses_from_hidden", "es_step_from_hidden"]
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "DocumentLosses",
+    "per_sample_losses_from_hidden",
+    "es_step_from_hidden",
+    "per_document_losses",
+    "per_document_cross_entropy",
+    "per_document_losses_from_hidden",
+]
 
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 _ALIGN = 128  # chunk widths above this are rounded down to a multiple of it (GEMM-friendly)
@@ -89,11 +100,20 @@ def chunk_width(rows: int, vocab: int, workspace_bytes: int) -> int:
     return width
 
 
-def _losses(hidden, weight, targets, bias, ignore_index, label_smoothing, workspace_bytes):
-    """float32 ``[B]`` (spec section 5 on ``hidden @ weight.T + bias``), under no_grad."""
-    vocab, width = weight.shape[0], hidden.shape[-1]
-    h = hidden.reshape(-1, width)  # a copy only for a non-viewable hidden (e.g. hidden[:, :-1])
-    t = targets.reshape(-1).long()
+def shifted_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """int64 ``[B, T]``: ``targets[:, t + 1]`` at position ``t``, ``ignore_index``
+    at the last position (the causal shift applied to the targets, so that the
+    logits or hidden states are read whole, in place)."""
+    out = torch.full(targets.shape, ignore_index, dtype=torch.int64, device=targets.device)
+    out[:, :-1] = targets[:, 1:]
+    return out
+
+
+def _token_losses(h, t, weight, bias, ignore_index, label_smoothing, workspace_bytes):
+    """float32 ``[rows]``: spec section 5's ``tok`` of each row of ``h @ weight.T + bias``
+    (0 where ignored, NaN for a bad target), under no_grad."""
+    vocab = weight.shape[0]
+    t = t.long()
     rows, dev = h.shape[0], h.device
     ignored = t == ignore_index
     inside = (t >= 0) & (t < vocab)
@@ -125,11 +145,17 @@ def _losses(hidden, weight, targets, bias, ignore_index, label_smoothing, worksp
     if logit_sum is not None:  # spec: skipped at 0 (no 0 * inf)
         tok = (1.0 - label_smoothing) * tok + label_smoothing * (lse - logit_sum / vocab)
     tok = torch.where(inside, tok, float("nan"))
-    tok = torch.where(ignored, 0.0, tok)
+    return torch.where(ignored, 0.0, tok)
+
+
+def _losses(hidden, weight, targets, bias, ignore_index, label_smoothing, workspace_bytes):
+    """float32 ``[B]`` (spec section 5 on ``hidden @ weight.T + bias``), under no_grad."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # a view for the model's hidden states
+    tok = _token_losses(h, targets.reshape(-1), weight, bias, ignore_index, label_smoothing, workspace_bytes)
     if hidden.dim() == 2:
         return tok
     tok = tok.reshape(targets.shape)
-    count = (~ignored).reshape(targets.shape).sum(1)
+    count = (targets != ignore_index).sum(1)
     return torch.where(count > 0, tok.sum(1) / count.clamp(min=1), 0.0)
 
 
@@ -187,8 +213,8 @@ def per_sample_losses_from_hidden(
         naming the argument, for a wrong shape, dtype, device or value.
     """
     _check_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes)
-    if shift_labels:
-        hidden, targets = hidden[:, :-1], targets[:, 1:]
+    if shift_labels:  # the targets move, the hidden states are read whole (no copy of hidden[:, :-1])
+        targets = shifted_targets(targets, ignore_index)
     with torch.no_grad():
         return _losses(hidden, weight, targets, bias, ignore_index, float(label_smoothing), workspace_bytes)
 
@@ -215,13 +241,37 @@ def es_step_from_hidden(
     shift_labels=False,
     workspace_bytes=DEFAULT_WORKSPACE_BYTES,
     w_min=DEFAULT_W_MIN,
+    segment_ids=None,
 ) -> StepResult:
     """The ES step from hidden states: :func:`per_sample_losses_from_hidden`
     then :func:`es_kernels.es_step_from_losses` (arguments as there and in
-    :func:`es_kernels.es_step`). Every argument is validated before the
+    :func:`es_kernels.es_step`). With ``segment_ids`` (int ``[B, T]``, packed
+    rows; ``ids`` must be None) the state is per document and the step selects
+    rows (docs/spec.md section 6.1). Every argument is validated before the
     losses are computed or anything is written. No host synchronisation
     (except in the checked mode)."""
     st = _state(state)
+    kw = step_kw(locals())
+    if segment_ids is not None:
+        _check_packed_step(ids, segment_ids, st, b, **kw)
+        _check_hidden(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index,
+            label_smoothing,
+            shift_labels,
+            workspace_bytes,
+            device=st.device,
+        )
+        if hidden.dim() != 3:
+            raise ValueError(f"segment_ids needs hidden [B, T, H], got {tuple(hidden.shape)}")
+        _check_segments(segment_ids, targets.shape, st.device)
+        tokens = _packed_tokens_from_hidden(
+            hidden, weight, targets, segment_ids, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
+        )
+        return packed_step(*tokens, st, b, **kw)
     _checks.state(st.tensor, st.errors)
     _check_hidden(
         hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes, device=st.device
@@ -242,18 +292,270 @@ def es_step_from_hidden(
         shift_labels=shift_labels,
         workspace_bytes=workspace_bytes,
     )
-    return es_step_from_losses(
-        losses,
-        ids,
-        st,
-        b,
-        beta1=beta1,
-        beta2=beta2,
-        lam=lam,
-        select_mode=select_mode,
-        eps=eps,
-        seed=seed,
-        step=step,
-        advance_step=advance_step,
-        w_min=w_min,
+    return es_step_from_losses(losses, ids, st, b, **kw)
+
+
+# --------------------------------------------------------------------------- packed rows (segment_ids)
+class DocumentLosses(NamedTuple):
+    """Per-document losses of a packed meta-batch (docs/spec.md section 6.1), in
+    ``S = B * T`` fixed-size slots (no shape depends on the values)."""
+
+    ids: torch.Tensor  # int64 [S]: the documents with a scored token, ascending, then -1
+    losses: torch.Tensor  # float32 [S]: each document's mean over its scored tokens (0 in the -1 slots)
+    counts: torch.Tensor  # int64 [S]: its scored tokens in the meta-batch, over every row (0 in the -1 slots)
+
+
+def token_documents(segment_ids: torch.Tensor, shift_labels: bool) -> torch.Tensor:
+    """int64 ``[B, T]``: the document whose token position ``t`` scores (negative:
+    none). Without the shift, ``segment_ids`` itself; with it, position ``t``
+    predicts token ``t + 1``, which counts for its document only when tokens
+    ``t`` and ``t + 1`` belong to the same one (the last position: none)."""
+    seg = segment_ids.long()
+    if not shift_labels:
+        return seg
+    doc = torch.full_like(seg, -1)
+    doc[:, :-1] = torch.where(seg[:, :-1] == seg[:, 1:], seg[:, 1:], -1)
+    return doc
+
+
+def _group(tok, scored, doc):
+    """Group the scored tokens by document id without a host read: sort the ids
+    (unscored tokens last), number the runs of equal ids, and sum per number.
+    Returns the :class:`DocumentLosses` and each token's slot (int64 ``[B, T]``)."""
+    n = doc.numel()
+    dev = doc.device
+    key = torch.where(scored, doc, _spec.INT64_MAX).reshape(-1)
+    sorted_key, perm = torch.sort(key)
+    start = torch.ones(n, dtype=torch.bool, device=dev)
+    start[1:] = sorted_key[1:] != sorted_key[:-1]
+    slot_sorted = torch.cumsum(start, 0) - 1
+    slot = torch.empty_like(slot_sorted)
+    slot[perm] = slot_sorted
+    flat = scored.reshape(-1)
+    sums = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(
+        0, slot, torch.where(flat, tok.reshape(-1).double(), 0.0)
     )
+    counts = torch.zeros(n, dtype=torch.int64, device=dev).index_add_(0, slot, flat.long())
+    ids = torch.full((n,), -1, dtype=torch.int64, device=dev).scatter_(0, slot_sorted, sorted_key)
+    has = counts > 0
+    losses = torch.where(has, sums / counts.clamp(min=1), 0.0).float()
+    return DocumentLosses(torch.where(has, ids, -1), losses, torch.where(has, counts, 0)), slot.view(doc.shape)
+
+
+def _row_means(x, scored) -> torch.Tensor:
+    """float32 ``[B]``: each row's mean of ``x`` over its scored tokens (float64 sum), 0 when none."""
+    count = scored.sum(1)
+    total = torch.where(scored, x.double(), 0.0).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0).float()
+
+
+def _check_segments(segment_ids, shape, device) -> None:
+    _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES, device=device)
+    if tuple(segment_ids.shape) != tuple(shape):
+        raise ValueError(f"segment_ids must have shape {tuple(shape)} (the token grid), got {tuple(segment_ids.shape)}")
+    if segment_ids.numel() > _spec.MAX_POSITIONS:
+        raise ValueError(f"segment_ids: at most 2**32 - 1 tokens per call, got {segment_ids.numel()}")
+
+
+def _packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels):
+    """(token losses float32 [B, T], scored bool [B, T], documents int64 [B, T]) from logits."""
+    t = shifted_targets(targets, ignore_index) if shift_labels else targets
+    flat = logits.reshape(-1, logits.shape[-1])  # a view for a model's logits (pass them whole: shift_labels)
+    tok = ops.per_sample_cross_entropy(flat, t.reshape(-1), ignore_index, float(label_smoothing)).view(t.shape)
+    doc = token_documents(segment_ids, shift_labels)
+    return tok, (t != ignore_index) & (doc >= 0), doc
+
+
+def _packed_tokens_from_hidden(
+    hidden, weight, targets, segment_ids, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
+):
+    t = shifted_targets(targets, ignore_index) if shift_labels else targets
+    with torch.no_grad():
+        tok = _token_losses(
+            hidden.reshape(-1, hidden.shape[-1]),
+            t.reshape(-1),
+            weight,
+            bias,
+            ignore_index,
+            float(label_smoothing),
+            workspace_bytes,
+        ).view(t.shape)
+    doc = token_documents(segment_ids, shift_labels)
+    return tok, (t != ignore_index) & (doc >= 0), doc
+
+
+def _packed_tokens_from_losses(losses, segment_ids, mask):
+    doc = segment_ids.long()
+    scored = doc >= 0
+    if mask is not None:
+        scored = scored & mask
+    return losses, scored, doc
+
+
+def _check_token_losses(losses, segment_ids, mask, device=None) -> None:
+    _checks.tensor(losses, "losses", dim=2, device=device)
+    if not losses.dtype.is_floating_point:
+        raise ValueError(f"losses must be floating point, got {losses.dtype}")
+    _check_segments(segment_ids, losses.shape, losses.device)
+    if mask is not None:
+        _checks.tensor(mask, "mask", dtypes=(torch.bool,), device=losses.device)
+        if mask.shape != losses.shape:
+            raise ValueError(f"mask must have the shape of losses {tuple(losses.shape)}, got {tuple(mask.shape)}")
+
+
+def _check_packed_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels, device=None):
+    _checks.logits_targets(logits, targets, ignore_index, label_smoothing, device=device)
+    _checks.flag(shift_labels, "shift_labels")
+    if logits.dim() != 3:
+        raise ValueError(f"segment_ids needs logits [B, T, V] and targets [B, T], got logits {tuple(logits.shape)}")
+    _check_segments(segment_ids, targets.shape, logits.device)
+
+
+def per_document_losses(losses, segment_ids, mask=None) -> DocumentLosses:
+    """Per-document means of token losses of packed rows (docs/spec.md section 6.1).
+
+    Parameters
+    ----------
+    losses : Tensor
+        floating ``[B, T]``: any token losses (e.g. ``F.cross_entropy(...,
+        reduction="none")``, already aligned with ``segment_ids``).
+    segment_ids : Tensor
+        int64 / int32 ``[B, T]``: the document (its id in the ES state) of each
+        token; negative: padding, never scored.
+    mask : Tensor or None
+        bool ``[B, T]``: the tokens to score (None: every token with a document).
+
+    Returns
+    -------
+    DocumentLosses
+        ``(ids, losses, counts)`` in ``B * T`` slots: the documents with a
+        scored token in ascending id (a document split over several rows is
+        one entry), then ``-1`` slots. No host synchronisation.
+    """
+    _check_token_losses(losses, segment_ids, mask)
+    return _group(*_packed_tokens_from_losses(losses, segment_ids, mask))[0]
+
+
+def per_document_cross_entropy(
+    logits,
+    targets,
+    segment_ids,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    *,
+    shift_labels: bool = False,
+) -> DocumentLosses:
+    """Per-document cross-entropy of packed rows: :func:`per_document_losses` of
+    the token cross-entropies of ``logits [B, T, V]`` (read in place when they
+    flatten to ``[B * T, V]`` without a copy, as a model's logits do) against
+    ``targets [B, T]``. With ``shift_labels=True`` position ``t`` is scored
+    against ``targets[:, t + 1]`` and only when tokens ``t`` and ``t + 1`` belong
+    to the same document (pass the full logits, labels and ``segment_ids``).
+    Ignored targets are not scored; a bad target makes its document's loss NaN.
+    No host synchronisation."""
+    _check_packed_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels)
+    return _group(
+        *_packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels)
+    )[0]
+
+
+def per_document_losses_from_hidden(
+    hidden,
+    weight,
+    targets,
+    segment_ids,
+    bias=None,
+    *,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    shift_labels: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> DocumentLosses:
+    """:func:`per_document_cross_entropy` of ``hidden @ weight.T + bias`` without
+    the logits (vocabulary chunks, as :func:`per_sample_losses_from_hidden`);
+    ``hidden`` ``[B, T, H]``. No host synchronisation."""
+    _check_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes)
+    _check_segments(segment_ids, targets.shape, hidden.device)
+    if hidden.dim() != 3:
+        raise ValueError(f"segment_ids needs hidden [B, T, H], got {tuple(hidden.shape)}")
+    return _group(
+        *_packed_tokens_from_hidden(
+            hidden, weight, targets, segment_ids, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
+        )
+    )[0]
+
+
+def packed_step(tok, scored, doc, state, b, *, beta1, beta2, lam, select_mode, eps, seed, step, advance_step, w_min):
+    """The ES step of packed rows (docs/spec.md section 6.1) from token losses,
+    the scored mask and each token's document (arguments validated by the caller).
+
+    One observation per document (section 3, through the ``es_step_from_losses``
+    op on the ``B * T`` document slots, the empty slots masked: not read, not
+    counted), then each row's weight, the mean of its scored tokens' document
+    weights, and the selection of ``b`` rows (section 4). No host read."""
+    st = _state(state)
+    docs, slot = _group(tok, scored, doc)
+    n = docs.ids.shape[0]
+    has = docs.counts > 0
+    # distinct ids in every slot (checked mode refuses duplicates); the empty slots are masked out
+    upd = torch.where(has, docs.ids, -1 - torch.arange(n, device=doc.device))
+    _, _, w_docs = _run_checked(
+        st,
+        upd,
+        lambda: ops.es_step_from_losses(
+            docs.losses.unsqueeze(1),
+            upd,
+            st.tensor,
+            st.errors,
+            0,
+            float(beta1),
+            float(beta2),
+            "sample",
+            0,
+            0,
+            None,
+            None,
+            False,
+            float(lam),
+            0.0,
+            float(w_min),
+            has.unsqueeze(1),
+        ),
+    )
+    weights = _row_means(w_docs[slot], scored)
+    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
+    positions = ops.weighted_select(weights, b, select_mode, seed_i, step_i, seed_t, step_t, float(eps))
+    if advance_step:
+        step.add_(1)
+    return StepResult(positions, _row_means(tok, scored), weights)
+
+
+def _check_packed_step(ids, segment_ids, st, b, beta1, beta2, lam, select_mode, eps, seed, step, advance_step, w_min):
+    if ids is not None:
+        raise ValueError(
+            "ids must be None when segment_ids are given: segment_ids hold the documents' ids in the state"
+        )
+    _checks.state(st.tensor, st.errors)
+    _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES, device=st.device)
+    _checks.hyper(beta1, beta2, lam, w_min)
+    _checks.selection(b, segment_ids.shape[0], select_mode, seed, step, eps, st.device)
+    _checks.step_tensor(step, advance_step)
+
+
+def packed_step_from_logits(
+    logits, targets, ids, state, b, segment_ids, *, ignore_index, label_smoothing, shift_labels, **kw
+) -> StepResult:
+    """:func:`es_kernels.es_step` with ``segment_ids`` (validates, then :func:`packed_step`)."""
+    st = _state(state)
+    _check_packed_step(ids, segment_ids, st, b, **kw)
+    _check_packed_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels, device=st.device)
+    tokens = _packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels)
+    return packed_step(*tokens, st, b, **kw)
+
+
+def packed_step_from_losses(losses, ids, state, b, segment_ids, *, mask, **kw) -> StepResult:
+    """:func:`es_kernels.es_step_from_losses` with ``segment_ids``."""
+    st = _state(state)
+    _check_packed_step(ids, segment_ids, st, b, **kw)
+    _check_token_losses(losses, segment_ids, mask, device=st.device)
+    return packed_step(*_packed_tokens_from_losses(losses, segment_ids, mask), st, b, **kw)

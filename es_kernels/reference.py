@@ -41,6 +41,9 @@ __all__ = [
     "eswp_prune",
     "exact_mean_weights",
     "sequence_means",
+    "packed_tokens",
+    "per_document_losses",
+    "packed_step",
     "prune_threshold",
     "STREAM_SELECT",
     "STREAM_PRUNE",
@@ -377,6 +380,72 @@ def es_step(
         eps,
         w_min,
     )
+
+
+# --------------------------------------------------------------------------
+# Section 6.1: packed rows (segment_ids), as a plain loop over tokens and documents
+# --------------------------------------------------------------------------
+def packed_tokens(targets, segment_ids, shift_labels, ignore_index=-100):
+    """(targets int64 [B, T], documents int64 [B, T]): what position ``t`` is
+    scored against and the document it counts for (-1: none). With the shift,
+    position ``t`` scores ``targets[b, t + 1]`` when tokens ``t`` and ``t + 1``
+    are of the same document; the last position scores nothing."""
+    B, T = segment_ids.shape
+    tgt = torch.full((B, T), ignore_index, dtype=torch.int64)
+    doc = torch.full((B, T), -1, dtype=torch.int64)
+    for r in range(B):
+        for t in range(T):
+            if not shift_labels:
+                tgt[r, t], doc[r, t] = int(targets[r, t]), max(int(segment_ids[r, t]), -1)
+            elif t + 1 < T and int(segment_ids[r, t]) == int(segment_ids[r, t + 1]) >= 0:
+                tgt[r, t], doc[r, t] = int(targets[r, t + 1]), int(segment_ids[r, t + 1])
+    return tgt, doc
+
+
+def per_document_losses(tok, scored, doc):
+    """(ids int64 [D], losses float32 [D], counts int64 [D]): the documents with a
+    scored token in ascending id, each one's mean over its scored tokens of every
+    row (float64 sum in row-major token order)."""
+    acc: dict[int, list] = {}
+    B, T = doc.shape
+    for r in range(B):
+        for t in range(T):
+            if bool(scored[r, t]) and int(doc[r, t]) >= 0:
+                a = acc.setdefault(int(doc[r, t]), [0.0, 0])
+                a[0] += float(tok[r, t])
+                a[1] += 1
+    ids = sorted(acc)
+    return (
+        torch.tensor(ids, dtype=torch.int64),
+        torch.tensor([acc[i][0] / acc[i][1] for i in ids], dtype=torch.float64).float(),
+        torch.tensor([acc[i][1] for i in ids], dtype=torch.int64),
+    )
+
+
+def packed_step(
+    tok, scored, doc, state, errors, b, beta1, beta2, select_mode, seed, step, lam=1.0, eps=0.0, w_min=1e-8
+):
+    """The packed step: one section 3 observation per document, then each row's
+    weight (the mean over its scored tokens of their document's weight) and
+    loss (the mean of its scored token losses), and section 4 over the rows.
+    Returns (positions, row losses, row weights, document weights by id)."""
+    ids, losses, _ = per_document_losses(tok, scored, doc)
+    w = es_update(ids, losses, state, errors, beta1, beta2, lam, w_min)
+    weight_of = {int(i): float(x) for i, x in zip(ids, w)}
+    B, T = doc.shape
+    row_w, row_l = [], []
+    for r in range(B):
+        sw, sl, n = 0.0, 0.0, 0
+        for t in range(T):
+            if bool(scored[r, t]) and int(doc[r, t]) >= 0:
+                sw += weight_of[int(doc[r, t])]
+                sl += float(tok[r, t])
+                n += 1
+        row_w.append(sw / n if n else 0.0)
+        row_l.append(sl / n if n else 0.0)
+    weights = torch.tensor(row_w, dtype=torch.float64).float()
+    positions = weighted_select(weights, b, select_mode, seed, step, eps=eps)
+    return positions, torch.tensor(row_l, dtype=torch.float64).float(), weights, weight_of
 
 
 # --------------------------------------------------------------------------

@@ -144,7 +144,7 @@ class EvolvedSampler:
 
     def select(
         self,
-        ids,
+        ids=None,
         logits=None,
         targets=None,
         losses=None,
@@ -156,6 +156,7 @@ class EvolvedSampler:
         weight=None,
         bias=None,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        segment_ids=None,
     ) -> Selection:
         """Score a meta-batch, update its state, pick ``mini_batch`` of it.
 
@@ -178,6 +179,14 @@ class EvolvedSampler:
         shift_labels : bool
             Causal LM (Hugging Face labels): score position ``t`` against
             ``targets[:, t + 1]``; give the full logits (or hidden) and labels.
+        segment_ids : Tensor
+            Packed rows (``ids`` None): int64 / int32 ``[B, T]``, each token's
+            document id (in ``[0, N)``; negative: padding). The state is per
+            document (a document split over rows is one observation) and the
+            rows are selected by the token-weighted mean of their documents'
+            weights (docs/spec.md section 6.1); ``losses`` are then token
+            losses ``[B, T]``, and ``scales`` is float32 ``[b, T]``, the scale
+            of each selected token's document (1 for padding).
 
         Returns
         -------
@@ -203,14 +212,22 @@ class EvolvedSampler:
             raise ValueError("weight and targets must be given with hidden")
         if hidden is None and (weight is not None or bias is not None):
             raise ValueError("weight and bias go with hidden")
-        if not isinstance(ids, torch.Tensor):
-            raise ValueError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dim() != 1:
-            raise ValueError(f"ids must have 1 dimensions, got shape {tuple(ids.shape)}")
-        if ids.device.type == "meta":
-            raise ValueError("ids is a meta tensor: it holds no values")
-        ids = ids.to(self.device, non_blocking=True)
+        packed = segment_ids is not None
+        if packed:
+            if ids is not None:
+                raise ValueError("ids must be None when segment_ids are given (they hold the documents' ids)")
+            _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES)
+            ids = segment_ids = segment_ids.to(self.device, non_blocking=True)
+        else:
+            if not isinstance(ids, torch.Tensor):
+                raise ValueError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+            if ids.dim() != 1:
+                raise ValueError(f"ids must have 1 dimensions, got shape {tuple(ids.shape)}")
+            if ids.device.type == "meta":
+                raise ValueError("ids is a meta tensor: it holds no values")
+            ids = ids.to(self.device, non_blocking=True)
         b = min(self.mini_batch, ids.shape[0])  # the last meta-batch of an epoch may be short
+        row_ids = None if packed else ids  # the step's ids argument (None: the documents are in segment_ids)
         kw = dict(
             beta1=self.beta1,
             beta2=self.beta2,
@@ -223,15 +240,16 @@ class EvolvedSampler:
             w_min=self.w_min,
         )
         if losses is not None:
-            res = es_step_from_losses(losses, ids, self.state, b, **kw)
+            res = es_step_from_losses(losses, row_ids, self.state, b, segment_ids=segment_ids, **kw)
         elif hidden is not None:
             res = es_step_from_hidden(
                 hidden,
                 weight,
                 targets,
-                ids,
+                row_ids,
                 self.state,
                 b,
+                segment_ids=segment_ids,
                 bias=bias,
                 ignore_index=ignore_index,
                 label_smoothing=label_smoothing,
@@ -243,9 +261,10 @@ class EvolvedSampler:
             res = es_step(
                 logits,
                 targets,
-                ids,
+                row_ids,
                 self.state,
                 b,
+                segment_ids=segment_ids,
                 ignore_index=ignore_index,
                 label_smoothing=label_smoothing,
                 shift_labels=shift_labels,
@@ -254,11 +273,11 @@ class EvolvedSampler:
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Loss scale of each id: the scale in force (ESWP's rescale where it
-        pruned), 1 where none is in force or the id is out of range."""
+        """Loss scale of each id (any shape): the scale in force (ESWP's rescale
+        where it pruned), 1 where none is in force or the id is out of range."""
         n = self.state.num_samples
         if self._scale is None or n == 0:
-            return torch.ones(ids.shape[0], dtype=torch.float32, device=self.device)
+            return torch.ones(ids.shape, dtype=torch.float32, device=self.device)
         inside = (ids >= 0) & (ids < n)
         return torch.where(inside, self._scale[ids.clamp(0, n - 1)], 1.0)
 

@@ -307,3 +307,153 @@ def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
     assert "PARTIAL" in (tmp_path / "ablation.md").read_text()
     # ranked on the finished task: b = 128 gives 92.8% >= the 90% target, b = 64 misses it (86.4%)
     assert res["ranking"][0]["setting"].endswith("b/B=1/4")
+
+
+# ---------------------------------------------------------------- the LM task
+def test_time_to_target_of_a_loss_is_the_first_point_at_or_below_it():
+    loss = [[0.0, 5.5, 0], [1.0, 3.0, 100], [2.0, 2.5, 200], [3.0, 2.6, 300]]
+    assert M.time_to_target(loss, 2.5, higher=False) == (2.0, 200)
+    assert M.time_to_target(loss, 2.5 - 1e-12, higher=False) == (2.0, 200)  # rounding of a mean over seeds
+    assert M.time_to_target(loss, 3.0, higher=False) == (1.0, 100)
+    assert M.time_to_target(loss, 2.4, higher=False) is None
+    assert M.time_to_target(loss, 2.5) == (0.0, 0)  # as accuracy, the start already "reaches" it
+
+
+def test_summarize_an_lm_goal_names_its_keys_by_loss():
+    from es_kernels.demo.run import fair_reference, summarize
+
+    def run(curve):
+        return {**_run(curve), "test_loss": curve[-1][1]}
+
+    runs = {
+        "full": [
+            run([[0, 5.5, 0], [2, 3.0, 1000], [4, 2.5, 2000]]),
+            run([[0, 5.5, 0], [2, 3.2, 1000], [4, 2.7, 2000]]),
+        ],
+        "es": [run([[0, 5.5, 0], [1, 2.9, 250], [2, 2.6, 500]]), run([[0, 5.5, 0], [1, 3.1, 250], [2, 2.7, 500]])],
+    }
+    assert fair_reference(runs, M.LM_LOSS) == {"target_loss": pytest.approx(2.6), "window_s": 2.0}
+    s = summarize(runs, M.LM_LOSS)
+    assert "test_acc" not in s["es"] and s["es"]["test_loss"]["mean"] == pytest.approx(2.65)
+    assert s["es"]["time_to_target"]["reached"] == 1 and s["es"]["time_to_target"]["backward_samples"]["mean"] == 500
+    assert s["full"]["time_to_target"]["reached"] == 1 and s["full"]["time_to_target"]["wall_s"]["mean"] == 4
+    assert s["full"]["loss_at_window"]["mean"] == pytest.approx(3.1)
+    assert s["es"]["loss_minus_full"] == pytest.approx(2.65 - 2.6)
+
+
+def test_rank_configs_with_an_lm_task_ties_on_accuracy_tasks_only():
+    cells = {
+        "a": {"t": {"ttt": [1.0], "final_acc": [80]}, "lm": {"ttt": [2.0], "final_loss": [2.5]}},
+        "b": {"t": {"ttt": [2.0], "final_acc": [90]}, "lm": {"ttt": [1.0], "final_loss": [2.9]}},
+    }
+    assert [r[0] for r in M.rank_configs(cells)] == ["b", "a"]  # equal mean rank; b more accurate
+    lm_only = {c: {"lm": v["lm"]} for c, v in cells.items()}
+    assert [(r[0], r[2]) for r in M.rank_configs(lm_only)] == [("b", None), ("a", None)]
+
+
+def test_lm_corpus_is_deterministic_and_split_by_file():
+    from es_kernels.demo import lmtask
+
+    files = lmtask.stdlib_files()
+    held = {f.name for f in files if lmtask.is_held_out(f.name)}
+    assert files and held and len(held) < len(files) / 4  # about a tenth of the files
+    tr, te, info = lmtask.load_corpus(32, 40, 10)
+    tr2, te2, _ = lmtask.load_corpus(32, 40, 10)
+    assert torch.equal(tr, tr2) and torch.equal(te, te2)
+    assert tr.shape == (40, 32) and te.shape == (10, 32) and tr.dtype == torch.int64
+    assert int(tr.max()) < 256 and int(tr.min()) >= 0  # bytes; 256 (padding) is never in a full window
+    assert info["held_out"]["files"] == len(held) and info["train"]["files"] == len(files) - len(held)
+    text = b"\n".join(f.read_bytes() for f in files if f.name in held)
+    assert all(bytes(row.tolist()) in text for row in te)  # held-out windows come from held-out files
+    with pytest.raises(ValueError, match="fewer than"):
+        lmtask.load_corpus(32, 10**9, 10)
+
+
+def test_lm_sequence_losses_are_per_sequence_means_over_shifted_targets():
+    from es_kernels.demo.lmtask import IGNORE, sequence_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g)
+    labels = torch.randint(0, 7, (3, 5), generator=g)
+    labels[1, 3:] = IGNORE
+    got = sequence_losses(logits, labels)
+    for i in range(3):
+        keep = labels[i, 1:] != IGNORE
+        want = torch.nn.functional.cross_entropy(logits[i, :-1][keep], labels[i, 1:][keep])
+        assert got[i] == pytest.approx(float(want), rel=1e-6)
+
+
+def test_lm_missing_transformers_message(monkeypatch, capsys):
+    import importlib.util
+
+    from es_kernels.demo import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+    )
+    assert main(["--task", "lm"]) == 2
+    assert 'pip install "es-kernels[demo,integrations]"' in capsys.readouterr().err
+
+
+def test_lm_task_rejects_classification_options(capsys):
+    from es_kernels.demo import main
+
+    for argv in (["--label-noise", "0.2"], ["--datasets", "digits"], ["--ablate"]):
+        with pytest.raises(SystemExit):
+            main(["--task", "lm", *argv])
+    from es_kernels.demo.run import _with_noise
+
+    with pytest.raises(ValueError, match="label noise"):
+        _with_noise(object(), 0.4, 0)
+
+
+@pytest.mark.slow
+def test_demo_lm_end_to_end(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    from es_kernels.demo import main, run
+
+    monkeypatch.setitem(run.LM_QUICK, "lm_train_seqs", 128)
+    monkeypatch.setitem(run.LM_QUICK, "lm_test_seqs", 32)
+    argv = ["--task", "lm", "--quick", "--epochs", "2", "--seeds", "2", "--threads", "1", "--no-progress"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SMOKE TEST" in out and "held-out loss" in out and "backward tokens" in out
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert res["complete"] and res["config"]["task"] == "lm" and list(res["datasets"]) == ["lm"]
+    ds = res["datasets"]["lm"]
+    assert ds["metric"] == "test_loss" and ds["n_train"] == 128 and ds["n_test"] == 32
+    assert ds["tokens_per_sample"] == res["config"]["lm_seq_len"] - 1
+    assert ds["corpus"]["train"]["files"] > ds["corpus"]["held_out"]["files"] > 0
+    assert set(ds["summary"]) == set(run.LM_METHODS)
+    assert ds["target_loss"] == pytest.approx(ds["summary"]["full"]["test_loss"]["mean"])
+    assert ds["window_s"] == pytest.approx(ds["summary"]["es"]["wall_s"]["mean"])
+    for m in run.LM_METHODS:
+        s = ds["summary"][m]
+        assert len(ds["runs"][m]) == 2 and "auc" in s and "time_to_target" in s and "loss_at_window" in s
+        for r in ds["runs"][m]:
+            assert 0 < r["test_loss"] < r["curve"][0][1]  # trained: below the start (about log 257)
+            if not m.endswith("-time"):
+                assert len(r["curve"]) == 3  # start + 2 epochs
+    es, full = ds["summary"]["es"], ds["summary"]["full"]
+    assert es["backward_samples"]["mean"] == full["backward_samples"]["mean"] / 4  # b/B = 1/4, every epoch
+    assert 0 < es["scoring_share"]["mean"] < 1
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_ablation_takes_the_lm_task(tmp_path):
+    pytest.importorskip("transformers")
+    from es_kernels.demo import run
+
+    cfg = run.Config(seeds=1, threads=1, lm_train_seqs=128, lm_test_seqs=32)
+    grid = {"beta1": "0.2", "beta2": "0.5", "lam": "1", "eps": "0", "ratio": "1/4"}
+    res = run.run_ablation(cfg, tmp_path, grid=grid, tasks=run.parse_tasks("lm:1:0"), show_progress=False)
+    assert res["complete"] and res["metrics"] == {"lm 1ep noise 0": "test_loss"}
+    cell = res["cells"]["beta1=0.2 beta2=0.5 lam=1 eps=0 b/B=1/4"]["lm 1ep noise 0"]
+    assert len(cell["final_loss"]) == 1 and cell["curve"][0][-1][2] == 128 // 4  # b = 16 of the LM's B = 64
+    assert res["full"]["lm 1ep noise 0"][0]["curve"][-1][2] == 128
+    assert res["chosen"] is not None and res["ranking"][0]["mean_final_acc"] is None
+    assert "held-out loss" in (tmp_path / "ablation.md").read_text()
+    with pytest.raises(ValueError, match="label noise"):
+        run.parse_tasks("digits:1:0,lm:1:0.4")

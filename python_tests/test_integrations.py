@@ -149,6 +149,18 @@ def read_ahead(loader):
     yield cur
 
 
+def hand_select(model, es, batch, seen):
+    """ESTrainer's scoring pass (eval mode, no autograd) and selection on one
+    collated meta-batch; the selected ids go to ``seen``. Returns the positions."""
+    x, y, ids = batch["input_ids"], batch["labels"], batch["es_id"]
+    model.eval()
+    with torch.no_grad():
+        sel = es.select(ids, logits=model(x).logits[:, :-1], targets=y[:, 1:])
+    model.train()
+    seen.append(ids[sel.positions].tolist())
+    return sel.positions
+
+
 def hand_loop(steps, accum=1, eswp=False, seed=0):
     """The loop the README describes, with the Trainer's optimizer, schedule and
     token-mean loss (normalised over the tokens of all micro-batches of a step)."""
@@ -169,14 +181,8 @@ def hand_loop(steps, accum=1, eswp=False, seed=0):
             except StopIteration:
                 it = read_ahead(loader)
                 batch = next(it)
-            x, y, ids, scale = batch["input_ids"], batch["labels"], batch["es_id"], batch["es_scale"]
-            model.eval()
-            with torch.no_grad():
-                sel = es.select(ids, logits=model(x).logits[:, :-1], targets=y[:, 1:])
-            model.train()
-            pos = sel.positions
-            seen.append(ids[pos].tolist())
-            micro.append((x[pos], y[pos], scale[pos]))
+            pos = hand_select(model, es, batch, seen)
+            micro.append((batch["input_ids"][pos], batch["labels"][pos], batch["es_scale"][pos]))
         count = sum(int((y[:, 1:] != -100).sum()) for _, y, _ in micro)
         for x, y, s in micro:
             logits = model(x).logits[:, :-1]

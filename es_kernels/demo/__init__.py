@@ -2,7 +2,7 @@
 several methods and compare them fairly. See :mod:`es_kernels.demo.run`.
 
 * ``run``: the training loop, the methods, the command line (``main``);
-* ``tasks``: the data sets and label noise;
+* ``tasks``: the data sets and label noise; ``lmtask``: the LM task;
 * ``report``: tables, plot, machine description.
 """
 

@@ -8,6 +8,7 @@ each method needs to reach the full baseline's accuracy.
     es-kernels demo --ablate         # the grid and the rule behind the defaults
     es-kernels demo --eta-only       # time an epoch of full and ES per data set, print the ETA
     es-kernels demo --nproc 2        # every method under DDP on 2 gloo processes
+    es-kernels demo --task lm        # a small GPT-2 on the standard library's sources (held-out loss)
 
 Methods, each with the same optimizer and model:
 
@@ -29,7 +30,10 @@ accuracy-vs-time curve divided by the window).
 
 Data, all generated or shipped locally: MNIST-1D made by the ``mnist1d``
 package (``make_dataset``, never its download) and scikit-learn's bundled
-handwritten digits.
+handwritten digits. ``--task lm`` (:mod:`es_kernels.demo.lmtask`): a GPT-2
+built from a ``transformers`` config trained on the Python standard
+library's sources, bytes as tokens; the metric is the held-out loss
+(nats/byte, lower is better) and the target full's final held-out loss.
 """
 
 from __future__ import annotations
@@ -92,9 +96,20 @@ class Config:
     score_dtype: str = "auto"  # the scoring pass: auto (bf16 autocast on CUDA), float32, bfloat16
     smoke_test: bool = False
     nproc: int = 1  # processes (DDP, gloo); the global meta-batch and mini-batch are split among them
+    task: str = "classification"  # or "lm": the language model (es_kernels.demo.lmtask)
+    lm_seq_len: int = 64  # bytes per sequence (the LM task)
+    lm_train_seqs: int = 1024
+    lm_test_seqs: int = 256
+    lm_width: int = 64  # GPT-2 n_embd
+    lm_layers: int = 2
+    lm_heads: int = 4
 
 
 QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
+LM_METHODS = ("full", "uniform", "es", "eswp") + TIME_METHODS
+# the LM task's run (--task lm), fixed before its first run (README, "The LM task")
+LM = dict(task="lm", datasets=("lm",), methods=LM_METHODS, epochs=12, meta_batch=64, mini_batch=16, lr=2e-3)
+LM_QUICK = dict(epochs=3, lm_train_seqs=512, lm_test_seqs=128, smoke_test=True)
 
 
 # ---------------------------------------------------------------- training
@@ -115,6 +130,37 @@ def accuracy(model, x, y) -> float:
     acc = (model(x).argmax(1) == y).float().mean().item()
     model.train()
     return 100.0 * acc
+
+
+class Classification:
+    """The classification problem on ``(x_train, y_train, x_test, y_test,
+    num_classes)`` tensors, as the training loop sees a task (the language
+    model is :class:`es_kernels.demo.lmtask.LMTask`): the model, per-sample
+    losses, ES's scoring pass, the evaluation and its :class:`Goal`."""
+
+    goal = M.ACCURACY
+
+    def __init__(self, data, hidden: int):
+        self.xtr, self.ytr, self.xte, self.yte, self.k = data
+        self.hidden = hidden
+
+    def model(self, seed: int) -> torch.nn.Module:
+        return make_model(self.xtr.shape[1], self.hidden, self.k, seed)
+
+    def losses(self, model, x, y) -> torch.Tensor:
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    def score(self, net, x, y) -> dict:
+        """The scoring pass's arguments of ``EvolvedSampler.select`` (the caller holds inference_mode)."""
+        return {"logits": net(x), "targets": y}
+
+    def evaluate(self, net) -> float:
+        return accuracy(net, self.xte, self.yte)
+
+
+def as_task(data, cfg):
+    """A task object from a data tuple (classification) or the task itself."""
+    return Classification(data, cfg.hidden) if isinstance(data, tuple) else data
 
 
 def _sync(dev: torch.device) -> None:
@@ -163,7 +209,8 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     after the last step that, at the last step's pace, ends within the budget.
 
     Returns wall_s (training only, evaluation excluded), backward_samples,
-    test_acc (final), curve (``[wall_s, test_acc, backward]`` at the start,
+    test_acc (final; test_loss for the LM: the task's goal), curve
+    (``[wall_s, test_acc or test_loss, backward]`` at the start,
     after each epoch and at a time stop), epochs (completed; a time stop adds
     the fraction of its last epoch), score_s (the scoring passes: no-grad
     forward over B and the fused step, timed inside the loop), elapsed_s
@@ -175,7 +222,8 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     ranks agree on the wall-clock (the slowest rank's, at every evaluation)
     and on a time stop; backward samples are summed over the ranks.
     """
-    xtr, ytr, xte, yte, k = data
+    task = as_task(data, cfg)
+    xtr, ytr = task.xtr, task.ytr
     dev = xtr.device
     base = base_method(method)
     if method.endswith("-time") and time_budget is None:
@@ -184,7 +232,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     world, rank = _world()
     B, b = cfg.meta_batch // world, cfg.mini_batch // world
     started = time.perf_counter()
-    net = model = make_model(xtr.shape[1], cfg.hidden, k, seed).to(dev)
+    net = model = task.model(seed).to(dev)
     if world > 1:
         from ..distributed import DistributedESWPSampler, DistributedEvolvedSampler, shard_indices
 
@@ -207,7 +255,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     wall = score_s = 0.0
     backward = 0
     epochs = 0.0
-    curve = [[0.0, accuracy(net, xte, yte), 0]]
+    curve = [[0.0, task.evaluate(net), 0]]
     stopped = False
     for epoch in range(max_epochs):
         _sync(dev)
@@ -225,7 +273,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             ids = order[start : start + B].to(dev)
             x, y = xtr[ids], ytr[ids]
             if base in ("full", "infobatch"):
-                per = F.cross_entropy(model(x), y, reduction="none")
+                per = task.losses(model, x, y)
                 if base == "infobatch" and world > 1:
                     es.observe(ids, per.detach())  # every rank's losses reach every replica
                 elif base == "infobatch":
@@ -234,7 +282,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 backward += ids.shape[0]
             elif base == "uniform":
                 pos = torch.randperm(ids.shape[0], generator=g)[:b].to(dev)
-                per = F.cross_entropy(model(x[pos]), y[pos], reduction="none")
+                per = task.losses(model, x[pos], y[pos])
                 backward += pos.shape[0]
             else:
                 ts = time.perf_counter()
@@ -242,12 +290,12 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                     torch.inference_mode(),
                     torch.autocast(dev.type, dtype=ac_dtype or torch.bfloat16, enabled=ac_dtype is not None),
                 ):
-                    logits = net(x)  # the scoring pass: no autograd record at all
-                sel = es.select(ids, logits=logits, targets=y)
+                    scored = task.score(net, x, y)  # the scoring pass: no autograd record at all
+                sel = es.select(ids, **scored)
                 _sync(dev)  # CUDA only: timing the scoring separately costs a synchronisation there
                 score_s += time.perf_counter() - ts
                 pos = sel.positions
-                per = F.cross_entropy(model(x[pos]), y[pos], reduction="none") * sel.scales
+                per = task.losses(model, x[pos], y[pos]) * sel.scales
                 backward += pos.shape[0]
             opt.zero_grad(set_to_none=True)
             per.mean().backward()
@@ -264,12 +312,12 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
         wall = _agree_max(wall + time.perf_counter() - t0, world)  # the slowest rank's
         if not stopped:
             epochs += 1
-        curve.append([wall, accuracy(net, xte, yte), backward * world])  # evaluation is not timed
+        curve.append([wall, task.evaluate(net), backward * world])  # evaluation is not timed
         if progress is not None:
             progress.set_postfix_str(
                 f"{method} seed {seed} epoch {epoch + 1}"
                 f"{'' if time_budget is not None else '/' + str(cfg.epochs)} "
-                f"acc {curve[-1][1]:.1f}"
+                f"{task.goal.short} {task.goal.fmt(curve[-1][1])}"
             )
         if stopped:
             break
@@ -286,7 +334,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     return {
         "wall_s": wall,
         "backward_samples": backward,
-        "test_acc": curve[-1][1],
+        task.goal.key: curve[-1][1],
         "curve": curve,
         "epochs": epochs,
         "score_s": score_s,
@@ -300,32 +348,36 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
 _mean_sd = M.mean_sd
 
 
-def fair_reference(runs: dict) -> dict:
-    """The target (mean over seeds of full's final accuracy) and the common
-    window (ES's mean wall-clock; without ES the shortest method's mean)."""
+def fair_reference(runs: dict, goal: M.Goal = M.ACCURACY) -> dict:
+    """The target (mean over seeds of full's final accuracy, or held-out
+    loss: ``target_acc`` / ``target_loss``) and the common window (ES's mean
+    wall-clock; without ES the shortest method's mean)."""
     full = runs.get("full") or []
-    target = statistics.fmean(r["test_acc"] for r in full) if full else None
+    target = statistics.fmean(r[goal.key] for r in full) if full else None
     es = runs.get("es") or []
     if es:
         window = statistics.fmean(r["wall_s"] for r in es)
     else:
         walls = [statistics.fmean(r["wall_s"] for r in rs) for rs in runs.values() if rs]
         window = min(walls) if walls else None
-    return {"target_acc": target, "window_s": window}
+    return {f"target_{goal.short}": target, "window_s": window}
 
 
-def summarize(runs: dict) -> dict:
+def summarize(runs: dict, goal: M.Goal = M.ACCURACY) -> dict:
     """Per method: means ± sd over seeds of the plain numbers and of the fair
-    metrics (fair_reference); methods without runs are left out."""
-    ref = fair_reference(runs)
-    target, window = ref["target_acc"], ref["window_s"]
+    metrics (fair_reference); methods without runs are left out. The keys
+    follow the goal: ``test_acc``, ``acc_at_window``, ``acc_minus_full`` for
+    accuracy, ``test_loss``, ``loss_at_window``, ``loss_minus_full`` for the
+    LM's held-out loss (``auc``: the mean value over the window, either)."""
+    ref = fair_reference(runs, goal)
+    target, window = ref[f"target_{goal.short}"], ref["window_s"]
     out = {}
     for method, rs in runs.items():
         if not rs:
             continue
         s = out[method] = {
             "wall_s": _mean_sd([r["wall_s"] for r in rs]),
-            "test_acc": _mean_sd([r["test_acc"] for r in rs]),
+            goal.key: _mean_sd([r[goal.key] for r in rs]),
             "backward_samples": _mean_sd([r["backward_samples"] for r in rs]),
             "epochs": _mean_sd([r.get("epochs", len(r["curve"]) - 1) for r in rs]),
         }
@@ -333,7 +385,7 @@ def summarize(runs: dict) -> dict:
             s["score_s"] = _mean_sd([r["score_s"] for r in rs])
             s["scoring_share"] = _mean_sd([r["score_s"] / r["wall_s"] for r in rs])
         if target is not None:
-            hits = [M.time_to_target(r["curve"], target) for r in rs]
+            hits = [M.time_to_target(r["curve"], target, goal.higher) for r in rs]
             got = [h for h in hits if h is not None]
             s["time_to_target"] = {
                 "reached": len(got),
@@ -343,13 +395,13 @@ def summarize(runs: dict) -> dict:
                 "backward_samples": _mean_sd([h[1] for h in got]),
             }
         if window:
-            s["acc_at_window"] = _mean_sd([M.acc_at(r["curve"], window) for r in rs])
+            s[f"{goal.short}_at_window"] = _mean_sd([M.acc_at(r["curve"], window) for r in rs])
             s["auc"] = _mean_sd([M.auc(r["curve"], window) for r in rs])
     if "full" in out:
         base = out["full"]
         for s in out.values():
             s["wall_saving_vs_full"] = 1.0 - s["wall_s"]["mean"] / base["wall_s"]["mean"]
-            s["acc_minus_full"] = s["test_acc"]["mean"] - base["test_acc"]["mean"]
+            s[f"{goal.short}_minus_full"] = s[goal.key]["mean"] - base[goal.key]["mean"]
             if "score_s" in s:  # what ES would save if its training part cost exactly its share of backward
                 s["ideal_saving"] = 1.0 - (
                     s["score_s"]["mean"] / base["wall_s"]["mean"]
@@ -387,13 +439,15 @@ class Eta:
             return statistics.fmean(self.per_epoch[key]) * epochs
         ds, method, b = key
         cost = _COST[method]
+        # the data set's meta-batch: its full run's b (the LM's differs from the demo's)
+        B = next((b2 for d2, m2, b2 in self.per_epoch if d2 == ds and m2 == "full"), self.B)
         for (d2, m2, b2), v in self.per_epoch.items():  # the same method at another b
             if d2 == ds and m2 == method:
-                return statistics.fmean(v) * cost(b / self.B) / cost(b2 / self.B) * epochs
-        full = self.per_epoch.get((ds, "full", self.B))
+                return statistics.fmean(v) * cost(b / B) / cost(b2 / B) * epochs
+        full = self.per_epoch.get((ds, "full", B))
         if full is None:
             return None
-        return statistics.fmean(full) * cost(b / self.B) * epochs
+        return statistics.fmean(full) * cost(b / B) * epochs
 
     def remaining(self, jobs) -> float | None:
         """``jobs``: [(key, epochs)]; None while some key cannot be estimated."""
@@ -501,7 +555,30 @@ def demo_jobs(cfg: Config) -> list:
 
 def _device_data(data, cfg: Config):
     dev = torch.device(cfg.device)
+    if not isinstance(data, tuple):  # a task object (the LM)
+        return data.to(dev)
     return tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in data)
+
+
+def _with_noise(data, p: float, seed: int):
+    """A seed's training data: classification labels corrupted with
+    probability ``p``; a task object (the LM, no labels to flip) as is."""
+    if not isinstance(data, tuple):
+        if p > 0:
+            raise ValueError(f"label noise applies to the classification data sets, not the LM task (got {p})")
+        return data
+    xtr, ytr, xte, yte, k = data
+    return (xtr, corrupt_labels(ytr.cpu(), p, k, seed).to(ytr.device), xte, yte, k)
+
+
+def _describe(data) -> dict:
+    if isinstance(data, tuple):
+        return {"n_train": int(data[0].shape[0]), "n_test": int(data[2].shape[0]), "metric": M.ACCURACY.key}
+    return {**data.describe(), "metric": data.goal.key}
+
+
+def _goal(data) -> M.Goal:
+    return M.ACCURACY if isinstance(data, tuple) else data.goal
 
 
 def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
@@ -533,16 +610,14 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
         for i, (name, seed, method) in enumerate(jobs):
             if name not in cache:
                 cache[name] = _device_data(load_dataset(name, cfg), cfg)
-                xtr, xte = cache[name][0], cache[name][2]
                 results["datasets"][name] = {
-                    "n_train": int(xtr.shape[0]),
-                    "n_test": int(xte.shape[0]),
+                    **_describe(cache[name]),
                     "summary": {},
                     "runs": {m: [] for m in cfg.methods},
                 }
-            xtr, ytr, xte, yte, k = cache[name]
             ds = results["datasets"][name]
-            data = (xtr, corrupt_labels(ytr.cpu(), cfg.label_noise, k, seed).to(ytr.device), xte, yte, k)
+            goal = _goal(cache[name])
+            data = _with_noise(cache[name], cfg.label_noise, seed)
             budget = None
             if method in TIME_METHODS:
                 if not ds["runs"].get("es"):
@@ -551,14 +626,14 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             r = train(method, data, cfg, seed, log.bar, time_budget=budget)
             eta.record(_key(cfg, name, method), r["epochs"], r["elapsed_s"])
             ds["runs"][method].append(r)
-            ds["summary"] = summarize(ds["runs"])
-            ds.update(fair_reference(ds["runs"]))
+            ds["summary"] = summarize(ds["runs"], goal)
+            ds.update(fair_reference(ds["runs"], goal))
             if rank == 0:
                 write_json(path, results)
             rest = fmt_eta(*eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1 :]]))
             log.line(
                 f"[{i + 1}/{len(jobs)}] {name} {method} seed {seed}: {fmt_s(r['wall_s'])} s, "
-                f"{r['epochs']:.3g} epochs, acc {r['test_acc']:.2f}%; {rest}"
+                f"{r['epochs']:.3g} epochs, {goal.short} {goal.fmt(r[goal.key])}; {rest}"
             )
             log.update(rest.split(" + ")[0])
     except KeyboardInterrupt:
@@ -607,7 +682,10 @@ def parse_tasks(text: str) -> list:
         parts = item.strip().split(":")
         if len(parts) != 3:
             raise ValueError(f"a task is dataset:epochs:label_noise, got {item!r}")
-        tasks.append(Task(parts[0], int(parts[1]), float(parts[2])))
+        task = Task(parts[0], int(parts[1]), float(parts[2]))
+        if task.dataset == "lm" and task.label_noise > 0:
+            raise ValueError(f"label noise applies to the classification data sets, not the LM task: {item!r}")
+        tasks.append(task)
     return tasks
 
 
@@ -652,14 +730,22 @@ def ablation_jobs(cfg: Config, tasks, settings) -> list:
     return jobs
 
 
+def task_config(cfg: Config, task: Task) -> Config:
+    """The run's config on an ablation task: its epochs and label noise; the
+    LM task (``lm:EPOCHS:0``) with the LM run's meta-batch and learning rate."""
+    lm = {k: LM[k] for k in ("task", "meta_batch", "lr")} if task.dataset == "lm" else {}
+    return replace(cfg, epochs=task.epochs, label_noise=task.label_noise, **lm)
+
+
 def _ablation_key(cfg: Config, task: Task, s):
-    return (task.dataset, "full", cfg.meta_batch) if s is None else (task.dataset, "es", _mini_batch(cfg, s["ratio"]))
+    tcfg = task_config(cfg, task)
+    return (task.dataset, "full", tcfg.meta_batch) if s is None else (task.dataset, "es", _mini_batch(tcfg, s["ratio"]))
 
 
 def rank_ablation(res: dict) -> list:
     """The rule over the tasks where every setting has all its seeds."""
     cells, seeds = res["cells"], res["config"]["seeds"]
-    tasks = [t for t in res["tasks"] if all(len(c.get(t, {}).get("final_acc", [])) == seeds for c in cells.values())]
+    tasks = [t for t in res["tasks"] if all(len(c.get(t, {}).get("ttt", [])) == seeds for c in cells.values())]
     if not cells or not tasks:
         return []
     return M.rank_configs({c: {t: cells[c][t] for t in tasks} for c in cells})
@@ -682,6 +768,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
         "settings": settings,
         "tasks": [t.name for t in tasks],
         "targets": {},
+        "metrics": {},  # per task: test_acc, or test_loss (the LM)
         "cells": {setting_name(s): {} for s in settings},
         "full": {},
         "ranking": [],
@@ -706,14 +793,15 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
         for i, (task, seed, s) in enumerate(jobs):
             if task.dataset not in cache:
                 cache[task.dataset] = _device_data(load_dataset(task.dataset, cfg), cfg)
-            xtr, ytr, xte, yte, k = cache[task.dataset]
-            data = (xtr, corrupt_labels(ytr.cpu(), task.label_noise, k, seed).to(ytr.device), xte, yte, k)
-            tcfg = replace(cfg, epochs=task.epochs, label_noise=task.label_noise)
+            goal = _goal(cache[task.dataset])
+            res["metrics"][task.name] = goal.key
+            data = _with_noise(cache[task.dataset], task.label_noise, seed)
+            tcfg = task_config(cfg, task)
             if s is None:
                 r = train("full", data, tcfg, seed, log.bar)
-                res["full"].setdefault(task.name, []).append({k_: r[k_] for k_ in ("wall_s", "test_acc", "curve")})
+                res["full"].setdefault(task.name, []).append({k_: r[k_] for k_ in ("wall_s", goal.key, "curve")})
                 if len(res["full"][task.name]) == cfg.seeds:
-                    res["targets"][task.name] = statistics.fmean(x["test_acc"] for x in res["full"][task.name])
+                    res["targets"][task.name] = statistics.fmean(x[goal.key] for x in res["full"][task.name])
                 what = "full"
             else:
                 tcfg = replace(
@@ -722,16 +810,17 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
                     beta2=s["beta2"],
                     lam=s["lam"],
                     eps=s["eps"],
-                    mini_batch=_mini_batch(cfg, s["ratio"]),
+                    mini_batch=_mini_batch(tcfg, s["ratio"]),
                 )
                 r = train("es", data, tcfg, seed, log.bar)
-                hit = M.time_to_target(r["curve"], res["targets"][task.name])
+                hit = M.time_to_target(r["curve"], res["targets"][task.name], goal.higher)
+                final = f"final_{goal.short}"  # final_acc; final_loss for the LM (not in the tie-break)
                 cell = res["cells"][setting_name(s)].setdefault(
-                    task.name, {"ttt": [], "ttt_backward": [], "final_acc": [], "wall_s": [], "curve": []}
+                    task.name, {"ttt": [], "ttt_backward": [], final: [], "wall_s": [], "curve": []}
                 )
                 cell["ttt"].append(None if hit is None else hit[0])
                 cell["ttt_backward"].append(None if hit is None else hit[1])
-                cell["final_acc"].append(r["test_acc"])
+                cell[final].append(r[goal.key])
                 cell["wall_s"].append(r["wall_s"])
                 cell["curve"].append(r["curve"])
                 what = setting_name(s)
@@ -742,7 +831,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
             )
             log.line(
                 f"[{i + 1}/{len(jobs)}] {task.name} seed {seed} {what}: {fmt_s(r['wall_s'])} s, "
-                f"acc {r['test_acc']:.2f}%; {rest}"
+                f"{goal.short} {goal.fmt(r[goal.key])}; {rest}"
             )
             log.update(rest.split(" + ")[0])
     except KeyboardInterrupt:
@@ -768,9 +857,10 @@ def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float:
     eta = Eta(cfg.meta_batch)
     datasets = sorted({t.dataset for t in tasks}) if ablate else list(cfg.datasets)
     for ds in datasets:
-        data = _device_data(load_dataset(ds, cfg), cfg)
-        for method, b in (("full", cfg.meta_batch), ("es", cfg.meta_batch // 4)):
-            r = train(method, data, replace(cfg, epochs=1, mini_batch=b), 0)
+        dcfg = task_config(cfg, Task(ds, 1, 0.0)) if ablate else cfg  # the LM's meta-batch on an lm task
+        data = _device_data(load_dataset(ds, dcfg), dcfg)
+        for method, b in (("full", dcfg.meta_batch), ("es", dcfg.meta_batch // 4)):
+            r = train(method, data, replace(dcfg, epochs=1, mini_batch=b), 0)
             eta.record((ds, method, b), 1, r["elapsed_s"])
     if ablate:
         settings = grid_settings(parse_grid(grid or DEFAULT_GRID))
@@ -793,10 +883,12 @@ def _dist_worker(rank: int, world: int, cfg: Config, out: Path, show_progress: b
 
 
 DEMO_DEPS = {"mnist1d": "mnist1d", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+LM_DEPS = {"matplotlib": "matplotlib", "tqdm": "tqdm", "transformers": "transformers"}
 
 
-def missing_demo_deps() -> list:
-    return [pkg for mod, pkg in DEMO_DEPS.items() if importlib.util.find_spec(mod) is None]
+def missing_demo_deps(task: str = "classification") -> list:
+    deps = LM_DEPS if task == "lm" else DEMO_DEPS
+    return [pkg for mod, pkg in deps.items() if importlib.util.find_spec(mod) is None]
 
 
 def _floats(text: str) -> str:
@@ -820,6 +912,13 @@ def main(argv=None) -> int:
         default=0.0,
         metavar="P",
         help="symmetric label corruption of the training set, probability P",
+    )
+    ap.add_argument(
+        "--task",
+        choices=("classification", "lm"),
+        default="classification",
+        help="classification (MNIST-1D and digits, the default) or lm: a small GPT-2 on the Python standard "
+        "library's sources (needs transformers: es-kernels[demo,integrations])",
     )
     ap.add_argument("--datasets", default=None, help="comma-separated: mnist1d,digits")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
@@ -873,14 +972,19 @@ def main(argv=None) -> int:
     if a.nproc < 1:
         ap.error("--nproc must be >= 1")
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    missing = missing_demo_deps()
+    lm = a.task == "lm"
+    missing = missing_demo_deps(a.task)
     if missing:
         print(
-            f'es-kernels demo needs {", ".join(missing)}: pip install "es-kernels[demo]" '
-            f"(or pip install {' '.join(missing)})",
+            f"es-kernels demo{' --task lm' if lm else ''} needs {', '.join(missing)}: "
+            f'pip install "es-kernels[demo{",integrations" if lm else ""}]" (or pip install {" ".join(missing)})',
             file=sys.stderr,
         )
         return 2
+    if lm and a.ablate:
+        ap.error("the ablation takes the LM as a task: --ablate --tasks lm:EPOCHS:0,... (without --task lm)")
+    if lm and (a.datasets or a.label_noise > 0 or a.mnist1d_samples is not None):
+        ap.error("--task lm trains on the standard library's sources: no --datasets, --label-noise, --mnist1d-samples")
     cfg = Config(
         label_noise=a.label_noise,
         beta1=a.beta1,
@@ -890,8 +994,10 @@ def main(argv=None) -> int:
         device=a.device,
         score_dtype=a.score_dtype,
     )
+    if lm:
+        cfg = replace(cfg, **LM)
     if a.quick:
-        cfg = replace(cfg, **QUICK)
+        cfg = replace(cfg, **(LM_QUICK if lm else QUICK))
     if a.ablate and not a.quick:
         cfg = replace(cfg, mnist1d_samples=ABLATION_MNIST1D_SAMPLES)
     over = {"seeds": a.seeds, "epochs": a.epochs, "mnist1d_samples": a.mnist1d_samples, "threads": a.threads}
@@ -910,7 +1016,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     grid = {k: getattr(a, f"grid_{k}") for k in DEFAULT_GRID}
-    tasks = parse_tasks(a.tasks)
+    try:
+        tasks = parse_tasks(a.tasks)
+    except ValueError as e:
+        ap.error(f"--tasks: {e}")
     out = Path(a.out)
     if a.eta_only:
         total = estimate_only(cfg, a.ablate, grid, tasks)

@@ -155,6 +155,12 @@ class ESStream(Sampler):
       trained meta-batch of ``n`` samples, the loader epoch in progress at the
       checkpoint continues after its consumed samples (what a Lightning
       stateful loader needs).
+
+    Several processes: every rank holds a replica of the ES state and of this
+    stream, and must make each ESWP plan (which depends on the state) at the
+    same training step. accelerate's ``BatchSamplerShard`` (rank ``r`` takes
+    batches ``r, r + W, ...``) reads each group of ``W`` batches whole before
+    yielding its own, so every rank reads the stream at the same steps.
     """
 
     def __init__(
@@ -189,7 +195,9 @@ class ESStream(Sampler):
     def _new_plan(self) -> None:
         epoch = self._plans[-1].epoch + 1 if self._plans else self._first_eswp
         self.pruner.set_epoch(epoch)
-        ids = torch.tensor(list(iter(self.pruner)), dtype=torch.int64)
+        # the whole plan, also of a DistributedESWPSampler (every rank makes the same one from its
+        # replica): the framework's loader shards the batches (accelerate, Lightning), not the plan
+        ids = torch.tensor(list(ESWPSampler.__iter__(self.pruner)), dtype=torch.int64)
         scales = self.es.scales_of(ids.to(self.es.device)).to("cpu", torch.float32)
         self._plans.append(_Plan(epoch, ids, scales))
 
@@ -218,8 +226,14 @@ class ESStream(Sampler):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch = epoch
 
+    @property
+    def current_epoch(self) -> int | None:
+        """The loader epoch whose iteration started last (None before the first)."""
+        return self._k
+
     def mark_consumed(self, n: int) -> None:
-        """``n`` more samples of the current loader epoch were trained."""
+        """``n`` more samples of the current loader epoch were trained (on all
+        ranks together when a loader shards the stream)."""
         self._consumed += int(n)
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
