@@ -125,7 +125,7 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
                 50257,
             ],
             {"logits"},
-        )
+        ),
     },
     # tokens per row (3-D logits, 2-D losses): T == 1 specialises, T == 0 has no tokens;
     # 100 and 2048 give observe_kernel's other tiles (8 x 128, 1 x 1024 tokens)
