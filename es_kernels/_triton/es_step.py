@@ -274,12 +274,12 @@ def observe_kernel(
 
 def observe_config(B: int, T: int, tokens: bool) -> tuple[tuple[int], dict]:
     """(grid, block constexprs) of observe_kernel: BLOCK positions per program
-    (at most 128, and 64 with tokens: with 1024, or 128 rows of 4 tokens,
-    ptxas kept 8 bytes on the stack in some sm_90a variants, the AOT test),
-    and with token values TBLOCK tokens of each per tile, so a tile holds at
-    most 1024 values (a sequence of 2048 tokens: one row per program, two
-    tiles per pass)."""
-    tblock = min(triton.next_power_of_2(max(T, 1)), 1024) if tokens else 1
+    (at most 128, and 64 with tokens), and with token values TBLOCK tokens
+    of each per tile (at least 16), so a tile holds at most 1024 values (a
+    sequence of 2048 tokens: one row per program, two tiles per pass). Tiles
+    of 128 or 64 rows of 4 tokens, and 1024 rows, left ptxas a stack frame
+    or a 4-byte spill in some sm_90a variants (the AOT test)."""
+    tblock = max(16, min(triton.next_power_of_2(max(T, 1)), 1024)) if tokens else 1
     block = max(1, min(64 if tokens else 128, 1024 // tblock))
     return (triton.cdiv(B, block),), dict(BLOCK=block, TBLOCK=tblock)
 
