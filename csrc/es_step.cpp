@@ -24,6 +24,12 @@ void check_errors(const at::Tensor& errors) {
                     "errors must be int64 [2]");
 }
 
+template <typename S, typename I>
+inline void prefetch_pair(I id, S* st, int64_t N) {
+  const int64_t i = static_cast<int64_t>(id);
+  if (i >= 0 && i < N) __builtin_prefetch(st + 2 * i, 1);
+}
+
 // Section 3, serial over positions: distinct ids are the contract, and a
 // duplicate then only decides which observation wins, never memory safety.
 // `st` holds the (s, d) pairs; each observation writes its pair together.
@@ -39,7 +45,11 @@ void update_kernel(const I* ids, const S* l, const bool* scored, int64_t B, S* s
   const S lm = static_cast<S>(lam), wmin = static_cast<S>(w_min);
   const float wmin_f = static_cast<float>(wmin);
   int64_t bad_id = 0, bad_obs = 0;
+  // pairs requested ahead: after a pass over the logits the state is cold
+  constexpr int64_t kAhead = 16;
+  for (int64_t j = 0; j < std::min(B, kAhead); ++j) prefetch_pair(ids[j], st, N);
   for (int64_t j = 0; j < B; ++j) {
+    if (j + kAhead < B) prefetch_pair(ids[j + kAhead], st, N);
     if (scored != nullptr && !scored[j]) {
       w[j] = 0.0f;
       continue;
@@ -131,7 +141,10 @@ at::Tensor select_kernel(const float* w, int64_t B, int64_t b, bool sample, uint
   // packed = (~ordered key) << 32 | position: ascending packed is descending
   // key, ties to the lower position; plain integer compares from here on.
   std::vector<uint64_t> packed(B);
-  at::parallel_for(0, B, 2048, [&](int64_t begin, int64_t end) {
+  // grain: a meta-batch of up to 8192 keys (about 0.15 ms) runs on the calling
+  // thread; waking the pool costs more than it saves there, on a busy machine a
+  // scheduler slice
+  at::parallel_for(0, B, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       float k = w[j];
       if (sample) {
@@ -143,9 +156,16 @@ at::Tensor select_kernel(const float* w, int64_t B, int64_t b, bool sample, uint
     }
   });
   if (b < B) std::nth_element(packed.begin(), packed.begin() + b, packed.end());
+  // ascending positions: mark the chosen ones in a bitmap, then read it in order (O(B))
+  std::vector<uint64_t> chosen((B + 63) / 64, 0);
+  for (int64_t k = 0; k < b; ++k) {
+    const uint64_t j = packed[k] & 0xFFFFFFFFu;
+    chosen[j >> 6] |= uint64_t(1) << (j & 63);
+  }
   int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t k = 0; k < b; ++k) o[k] = static_cast<int64_t>(packed[k] & 0xFFFFFFFFu);
-  std::sort(o, o + b);
+  for (size_t wd = 0; wd < chosen.size(); ++wd)
+    for (uint64_t m = chosen[wd]; m; m &= m - 1)
+      *o++ = static_cast<int64_t>(wd * 64 + __builtin_ctzll(m));
   return out;
 }
 

@@ -4,15 +4,16 @@
 // Counter layout of the project (ES_SPEC section 4, README "Randomness"):
 //   key     = 64-bit seed (low word, high word)
 //   counter = (j low 32, j high 32, step low 32, stream)
-//   stream  = 0 for ES selection (step = training step), 1 for ESWP pruning
-//             (step = epoch)
+//   stream  = 0 for ES selection (step = training step), 1 for ESWP's drops,
+//             2 for the keys of ESWP's visit order (step = epoch)
 #pragma once
 #include <cstdint>
 
 namespace es_kernels {
 
 constexpr uint32_t kStreamSelect = 0;
-constexpr uint32_t kStreamPrune = 1;
+constexpr uint32_t kStreamPrune = 1;       // j = sample id: x0 decides the drop
+constexpr uint32_t kStreamPruneOrder = 2;  // j = 0: the visit order's round keys
 
 struct Philox4 {
   uint32_t x[4];

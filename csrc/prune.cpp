@@ -1,7 +1,20 @@
-// ESWP set-level pruning at the start of an epoch (docs/spec.md section 7).
+// ESWP set-level pruning at the start of an epoch (docs/spec.md section 7), in
+// O(N) work and memory:
+//
+// 1. the threshold: max |score| and the count, then the exact fixed-point sum;
+// 2. per id: the drop (into a bitmask, N/8 bytes), the scale, a count per chunk;
+// 3. the kept ids in the visit order: perm(q) over q in [0, 2^k), a keyed
+//    Feistel bijection, kept where perm(q) < N and not dropped; a count per
+//    chunk of q, an exclusive scan, then ordered writes (stream compaction);
+// 4. the dropped ids, ascending, after them (the same compaction over ids).
+//
+// Work is split into fixed chunks of kChunk ids (or q); the results do not
+// depend on the split. Up to kChunk samples everything runs on the calling
+// thread: no thread pool wake-up for a small data set.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -13,57 +26,59 @@
 namespace es_kernels {
 namespace {
 
-constexpr int64_t kReduceChunks =
-    256;  // work split of the reductions (the result does not depend on it)
+constexpr int64_t kChunk = int64_t(1) << 15;  // ids per task: a multiple of 64 (bitmask words)
 
-// Sorts packed (key << 32 | id) values by key, stably: two LSD passes of 16
-// bits over the high word. Input is in ascending id, so ties stay by id.
-void radix_sort_by_high_word(std::vector<uint64_t>& v) {
-  std::vector<uint64_t> tmp(v.size());
-  std::vector<int64_t> count(1 << 16);
-  for (int shift = 32; shift < 64; shift += 16) {
-    std::fill(count.begin(), count.end(), 0);
-    for (uint64_t x : v) ++count[(x >> shift) & 0xFFFF];
-    int64_t sum = 0;
-    for (auto& c : count) {
-      const int64_t n = c;
-      c = sum;
-      sum += n;
-    }
-    for (uint64_t x : v) tmp[count[(x >> shift) & 0xFFFF]++] = x;
-    v.swap(tmp);
+int64_t chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// fn(c, begin, end) for every chunk c of [0, n), on the thread pool when there
+// are several chunks, inline otherwise.
+template <typename Fn>
+void for_chunks(int64_t n, const Fn& fn) {
+  at::parallel_for(0, chunks(n), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) fn(c, c * kChunk, std::min(n, (c + 1) * kChunk));
+  });
+}
+
+// Exclusive prefix sum in place; returns the total.
+int64_t exclusive_scan(std::vector<int64_t>& v) {
+  int64_t sum = 0;
+  for (auto& x : v) {
+    const int64_t n = x;
+    x = sum;
+    sum += n;
   }
+  return sum;
+}
+
+template <typename S>
+double score_of(const S* st, int64_t i) {
+  return static_cast<double>(st[2 * i]) + static_cast<double>(st[2 * i + 1]);
 }
 
 // Section 7's threshold: the mean of score = float64(s) + float64(d) over
 // observed samples (finite score), as an exact fixed-point int64 sum of
-// trunc(score 2^(30 - e)), e from the largest |score|: any thread count and
-// any backend get the same bits.
+// trunc(score 2^(30 - e)), e from the largest |score|: any split and any
+// backend get the same bits.
 template <typename S>
 double prune_threshold(const S* st, int64_t N) {
-  auto score = [&](int64_t i) {
-    return static_cast<double>(st[2 * i]) + static_cast<double>(st[2 * i + 1]);
-  };
-  std::vector<double> pmax(kReduceChunks, 0.0);
-  std::vector<int64_t> pcount(kReduceChunks, 0), psum(kReduceChunks, 0);
-  const int64_t per = (N + kReduceChunks - 1) / kReduceChunks;
-  at::parallel_for(0, kReduceChunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      double m = 0.0;
-      int64_t cnt = 0;
-      for (int64_t i = c * per; i < std::min(N, (c + 1) * per); ++i) {
-        const double x = score(i);
-        if (!std::isfinite(x)) continue;
-        m = std::max(m, std::fabs(x));
-        ++cnt;
-      }
-      pmax[c] = m;
-      pcount[c] = cnt;
+  const int64_t nc = chunks(N);
+  std::vector<double> pmax(nc, 0.0);
+  std::vector<int64_t> pcount(nc, 0), psum(nc, 0);
+  for_chunks(N, [&](int64_t c, int64_t b, int64_t e) {
+    double m = 0.0;
+    int64_t cnt = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const double x = score_of(st, i);
+      if (!std::isfinite(x)) continue;
+      m = std::max(m, std::fabs(x));
+      ++cnt;
     }
+    pmax[c] = m;
+    pcount[c] = cnt;
   });
   double big = 0.0;
   int64_t observed = 0;
-  for (int64_t c = 0; c < kReduceChunks; ++c) {
+  for (int64_t c = 0; c < nc; ++c) {
     big = std::max(big, pmax[c]);
     observed += pcount[c];
   }
@@ -72,60 +87,134 @@ double prune_threshold(const S* st, int64_t N) {
   int e = 0;
   std::frexp(big, &e);
   const double up = std::ldexp(1.0, kPruneMeanBits - e);
-  at::parallel_for(0, kReduceChunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      int64_t acc = 0;
-      for (int64_t i = c * per; i < std::min(N, (c + 1) * per); ++i) {
-        const double x = score(i);
-        if (std::isfinite(x)) acc += static_cast<int64_t>(std::trunc(x * up));
-      }
-      psum[c] = acc;
+  for_chunks(N, [&](int64_t c, int64_t b, int64_t end) {
+    int64_t acc = 0;
+    for (int64_t i = b; i < end; ++i) {
+      const double x = score_of(st, i);
+      if (std::isfinite(x)) acc += static_cast<int64_t>(std::trunc(x * up));
     }
+    psum[c] = acc;
   });
   int64_t total = 0;
-  for (int64_t c = 0; c < kReduceChunks; ++c) total += psum[c];
+  for (int64_t c = 0; c < nc; ++c) total += psum[c];
   return static_cast<double>(total) * std::ldexp(1.0, e - kPruneMeanBits) /
          static_cast<double>(observed);
 }
+
+// perm: the visit order's bijection of [0, 2^k) (section 7): 4 Feistel rounds
+// over a high half of k - k/2 bits and a low half of k/2 bits, keyed by the
+// Philox words of (seed, j = 0, step = epoch, stream 2). 32-bit arithmetic
+// (k <= 32), the same operations for every q: the loop over a block vectorises.
+struct VisitPerm {
+  int k, lo;
+  uint32_t key[4], mask[4];
+
+  VisitPerm(int64_t n, uint64_t seed, uint64_t epoch) : k(prune_perm_bits(n)), lo(k / 2) {
+    const Philox4 p = philox4x32_10(seed, 0, epoch, kStreamPruneOrder);
+    for (int r = 0; r < 4; ++r) {
+      key[r] = p.x[r];
+      const int width = r % 2 == 0 ? k - lo : lo;  // of the half round r xors
+      mask[r] = static_cast<uint32_t>((uint64_t(1) << width) - 1);
+    }
+  }
+
+  uint32_t operator()(uint32_t q) const {
+    uint32_t a = q >> lo, b = q & mask[1];
+    for (int r = 0; r < 4; ++r) {
+      uint32_t h = (b ^ key[r]) * kPrunePermMul[0];
+      h ^= h >> kPrunePermShift[0];
+      h *= kPrunePermMul[1];
+      h ^= h >> kPrunePermShift[1];
+      const uint32_t nb = a ^ (h & mask[r]);
+      a = b;
+      b = nb;
+    }
+    return (a << lo) | b;
+  }
+};
+
+// out[j] = perm(q0 + j) for j < n. On x86 with GCC an AVX2 copy (8 lanes of
+// 32-bit multiplies) is chosen at run time where the CPU has it; the portable
+// copy emulates the multiplies with SSE2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__AVX2__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void perm_block(const VisitPerm& perm, int64_t q0, int64_t n, uint32_t* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = perm(static_cast<uint32_t>(q0 + j));
+}
+
+constexpr int64_t kPermBlock = 512;  // perm values computed at once (on the stack)
 
 template <typename S>
 void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoch, bool annealing,
                   bool rescale, int64_t* order, int64_t* num_kept, float* scale) {
   const double tau = prune_threshold(st, N);
   const float kept_scale = rescale ? static_cast<float>(1.0 / (1.0 - r)) : 1.0f;
+  const VisitPerm perm(N, seed, epoch);
+  const int64_t domain = int64_t(1) << perm.k;
 
-  // per sample: drop decision, scale, order key
-  std::vector<uint32_t> key(N);
-  std::vector<uint8_t> dropped(N);
-  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const double score = static_cast<double>(st[2 * i]) + static_cast<double>(st[2 * i + 1]);
+  // skip[x] (a bit of x in [0, 2^k)): x >= N, or x dropped; the scales; drops per chunk
+  std::vector<uint64_t> skip(domain / 64, 0);  // domain >= 256
+  std::vector<int64_t> gone(chunks(N), 0);
+  for_chunks(N, [&](int64_t c, int64_t b, int64_t e) {
+    int64_t cnt = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const double score = score_of(st, i);
       const bool below = !annealing && std::isfinite(score) && score < tau;
-      const Philox4 p = philox4x32_10(seed, i, epoch, kStreamPrune);
-      const bool drop = below && static_cast<double>(uniform_from_bits(p.x[0])) < r;
-      dropped[i] = drop;
-      key[i] = p.x[1];
+      const bool drop = below && static_cast<double>(uniform_from_bits(
+                                     philox4x32_10(seed, i, epoch, kStreamPrune).x[0])) < r;
+      skip[i >> 6] |= static_cast<uint64_t>(drop) << (i & 63);  // a word is one chunk's
+      cnt += drop;
       scale[i] = drop ? 0.0f : (below ? kept_scale : 1.0f);
     }
+    gone[c] = cnt;
   });
+  const int64_t K = N - exclusive_scan(gone);
+  if (N % 64) skip[N >> 6] |= ~uint64_t(0) << (N % 64);
+  for (int64_t w = (N + 63) >> 6; w < domain / 64; ++w) skip[w] = ~uint64_t(0);
+  auto kept = [&](uint32_t x) { return !((skip[x >> 6] >> (x & 63)) & 1); };
 
-  // compaction: kept ids by (key, id), then dropped ids ascending
-  std::vector<uint64_t> kept;
-  kept.reserve(N);
-  int64_t tail = 0;
-  std::vector<int64_t> gone;
-  for (int64_t i = 0; i < N; ++i) {
-    if (dropped[i])
-      gone.push_back(i);
-    else
-      kept.push_back((static_cast<uint64_t>(key[i]) << 32) | static_cast<uint64_t>(i));
+  // the kept ids in the visit order: count per chunk of q (when there are
+  // several), exclusive scan, then each chunk writes from its offset
+  std::vector<int64_t> at(chunks(domain), 0);
+  if (at.size() > 1) {
+    for_chunks(domain, [&](int64_t c, int64_t b, int64_t e) {
+      uint32_t x[kPermBlock];
+      int64_t cnt = 0;
+      for (int64_t q = b; q < e; q += kPermBlock) {
+        const int64_t n = std::min(kPermBlock, e - q);
+        perm_block(perm, q, n, x);
+        for (int64_t j = 0; j < n; ++j) cnt += kept(x[j]);
+      }
+      at[c] = cnt;
+    });
+    exclusive_scan(at);
   }
-  radix_sort_by_high_word(kept);
-  const int64_t K = static_cast<int64_t>(kept.size());
-  at::parallel_for(0, K, 65536, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) order[k] = static_cast<int64_t>(kept[k] & 0xFFFFFFFFu);
+  for_chunks(domain, [&](int64_t c, int64_t b, int64_t e) {
+    uint32_t x[kPermBlock];
+    int64_t ids[kPermBlock];
+    int64_t* out = order + at[c];
+    for (int64_t q = b; q < e; q += kPermBlock) {
+      const int64_t n = std::min(kPermBlock, e - q);
+      perm_block(perm, q, n, x);
+      int64_t m = 0;
+      for (int64_t j = 0; j < n; ++j) {  // branch-free compaction into ids
+        ids[m] = x[j];
+        m += kept(x[j]);
+      }
+      std::copy(ids, ids + m, out);  // only this chunk's slots are written
+      out += m;
+    }
   });
-  for (int64_t g : gone) order[K + tail++] = g;
+  // the dropped ids, ascending, after them
+  for_chunks(N, [&](int64_t c, int64_t b, int64_t e) {
+    int64_t* out = order + K + gone[c];
+    for (int64_t w = b >> 6; w < (e + 63) >> 6; ++w) {
+      uint64_t m = skip[w];
+      if (N % 64 && w == N >> 6) m &= (uint64_t(1) << (N % 64)) - 1;  // bits from N on: no ids
+      for (; m; m &= m - 1) *out++ = (w << 6) + __builtin_ctzll(m);
+    }
+  });
   *num_kept = K;
 }
 

@@ -22,6 +22,18 @@ inline int seq_mean_bits(int64_t T) {
   return 62 - n;
 }
 
+// The visit order of pruning (section 7): a 4-round Feistel permutation of
+// [0, 2^k), k = max(bit length of N - 1, kPrunePermMinBits), filtered to [0, N).
+constexpr int kPrunePermMinBits = 8;
+constexpr uint32_t kPrunePermMul[2] = {0xD2511F53u, 0xCD9E8D57u};
+constexpr int kPrunePermShift[2] = {15, 16};
+
+inline int prune_perm_bits(int64_t n) {
+  int k = 0;
+  while (k < 64 && (int64_t(1) << k) < n) ++k;  // bit length of n - 1
+  return k < kPrunePermMinBits ? kPrunePermMinBits : k;
+}
+
 // First epoch of the annealing phase: floor((1 - anneal_frac) * num_epochs)
 // in float64, compared with the epoch as integers (section 7).
 inline int64_t anneal_stop(int64_t num_epochs, double anneal_frac) {

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 
-# Defaults (spec sections 3 and 4). beta2 = 0.5 comes from the demo's ablation.
+# Defaults (spec sections 3 and 4). beta2 = 0.5 comes from the demo's first
+# ablation; lam = 2 from the fixed rule's grid (README, "How the defaults are
+# chosen"; bench/results/demo_ablation_rule). The ops' own schema default stays
+# lam = 1 (the paper's weight s + d).
 DEFAULT_BETA1 = 0.2
 DEFAULT_BETA2 = 0.5
-DEFAULT_LAM = 1.0
+DEFAULT_LAM = 2.0
 DEFAULT_EPS = 0.0
 DEFAULT_W_MIN = 1e-8
 DEFAULT_IGNORE_INDEX = -100
@@ -22,7 +25,8 @@ SELECT_MODES = ("sample", "topk")
 
 # Philox streams (spec section 9): the fourth counter word.
 STREAM_SELECT = 0
-STREAM_PRUNE = 1
+STREAM_PRUNE = 1  # j = sample id: x0 decides the drop
+STREAM_PRUNE_ORDER = 2  # j = 0: the four words are the keys of the visit order's rounds
 
 # Fixed-point exponents of the order-independent means (spec sections 4 and 7).
 SELECT_MEAN_BITS = 31  # weights: q_j = floor(w_j * 2**(31 - e)) < 2**31
@@ -35,6 +39,11 @@ def seq_mean_bits(T: int) -> int:
     them stays below 2**62 whatever the order."""
     return 62 - int(T).bit_length()
 
+# The visit order of pruning (spec section 7): a 4-round Feistel permutation of
+# [0, 2**k), k = max(bit length of N - 1, PRUNE_PERM_MIN_BITS), filtered to [0, N).
+PRUNE_PERM_MIN_BITS = 8  # a domain of at least 256: halves of >= 4 bits mix well
+PRUNE_PERM_MUL = (0xD2511F53, 0xCD9E8D57)  # the round function's multipliers (Philox's)
+PRUNE_PERM_SHIFT = (15, 16)  # and its xor-shifts
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
@@ -46,6 +55,11 @@ def anneal_stop(num_epochs: int, anneal_frac: float) -> int:
     ``floor((1 - anneal_frac) * num_epochs)`` in float64, computed once on the host;
     backends then compare ``epoch >= stop`` as integers."""
     return int(math.floor((1.0 - anneal_frac) * float(num_epochs)))
+
+
+def prune_perm_bits(n: int) -> int:
+    """``k``: the visit order of ``n`` samples permutes ``[0, 2**k)`` (spec section 7)."""
+    return max((n - 1).bit_length(), PRUNE_PERM_MIN_BITS)
 
 
 def drop_levels(prune_ratio: float) -> int:

@@ -47,7 +47,7 @@ from ._spec import (
     SELECT_MEAN_BITS,
 )
 from .functional import checked_mode, per_sample_cross_entropy
-from .sampler import ESWPSampler, EvolvedSampler, Selection
+from .sampler import CHUNK, ESWPSampler, EvolvedSampler, Selection, cat_ids
 
 __all__ = [
     "PAD_ID",
@@ -327,19 +327,18 @@ def shard_length(n: int, num_replicas: int, drop_last: bool) -> int:
     return math.ceil(n / num_replicas)
 
 
-def shard_indices(kept: list, num_replicas: int, rank: int, drop_last: bool) -> list:
-    """This rank's share of the kept ids, with ``DistributedSampler``'s conventions:
-    pad to a multiple of ``num_replicas`` by wrapping around (or drop the tail with
-    ``drop_last``), then take every ``num_replicas``-th id from ``rank`` on."""
-    per = shard_length(len(kept), num_replicas, drop_last)
-    total = per * num_replicas
-    idx = list(kept)
-    if not drop_last and total > len(idx) and idx:
-        pad = total - len(idx)
-        idx += (idx * math.ceil(pad / len(idx)))[:pad]
-    else:
-        idx = idx[:total]
-    return idx[rank:total:num_replicas]
+def shard_indices(kept, num_replicas: int, rank: int, drop_last: bool):
+    """This rank's share of the kept ids (a list, or a 1-D tensor: the same kind
+    comes back), with ``DistributedSampler``'s conventions: pad to a multiple of
+    ``num_replicas`` by wrapping around (or drop the tail with ``drop_last``),
+    then take every ``num_replicas``-th id from ``rank`` on."""
+    idx = torch.as_tensor(kept, dtype=torch.int64)
+    n = idx.shape[0]
+    total = shard_length(n, num_replicas, drop_last) * num_replicas
+    if total > n and n:
+        idx = idx.repeat(math.ceil(total / n))
+    share = idx[:total][rank::num_replicas]
+    return share if isinstance(kept, torch.Tensor) else share.tolist()
 
 
 class DistributedESWPSampler(ESWPSampler):
@@ -376,8 +375,18 @@ class DistributedESWPSampler(ESWPSampler):
 
     def __iter__(self):
         # a generator, like the base's: nothing runs before the first id is asked for
-        kept = list(super().__iter__())  # the epoch's whole plan, identical on every rank
-        yield from shard_indices(kept, self.num_replicas, self.rank, self.drop_last)
+        for chunk in self.chunks(1024):
+            yield from chunk.tolist()
+
+    def chunks(self, size: int = CHUNK):
+        """This rank's share of the next epoch (:meth:`ESWPSampler.chunks`), as
+        int64 CPU tensors of at most ``size`` ids; lazy like ``iter()``."""
+        size = _checks.integer(size, "size", 1)
+        return self._shard_chunks(size)
+
+    def _shard_chunks(self, size: int):
+        kept = cat_ids(super().chunks())  # the epoch's whole plan, identical on every rank
+        yield from shard_indices(kept, self.num_replicas, self.rank, self.drop_last).split(size)
 
     def __len__(self) -> int:
         return shard_length(super().__len__(), self.num_replicas, self.drop_last)

@@ -15,8 +15,9 @@ and the Triton kernels draw bit-identical noise:
 
 * key       = the 64-bit ``seed`` as (low 32 bits, high 32 bits)
 * counter   = (j mod 2**32, j >> 32, step mod 2**32, stream)
-  where ``stream`` is 0 for ES selection (``step`` = the training step) and
-  1 for ESWP pruning (``step`` = the epoch).
+  where ``stream`` is 0 for ES selection (``step`` = the training step),
+  1 for ESWP's drops and 2 for the keys of ESWP's visit order (``step`` = the
+  epoch).
 * a uniform in (0, 1) is ``(x >> 9) * 2**-23 + 2**-24`` from a 32-bit word
   ``x``: 2**23 levels, never 0 or 1.
 """
@@ -45,12 +46,16 @@ __all__ = [
     "per_document_losses",
     "packed_step",
     "prune_threshold",
+    "prune_perm_keys",
+    "prune_permute",
+    "prune_visit_order",
     "STREAM_SELECT",
     "STREAM_PRUNE",
 ]
 
 STREAM_SELECT = _spec.STREAM_SELECT
 STREAM_PRUNE = _spec.STREAM_PRUNE
+STREAM_PRUNE_ORDER = _spec.STREAM_PRUNE_ORDER
 
 _M32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -468,23 +473,58 @@ def prune_threshold(state) -> tuple[torch.Tensor, torch.Tensor, float]:
     return score, observed, float(q.sum()) * 2.0 ** (e - bits) / sc.numel()
 
 
+def prune_perm_keys(seed: int, epoch: int) -> tuple[int, int, int, int]:
+    """The four round keys of epoch ``epoch``'s visit order: the Philox words of
+    ``(seed, j = 0, step = epoch, stream 2)`` (spec section 7)."""
+    z = torch.zeros(1, dtype=torch.int64)
+    words = philox4x32(seed, z, z, z + (epoch & _M32), z + STREAM_PRUNE_ORDER)
+    return tuple(int(w) for w in words)
+
+
+def _perm_round(v: torch.Tensor, key: int) -> torch.Tensor:
+    """The Feistel round function F(v, K) of spec section 7 on 32-bit words."""
+    (m1, m2), (s1, s2) = _spec.PRUNE_PERM_MUL, _spec.PRUNE_PERM_SHIFT
+    h = _mulhilo(m1, v ^ key)[1]
+    h = h ^ (h >> s1)
+    h = _mulhilo(m2, h)[1]
+    return h ^ (h >> s2)
+
+
+def prune_permute(q: torch.Tensor, k: int, keys) -> torch.Tensor:
+    """perm(q): the 4-round Feistel bijection of ``[0, 2**k)`` (int64 tensors)."""
+    lo = k // 2
+    a, wa, b, wb = q >> lo, k - lo, q & ((1 << lo) - 1), lo
+    for key in keys:
+        a, wa, b, wb = b, wb, a ^ (_perm_round(b, key) & ((1 << wa) - 1)), wa
+    return (a << wb) | b
+
+
+def prune_visit_order(n: int, seed: int, epoch: int, device=None) -> torch.Tensor:
+    """int64 ``[n]``: ``perm(q)`` for ``q = 0, 1, ..., 2**k - 1``, those below ``n``:
+    the order in which epoch ``epoch`` visits the samples it keeps."""
+    k = _spec.prune_perm_bits(n)
+    x = prune_permute(torch.arange(1 << k, dtype=torch.int64, device=device), k, prune_perm_keys(seed, epoch))
+    return x[x < n]
+
+
 def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
     """Returns ``(order[N], num_kept, scale[N])``: the kept ids first, in the
-    random order of ``(seed, epoch)``, then the dropped ones in ascending
-    order; ``num_kept`` a 0-d int64 tensor; ``scale`` float32 per sample (0
-    for a dropped one)."""
+    visit order of ``(seed, epoch)`` (:func:`prune_visit_order`), then the
+    dropped ones in ascending order; ``num_kept`` a 0-d int64 tensor;
+    ``scale`` float32 per sample (0 for a dropped one)."""
     n = state.shape[0]
     dev = state.device
     score, observed, tau = prune_threshold(state)
     below = observed & (score < tau)
     if epoch >= _spec.anneal_stop(num_epochs, anneal_frac):
         below = torch.zeros_like(below)
-    x0, x1, _, _ = _philox_words(n, seed, epoch, STREAM_PRUNE, dev)
+    x0 = _philox_words(n, seed, epoch, STREAM_PRUNE, dev)[0]
     dropped = below & (uniform_from_bits(x0).double() < prune_ratio)
     scale = torch.ones(n, dtype=torch.float32, device=dev)
     scale[below] = _spec.kept_scale(prune_ratio, rescale)
     scale[dropped] = 0.0
-    # kept ids ordered by (x1, id); dropped ids after them, ascending
-    sort_key = torch.where(dropped, (1 << 32) + torch.arange(n, device=dev), x1)
-    order = torch.sort(sort_key, stable=True).indices
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dev), (~dropped).sum(), scale
+    visit = prune_visit_order(n, seed, epoch, dev)
+    order = torch.cat([visit[~dropped[visit]], torch.nonzero(dropped).view(-1)])
     return order, (~dropped).sum(), scale

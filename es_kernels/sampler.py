@@ -326,6 +326,12 @@ class EvolvedSampler:
 
 
 MAX_EPOCH = _spec.INT64_MAX - 1  # the epoch after it is still an int64
+CHUNK = 65536  # ids per tensor of ESWPSampler.chunks()
+
+
+def cat_ids(chunks) -> torch.Tensor:
+    """The int64 chunks of ids as one tensor (empty when there are none)."""
+    return torch.cat([torch.zeros(0, dtype=torch.int64), *chunks])
 
 
 class _Plan:
@@ -468,6 +474,24 @@ class ESWPSampler(Sampler[int]):
         return _Plan(epoch, res.kept_ids.to("cpu", copy=True), res.scale)  # one host read per epoch
 
     def __iter__(self) -> Iterator[int]:
+        return self._yield(self._begin())
+
+    def chunks(self, size: int = CHUNK) -> Iterator[torch.Tensor]:
+        """Start the next epoch as ``iter()`` does and yield its kept ids as
+        int64 CPU tensors of at most ``size`` ids, in order (never one Python
+        int per id): for a loader that takes index tensors, or to collect the
+        epoch with ``torch.cat``. A yielded chunk counts as yielded in
+        ``position``; ``set_epoch``, ``load_state_dict`` or a newer ``iter()``
+        ends the iterator as they end ``iter()``'s."""
+        size = _checks.integer(size, "size", 1)
+        return self._yield_chunks(self._begin(), size)
+
+    def epoch_ids(self) -> torch.Tensor:
+        """Start the next epoch as ``iter()`` does and return all the ids it
+        yields, as one int64 CPU tensor (``chunks`` concatenated)."""
+        return cat_ids(self.chunks())
+
+    def _begin(self) -> _Plan:
         self.es.state.check()  # the once-an-epoch check: raises before anything changes
         plan = self._next if self._next is not None else self._compute(self.epoch)
         self._next, self._finished = None, None
@@ -475,15 +499,25 @@ class ESWPSampler(Sampler[int]):
         self.es.epoch = plan.epoch
         self._plan, self._active = plan, True
         self.epoch = plan.epoch + 1
-        return self._yield(plan)
+        return plan
+
+    def _live(self, plan: _Plan) -> bool:
+        """``plan`` is still the epoch in progress (no set_epoch, load_state_dict or newer iter())."""
+        return self._active and self._plan is plan
 
     def _yield(self, plan: _Plan) -> Iterator[int]:
-        while self._active and self._plan is plan and plan.pos < len(plan):
-            for i in plan.ids[plan.pos : plan.pos + 1024].tolist():
-                if not (self._active and self._plan is plan):
-                    return  # set_epoch, load_state_dict or a newer iter() ended this epoch
+        while self._live(plan) and plan.pos < len(plan):
+            for i in plan.ids[plan.pos : plan.pos + 1024].tolist():  # a Python int per id, 1024 at a time
+                if not self._live(plan):
+                    return
                 plan.pos += 1
                 yield i
+
+    def _yield_chunks(self, plan: _Plan, size: int) -> Iterator[torch.Tensor]:
+        while self._live(plan) and plan.pos < len(plan):
+            chunk = plan.ids[plan.pos : plan.pos + size].clone()
+            plan.pos += chunk.shape[0]
+            yield chunk
 
     def __len__(self) -> int:
         if self._active:

@@ -109,6 +109,30 @@ def test_summarize_fair_metrics_on_synthetic_runs():
     assert s["es"]["wall_saving_vs_full"] == pytest.approx(0.5)
 
 
+def test_process_clock_times_training(monkeypatch):
+    """--clock process: every training time comes from time.process_time
+    (a frozen fake here: no training time passes), real time still feeds the
+    ETA; an unknown clock is refused before training."""
+    from es_kernels.demo import run
+
+    g = torch.Generator().manual_seed(0)
+    data = (
+        torch.randn(64, 5, generator=g),
+        torch.randint(0, 3, (64,), generator=g),
+        torch.randn(16, 5),
+        torch.zeros(16, dtype=torch.int64),
+        3,
+    )
+    cfg = run.Config(epochs=2, meta_batch=32, mini_batch=8, hidden=8, threads=1, clock="process")
+    monkeypatch.setitem(run.CLOCKS, "process", lambda: 5.0)
+    for method in ("full", "es"):
+        r = run.train(method, data, cfg, 0)
+        assert r["wall_s"] == 0.0 and r["score_s"] == 0.0 and r["elapsed_s"] > 0
+        assert [p[0] for p in r["curve"]] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="clock"):
+        run.train("full", data, run.Config(clock="cpu"), 0)
+
+
 def test_eta_from_measured_epochs_and_the_cost_model():
     from es_kernels.demo.run import Eta, fmt_eta
 
@@ -159,12 +183,15 @@ TINY = ["--quick", "--epochs", "2", "--mnist1d-samples", "800", "--no-progress"]
 def test_demo_quick_end_to_end(tmp_path, capsys):
     from es_kernels.demo import METHODS, main
 
-    rc = main(TINY + ["--seeds", "2", "--label-noise", "0.2", "--out", str(tmp_path), "--threads", "1"])
+    args = ["--seeds", "2", "--label-noise", "0.2", "--out", str(tmp_path), "--threads", "1", "--clock", "process"]
+    rc = main(TINY + args)
     assert rc == 0
     out = capsys.readouterr().out
     assert "SMOKE TEST" in out and "time to target" in out and "scoring share" in out
+    assert "| method | epochs | process CPU time s |" in out
     res = json.loads((tmp_path / "demo.json").read_text())
     assert res["complete"] and res["smoke_test"] and res["config"]["threads"] == 1
+    assert res["config"]["clock"] == "process"
     assert set(res["datasets"]) == {"mnist1d", "digits"}
     for ds in res["datasets"].values():
         assert set(ds["summary"]) == set(METHODS)
@@ -307,6 +334,54 @@ def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
     assert "PARTIAL" in (tmp_path / "ablation.md").read_text()
     # ranked on the finished task: b = 128 gives 92.8% >= the 90% target, b = 64 misses it (86.4%)
     assert res["ranking"][0]["setting"].endswith("b/B=1/4")
+
+
+def test_merged_shards_rank_as_one_run(tmp_path, monkeypatch):
+    """--merge: the grid run in shards (an interrupted one included, its
+    finished tasks taken) ranks and chooses exactly as one run over all the
+    tasks; a task in two shards and a different grid are refused."""
+    from es_kernels.demo import main, run
+
+    def train(method, data, cfg, seed, progress=None, **kw):  # synthetic: each task ranks the settings differently
+        acc = 90.0 if method == "full" else 85.0 + (cfg.lam + 1) * cfg.mini_batch / (20 + 10 * cfg.epochs) + seed
+        t = 1.0 + cfg.beta1 + cfg.epochs / (cfg.lam + 1)
+        return {"wall_s": t, "test_acc": acc, "curve": [[0.0, 10.0, 0], [t, acc, 100]], "epochs": 1, "elapsed_s": 1.0}
+
+    monkeypatch.setattr(run, "train", train)
+    cfg = run.Config(seeds=2, mnist1d_samples=800)
+    grid = {"beta1": "0,0.2", "beta2": "0.5", "lam": "0,1,2", "eps": "0", "ratio": "1/4,1/8"}
+    tasks = "digits:1:0,digits:2:0.4,digits:3:0"
+    one = run.run_ablation(cfg, tmp_path / "one", grid=grid, tasks=run.parse_tasks(tasks), show_progress=False)
+    run.run_ablation(cfg, tmp_path / "a", grid=grid, tasks=run.parse_tasks("digits:1:0"), show_progress=False)
+    real, n = run.train, [0]
+
+    def interrupted(*a, **kw):  # shard b: its first task finishes, then ^C during its second
+        n[0] += 1
+        if n[0] > 2 + 2 * 12:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(run, "train", interrupted)
+    b = run.run_ablation(
+        cfg, tmp_path / "b", grid=grid, tasks=run.parse_tasks("digits:2:0.4,digits:9:0"), show_progress=False
+    )
+    assert b["interrupted"]
+    monkeypatch.setattr(run, "train", real)
+    run.run_ablation(cfg, tmp_path / "c", grid=grid, tasks=run.parse_tasks("digits:3:0"), show_progress=False)
+    shards = ",".join(str(tmp_path / s / "ablation.json") for s in "abc")
+    assert main(["--ablate", "--merge", shards, "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "ablation.json").read_text())
+    assert merged["tasks"] == one["tasks"] and merged["complete"]
+    assert merged["ranking"] == one["ranking"] and merged["chosen"] == one["chosen"] is not None
+    assert len({r["mean_rank"] for r in one["ranking"]}) > 2  # the ranking is not a tie
+    assert [m["complete"] for m in merged["merged_from"]] == [True, False, True]
+    with pytest.raises(SystemExit):  # a task twice
+        main(["--ablate", "--merge", f"{shards},{tmp_path / 'a' / 'ablation.json'}", "--out", str(tmp_path / "x")])
+    run.run_ablation(
+        cfg, tmp_path / "d", grid=dict(grid, lam="1"), tasks=run.parse_tasks("digits:4:0"), show_progress=False
+    )
+    with pytest.raises(SystemExit):  # another grid
+        main(["--ablate", "--merge", f"{shards},{tmp_path / 'd' / 'ablation.json'}", "--out", str(tmp_path / "x")])
 
 
 # ---------------------------------------------------------------- the LM task

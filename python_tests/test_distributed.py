@@ -17,6 +17,7 @@ from conftest import assert_state_equal
 
 import es_kernels as ek
 from es_kernels import reference as R
+from es_kernels._spec import DEFAULT_LAM
 from es_kernels.distributed import shard_indices, shard_length
 
 pytestmark = pytest.mark.skipif(
@@ -58,7 +59,7 @@ def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
             if real[p] and int(gids[p]) not in first:
                 first[int(gids[p])] = p
         order = sorted(first.values())
-        w_first = R.es_update(gids[order], glosses[order], state, errors, 0.2, 0.5)
+        w_first = R.es_update(gids[order], glosses[order], state, errors, 0.2, 0.5, DEFAULT_LAM)
         w_of = {int(gids[p]): w for p, w in zip(order, w_first)}
         w_all = torch.tensor([float(w_of[int(gids[p])]) if real[p] else 0.0 for p in range(world * W.CAP)])
         # keys of every global position p = r * CAP + j, same seed and step
@@ -186,7 +187,9 @@ def test_demo_trains_under_ddp(group):
     if ("demo", 0) not in res:
         pytest.skip("the demo runs in the group of 2 only")
     per_rank = math.ceil(1437 / world)  # digits: 1437 train samples, DistributedSampler's share
-    B, b = 512 // world, 96 // world
+    from es_kernels.demo.run import Config
+
+    B, b = Config().meta_batch // world, Config().mini_batch // world
     steps = math.ceil(per_rank / B)
     for r in range(world):
         got = res[("demo", r)]

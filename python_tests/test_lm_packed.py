@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import es_kernels as ek
 from es_kernels import lm
 from es_kernels import reference as R
+from es_kernels._spec import DEFAULT_LAM
 
 LOSS_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOGIT_TOL = {
@@ -79,6 +80,7 @@ def run_reference(tok, scored, doc, state, b, **kw):
         kw.get("select_mode", "sample"),
         kw.get("seed", 0),
         kw.get("step", 0),
+        lam=kw.get("lam", DEFAULT_LAM),  # the API's default (the reference's own is the ops' 1.0)
         eps=kw.get("eps", 0.0),
     )
     return pos, losses, weights, (s, e)

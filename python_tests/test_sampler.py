@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import es_kernels as ek
 from es_kernels import reference as R
+from es_kernels._spec import DEFAULT_LAM
 
 
 def ref_state(n):
@@ -26,12 +27,12 @@ def test_select_matches_reference_ops():
         if step % 2:
             sel = es.select(ids, logits=logits, targets=targets)
             losses = R.per_sample_cross_entropy(logits, targets)
-            want = R.es_step_from_losses(sel.losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step)
+            want = R.es_step_from_losses(sel.losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step, lam=DEFAULT_LAM)
             torch.testing.assert_close(sel.losses, losses, rtol=2e-5, atol=2e-5)
         else:
             losses = torch.rand(B, generator=g)
             sel = es.select(ids, losses=losses)
-            want = R.es_step_from_losses(losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step)
+            want = R.es_step_from_losses(losses, ids, *ref, b, 0.3, 0.8, "sample", 5, step, lam=DEFAULT_LAM)
         assert torch.equal(sel.positions, want[0]) and torch.equal(sel.weights, want[2])
         assert torch.equal(sel.scales, torch.ones(b))
     assert es.step == 12
@@ -142,3 +143,39 @@ def test_label_noise_is_symmetric():
     assert abs(flipped.float().mean().item() - 0.4) < 0.02
     counts = torch.bincount(z[flipped], minlength=10).float()
     assert counts.min() > 0.8 * counts.mean()
+
+
+def test_chunks_are_the_iteration_as_tensors():
+    """ESWPSampler.chunks() yields the ids iter() would, as int64 tensors of at
+    most `size` ids; a chunk counts as yielded; a checkpoint after a chunk
+    resumes with the rest; set_epoch ends the chunk iterator; epoch_ids() is the
+    whole epoch as one tensor."""
+    n = 2500
+
+    def make():
+        es = ek.EvolvedSampler(n, 8, seed=3)
+        ek.es_update(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(2)), es.state)
+        return es, ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5)
+
+    _, pr_a = make()
+    want = list(pr_a)
+    es_b, pr_b = make()
+    it = pr_b.chunks(700)
+    first = next(it)
+    assert first.dtype == torch.int64 and first.shape == (700,) and pr_b.position == 700
+    sd = pr_b.state_dict()
+    rest = list(it)
+    assert all(c.shape[0] <= 700 for c in rest)
+    assert torch.cat([first, *rest]).tolist() == want
+    es_c, pr_c = make()
+    pr_c.load_state_dict(sd)
+    assert torch.cat(list(pr_c.chunks(999))).tolist() == want[700:]
+    assert torch.equal(pr_c.epoch_ids(), torch.tensor(list(pr_a)))  # epoch 1 on both
+    it = pr_c.chunks(10)
+    next(it)
+    pr_c.set_epoch(5)
+    assert list(it) == []  # ended
+    with pytest.raises(ValueError, match="size"):
+        pr_c.chunks(0)
+    es_d = ek.EvolvedSampler(0, 1)
+    assert ek.ESWPSampler(es_d, num_epochs=1).epoch_ids().shape == (0,)  # an empty epoch

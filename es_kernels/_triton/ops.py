@@ -28,7 +28,14 @@ from .es_step import (
     select_count_kernel,
     select_write_kernel,
 )
-from .prune import prune_decide_kernel, prune_max_kernel, prune_sum_kernel
+from .prune import (
+    prune_count_kernel,
+    prune_decide_kernel,
+    prune_max_kernel,
+    prune_sum_kernel,
+    prune_write_dropped_kernel,
+    prune_write_kept_kernel,
+)
 
 PRUNE_BLOCK = 1024
 
@@ -347,7 +354,12 @@ def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.
     acc = torch.zeros(3, dtype=torch.int64, device=dev)  # max |score| bits, count, fixed-point sum
     launch(prune_max_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
     launch(prune_sum_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
-    sort_key = torch.empty(n, dtype=torch.int64, device=dev)
+    k = _spec.prune_perm_bits(n)
+    domain, blocks = 1 << k, grid[0]
+    visits = triton.cdiv(domain, PRUNE_BLOCK)
+    skip = torch.full((domain // 32,), -1, dtype=torch.int32, device=dev)  # bit set: dropped or >= n
+    counts = torch.empty(visits + blocks, dtype=torch.int64, device=dev)  # kept per block of q, dropped per block
+    epoch_lo = epoch & 0xFFFFFFFF
     launch(
         prune_decide_kernel,
         grid,
@@ -356,18 +368,25 @@ def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.
         n,
         acc,
         seed,
-        epoch & 0xFFFFFFFF,
+        epoch_lo,
         _spec.drop_levels(prune_ratio),
         _spec.kept_scale(prune_ratio, rescale),
         scale,
-        sort_key,
+        skip,
+        k,
+        counts[visits:],
         ANNEALING=epoch >= _spec.anneal_stop(num_epochs, anneal_frac),
         BLOCK=PRUNE_BLOCK,
         **_meta(dev),
     )
-    order = torch.sort(sort_key, stable=True).indices
-    num_kept = (sort_key < 2**32).sum()
-    return order, num_kept, scale
+    visit = (skip, k, seed, epoch_lo)
+    launch(prune_count_kernel, (visits,), dev, *visit, counts, BLOCK=PRUNE_BLOCK, **_meta(dev))
+    start = torch.zeros(visits + blocks + 1, dtype=torch.int64, device=dev)  # exclusive scan: first slots
+    torch.cumsum(counts, 0, out=start[1:])
+    order = torch.empty(n, dtype=torch.int64, device=dev)
+    launch(prune_write_kept_kernel, (visits,), dev, *visit, start, order, BLOCK=PRUNE_BLOCK, **_meta(dev))
+    launch(prune_write_dropped_kernel, grid, dev, skip, n, start[visits:], order, BLOCK=PRUNE_BLOCK, **_meta(dev))
+    return order, start[visits].clone(), scale
 
 
 OPS = {

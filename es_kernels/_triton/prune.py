@@ -1,5 +1,5 @@
-"""ESWP pruning (docs/spec.md section 7) on the device, in three launches
-over blocks of samples, with no host round-trip:
+"""ESWP pruning (docs/spec.md section 7) on the device in O(N) work and
+memory, with no host round-trip and no sort:
 
 1. ``prune_max_kernel``: the largest |score| (score = float64(s) + float64(d))
    and the count of observed samples, by integer atomics (the float64 bits of
@@ -7,10 +7,19 @@ over blocks of samples, with no host round-trip:
 2. ``prune_sum_kernel``: the exact fixed-point sum of trunc(score 2**(30 - e))
    by an int64 atomic add (order-independent, so the mean's bits are the same
    on every backend);
-3. ``prune_decide_kernel``: the mean, the drops, the scales and the sort key
-   that orders kept ids by their Philox word and puts dropped ids after them.
+3. ``prune_decide_kernel``: per id the drop and the scale; the drops as a
+   bitmask ``skip`` over the visit domain ``[0, 2**k)`` (a set bit: dropped, or
+   ``>= N``; N/8 bytes) and the dropped count of each block of ids;
+4. ``prune_count_kernel``: per block of ``q`` in ``[0, 2**k)``, how many
+   ``perm(q)`` are kept (``perm``: the keyed Feistel bijection of section 7);
+5. an exclusive scan (``torch.cumsum``) of the counts of 4 followed by those
+   of 3 gives every block its first output slot: the kept ids fill
+   ``order[:num_kept]`` in the visit order, the dropped ones follow ascending;
+6. ``prune_write_kept_kernel`` and ``prune_write_dropped_kernel``: ordered
+   writes from those slots (a block-local exclusive scan places each id).
 
-torch.sort on the device finishes the order.
+No atomics decide a position and nothing waits on another program, so the
+result is the same on every run, backend and block split.
 """
 
 import triton
@@ -21,6 +30,11 @@ from .philox import philox_words
 
 PRUNE_BITS = tl.constexpr(_spec.PRUNE_MEAN_BITS)
 STREAM_PRUNE = tl.constexpr(_spec.STREAM_PRUNE)
+STREAM_PRUNE_ORDER = tl.constexpr(_spec.STREAM_PRUNE_ORDER)
+PERM_MUL0 = tl.constexpr(_spec.PRUNE_PERM_MUL[0])
+PERM_MUL1 = tl.constexpr(_spec.PRUNE_PERM_MUL[1])
+PERM_SHIFT0 = tl.constexpr(_spec.PRUNE_PERM_SHIFT[0])
+PERM_SHIFT1 = tl.constexpr(_spec.PRUNE_PERM_SHIFT[1])
 
 
 @triton.jit
@@ -62,7 +76,13 @@ def prune_sum_kernel(state_ptr, N, acc_ptr, BLOCK: tl.constexpr):
     tl.atomic_add(acc_ptr + 2, tl.sum(q, 0))
 
 
-@triton.jit(do_not_specialize=["N", "seed", "epoch_lo", "drop_below"])
+@triton.jit
+def _domain(k):
+    """2**k as int64 (k <= 32)."""
+    return tl.full((), 1, tl.int64) << k
+
+
+@triton.jit(do_not_specialize=["N", "seed", "epoch_lo", "drop_below", "k"])
 def prune_decide_kernel(
     state_ptr,
     N,
@@ -72,7 +92,9 @@ def prune_decide_kernel(
     drop_below,
     kept_scale,
     scale_ptr,
-    sort_key_ptr,
+    skip_ptr,
+    k,
+    gone_ptr,
     ANNEALING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -81,16 +103,92 @@ def prune_decide_kernel(
     total = tl.load(acc_ptr + 2)
     mean = total.to(tl.float64) * _pow2(_exponent(bits) - PRUNE_BITS) / count.to(tl.float64)
     tau = tl.where(count == 0, float("nan"), tl.where(bits == 0, 0.0, mean))
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = i < N
     score, observed = _scores(state_ptr, i, N)
     below = observed & (score < tau)
     if ANNEALING:
         below = below & False
-    x0, x1 = philox_words(seed, i, epoch_lo, STREAM_PRUNE)
+    x0, _ = philox_words(seed, i, epoch_lo, STREAM_PRUNE)
     # u < r exactly <=> (x0 >> 9) < drop_below, drop_below computed on the host
     dropped = below & ((x0 >> 9).to(tl.int64) < drop_below)
     scale = tl.where(dropped, 0.0, tl.where(below, kept_scale, 1.0))
     tl.store(scale_ptr + i, scale, mask=inb)
-    key = tl.where(dropped, 4294967296 + i, x1.to(tl.int64) & 0xFFFFFFFF)
-    tl.store(sort_key_ptr + i, key, mask=inb)
+    tl.store(gone_ptr + pid, tl.sum(dropped.to(tl.int64), 0))
+    # 32 ids a word, bit i mod 32: set where dropped or outside [0, N)
+    flags = tl.reshape((dropped | ~inb).to(tl.uint32), (BLOCK // 32, 32))
+    word = tl.sum(flags << tl.arange(0, 32).to(tl.uint32)[None, :], 1)
+    w = pid.to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+    tl.store(skip_ptr + w, word.to(tl.int32, bitcast=True), mask=w < _domain(k) // 32)
+
+
+@triton.jit
+def _perm_round(b, key):
+    """F(b, K) of spec section 7 on uint32 words."""
+    h = (b ^ key) * PERM_MUL0
+    h = h ^ (h >> PERM_SHIFT0)
+    h = h * PERM_MUL1
+    return h ^ (h >> PERM_SHIFT1)
+
+
+@triton.jit
+def _visit_perm(q, k, seed, epoch_lo):
+    """perm(q) of spec section 7: the 4-round Feistel bijection of [0, 2**k)
+    keyed by the Philox words of (seed, j = 0, step = epoch, stream 2); q, the
+    result: uint32."""
+    zero = tl.full((1,), 0, tl.uint32)
+    k0, k1, k2, k3 = tl.philox(seed, zero, zero, zero + epoch_lo.to(tl.uint32), zero + STREAM_PRUNE_ORDER)
+    lo = (k // 2).to(tl.uint32)
+    mask_lo = (tl.full((1,), 1, tl.uint32) << lo) - 1
+    mask_hi = (tl.full((1,), 1, tl.uint32) << (k.to(tl.uint32) - lo)) - 1
+    a = q >> lo
+    b = q & mask_lo
+    a, b = b, a ^ (_perm_round(b, k0) & mask_hi)
+    a, b = b, a ^ (_perm_round(b, k1) & mask_lo)
+    a, b = b, a ^ (_perm_round(b, k2) & mask_hi)
+    a, b = b, a ^ (_perm_round(b, k3) & mask_lo)
+    return (a << lo) | b
+
+
+@triton.jit
+def _kept_in_visit(skip_ptr, q, k, seed, epoch_lo):
+    """(perm(q) as int64, kept) for the q (int64) of one block of the domain."""
+    domain = _domain(k)
+    x = _visit_perm(q.to(tl.uint32), k, seed, epoch_lo)
+    word = tl.load(skip_ptr + (x >> 5).to(tl.int64), mask=q < domain, other=-1)
+    kept = (q < domain) & (((word >> (x & 31).to(tl.int32)) & 1) == 0)
+    return x.to(tl.int64), kept
+
+
+@triton.jit(do_not_specialize=["k", "seed", "epoch_lo"])
+def prune_count_kernel(skip_ptr, k, seed, epoch_lo, count_ptr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo)
+    tl.store(count_ptr + pid, tl.sum(kept.to(tl.int64), 0))
+
+
+@triton.jit
+def _write_compacted(order_ptr, start_ptr, pid, value, keep):
+    """order[start[pid] + (the keep before it in the block)] = value where keep."""
+    flag = keep.to(tl.int32)
+    slot = tl.load(start_ptr + pid) + (tl.cumsum(flag, 0) - flag).to(tl.int64)
+    tl.store(order_ptr + slot, value, mask=keep)
+
+
+@triton.jit(do_not_specialize=["k", "seed", "epoch_lo"])
+def prune_write_kept_kernel(skip_ptr, k, seed, epoch_lo, start_ptr, order_ptr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo)
+    _write_compacted(order_ptr, start_ptr, pid, x, kept)
+
+
+@triton.jit(do_not_specialize=["N"])
+def prune_write_dropped_kernel(skip_ptr, N, start_ptr, order_ptr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    word = tl.load(skip_ptr + (i >> 5), mask=i < N, other=0)
+    dropped = (i < N) & (((word >> (i & 31).to(tl.int32)) & 1) != 0)
+    _write_compacted(order_ptr, start_ptr, pid, i, dropped)

@@ -7,12 +7,20 @@ import math
 import os
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
 from . import metrics as M
+
+CLOCK_NAMES = {"wall": "wall-clock", "process": "process CPU time"}
+
+
+def clock_name(cfg: dict) -> str:
+    """What the run's times are: wall-clock or process CPU time (``--clock``)."""
+    return CLOCK_NAMES[cfg.get("clock", "wall")]
 
 
 def machine() -> dict:
@@ -73,11 +81,11 @@ def settings_caption(cfg: dict) -> str:
         f"{model_caption(cfg)}, Adam lr {cfg['lr']:g}, {cfg['seeds']} seeds, label noise {cfg['label_noise']:g}; "
         f"ES beta1={cfg['beta1']:g} beta2={cfg['beta2']:g} lam={cfg.get('lam', 1):g} eps={cfg.get('eps', 0):g}; "
         f"ESWP/InfoBatch prune {cfg['prune_ratio']:g}, anneal {cfg['anneal_frac']:g}; "
-        f"{cfg['threads']} threads, {cfg.get('device', 'cpu')}"
+        f"{cfg['threads']} threads, {cfg.get('device', 'cpu')}; times: training {clock_name(cfg)}"
     )
 
 
-def _panel(ax, ds: dict, col: int, scale: float, xlabel: str) -> None:
+def _panel(ax, ds: dict, col: int, scale: float, xlabel: str, clock: str = "wall-clock") -> None:
     """One panel: the goal against curve column ``col`` (0: wall-clock, 2:
     backward samples) times ``scale``; mean over seeds, min-max band, the
     target line, the time-to-target stars, ES's window on the time axis."""
@@ -113,7 +121,7 @@ def _panel(ax, ds: dict, col: int, scale: float, xlabel: str) -> None:
             target, color="black", linestyle="--", linewidth=1, label=f"target: full's final {what} {goal.fmt(target)}"
         )
     if window and col == 0:
-        ax.axvline(window, color="gray", linestyle=":", linewidth=1, label=f"ES's wall-clock {fmt_s(window)} s")
+        ax.axvline(window, color="gray", linestyle=":", linewidth=1, label=f"ES's {clock} {fmt_s(window)} s")
     vals = [p[1] for rs in ds["runs"].values() for r in rs for p in r["curve"][1:]]
     if vals:  # the start (chance level, or the initial loss) would squash the interesting part
         lo_v, hi_v = min(vals), max(vals)
@@ -130,10 +138,10 @@ def _panel(ax, ds: dict, col: int, scale: float, xlabel: str) -> None:
 
 def plot(results: dict, path: Path) -> None:
     """The goal (test accuracy, or the LM's held-out loss) against training
-    wall-clock, and for the LM also against backward tokens: one point per
-    evaluation (start, each epoch, a time stop), mean over seeds with the
-    seeds' min-max band, the target line, each method's mean time-to-target
-    (a star), the window."""
+    time (``--clock``: wall-clock or process CPU time), and for the LM also
+    against backward tokens: one point per evaluation (start, each epoch, a
+    time stop), mean over seeds with the seeds' min-max band, the target
+    line, each method's mean time-to-target (a star), the window."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,20 +151,21 @@ def plot(results: dict, path: Path) -> None:
     panels = []
     for name, ds in results["datasets"].items():
         unit, per = backward_unit(ds)
-        panels.append((name, 0, 1.0, "training wall-clock (s)"))
+        panels.append((name, 0, 1.0, f"training {clock_name(cfg)} (s)"))
         if per > 1:  # the LM: also against backward tokens
             panels.append((name, 2, float(per), f"backward {unit}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
     for ax, (name, col, scale, xlabel) in zip(axes[0], panels):
         ds = results["datasets"][name]
-        _panel(ax, ds, col, scale, xlabel)
+        _panel(ax, ds, col, scale, xlabel, clock_name(cfg))
         if ds.get("metric") == M.LM_LOSS.key:
             title = f"{name} ({ds['n_train']} train / {ds['n_test']} held-out sequences)"
         else:
             title = f"{name} ({ds['n_train']} train, label noise {cfg['label_noise']:g})"
         ax.set_title(title + ("  SMOKE TEST" if results.get("smoke_test") else ""))
     m = results["machine"]
-    cap = settings_caption(cfg) + f"\n{m['platform']}, torch {m['torch']}, {m['cores']} cores, {m['date']}"
+    cap = textwrap.fill(settings_caption(cfg), width=int(16 * fig.get_figwidth()))  # fits one data set's width
+    cap += f"\n{m['platform']}, torch {m['torch']}, {m['cores']} cores, {m['date']}"
     if results.get("load_warning"):
         cap += "\nloaded machine (load average > threads): timings unreliable"
     if results.get("smoke_test"):
@@ -171,7 +180,8 @@ def plot(results: dict, path: Path) -> None:
 
 def format_summary(results: dict) -> str:
     cfg = results["config"]
-    lines = []
+    clock = clock_name(cfg)
+    lines = [f"times: training {clock} (--clock {cfg.get('clock', 'wall')}), evaluation excluded"]
     if results.get("smoke_test"):
         from .run import smoke_note
 
@@ -191,7 +201,7 @@ def format_summary(results: dict) -> str:
             what = f"{ds['n_train']} train / {ds['n_test']} held-out sequences of {cfg['lm_seq_len']} bytes"
         lines.append(f"\n{name}: {what}, {seeds} seeds, {cfg['epochs']} epochs")
         lines.append(
-            f"| method | epochs | wall-clock s | vs full | backward {unit} | {goal.label} | vs full "
+            f"| method | epochs | {clock} s | vs full | backward {unit} | {goal.label} | vs full "
             "| scoring share | ideal saving |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -219,11 +229,11 @@ def format_summary(results: dict) -> str:
             )
         if window:
             lines.append(
-                f"window: [0, {fmt_s(window)} s] (ES's mean wall-clock): the {goal.short} held at that time, "
+                f"window: [0, {fmt_s(window)} s] (ES's mean {clock}): the {goal.short} held at that time, "
                 f"and the mean {goal.short} over the window (area under the held curve / window)"
             )
         lines.append(
-            f"| method | reached target | time to target s | backward {unit} to target "
+            f"| method | reached target | time to target s ({clock}) | backward {unit} to target "
             f"| {goal.short} at window end | mean {goal.short} over window |"
         )
         lines.append("|---|---|---|---|---|---|")
@@ -249,10 +259,16 @@ def format_ablation(res: dict) -> str:
     lines.append(
         f"{len(res['settings'])} settings x {len(res['tasks'])} tasks x {cfg['seeds']} seeds; "
         f"B={cfg['meta_batch']}, hidden {cfg['hidden']}, MNIST-1D {cfg['mnist1d_samples']} samples; "
-        f"{cfg['threads']} threads; {res['machine']['date']}"
+        f"{cfg['threads']} threads; times: training {clock_name(cfg)} (--clock {cfg.get('clock', 'wall')}); "
+        f"{res['machine']['date']}"
     )
     if res.get("load_warning"):
         lines.append(res["load_warning"])
+    for m in res.get("merged_from", []):  # --merge: shards of one grid
+        lines.append(
+            f"merged from {m['path']}: {', '.join(m['tasks'])}"
+            + ("" if m["complete"] else " (that run was stopped after them)")
+        )
     if not res["complete"]:
         lines.append("PARTIAL: interrupted; ranked over the tasks every setting finished.")
     lines.append("")

@@ -9,6 +9,7 @@ each method needs to reach the full baseline's accuracy.
     es-kernels demo --eta-only       # time an epoch of full and ES per data set, print the ETA
     es-kernels demo --nproc 2        # every method under DDP on 2 gloo processes
     es-kernels demo --task lm        # a small GPT-2 on the standard library's sources (held-out loss)
+    es-kernels demo --threads 1 --clock process   # time = this process's CPU time (a shared machine)
 
 Methods, each with the same optimizer and model:
 
@@ -58,7 +59,7 @@ from .._spec import DEFAULT_EPS, DEFAULT_LAM
 from ..functional import DEFAULT_BETA1, DEFAULT_BETA2, es_update
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import metrics as M
-from .report import fmt_s, format_ablation, format_summary, machine, plot
+from .report import clock_name, fmt_s, format_ablation, format_summary, machine, plot
 from .tasks import corrupt_labels, load_dataset
 
 TIME_METHODS = ("uniform-time", "full-time")
@@ -79,7 +80,7 @@ class Config:
     seeds: int = 3
     epochs: int = 30
     meta_batch: int = 512
-    mini_batch: int = 96
+    mini_batch: int = 171  # b/B = 1/3, chosen with lam by the ablation's rule (README)
     hidden: int = 1024
     lr: float = 1e-3
     mnist1d_samples: int = 20000
@@ -103,6 +104,13 @@ class Config:
     lm_width: int = 64  # GPT-2 n_embd
     lm_layers: int = 2
     lm_heads: int = 4
+    clock: str = "wall"  # what training time is measured on: CLOCKS
+
+
+# Training time: "wall" is real time; "process" is this process's CPU time (all
+# its threads: meaningful with --threads 1), fair between runs made at
+# different moments on a machine shared with other work.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
@@ -204,11 +212,12 @@ def base_method(method: str) -> str:
 
 
 def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budget: float | None = None) -> dict:
-    """One run. ``time_budget`` (seconds of training wall-clock) stops the run
+    """One run. ``time_budget`` (seconds of training time on ``cfg.clock``) stops the run
     by time instead of by epochs, required by the ``-time`` methods: it stops
     after the last step that, at the last step's pace, ends within the budget.
 
-    Returns wall_s (training only, evaluation excluded), backward_samples,
+    Returns wall_s (training time on ``cfg.clock``: real time, or this
+    process's CPU time; evaluation excluded), backward_samples,
     test_acc (final; test_loss for the LM: the task's goal), curve
     (``[wall_s, test_acc or test_loss, backward]`` at the start,
     after each epoch and at a time stop), epochs (completed; a time stop adds
@@ -231,6 +240,9 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     n = xtr.shape[0]
     world, rank = _world()
     B, b = cfg.meta_batch // world, cfg.mini_batch // world
+    if cfg.clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {cfg.clock!r}")
+    clock = CLOCKS[cfg.clock]
     started = time.perf_counter()
     net = model = task.model(seed).to(dev)
     if world > 1:
@@ -259,17 +271,17 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     stopped = False
     for epoch in range(max_epochs):
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         if pruner is not None:
             pruner.set_epoch(epoch)
-            order = torch.tensor(list(pruner), dtype=torch.int64)  # what a DataLoader would draw
+            order = pruner.epoch_ids()  # what a DataLoader would draw
         else:
             order = torch.randperm(n, generator=g)
             if world > 1:  # this rank's share, as DistributedSampler (same length on every rank)
-                order = torch.tensor(shard_indices(order.tolist(), world, rank, False), dtype=torch.int64)
+                order = shard_indices(order, world, rank, False)
         n_order = order.shape[0]
         for start in range(0, n_order, B):
-            t_step = time.perf_counter()
+            t_step = clock()
             ids = order[start : start + B].to(dev)
             x, y = xtr[ids], ytr[ids]
             if base in ("full", "infobatch"):
@@ -285,7 +297,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 per = task.losses(model, x[pos], y[pos])
                 backward += pos.shape[0]
             else:
-                ts = time.perf_counter()
+                ts = clock()
                 with (
                     torch.inference_mode(),
                     torch.autocast(dev.type, dtype=ac_dtype or torch.bfloat16, enabled=ac_dtype is not None),
@@ -293,7 +305,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                     scored = task.score(net, x, y)  # the scoring pass: no autograd record at all
                 sel = es.select(ids, **scored)
                 _sync(dev)  # CUDA only: timing the scoring separately costs a synchronisation there
-                score_s += time.perf_counter() - ts
+                score_s += clock() - ts
                 pos = sel.positions
                 per = task.losses(model, x[pos], y[pos]) * sel.scales
                 backward += pos.shape[0]
@@ -302,14 +314,14 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             opt.step()
             if time_budget is not None:  # stop before a step that would overrun the budget
                 _sync(dev)
-                now = time.perf_counter()
+                now = clock()
                 over = wall + (now - t0) + (now - t_step) > time_budget
                 if _agree_max(float(over), world) > 0:  # every rank stops after the same step
                     stopped = True
                     epochs += min(start + B, n_order) / n_order
                     break
         _sync(dev)
-        wall = _agree_max(wall + time.perf_counter() - t0, world)  # the slowest rank's
+        wall = _agree_max(wall + clock() - t0, world)  # the slowest rank's
         if not stopped:
             epochs += 1
         curve.append([wall, task.evaluate(net), backward * world])  # evaluation is not timed
@@ -482,7 +494,7 @@ def fmt_eta(seconds, unmeasured=()) -> str:
     return out + (f" + the runs on {', '.join(unmeasured)} (not measured yet)" if unmeasured else "")
 
 
-def load_warning(threads: int) -> str | None:
+def load_warning(threads: int, clock: str = "wall") -> str | None:
     """A warning when the 1-minute load average exceeds the thread count."""
     if not hasattr(os, "getloadavg"):
         return None
@@ -491,6 +503,12 @@ def load_warning(threads: int) -> str | None:
         return (
             f"WARNING: load average {load:.1f} > {threads} threads: other work competes for the cores, "
             f"so wall-clock numbers (and everything measured in time) are unreliable on this run."
+            + (
+                " The times here are this process's CPU time (--clock process): less affected by the load, "
+                "not immune to it (shared caches and memory bandwidth)."
+                if clock == "process"
+                else ""
+            )
         )
     return None
 
@@ -586,7 +604,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     (``complete`` false until the end), so an interrupt keeps what finished."""
     world, rank = _world()
     torch.set_num_threads(max(1, cfg.threads // world))
-    warn = load_warning(cfg.threads)
+    warn = load_warning(cfg.threads, cfg.clock)
     results = {
         "config": asdict(cfg),
         "machine": machine(),
@@ -601,6 +619,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
     jobs = demo_jobs(cfg)
     eta = Eta(cfg.meta_batch)
     log = _Log(len(jobs), "es-kernels demo", show_progress, quiet=rank > 0)
+    log.line(f"times: training {clock_name(asdict(cfg))} (--clock {cfg.clock}), evaluation excluded")
     if cfg.smoke_test:
         log.line(smoke_note(cfg.epochs))
     if warn:
@@ -759,7 +778,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
     tasks = parse_tasks(DEFAULT_TASKS) if tasks is None else tasks
     settings = grid_settings(grid)
     jobs = ablation_jobs(cfg, tasks, settings)
-    warn = load_warning(cfg.threads)
+    warn = load_warning(cfg.threads, cfg.clock)
     res = {
         "config": asdict(cfg),
         "machine": machine(),
@@ -786,6 +805,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
         f"{len(settings) * len(tasks) * cfg.seeds} ES runs + {len(tasks) * cfg.seeds} full runs"
     )
     log.line(RULE)
+    log.line(f"times: training {clock_name(asdict(cfg))} (--clock {cfg.clock})")
     if warn:
         log.line(warn)
     cache = {}
@@ -840,13 +860,51 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
     finally:
         log.close()
     res["complete"] = not res["interrupted"]
+    return _finish_ablation(res, out_dir)
+
+
+def _finish_ablation(res: dict, out_dir: Path) -> dict:
+    """Rank by the rule, choose (only when complete), write ablation.json and ablation.md."""
     ranking = rank_ablation(res)
     res["ranking"] = [{"setting": c, "mean_rank": r, "mean_final_acc": a} for c, r, a in ranking]
+    res["chosen"] = None
     if ranking and res["complete"]:
-        res["chosen"] = next(s for s in settings if setting_name(s) == ranking[0][0])
-    write_json(path, res)
+        res["chosen"] = next(s for s in res["settings"] if setting_name(s) == ranking[0][0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "ablation.json", res)
     (out_dir / "ablation.md").write_text(format_ablation(res) + "\n")
     return res
+
+
+def merge_ablations(paths, out_dir: Path) -> dict:
+    """One ablation from several runs of the same grid on different tasks
+    (shards run side by side): each shard's finished tasks (every setting,
+    every seed) are taken, a task in two shards is refused; the rule then
+    ranks the union as if one run had made it. ``merged_from`` records which
+    tasks came from which file, and whether that run completed (a run stopped
+    early gives the tasks it finished)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("grid", "settings", "rule")
+    for p, r in zip(paths[1:], parts[1:]):
+        bad = [k for k in same if r[k] != parts[0][k]]
+        bad += [k for k in ("seeds", "clock", "threads") if r["config"].get(k) != parts[0]["config"].get(k)]
+        if bad:
+            raise ValueError(f"paths: {p} differs from {paths[0]} in {', '.join(bad)}")
+    res = dict(parts[0], tasks=[], targets={}, full={}, cells={c: {} for c in parts[0]["cells"]}, merged_from=[])
+    for p, r in zip(paths, parts):
+        done = [t for t in r["tasks"] if t in r["targets"] and all(t in cell for cell in r["cells"].values())]
+        done = [t for t in done if all(len(c[t]["final_acc"]) == r["config"]["seeds"] for c in r["cells"].values())]
+        twice = set(done) & set(res["tasks"])
+        if twice:
+            raise ValueError(f"paths: tasks {sorted(twice)} are in more than one file")
+        res["tasks"] += done
+        for t in done:
+            res["targets"][t], res["full"][t] = r["targets"][t], r["full"][t]
+            for c in res["cells"]:
+                res["cells"][c][t] = r["cells"][c][t]
+        res["merged_from"].append({"path": str(p), "tasks": done, "complete": r["complete"]})
+    res.update(complete=bool(res["tasks"]), interrupted=False)
+    return _finish_ablation(res, out_dir)
 
 
 def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float:
@@ -925,6 +983,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--mnist1d-samples", type=int, default=None)
+    ap.add_argument("--mini-batch", type=int, default=None, metavar="b", help="ES's b of each meta-batch of 512")
     ap.add_argument("--beta1", type=float, default=DEFAULT_BETA1, help="ES level smoothing (default %(default)s)")
     ap.add_argument("--beta2", type=float, default=DEFAULT_BETA2, help="ES trend smoothing (default %(default)s)")
     ap.add_argument(
@@ -934,6 +993,13 @@ def main(argv=None) -> int:
         "--eps", type=float, default=DEFAULT_EPS, help="uniform share of ES's selection mass (default %(default)s)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=tuple(CLOCKS),
+        help="what training time is measured on: wall (real time, the default) or process (this process's "
+        "CPU time, time.process_time: fair between runs on a shared machine; meaningful with --threads 1)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument(
         "--score-dtype",
@@ -951,6 +1017,13 @@ def main(argv=None) -> int:
     )
     for k, v in DEFAULT_GRID.items():
         ap.add_argument(f"--grid-{k}", type=_floats, default=v, help=f"ablation values of {k} (default %(default)s)")
+    ap.add_argument(
+        "--merge",
+        default=None,
+        metavar="JSON,...",
+        help="with --ablate: merge ablation.json files of the same grid run on different tasks "
+        "(shards run side by side), rank the union by the rule, write to --out",
+    )
     ap.add_argument(
         "--eta-only",
         action="store_true",
@@ -993,6 +1066,7 @@ def main(argv=None) -> int:
         eps=a.eps,
         device=a.device,
         score_dtype=a.score_dtype,
+        clock=a.clock,
     )
     if lm:
         cfg = replace(cfg, **LM)
@@ -1000,7 +1074,13 @@ def main(argv=None) -> int:
         cfg = replace(cfg, **(LM_QUICK if lm else QUICK))
     if a.ablate and not a.quick:
         cfg = replace(cfg, mnist1d_samples=ABLATION_MNIST1D_SAMPLES)
-    over = {"seeds": a.seeds, "epochs": a.epochs, "mnist1d_samples": a.mnist1d_samples, "threads": a.threads}
+    over = {
+        "seeds": a.seeds,
+        "epochs": a.epochs,
+        "mnist1d_samples": a.mnist1d_samples,
+        "threads": a.threads,
+        "mini_batch": a.mini_batch,
+    }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if a.datasets:
         cfg = replace(cfg, datasets=tuple(a.datasets.split(",")))
@@ -1026,9 +1106,9 @@ def main(argv=None) -> int:
         what = "ablation" if a.ablate else "demo"
         print(
             f"estimated {what} run time: {fmt_eta(total)[4:]} (from one epoch of full and ES per data set"
-            f" on this machine, {cfg.threads} threads)"
+            f" on this machine, {cfg.threads} threads; the estimate is real time)"
         )
-        warn = load_warning(cfg.threads)
+        warn = load_warning(cfg.threads, cfg.clock)
         if warn:
             print(warn)
         return 0
@@ -1056,6 +1136,16 @@ def main(argv=None) -> int:
         print(format_summary(res))
         print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")
         return 130 if res["interrupted"] else 0
+    if a.merge:
+        if not a.ablate:
+            ap.error("--merge goes with --ablate")
+        try:
+            res = merge_ablations(a.merge.split(","), out)
+        except ValueError as e:
+            ap.error(str(e))
+        print(format_ablation(res))
+        print(f"\nwrote {out / 'ablation.json'} and {out / 'ablation.md'}")
+        return 0
     if a.ablate:
         res = run_ablation(cfg, out, grid=grid, tasks=tasks, show_progress=not a.no_progress)
         print(format_ablation(res))

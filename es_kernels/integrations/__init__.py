@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..sampler import ESWPSampler, EvolvedSampler
+from ..sampler import ESWPSampler, EvolvedSampler, cat_ids
 
 ID_KEY = "es_id"
 SCALE_KEY = "es_scale"
@@ -197,7 +197,7 @@ class ESStream(Sampler):
         self.pruner.set_epoch(epoch)
         # the whole plan, also of a DistributedESWPSampler (every rank makes the same one from its
         # replica): the framework's loader shards the batches (accelerate, Lightning), not the plan
-        ids = torch.tensor(list(ESWPSampler.__iter__(self.pruner)), dtype=torch.int64)
+        ids = cat_ids(ESWPSampler.chunks(self.pruner))
         scales = self.es.scales_of(ids.to(self.es.device)).to("cpu", torch.float32)
         self._plans.append(_Plan(epoch, ids, scales))
 
