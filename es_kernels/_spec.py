@@ -39,6 +39,7 @@ def seq_mean_bits(T: int) -> int:
     them stays below 2**62 whatever the order."""
     return 62 - int(T).bit_length()
 
+
 # The visit order of pruning (spec section 7): a 4-round Feistel permutation of
 # [0, 2**k), k = max(bit length of N - 1, PRUNE_PERM_MIN_BITS), filtered to [0, N).
 PRUNE_PERM_MIN_BITS = 8  # a domain of at least 256: halves of >= 4 bits mix well
