@@ -14,15 +14,19 @@ committed one with `python bench/harness.py merge $OUT/history.csv`).
     python bench/bench_gpu.py --out DIR      # run (CUDA), within --budget-s seconds of timing
     python bench/bench_gpu.py --device cpu --quick --out /tmp/x   # test the whole script on a CPU
 
-The shapes issue 13 asks for come first: es_step from logits B=4096 C=32000
-bf16; weighted_select B=65536 b=16384 and B=1e6 b=250000; per-sequence mean
+The shapes issue 13 asks for come first: es_step from logits B=4096
+C=32000 bf16 (and per_sample_cross_entropy alone on the same logits: the
+difference is what the fused update and key cost in the same launch);
+weighted_select B=65536 b=16384 and B=1e6 b=250000; per-sequence mean
 cross-entropy of [64, 2048, V] logits with V=8192 bf16 (2 GiB of logits;
-V=32000 would be 8 GiB and the reference's float32 copies four times that);
-eswp_prune N=1e8 and N=1e9 (8 GB of state and 12 GB of outputs at 1e9: run only
-when the free memory allows, the reference only up to where it fits; issue 13's
-targets: N=1e8 < 5 ms, N=1e9 < 50 ms and < 16 GB allocated by the call). Each
-case is skipped, with a note, when its memory estimate exceeds 90% of the
-free GPU memory or the time budget is spent.
+V=32000 would be 8 GiB and the reference's float32 copies four times that),
+and the per-sequence means alone (es_step_from_losses on token losses
+[64, 2048] with a mask, against the masked mean in torch); eswp_prune N=1e8
+and N=1e9 (8 GB of state and 12 GB of outputs at 1e9: run only when the free
+memory allows, the reference only up to where it fits; issue 13's targets:
+N=1e8 < 5 ms, N=1e9 < 50 ms and < 16 GB allocated by the call). Each case is
+skipped, with a note, when its memory estimate exceeds 90% of the free GPU
+memory or the time budget is spent.
 """
 
 from __future__ import annotations
@@ -121,6 +125,54 @@ def step_case(B, C, dtype=torch.bfloat16):
     )
 
 
+def ce_case(B, C, dtype=torch.bfloat16):
+    """per_sample_cross_entropy alone on [B, C]: with step_case, what the
+    fused update and key (the same launch) add to the cross-entropy."""
+    es = torch.finfo(dtype).bits // 8
+
+    def build(dev):
+        logits = torch.randn(B, C, device=dev).to(dtype)
+        targets = torch.randint(0, C, (B,), device=dev)
+        return {
+            "mine": lambda: OPS.per_sample_cross_entropy(logits, targets, -100, 0.0),
+            "ref": lambda: R.per_sample_cross_entropy(logits, targets),
+            "baselines": _ce_baselines(logits, targets),
+        }
+
+    n = B * C
+    return Case(
+        "per_sample_cross_entropy", f"B={B} C={C}", n, str(dtype)[6:], n * es + B * 8, n * es + B * 16,
+        n * (es + 12), _base_names(), build,
+    )  # fmt: skip
+
+
+def token_means_case(B, T):
+    """es_step_from_losses on token losses [B, T] with a mask: the per-sequence
+    means (vectorised over T) plus the update and selection, against the
+    masked mean in torch."""
+
+    def build(dev):
+        losses = torch.rand(B, T, device=dev) * 3
+        mask = torch.rand(B, T, device=dev) < 0.9
+        ids = torch.randperm(4 * B, device=dev)[:B]
+        st = harness.state_for(4 * B, dev)
+        b = max(B // 4, 1)
+        return {
+            "mine": lambda: OPS.es_step_from_losses(
+                losses, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1, mask=mask
+            ),
+            "ref": lambda: R.es_step_from_losses(
+                losses, ids, st.tensor, st.errors, b, *BETAS, "sample", 0, 1, mask=mask
+            ),
+            "baselines": {"masked mean (torch)": lambda: (losses * mask).sum(1) / mask.sum(1).clamp(min=1)},
+        }
+
+    return Case(
+        "es_step (token losses + mask)", f"B={B} T={T}", B * T, "float32", B * T * 5, B * T * 10, B * T * 40,
+        ("masked mean (torch)",), build,
+    )  # fmt: skip
+
+
 def losses_case(B):
     def build(dev):
         losses = torch.rand(B, device=dev)
@@ -201,16 +253,20 @@ def plan(quick: bool = False) -> list[Case]:
             select_case(65536, "sample"),
             select_case(65536, "topk"),
             seq_case(8, 256, 1024),
+            token_means_case(8, 256),
+            ce_case(256, 1000),
             prune_case(10**6),
         ]
     return [
         # issue 13
         step_case(4096, 32000),
+        ce_case(4096, 32000),
         select_case(65536, "sample"),
         select_case(65536, "topk"),
         select_case(10**6, "sample"),
         select_case(10**6, "topk"),
         seq_case(64, 2048, SEQ_V),
+        token_means_case(64, 2048),
         prune_case(10**8),
         prune_case(10**9),
         # the rest of the sweep

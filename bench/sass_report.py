@@ -44,8 +44,7 @@ blocks, 64 warps per SM): blocks per SM = min(by registers: floor(65536 /
 (warps per block x ceil(32 x regs / 256) x 256)), by shared memory: floor(228 KB /
 (shared rounded up to 128 B + 1 KB reserved per block)), by threads:
 floor(2048 / threads per block), 32); occupancy = blocks x warps per block / 64.
-The limiter is named. A kernel launched on one program (update_select_kernel,
-grid (1,)) uses one SM whatever its occupancy.
+The limiter is named.
 
 **Loops** (from `nvdisasm -c` of the cubin): a loop is a backward branch (a
 `BRA` to a label at a lower address than itself); its body is the address range
@@ -56,9 +55,8 @@ Predicated-off or branched-over instructions are counted too, so this is an
 upper bound of the instructions a warp issues per iteration. *instr/elem* =
 instr/iter / (elements per thread per iteration), assuming one iteration handles
 one block of the kernel's block constexpr (the largest constexpr named
-`*BLOCK*`) spread over all threads (32 x num_warps); a loop over something else
-(e.g. update_select's loop over the T tokens of a row, which handles one token
-of BLOCK rows) reads the same way. A loop unrolled by the compiler shows k blocks
+`*BLOCK*`; for ce_kernel ROWS x BLOCK_V, for observe_kernel BLOCK rows x
+TBLOCK tokens) spread over all threads (32 x num_warps). A loop unrolled by the compiler shows k blocks
 per iteration, and its instr/elem is then k times too large. *BAR/iter* counts
 `BAR.*` instructions (BAR.SYNC: block-wide barriers, typically two per
 cross-warp reduction or scan) in the body.
@@ -119,6 +117,7 @@ def loops(sass: str) -> list[dict]:
                 innermost=not inner,
                 instr=len(body),
                 bars=sum(_opcode(t).startswith("BAR") for t in body),
+                mufu=sum(_opcode(t).startswith("MUFU") for t in body),
             )
         )
     return out
@@ -139,20 +138,94 @@ def occupancy(regs: int, shared: int, num_warps: int) -> dict:
     return dict(blocks=blocks, occupancy=blocks * num_warps / L["warps"], limiter=limiter)
 
 
+# kernels whose loop iteration handles a 2-D tile: the product of these constexprs
+TILE = {"ce_kernel": ("ROWS", "BLOCK_V"), "observe_kernel": ("BLOCK", "TBLOCK")}
+
+
 def _block(v: aot.Variant) -> int:
+    """Elements one loop iteration handles: the largest ``*BLOCK*`` constexpr,
+    or for the kernels in TILE the product of its constexprs (rows x columns)."""
     names = list(getattr(__import__(v.module, fromlist=[v.name]), v.name).arg_names)
-    blocks = [
-        int(v.constexprs[(i,)])
+    consts = {
+        n: int(v.constexprs[(i,)])
         for i, n in enumerate(names)
-        if "BLOCK" in n and (i,) in v.constexprs and v.signature[n] == "constexpr"
-    ]
+        if (i,) in v.constexprs and v.signature[n] == "constexpr" and isinstance(v.constexprs[(i,)], int)
+    }
+    if v.name in TILE:
+        return math.prod(consts.get(n, 1) for n in TILE[v.name])
+    blocks = [val for n, val in consts.items() if "BLOCK" in n]
     return max(blocks) if blocks else 1
 
 
 def _completeness(v: aot.Variant, r: aot.Result):
     """The 'fullest' variant of a kernel: most flags on, largest block, aligned."""
-    flags = sum(1 for val in v.constexprs.values() if val is True)
+    flags = sum(sum(x is True for x in (val if isinstance(val, tuple) else (val,))) for val in v.constexprs.values())
     return (flags, _block(v), "(unaligned)" not in v.label, -len(v.label))
+
+
+# H200 (sm_90) figures for the estimates: SMs, boost clock, HBM3e bandwidth
+H200 = dict(sms=132, clock_hz=1.98e9, hbm_bytes_s=4.8e12, issue_per_sm=4, mufu_lanes_per_sm=16)
+
+ESTIMATE_METHOD = """\
+Estimates, **not measurements** (no GPU measured them): for a shape, the
+kernel's hot loop (its first innermost loop: the unmasked chunks) runs
+`rows x (columns / BLOCK_V)` iterations per warp of `warps` warps;
+*issue time* = those warp instructions / (132 SMs x 4 schedulers x 1.98 GHz),
+*MUFU time* = the loop's MUFU instructions x 32 lanes / (132 SMs x 16 lanes x
+1.98 GHz), *read time* = the bytes read once / 4.8 TB/s (H200 HBM3e peak; a
+real copy reaches less: `bench/bench_gpu.py` measures it). A loop whose issue
+and MUFU times stay below the read time is memory-bound on paper; the
+epilogue, the tail chunk and the launches after it are not counted.
+`bash bench/gpu_check.sh` measures the real times."""
+
+# (what, kernel, constexprs the variant must have, logits dtype, rows, columns)
+ESTIMATES = [
+    ("es_step [4096, 32000] bf16: CE + update + key (launch 1)", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": False, "MODE": lambda m: m[0]}, "*bf16", 4096, 32000),
+    ("per_sample_cross_entropy [4096, 32000] bf16", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": False, "MODE": lambda m: not m[0]}, "*bf16", 4096, 32000),
+    ("same, label_smoothing > 0", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": True, "MODE": lambda m: not m[0]}, "*bf16", 4096, 32000),
+    ("per-sequence CE [64, 2048, 8192] bf16 (token rows)", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 8, "SMOOTH": False, "MODE": lambda m: not m[0]}, "*bf16", 64 * 2048, 8192),
+    ("per_sample_cross_entropy [4096, 32000] fp32", "ce_kernel",
+     {"ROWS": 1, "BLOCK_V": 4096, "G": 4, "SMOOTH": False, "MODE": lambda m: not m[0]}, "*fp32", 4096, 32000),
+]  # fmt: skip
+
+
+def _matches(v: aot.Variant, want: dict, ptr: str) -> bool:
+    names = list(getattr(__import__(v.module, fromlist=[v.name]), v.name).arg_names)
+    got = {n: v.constexprs.get((i,)) for i, n in enumerate(names)}
+    ok = all(w(got.get(k)) if callable(w) else got.get(k) == w for k, w in want.items())
+    return ok and v.signature.get(names[0]) == ptr
+
+
+def estimates(rows) -> list[str]:
+    """The ESTIMATES table from the compiled variants (see ESTIMATE_METHOD)."""
+    h = H200
+    out = [
+        "| shape | variant | regs | occupancy | hot loop: instr/elem, MUFU/elem, BAR/iter | issue us | MUFU us | "
+        "read-once us | bound (on paper) |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for what, name, want, ptr, n_rows, cols in ESTIMATES:
+        found = [row for row in rows if row[0].name == name and _matches(row[0], want, ptr)]
+        if not found:
+            out.append(f"| {what} | (no such variant compiled) | | | | | | | |")
+            continue
+        v, r, occ, ls, per_thread = found[0]
+        hot = next(lp for lp in ls if lp["innermost"])
+        warps = v.options["num_warps"]
+        iters = n_rows * (cols // _block(v))
+        issue = iters * warps * hot["instr"] / (h["sms"] * h["issue_per_sm"] * h["clock_hz"]) * 1e6
+        mufu = iters * warps * hot["mufu"] * 32 / (h["sms"] * h["mufu_lanes_per_sm"] * h["clock_hz"]) * 1e6
+        read = n_rows * cols * (2 if "16" in ptr else 4) / h["hbm_bytes_s"] * 1e6
+        bound = "memory" if max(issue, mufu) < read else ("issue" if issue >= mufu else "MUFU")
+        out.append(
+            f"| {what} | {v.label} | {r.regs} | {occ['occupancy']:.0%} | {hot['per_elem']:.1f}, "
+            f"{hot['mufu'] / per_thread:.2f}, {hot['bars']} | {issue:.0f} | {mufu:.0f} | {read:.0f} | {bound} |"
+        )
+    return out
 
 
 def main(argv=None) -> int:
@@ -216,6 +289,7 @@ def main(argv=None) -> int:
             f"| {name} | {len(g)} | {min(regs)}-{max(regs)} | {max(x[1].shared for x in g)} | "
             f"{min(occs):.0%}-{max(occs):.0%} | {max(bars) if bars else 0} |"
         )
+    lines += ["", "## Estimates for issue 13's shapes", "", ESTIMATE_METHOD, "", *estimates(rows)]
     lines += [
         "",
         "## Every variant",

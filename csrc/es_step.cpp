@@ -208,11 +208,12 @@ at::Tensor update(const at::Tensor& ids_in, const at::Tensor& losses_in, const b
 }
 
 // Per-row means of token losses [B, T] where `mask` (bool [B, T], or none:
-// every token) holds, accumulated in float64 in token order, rounded to
-// float32; `scored` says which rows had a token.
+// every token) holds: the exact fixed-point mean of section 6 (float32
+// values x, q = trunc(x 2^(K - e)) summed in int64, so the order does not
+// matter), rounded to float32; `scored` says which rows had a token.
 at::Tensor sequence_means(const at::Tensor& losses_in, const OptTensor& mask_in,
                           std::vector<uint8_t>& scored) {
-  const at::Tensor l = losses_in.to(at::kDouble).contiguous();
+  const at::Tensor l = losses_in.to(at::kFloat).contiguous();
   const int64_t B = l.size(0), T = l.size(1);
   at::Tensor mask;
   if (mask_in.has_value()) {
@@ -223,18 +224,45 @@ at::Tensor sequence_means(const at::Tensor& losses_in, const OptTensor& mask_in,
   }
   at::Tensor out = at::empty({B}, l.options().dtype(at::kFloat));
   scored.assign(B, 0);
-  const double* lp = l.data_ptr<double>();
+  const float* lp = l.data_ptr<float>();
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   float* o = out.data_ptr<float>();
+  const int bits = seq_mean_bits(T);
   for (int64_t r = 0; r < B; ++r) {
-    double acc = 0.0;
+    const float* x = lp + r * T;
+    const bool* keep = mp != nullptr ? mp + r * T : nullptr;
     int64_t count = 0;
+    double big = 0.0;
+    bool nan = false, pinf = false, ninf = false;
     for (int64_t t = 0; t < T; ++t) {
-      if (mp != nullptr && !mp[r * T + t]) continue;
-      acc += lp[r * T + t];
+      if (keep != nullptr && !keep[t]) continue;
       ++count;
+      if (std::isfinite(x[t])) {
+        big = std::max(big, std::fabs(static_cast<double>(x[t])));
+      } else {
+        nan |= std::isnan(x[t]);
+        pinf |= x[t] > 0.0f && !std::isnan(x[t]);
+        ninf |= x[t] < 0.0f;
+      }
     }
-    o[r] = count > 0 ? static_cast<float>(acc / static_cast<double>(count)) : 0.0f;
+    double mean = 0.0;
+    if (nan || (pinf && ninf)) {
+      mean = std::numeric_limits<double>::quiet_NaN();
+    } else if (pinf || ninf) {
+      mean =
+          pinf ? std::numeric_limits<double>::infinity() : -std::numeric_limits<double>::infinity();
+    } else if (big > 0.0) {
+      int e = 0;
+      std::frexp(big, &e);
+      const double up = std::ldexp(1.0, bits - e);
+      int64_t q = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (keep != nullptr && !keep[t]) continue;
+        q += static_cast<int64_t>(std::trunc(static_cast<double>(x[t]) * up));
+      }
+      mean = static_cast<double>(q) * std::ldexp(1.0, e - bits) / static_cast<double>(count);
+    }
+    o[r] = count > 0 ? static_cast<float>(mean) : 0.0f;
     scored[r] = count > 0;
   }
   return out;

@@ -14,6 +14,14 @@ namespace es_kernels {
 constexpr int kSelectMeanBits = 31;
 constexpr int kPruneMeanBits = 30;
 
+// K of the fixed-point sequence means (section 6): 62 - bit_length(T), so
+// that T values |q_t| < 2^K sum below 2^62 (as _spec.seq_mean_bits).
+inline int seq_mean_bits(int64_t T) {
+  int n = 0;
+  for (uint64_t t = static_cast<uint64_t>(T); t != 0; t >>= 1) ++n;
+  return 62 - n;
+}
+
 // The visit order of pruning (section 7): a 4-round Feistel permutation of
 // [0, 2^k), k = max(bit length of N - 1, kPrunePermMinBits), filtered to [0, N).
 constexpr int kPrunePermMinBits = 8;

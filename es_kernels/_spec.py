@@ -32,6 +32,14 @@ STREAM_PRUNE_ORDER = 2  # j = 0: the four words are the keys of the visit order'
 SELECT_MEAN_BITS = 31  # weights: q_j = floor(w_j * 2**(31 - e)) < 2**31
 PRUNE_MEAN_BITS = 30  # scores: q_i = trunc(score_i * 2**(30 - e)), |q_i| < 2**30
 
+
+def seq_mean_bits(T: int) -> int:
+    """K of the fixed-point sequence means (spec section 6): token values
+    q_t = trunc(x_t * 2**(K - e)), |q_t| < 2**K, so that the sum of up to T of
+    them stays below 2**62 whatever the order."""
+    return 62 - int(T).bit_length()
+
+
 # The visit order of pruning (spec section 7): a 4-round Feistel permutation of
 # [0, 2**k), k = max(bit length of N - 1, PRUNE_PERM_MIN_BITS), filtered to [0, N).
 PRUNE_PERM_MIN_BITS = 8  # a domain of at least 256: halves of >= 4 bits mix well

@@ -433,9 +433,10 @@ def es_step_from_losses(losses, ids, state, b, *, mask=None, segment_ids=None, *
     losses : Tensor
         floating ``[B]`` (one loss per sample), or token losses ``[B, T]``
         whose per-row means over the tokens where ``mask`` holds are taken
-        inside the op (float64 accumulation in token order). A row with no
-        token to score is skipped: its state is untouched, nothing is
-        counted and its weight is 0.
+        inside the op (an exact fixed-point mean of the float32 token
+        losses, spec section 6: the same bits on every backend, summed in
+        parallel on a GPU). A row with no token to score is skipped: its
+        state is untouched, nothing is counted and its weight is 0.
     ids, state, b
         As in :func:`es_step`.
     mask : Tensor or None

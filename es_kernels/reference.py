@@ -189,15 +189,29 @@ def _update(ids, losses, state, errors, beta1, beta2, lam, w_min, scored):
 
 def sequence_means(losses, mask):
     """float32 ``[B]`` mean of each row's token losses where ``mask`` (bool
-    ``[B, T]``, None: every token) is true, accumulated in float64 in token
-    order; 0 for a row with none. Also returns ``scored`` (bool ``[B]``)."""
+    ``[B, T]``, None: every token) is true: the exact fixed-point mean of
+    spec section 6 (independent of the summation order); 0 for a row with
+    none. Also returns ``scored`` (bool ``[B]``)."""
     keep = torch.ones_like(losses, dtype=torch.bool) if mask is None else mask
-    acc = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
-    for t in range(losses.shape[1]):
-        acc = acc + torch.where(keep[:, t], losses[:, t].double(), 0.0)
+    x = losses.float().double()  # f32(loss), exact in float64
     count = keep.sum(dim=1)
-    mean = torch.where(count > 0, acc / count.clamp(min=1), 0.0).float()
-    return mean, count > 0
+    finite = keep & x.isfinite()
+    big = torch.where(finite, x.abs(), 0.0).amax(dim=1) if x.shape[1] > 0 else torch.zeros(x.shape[0])
+    bits = _spec.seq_mean_bits(x.shape[1])
+    mean = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for r in range(x.shape[0]):  # plain Python per row: the rule as written
+        a = float(big[r])
+        if a == 0.0:
+            continue
+        e = math.frexp(a)[1]
+        q = torch.where(finite[r], torch.trunc(x[r] * 2.0 ** (bits - e)), 0.0).to(torch.int64)
+        mean[r] = math.ldexp(float(int(q.sum())), e - bits) / max(int(count[r]), 1)
+    nan = (keep & x.isnan()).any(dim=1)
+    pinf = (keep & (x == math.inf)).any(dim=1)
+    ninf = (keep & (x == -math.inf)).any(dim=1)
+    mean = torch.where(ninf, -math.inf, torch.where(pinf, math.inf, mean))
+    mean = torch.where(nan | (pinf & ninf), math.nan, mean)
+    return torch.where(count > 0, mean, 0.0).float(), count > 0
 
 
 # --------------------------------------------------------------------------

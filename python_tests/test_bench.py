@@ -76,6 +76,8 @@ def test_bench_gpu_dry_run_plans_issue_13_shapes(capsys):
     assert ("weighted_select (topk)", "B=1000000 b=250000", "float32") in sizes
     assert ("per_sample_cross_entropy (sequence mean)", f"B=64 T=2048 V={bench_gpu.SEQ_V}", "bfloat16") in sizes
     assert ("eswp_prune", "N=1e+09", "float32") in sizes
+    assert ("per_sample_cross_entropy", "B=4096 C=32000", "bfloat16") in sizes
+    assert ("es_step (token losses + mask)", "B=64 T=2048", "float32") in sizes
     big = next(c for c in cases if c.size == "N=1e+09")
     assert big.mem_mine > 8e9 and big.bytes_read == 8 * 10**9
     assert "MB read once" in capsys.readouterr().out
@@ -120,6 +122,8 @@ def test_bench_gpu_cases_build_and_run_on_cpu():
         bench_gpu.select_case(256, "topk"),
         bench_gpu.seq_case(2, 16, 50),
         bench_gpu.prune_case(1000),
+        bench_gpu.ce_case(8, 30),
+        bench_gpu.token_means_case(4, 9),
     ]
     for c in cases:
         fns = c.build("cpu")

@@ -1,5 +1,9 @@
 """The fused step (docs/spec.md section 6) on every backend."""
 
+import math
+from fractions import Fraction
+
+import pytest
 import torch
 from conftest import assert_state_equal, clone_all, new_state
 from hypothesis import given
@@ -141,8 +145,9 @@ def test_step_tensor_without_advance_is_read_only(backend):
     mode=st.sampled_from(["sample", "topk"]),
 )
 def test_token_losses_with_mask_exact(backend, batch, T, n_extra, frac, masked, seed, mode):
-    """[B, T] token losses: per-row means inside the op (float64 in token
-    order), a row with no token skipped; bit-exact with the reference."""
+    """[B, T] token losses: per-row means inside the op (the fixed-point mean
+    of spec section 6), a row with no token skipped; bit-exact with the
+    reference."""
     g = torch.Generator().manual_seed(seed)
     n = batch + n_extra
     ids = torch.randperm(n, generator=g)[:batch]
@@ -162,6 +167,64 @@ def test_token_losses_with_mask_exact(backend, batch, T, n_extra, frac, masked, 
     if masked and batch > 0:
         assert got[1][0].item() == 0.0 and got[2][0].item() == 0.0  # skipped: loss 0, weight 0
         assert torch.equal(mine[0][ids[0]].nan_to_num(-1), state[0][ids[0]].nan_to_num(-1))
+
+
+def _hard_token_losses(g, B, T, dtype):
+    """Magnitudes from 1e-30 to 1e30 and both signs in one row: where a float
+    sum's order would show."""
+    mag = 10.0 ** (torch.randint(-30, 31, (B, T), generator=g).double())
+    sign = torch.where(torch.rand(B, T, generator=g) < 0.3, -1.0, 1.0)
+    return (torch.rand(B, T, generator=g, dtype=torch.float64) * mag * sign).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sequence_means_do_not_depend_on_token_order(backend, dtype):
+    """The fixed-point mean is order-independent: permuting each row's tokens
+    (and its mask) gives the same bits, equal to the reference's."""
+    g = torch.Generator().manual_seed(5)
+    B, T = 6, 37
+    losses = _hard_token_losses(g, B, T, dtype)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    perm = torch.randperm(T, generator=g)
+    out = []
+    for lo, ma in ((losses, mask), (losses[:, perm], mask[:, perm])):
+        state = new_state(B, seed=1)
+        out.append(backend.es_step_from_losses(lo, torch.arange(B), *state, 0, 0.2, 0.9, "topk", mask=ma)[1])
+    want = R.sequence_means(losses, mask)[0]
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], want)
+
+
+def test_sequence_means_non_finite_tokens(backend):
+    """NaN, or +inf with -inf, gives NaN; +inf alone +inf; -inf alone -inf;
+    masked-out non-finite tokens are not read; all zero gives 0."""
+    inf, nan = math.inf, math.nan
+    losses = torch.tensor(
+        [[1.0, nan, 2.0], [1.0, inf, -inf], [inf, 3.0, 1.0], [-inf, 3.0, 1.0], [0.0, 0.0, 0.0], [nan, inf, 4.0]]
+    )
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[5, :2] = False
+    state = new_state(6, seed=1)
+    got = backend.es_step_from_losses(losses, torch.arange(6), *state, 0, 0.2, 0.9, "topk", mask=mask)[1]
+    want = torch.tensor([nan, nan, inf, -inf, 0.0, 4.0])
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
+    assert torch.equal(got.nan_to_num(7.0), R.sequence_means(losses, mask)[0].nan_to_num(7.0))
+
+
+def test_reference_sequence_mean_within_its_bound():
+    """The reference's fixed-point mean against the exact rational mean of the
+    float32 values: within 2**(e - K) before rounding (spec section 6), plus
+    the float32 rounding of the result."""
+    g = torch.Generator().manual_seed(9)
+    for T in (1, 7, 300):
+        losses = _hard_token_losses(g, 20, T, torch.float32)
+        got = R.sequence_means(losses, None)[0]
+        K = 62 - T.bit_length()
+        for r in range(20):
+            xs = [Fraction(float(v)) for v in losses[r]]
+            exact = sum(xs) / T
+            e = math.frexp(max(abs(float(v)) for v in losses[r]))[1]
+            bound = Fraction(2) ** (e - K) + abs(exact) * Fraction(2) ** -23
+            assert abs(Fraction(float(got[r])) - exact) <= bound + Fraction(2) ** -149, (T, r)
 
 
 def test_rows_without_targets_are_skipped(backend):

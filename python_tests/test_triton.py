@@ -162,3 +162,27 @@ def test_many_programs_same_as_cpp(B, mode, eps):
     assert all(torch.equal(x, y) for x, y in zip(ra, rc))
     assert torch.equal(a[0].nan_to_num(-1), c[0].nan_to_num(-1)) and torch.equal(a[1], c[1])
     assert int(step_a) == int(step_c) == 4
+
+
+@pytest.mark.parametrize(
+    "logits_shape,eps,launches",
+    [((5, 40), 0.0, 6), ((5, 40), 0.1, 8), ((5, 3, 40), 0.0, 7)],
+)
+def test_es_step_launches(logits_shape, eps, launches):
+    """es_step from [B, C] logits: the cross-entropy kernel runs the update,
+    the weight, the key and the first histogram in its epilogue, so the
+    losses take no launch of their own (6 launches; 7 before issue 13's
+    fusion; the exploration mix adds two); [B, T, V] keeps a launch for the
+    per-sequence means."""
+    from es_kernels._triton import aot
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(logits_shape, generator=g)
+    targets = torch.randint(0, logits_shape[-1], logits_shape[:-1], generator=g)
+    state, errors = new_state(8, seed=1)
+    calls = []
+    with aot.recording(calls):
+        triton_ops.es_step(logits, targets, torch.arange(5), state, errors, 2, 0.2, 0.9, "sample", eps=eps)
+    names = [c.name for c in calls]
+    assert len(names) == launches and names[0] == "ce_kernel", names
+    assert ("observe_kernel" in names) == (len(logits_shape) == 3), names

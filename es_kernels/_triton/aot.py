@@ -91,8 +91,10 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
         "targets_dtype": (_IDX, {"targets"}),
         "ids_dtype": (_IDX, {"ids"}),
     },
-    # every block size of the class axis, V divisible by 16 or not, V == 1
-    ("V", "logits_dtype", "targets_dtype"): {
+    # every block size of the class axis, V divisible by 16 or not, V == 1; with
+    # 2-D logits es_step runs the update in the cross-entropy kernel's epilogue
+    ("V", "logits_dtype", "targets_dtype", "logits_dim"): {
+        "logits_dim": ([3, 2], {"logits"}),
         "V": (
             [
                 37,
@@ -123,10 +125,11 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
                 50257,
             ],
             {"logits"},
-        )
+        ),
     },
-    # tokens per row (3-D logits, 2-D losses): T == 1 specialises, T == 0 has no tokens
-    ("T",): {"T": ([3, 1, 0], {"logits", "targets", "losses", "mask"})},
+    # tokens per row (3-D logits, 2-D losses): T == 1 specialises, T == 0 has no tokens;
+    # 100 and 2048 give observe_kernel's other tiles (8 x 128, 1 x 1024 tokens)
+    ("T",): {"T": ([3, 1, 0, 100, 2048], {"logits", "targets", "losses", "mask"})},
     # ints past 2**31 reach the kernels as i64 (step and epoch as their low 32 bits)
     ("seed",): {"seed": ([0, 2**40 + 3], {"seed", "seed_tensor"})},
     ("step",): {"step": ([7, 2**31 + 5], {"step", "step_tensor", "epoch"})},
@@ -286,6 +289,8 @@ class Call:
 def _mock(a):
     if isinstance(a, torch.Tensor):
         return Ptr(a.dtype, a.data_ptr())
+    if isinstance(a, tuple):  # a tuple argument (Triton binds its elements)
+        return tuple(_mock(x) for x in a)
     return a
 
 
@@ -308,8 +313,8 @@ def recording(calls: list, origin: Callable[[], str] = lambda: ""):
             Call(
                 fn.__module__,
                 fn.__name__,
-                tuple(_mock(x) for x in bound[var_pos]),
-                dict(bound.get(var_kw, {})),
+                tuple(_mock(x) for x in bound.get(var_pos, ())),
+                {k: _mock(x) for k, x in bound.get(var_kw, {}).items()},  # tensors passed by name too
                 bound.get("grid"),
                 origin(),
             )
@@ -482,11 +487,18 @@ def _label(vs: list[Variant]) -> None:
 
 
 def _arg_desc(v: Variant, i: int, p: str) -> str:
-    ty = v.signature[p]
+    return _desc(v, (i,), p, v.signature[p])
+
+
+def _desc(v: Variant, path: tuple, p: str, ty) -> str:
+    """One argument (``path``: its index, and inside a tuple argument the
+    element's index) as the label shows it."""
+    if isinstance(ty, tuple):  # a tuple argument: its elements, named p[k]
+        return " ".join(_desc(v, path + (k,), f"{p}[{k}]", t) for k, t in enumerate(ty))
     if ty == "constexpr":
-        val = v.constexprs.get((i,))
+        val = v.constexprs.get(path)
         return f"{p}={int(val) if isinstance(val, bool) else val}"
-    div = any(a[0] == "tt.divisibility" for a in v.attrs.get((i,), []))
+    div = any(a[0] == "tt.divisibility" for a in v.attrs.get(path, []))
     if ty.startswith("*"):
         return f"{p}:{ty}" + ("" if div else "(unaligned)")
     return f"{p}:{ty}" + ("/16" if div else "")

@@ -1,22 +1,83 @@
-"""Per-sample cross-entropy (docs/spec.md section 5): one program per token row,
-online log-sum-exp over chunks of the class axis, float32 accumulation, the
-logits read once, in place: token row r starts at
-(r // T) * stride_b + (r % T) * stride_t (the class stride is 1).
+"""Per-sample cross-entropy (docs/spec.md section 5), and es_step's first
+launch from [B, C] logits: the loss of each token row with, in the same
+program, the row's state update, weight and selection key (section 6).
+
+One program handles ROWS token rows (several when the class count is small)
+and walks their class axis in chunks of BLOCK_V columns, read once and in
+place: token row r starts at (r // T) * stride_b + (r % T) * stride_t (the
+class stride is 1). A chunk is a [ROWS, BLOCK_V // G, G] tile whose last axis
+is G contiguous columns held by one thread (one 16-byte load): each such
+group keeps its own running max m and sum of exp(x - m) (and, with label
+smoothing, the sum of (m - x) and its count) in registers. The chunk's group
+max is a reduction inside a thread, so the hot loop has no shuffle and no
+barrier; the groups are combined once per row after the loop (one CTA
+reduction per row). Exponentials are exp2((x - m) log2(e)): the max is
+subtracted first (exact for the largest logits, where x log2(e) would
+overflow float32 near its maximum), then one multiply feeds ex2; a group
+rescales its sum by one ex2 per chunk. Full chunks are read unmasked; the
+one tail chunk masks the columns past V.
 
 Non-finite logits, as F.cross_entropy treats them: a -inf logit (masked
 class) adds nothing to the sum of exponentials and +inf to the smoothing sum
 (its log-probability is -inf), a -inf target logit gives +inf; a NaN or +inf
-logit, or a row of -inf only, gives NaN. An ignored row is not read."""
+logit makes the group's sum NaN (exp2 of NaN or of inf - inf), so the loss is
+NaN; a row of -inf only gives NaN. A row whose target is ignore_index is not
+read (its loads are masked off; a program whose rows are all ignored runs no
+chunk).
 
+The launch parameters come from a fixed table (:func:`config`) keyed on the
+class count and the element size, not from ``triton.autotune``: autotuning
+times each candidate on the first call of every new key, which synchronises
+with the host (the ops promise none), cannot run inside CUDA-graph capture,
+and would apply es_step's in-place state update once per candidate.
+"""
+
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+from .es_step import observe, observe_args
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
-def ce_token_kernel(
+def _chunk(rowp, start, V, live, m, s, d, n, MASKED: tl.constexpr, SMOOTH: tl.constexpr, G: tl.constexpr):
+    """Fold the columns start .. start + NG G - 1 of the rows at ``rowp``
+    [ROWS, 1, 1] into the groups' running (max, sum of exp(x - max)) and, with
+    SMOOTH, the sum of (max - x) and the count n: per thread, no cross-thread
+    reduction (a [ROWS, NG, G] tile, G contiguous columns per group)."""
+    first = start + tl.arange(0, m.shape[1])[None, :] * G  # [1, NG]: each group's first column
+    cols = first[:, :, None] + tl.arange(0, G)[None, None, :]
+    if MASKED:
+        inside = live & (cols < V)
+    else:
+        inside = live
+    x = tl.load(rowp + cols, mask=inside, other=float("-inf")).to(tl.float32)
+    new_m = tl.maximum(m, tl.max(x, 2))
+    safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: nothing to rescale
+    s = s * tl.exp2((m - safe) * LOG2E) + tl.sum(tl.exp2((x - safe[:, :, None]) * LOG2E), 2)
+    if SMOOTH:
+        # the earlier terms shift by new_m - m; a -inf logit adds +inf
+        d += tl.where((n == 0.0) | (m == new_m), 0.0, n * (new_m - m))
+        if MASKED:  # the group's columns below V: arithmetic, not a reduction of the mask
+            d += tl.sum(tl.where(inside, safe[:, :, None] - x, 0.0), 2)
+            n += tl.minimum(tl.maximum(V - first, 0), G).to(tl.float32)
+        else:
+            d += tl.sum(safe[:, :, None] - x, 2)
+            n += G
+    return new_m, s, d, n
+
+
+@triton.jit(do_not_specialize=["R", "T", "ignore_index"])
+def ce_kernel(
     logits_ptr,
     targets_ptr,
     out_ptr,
+    R,
     V,
     T,
     stride_b,
@@ -24,41 +85,127 @@ def ce_token_kernel(
     ignore_index,
     one_minus_eps,
     eps_over_v,
+    upd,  # es_step.observe's values (es_step.UPDATE)
     SMOOTH: tl.constexpr,
+    MODE: tl.constexpr,  # es_step.observe's flags: with MODE[0] (DO_UPDATE), es_step's update in the epilogue
+    ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    G: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    # only the ignored flag lives across the loop: a 64-bit target kept there
-    # spilled to the stack on sm_80 (the AOT test); the target is reloaded after
-    ignored = tl.load(targets_ptr + row).to(tl.int64) == ignore_index
-    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    n_read = tl.where(ignored, 0, V)
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)  # sum of exp(x - m)
-    d = tl.zeros((), tl.float32)  # sum of (m - x), smoothing only: no cancellation, no overflow
-    bad = tl.zeros((), tl.int32)  # NaN or +inf logits
-    seen = tl.zeros((), tl.float32)  # classes before this chunk
-    for start in range(0, n_read, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < V
-        x = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32)
-        bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), 0)
-        new_m = tl.maximum(m, tl.max(x, 0))
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: nothing to rescale
-        s = s * tl.exp(m - safe_m) + tl.sum(tl.where(inside, tl.exp(x - safe_m), 0.0), 0)
-        if SMOOTH:
-            # the earlier terms shift by new_m - m; a -inf logit adds +inf
-            shift = tl.where((seen == 0.0) | (m == new_m), 0.0, seen * (new_m - m))
-            d += shift + tl.sum(tl.where(inside, safe_m - x, 0.0), 0)
-            seen += BLOCK_V
-        m = new_m
-    t = tl.load(targets_ptr + row).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    inr = r < R
+    # only the live flag crosses the loop: a 64-bit target kept there spilled
+    # to the stack on sm_80 (the AOT test); the target is reloaded after it
+    live = inr & (tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64) != ignore_index)
+    rowp = logits_ptr + (r // T) * stride_b + (r % T) * stride_t
+    live3 = live[:, None, None]
+    m = tl.full((ROWS, BLOCK_V // G), float("-inf"), tl.float32)
+    s = tl.zeros((ROWS, BLOCK_V // G), tl.float32)  # sum of exp(x - m)
+    d = tl.zeros((ROWS, BLOCK_V // G), tl.float32)  # sum of (m - x), smoothing only: no cancellation
+    n = tl.zeros((ROWS, BLOCK_V // G), tl.float32)  # columns in d
+    any_live = tl.max(live.to(tl.int32), 0) > 0
+    full_end = tl.where(any_live, (V // BLOCK_V) * BLOCK_V, 0)
+    for start in range(0, full_end, BLOCK_V):
+        m, s, d, n = _chunk(rowp[:, None, None], start, V, live3, m, s, d, n, False, SMOOTH, G)
+    for start in range(full_end, tl.where(any_live, V, 0), BLOCK_V):  # the tail: 0 or 1 chunk
+        m, s, d, n = _chunk(rowp[:, None, None], start, V, live3, m, s, d, n, True, SMOOTH, G)
+    # once per row: combine the groups
+    mx = tl.max(m, 1)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    log_s = tl.log(tl.sum(s * tl.exp2((m - safe[:, None]) * LOG2E), 1))
+    t = tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64)
     valid = (t >= 0) & (t < V)
-    x_t = tl.load(base + tl.where(valid, t, 0), mask=valid & ~ignored, other=0.0).to(tl.float32)
-    log_s = tl.log(s)
-    loss = (m - x_t) + log_s
+    x_t = tl.load(rowp + tl.where(valid, t, 0), mask=valid & live, other=0.0).to(tl.float32)
+    loss = (mx - x_t) + log_s
     if SMOOTH:  # as F.cross_entropy: (1 - eps) nll + eps / V * sum_c -log p_c
-        loss = one_minus_eps * loss + eps_over_v * (d + V * log_s)
-    loss = tl.where(valid & (bad == 0) & (m != float("-inf")), loss, float("nan"))
-    loss = tl.where(ignored, 0.0, loss)
-    tl.store(out_ptr + row, loss)
+        shift = tl.where((n == 0.0) | (m == mx[:, None]), 0.0, n * (mx[:, None] - m))
+        loss = one_minus_eps * loss + eps_over_v * (tl.sum(d + shift, 1) + V * log_s)
+    loss = tl.where(valid & (mx != float("-inf")), loss, float("nan"))
+    loss = tl.where(live, loss, 0.0)
+    tl.store(out_ptr + r, loss, mask=inr)
+    if MODE[0]:
+        observe(loss, live, r, inr, upd, MODE, False)
+
+
+def config(V: int, element_size: int, on_gpu: bool, group: int | None = None) -> dict:
+    """Launch parameters of ce_kernel for V classes of ``element_size`` bytes.
+
+    - G: columns one thread loads at once (16 bytes: 8 bf16/fp16, 4 fp32)
+      when V is a multiple of 16 (contiguous rows are then 16-byte aligned
+      and Triton, which specialises strides divisible by 16, loads vectors);
+      else 1 (scalar loads: with G > 1 each group's max and sum took shuffles
+      across threads, 28 instead of 15 instructions per element at V = 50257
+      bf16 on sm_90a). G depends on V alone, not on the strides: a strided
+      view must give the bits of its contiguous copy (the summation order
+      follows G);
+    - BLOCK_V: the chunk, the row rounded up to a power of two, at most 4096
+      on a GPU (1024 under the interpreter, whose cost grows with the tile);
+    - ROWS: rows per program, 1024 // BLOCK_V (at most 16) when a row is
+      short, so a program still reads about 1024 columns (with 2048, 16 rows
+      of 128 unaligned float32 took 251 registers on sm_90a);
+    - num_warps: 64 bytes (four 16-byte loads) per thread and chunk, or 8
+      scalar loads when G = 1; 1 to 8 (a tile smaller than the threads, e.g.
+      16 rows of 2 classes on 4 warps, left ptxas an 8-byte stack frame on
+      sm_90a).
+    """
+    if group is None:
+        group = 16 // element_size if V % 16 == 0 else 1
+    g = max(1, min(group, triton.next_power_of_2(max(V, 1))))
+    block = min(max(triton.next_power_of_2(max(V, 1)), g), 4096 if on_gpu else 1024)
+    rows = max(1, min(16, 1024 // block))
+    per_thread = 64 // element_size if g > 1 else 8  # scalar loads: 8, fewer registers than 16 or 32
+    warps = max(1, min(8, rows * block // (per_thread * 32)))
+    return dict(ROWS=rows, BLOCK_V=block, G=g, num_warps=warps)
+
+
+def launch_ce(logits, targets, out, ignore_index, label_smoothing, meta, fused=None):
+    """One launch of ce_kernel over the token rows: ``logits`` [B, V] or
+    [B, T, V] with class stride 1 (read in place), ``targets`` flat and
+    contiguous, ``out`` float32 [rows]. ``fused``: es_step.observe_args(...)
+    for es_step's update in the same launch; without, the loss alone. ``meta``
+    turns launch options into the device's (es_kernels._triton.ops._meta)."""
+    V = logits.shape[-1]
+    T, stride_t = (logits.shape[1], logits.stride(1)) if logits.dim() == 3 else (1, 0)
+    rows = targets.shape[0]
+    eps = float(label_smoothing)
+    cfg = config(V, logits.element_size(), logits.device.type == "cuda")
+    if fused is None:  # the loss alone
+        fused = observe_args(out)
+    launch(
+        ce_kernel,
+        (triton.cdiv(rows, cfg["ROWS"]),),
+        logits.device,
+        logits,
+        targets,
+        out,
+        rows,
+        V,
+        T,
+        logits.stride(0),
+        stride_t,
+        ignore_index,
+        1.0 - eps,
+        eps / V,
+        SMOOTH=eps > 0.0,
+        **fused,
+        **meta(logits.device, **cfg),
+    )
+
+
+def in_place(logits: torch.Tensor) -> torch.Tensor:
+    """The logits as ce_kernel reads them: the caller's tensor (any batch and
+    sequence strides), copied only when the class stride is not 1."""
+    return logits if logits.shape[-1] <= 1 or logits.stride(-1) == 1 else logits.contiguous()
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index, label_smoothing, meta) -> torch.Tensor:
+    """float32 loss of every token row, ``[B]`` or ``[B * T]``. The logits are
+    read in place with their batch (and sequence) strides, so that a view such
+    as ``logits[:, :-1]`` costs no copy; only a class stride other than 1 is
+    copied."""
+    x = in_place(logits)
+    t = targets.reshape(-1).contiguous()
+    out = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
+    if t.shape[0] > 0:
+        launch_ce(x, t, out, ignore_index, label_smoothing, meta)
+    return out

@@ -7,12 +7,14 @@ errors, the exploration mix's max and sum, the radix histograms, the per-block
 counts) goes through a small zeroed scratch buffer on the device, by integer
 atomics (so the result does not depend on the programs' order):
 
-1. ``observe_kernel``: per position j the loss (the mean of the row's scored
-   token losses when targets, or token losses, are given; a row with none is
-   skipped by the update), the update of the (s, d) pair of ids[j] (one 8-byte
-   load and store of the pair), the weight and, without the exploration mix,
-   the selection key (an order-preserving uint32, stored in int64) and the
-   histogram of its top 8 bits;
+1. ``observe_kernel``: per position j the loss (the exact fixed-point mean of
+   the row's scored token losses when targets, or token losses, are given,
+   vectorised over the tokens; a row with none is skipped by the update), the
+   update of the (s, d) pair of ids[j] (one 8-byte load and store of the
+   pair), the weight and, without the exploration mix, the selection key (an
+   order-preserving uint32, stored in int64) and the histogram of its top 8
+   bits. From [B, C] logits, cross_entropy.ce_kernel does the same in its
+   per-row epilogue (``observe``), so the losses cost no launch of their own;
 2. with the exploration mix (eps > 0): ``mix_sum_kernel`` (the exact
    fixed-point sum of the weights, after step 1 found their max), then
    ``mix_keys_kernel`` (the keys and the top-8-bit histogram);
@@ -77,9 +79,11 @@ def _noise(seed, step_lo_arg, seed_ptr, step_ptr, SEED_FROM_PTR: tl.constexpr, S
 
 
 @triton.jit
-def _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, SAMPLE: tl.constexpr):
+def _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, SAMPLE: tl.constexpr, HIST: tl.constexpr):
     """The selection key of positions j: w (topk) or v / E (sample), float64 ->
-    float32; stored, and its top 8 bits counted into the first histogram."""
+    float32; stored, and its top 8 bits counted into the first histogram: with
+    HIST by a 256-bin histogram of the block (its non-zero bins added), else
+    (a few positions per program, the cross-entropy epilogue) one atomic per key."""
     if SAMPLE:
         x0, _ = philox_words(seed, j, step_lo, STREAM_SELECT)
         e = -tl.log(uniform(x0).to(tl.float64))
@@ -88,8 +92,11 @@ def _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, SAMPLE: tl.c
         key = w
     k = _ordered_key(key)
     tl.store(keys_ptr + j, k, mask=inb)
-    hist = tl.histogram((k >> 24).to(tl.int32), 256, mask=inb)
-    tl.atomic_add(scratch_ptr + tl.arange(0, 256), hist.to(tl.int64))
+    if HIST:
+        hist = tl.histogram((k >> 24).to(tl.int32), 256, mask=inb)
+        tl.atomic_add(scratch_ptr + tl.arange(0, 256), hist.to(tl.int64), mask=hist != 0)
+    else:
+        tl.atomic_add(scratch_ptr + (k >> 24), tl.full(k.shape, 1, tl.int64), mask=inb)
 
 
 @triton.jit
@@ -108,71 +115,38 @@ def _threshold(scratch_ptr, b, PASSES: tl.constexpr):
     return prefix, remaining
 
 
-@triton.jit(do_not_specialize=["T", "B", "N", "seed", "step_lo_arg", "ignore_index"])
-def observe_kernel(
-    tok_ptr,
-    targets_ptr,
-    mask_ptr,
-    T,
-    ignore_index,  # token losses [B * T] (or losses / weights [B])
-    ids_ptr,
-    B,
-    state_ptr,
-    err_ptr,
-    N,
-    beta1,
-    one_m_beta1,
-    beta2,
-    one_m_beta2,
-    lam,
-    w_min,
-    losses_out_ptr,
-    weights_out_ptr,
-    keys_ptr,
-    scratch_ptr,
-    seed,
-    step_lo_arg,
-    seed_ptr,
-    step_ptr,
-    HAS_TARGETS: tl.constexpr,
-    TOKENS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    STORE_LOSSES: tl.constexpr,
-    DO_UPDATE: tl.constexpr,
-    DO_SELECT: tl.constexpr,
-    SAMPLE: tl.constexpr,
-    EPS_MIX: tl.constexpr,
-    SEED_FROM_PTR: tl.constexpr,
-    STEP_FROM_PTR: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = j < B
-    if HAS_TARGETS or TOKENS:  # per-row means of token losses over the scored tokens
-        if TOKENS:
-            acc = tl.zeros((BLOCK,), tl.float64)
-        else:
-            acc = tl.zeros((BLOCK,), tl.float32)
-        cnt = tl.zeros((BLOCK,), tl.int32)
-        row = j * T  # one 64-bit offset per position; the loop adds t to it
-        for t in range(0, T):
-            if TOKENS:
-                if HAS_MASK:
-                    keep = inb & (tl.load(mask_ptr + (row + t), mask=inb, other=0) != 0)
-                else:
-                    keep = inb
-            else:
-                keep = inb & (tl.load(targets_ptr + (row + t), mask=inb, other=0) != ignore_index)
-            x = tl.load(tok_ptr + (row + t), mask=inb & keep, other=0.0)
-            acc += tl.where(keep, x.to(acc.dtype), 0.0)
-            cnt += keep.to(tl.int32)
-        loss = tl.where(cnt > 0, (acc / tl.maximum(cnt, 1).to(acc.dtype)).to(tl.float32), 0.0)
-        scored = cnt > 0
-    else:
-        loss = tl.load(tok_ptr + j, mask=inb, other=0.0).to(tl.float32)
-        scored = inb
-    if STORE_LOSSES:
-        tl.store(losses_out_ptr + j, loss, mask=inb)
+# The arguments of ``observe`` that kernels pass through: UPDATE, one tuple of
+# runtime values (Triton binds a tuple argument element by element), and MODE,
+# one constexpr tuple of flags. ``observe_args`` builds both on the host.
+UPDATE = ("ids_ptr", "state_ptr", "err_ptr", "N", "beta1", "one_m_beta1", "beta2", "one_m_beta2", "lam", "w_min",
+          "weights_out_ptr", "keys_ptr", "scratch_ptr", "seed", "step_lo_arg", "seed_ptr", "step_ptr")  # fmt: skip
+MODE = ("DO_UPDATE", "DO_SELECT", "SAMPLE", "EPS_MIX", "SEED_FROM_PTR", "STEP_FROM_PTR")
+
+
+def observe_args(stand_in, **values) -> dict:
+    """``upd`` and ``MODE`` for a kernel that calls ``observe``: the given
+    values by name; a pointer not given is ``stand_in`` (any tensor, not
+    read), a number 0, a flag False."""
+    upd = tuple(values.get(f, stand_in if f.endswith("_ptr") else 0) for f in UPDATE)
+    return dict(upd=upd, MODE=tuple(bool(values.get(f, False)) for f in MODE))
+
+
+@triton.jit
+def observe(loss, scored, j, inb, upd, MODE: tl.constexpr, HIST: tl.constexpr):
+    """Per position j (those with inb) of one program, from its float32 loss:
+    the update of section 3 (positions without ``scored`` skipped, weight 0),
+    the weight, and the selection key with its first histogram (or, with the
+    exploration mix, the weights' max). Shared by observe_kernel and the
+    cross-entropy kernel's epilogue (es_step from [B, C] logits in one launch).
+    ``upd`` holds the values named in UPDATE, ``MODE`` the flags named in MODE."""
+    (ids_ptr, state_ptr, err_ptr, N, beta1, one_m_beta1, beta2, one_m_beta2, lam, w_min,
+     weights_out_ptr, keys_ptr, scratch_ptr, seed, step_lo_arg, seed_ptr, step_ptr) = upd  # fmt: skip
+    DO_UPDATE: tl.constexpr = MODE[0]
+    DO_SELECT: tl.constexpr = MODE[1]
+    SAMPLE: tl.constexpr = MODE[2]
+    EPS_MIX: tl.constexpr = MODE[3]
+    SEED_FROM_PTR: tl.constexpr = MODE[4]
+    STEP_FROM_PTR: tl.constexpr = MODE[5]
     if DO_UPDATE:
         i = tl.load(ids_ptr + j, mask=inb, other=0).to(tl.int64)
         active = inb & scored  # a row with no token to score is skipped
@@ -194,8 +168,10 @@ def observe_kernel(
         )  # False for NaN too
         good = cand & ok
         tl.store(state_ptr + offs, tl.join(s_new, d_new), mask=good[:, None])
-        tl.atomic_add(err_ptr, tl.sum((active & ~in_range).to(tl.int64), 0))
-        tl.atomic_add(err_ptr + 1, tl.sum((active & in_range & ~good).to(tl.int64), 0))
+        n_out = tl.sum((active & ~in_range).to(tl.int64), 0)
+        n_bad = tl.sum((active & in_range & ~good).to(tl.int64), 0)
+        tl.atomic_add(err_ptr, n_out, mask=n_out != 0)  # most programs add nothing: no atomic
+        tl.atomic_add(err_ptr + 1, n_bad, mask=n_bad != 0)
         w = tl.where(good, w_new, tl.where(active, w_min, 0.0))
         tl.store(weights_out_ptr + j, w, mask=inb)
     else:
@@ -206,7 +182,106 @@ def observe_kernel(
             tl.atomic_max(scratch_ptr + MIX_MAX, big.to(tl.int32, bitcast=True).to(tl.int64))
         else:
             seed, step_lo = _noise(seed, step_lo_arg, seed_ptr, step_ptr, SEED_FROM_PTR, STEP_FROM_PTR)
-            _store_keys(w, w.to(tl.float64), j, inb, seed, step_lo, keys_ptr, scratch_ptr, SAMPLE)
+            _store_keys(w, w.to(tl.float64), j, inb, seed, step_lo, keys_ptr, scratch_ptr, SAMPLE, HIST)
+
+
+@triton.jit
+def _kept_tokens(tok_ptr, targets_ptr, mask_ptr, row, t, inb, T, ignore_index,
+                 HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
+    """(keep, float32 value) of the tokens t of the rows at offsets ``row``."""
+    keep = inb[:, None] & (t < T)
+    if HAS_TARGETS:
+        keep = keep & (tl.load(targets_ptr + (row + t), mask=keep, other=0) != ignore_index)
+    elif HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + (row + t), mask=keep, other=0) != 0)
+    return keep, tl.load(tok_ptr + (row + t), mask=keep, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sequence_means(tok_ptr, targets_ptr, mask_ptr, j, inb, T, ignore_index, mean_bits,
+                    HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, TBLOCK: tl.constexpr):  # fmt: skip
+    """(mean, scored) of the rows j of token values [B, T] over the tokens kept
+    (targets != ignore_index, or the mask, or all): the exact fixed-point mean
+    of docs/spec.md section 6, vectorised over T (tiles of [rows, TBLOCK]; the
+    integer sum does not depend on the order): a pass for the max |x| and the
+    non-finite flags, a pass for the sum of trunc(x 2**(K - e))."""
+    row = j[:, None] * T  # one 64-bit offset per row; the tiles add t
+    tt = tl.arange(0, TBLOCK)[None, :]
+    big = tl.zeros(row.shape, tl.float32) + tl.zeros((1, TBLOCK), tl.float32)
+    flags = tl.zeros(big.shape, tl.int32)  # 1: NaN, 2: +inf, 4: -inf
+    cnt = tl.zeros(big.shape, tl.int32)
+    for t0 in range(0, T, TBLOCK):
+        keep, x = _kept_tokens(
+            tok_ptr, targets_ptr, mask_ptr, row, t0 + tt, inb, T, ignore_index, HAS_TARGETS, HAS_MASK
+        )
+        big = tl.maximum(big, tl.where(keep & (tl.abs(x) < float("inf")), tl.abs(x), 0.0))
+        flags |= tl.where(keep & (x != x), 1, 0) | tl.where(keep & (x == float("inf")), 2, 0)
+        flags |= tl.where(keep & (x == float("-inf")), 4, 0)
+        cnt += keep.to(tl.int32)
+    a = tl.max(big, 1)
+    f = tl.reduce_or(flags, 1)
+    count = tl.sum(cnt, 1)
+    # frexp exponent (a < 2**e; a float32 >= 2**-149 has e >= -148, the clamp only serves a == 0)
+    e = tl.maximum(((a.to(tl.float64).to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1022, -148)
+    up = _pow2(mean_bits - e)
+    q = tl.zeros(big.shape, tl.int64)
+    for t0 in range(0, T, TBLOCK):
+        keep, x = _kept_tokens(
+            tok_ptr, targets_ptr, mask_ptr, row, t0 + tt, inb, T, ignore_index, HAS_TARGETS, HAS_MASK
+        )
+        fin = keep & (tl.abs(x) < float("inf"))
+        q += (tl.where(fin, x, 0.0).to(tl.float64) * up[:, None]).to(tl.int64)  # toward zero; |q| < 2**K
+    mean = (tl.sum(q, 1).to(tl.float64) * _pow2(e - mean_bits) / tl.maximum(count, 1).to(tl.float64)).to(tl.float32)
+    mean = tl.where(a == 0.0, 0.0, mean)
+    mean = tl.where((f & 4) != 0, float("-inf"), mean)
+    mean = tl.where((f & 2) != 0, float("inf"), mean)
+    mean = tl.where(((f & 1) != 0) | ((f & 6) == 6), float("nan"), mean)
+    return tl.where(count > 0, mean, 0.0), count > 0
+
+
+@triton.jit(do_not_specialize=["T", "B", "ignore_index", "mean_bits"])
+def observe_kernel(
+    tok_ptr,  # token values [B * T] (or losses / weights [B])
+    targets_ptr,
+    mask_ptr,
+    T,
+    ignore_index,
+    mean_bits,
+    B,
+    losses_out_ptr,
+    upd,  # observe's values (UPDATE)
+    HAS_TARGETS: tl.constexpr,
+    TOKENS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STORE_LOSSES: tl.constexpr,
+    MODE: tl.constexpr,  # observe's flags (MODE)
+    BLOCK: tl.constexpr,
+    TBLOCK: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = j < B
+    if HAS_TARGETS or TOKENS:  # per-row means of token values over the kept tokens
+        loss, scored = _sequence_means(
+            tok_ptr, targets_ptr, mask_ptr, j, inb, T, ignore_index, mean_bits, HAS_TARGETS, HAS_MASK, TBLOCK
+        )
+    else:
+        loss = tl.load(tok_ptr + j, mask=inb, other=0.0).to(tl.float32)
+        scored = inb
+    if STORE_LOSSES:
+        tl.store(losses_out_ptr + j, loss, mask=inb)
+    observe(loss, scored, j, inb, upd, MODE, BLOCK > 16)
+
+
+def observe_config(B: int, T: int, tokens: bool) -> tuple[tuple[int], dict]:
+    """(grid, block constexprs) of observe_kernel: BLOCK positions per program
+    (at most 128, and 64 with tokens), and with token values TBLOCK tokens
+    of each per tile (at least 16), so a tile holds at most 1024 values (a
+    sequence of 2048 tokens: one row per program, two tiles per pass). Tiles
+    of 128 or 64 rows of 4 tokens, and 1024 rows, left ptxas a stack frame
+    or a 4-byte spill in some sm_90a variants (the AOT test)."""
+    tblock = max(16, min(triton.next_power_of_2(max(T, 1)), 1024)) if tokens else 1
+    block = max(1, min(64 if tokens else 128, 1024 // tblock))
+    return (triton.cdiv(B, block),), dict(BLOCK=block, TBLOCK=tblock)
 
 
 @triton.jit
@@ -253,7 +328,7 @@ def mix_keys_kernel(
     w = tl.load(w_ptr + j, mask=inb, other=0.0).to(tl.float32)
     v = tl.where(big == 0.0, 1.0, (one_m_eps * _positive(w).to(tl.float64)) / mean + eps)
     seed, step_lo = _noise(seed, step_lo_arg, seed_ptr, step_ptr, SEED_FROM_PTR, STEP_FROM_PTR)
-    _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, True)
+    _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, True, True)
 
 
 @triton.jit(do_not_specialize=["B", "b"])

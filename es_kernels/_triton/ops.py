@@ -15,12 +15,14 @@ import triton
 
 from .. import _checks, _spec
 from .._ops import NAMESPACE, binds
+from . import cross_entropy
 from ._launch import launch
-from .cross_entropy import ce_token_kernel
 from .es_step import (
     SCRATCH,
     mix_keys_kernel,
     mix_sum_kernel,
+    observe_args,
+    observe_config,
     observe_kernel,
     radix_hist_kernel,
     select_count_kernel,
@@ -36,9 +38,6 @@ from .prune import (
 )
 
 PRUNE_BLOCK = 1024
-# positions per program of observe_kernel: with 1024 (4 or 8 warps) ptxas kept
-# a few bytes on the stack in some variants (the AOT test); 128 has none
-OBSERVE_BLOCK = 128
 
 
 def _meta(device: torch.device, **kw) -> dict:
@@ -83,46 +82,19 @@ class _Contiguous:
 
 
 def _token_losses(logits, targets, ignore_index, label_smoothing):
-    """float32 loss of every token row, ``[B]`` or ``[B * T]``. The logits are
-    read in place with their batch (and sequence) strides, so that a view such
-    as ``logits[:, :-1]`` costs no copy; only a class stride other than 1 is
-    copied."""
-    V = logits.shape[-1]
-    x = logits if V <= 1 or logits.stride(-1) == 1 else logits.contiguous()
-    T, stride_t = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
-    t = targets.reshape(-1).contiguous()
-    out = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
-    if t.shape[0] > 0:
-        eps = float(label_smoothing)
-        block_v = min(triton.next_power_of_2(V), 4096 if logits.device.type == "cuda" else 1024)
-        launch(
-            ce_token_kernel,
-            (t.shape[0],),
-            logits.device,
-            x,
-            t,
-            out,
-            V,
-            T,
-            x.stride(0),
-            stride_t,
-            ignore_index,
-            1.0 - eps,
-            eps / V,
-            SMOOTH=eps > 0.0,
-            BLOCK_V=block_v,
-            **_meta(logits.device, num_warps=8 if block_v >= 2048 else 4),
-        )
-    return out
+    return cross_entropy.token_losses(logits, targets, ignore_index, label_smoothing, _meta)
 
 
-def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=False):
+def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=False, logits=None):
     """The launches of es_step.py over the B positions of ``src``, for the
     op arguments ``a`` (an ``OpArgs``; its tensors contiguous): B * T token
     losses when ``a`` has ``targets`` or ``tokens`` is set (with an optional
     bool ``token_mask``), else B losses or weights. It updates where the op
     has a ``state`` and selects ``a.b`` where it has ``b``; an argument the
-    op lacks reads as off (no targets, no update, no selection)."""
+    op lacks reads as off (no targets, no update, no selection). With
+    ``logits`` ([B, C], class stride 1) ``src`` is the targets [B]: the first
+    launch computes the losses too (cross_entropy.ce_kernel with the update
+    in its epilogue)."""
 
     def arg(name, absent=None):
         return getattr(a, name, absent)
@@ -134,6 +106,7 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
     b, select_mode, eps = arg("b", 0), arg("select_mode", "topk"), arg("eps", 0.0)
     seed, step, advance_step = arg("seed", 0), arg("step", 0), arg("advance_step", False)
     ignore_index, do_select = arg("ignore_index", 0), "b" in a._fields
+    label_smoothing = arg("label_smoothing", 0.0)
     dev = src.device
     B = ids.shape[0] if ids is not None else (targets.shape[0] if targets is not None else src.shape[0])
     if B > 0 and T == 0:  # rows without tokens: nothing to score, nothing to read
@@ -159,46 +132,52 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
         )
         flags = dict(SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None)
         eps_mix = do_select and eps > 0.0
-        launch(
-            observe_kernel,
-            (triton.cdiv(B, OBSERVE_BLOCK),),
-            dev,
-            src,
-            targets if targets is not None else any_ptr,
-            token_mask if token_mask is not None else any_ptr,
-            T,
-            ignore_index,
-            ids if ids is not None else any_ptr,
-            B,
-            state if do_update else src,
-            errors if do_update else any_ptr,
-            state.shape[0] if do_update else 0,
-            beta1,
-            1.0 - beta1,
-            beta2,
-            1.0 - beta2,
-            lam,
-            w_min,
-            losses,
-            weights,
-            keys,
-            scratch,
-            noise["seed"],
-            noise["step_lo_arg"],
-            noise["seed_ptr"],
-            noise["step_ptr"],
-            HAS_TARGETS=targets is not None,
-            TOKENS=tokens,
-            HAS_MASK=token_mask is not None,
-            STORE_LOSSES=store_losses,
+        obs = observe_args(  # es_step.observe's values and flags
+            any_ptr,
+            ids_ptr=ids if ids is not None else any_ptr,
+            state_ptr=state if do_update else src,
+            err_ptr=errors if do_update else any_ptr,
+            N=state.shape[0] if do_update else 0,
+            beta1=beta1,
+            one_m_beta1=1.0 - beta1,
+            beta2=beta2,
+            one_m_beta2=1.0 - beta2,
+            lam=lam,
+            w_min=w_min,
+            weights_out_ptr=weights,
+            keys_ptr=keys,
+            scratch_ptr=scratch,
+            **noise,
             DO_UPDATE=do_update,
             DO_SELECT=do_select,
             SAMPLE=select_mode == "sample",
             EPS_MIX=eps_mix,
-            BLOCK=OBSERVE_BLOCK,
             **flags,
-            **_meta(dev),
         )
+        if logits is not None:  # es_step from [B, C] logits: the loss, update and key in one launch
+            cross_entropy.launch_ce(logits, src, losses, ignore_index, label_smoothing, _meta, obs)
+        else:
+            ogrid, ometa = observe_config(B, T, targets is not None or tokens)
+            launch(
+                observe_kernel,
+                ogrid,
+                dev,
+                tok_ptr=src,
+                targets_ptr=targets if targets is not None else any_ptr,
+                mask_ptr=token_mask if token_mask is not None else any_ptr,
+                T=T,
+                ignore_index=ignore_index,
+                mean_bits=_spec.seq_mean_bits(T),
+                B=B,
+                losses_out_ptr=losses,
+                HAS_TARGETS=targets is not None,
+                TOKENS=tokens,
+                HAS_MASK=token_mask is not None,
+                STORE_LOSSES=store_losses,
+                **obs,
+                **ometa,
+                **_meta(dev),
+            )
         if eps_mix:
             launch(mix_sum_kernel, grid, dev, weights, B, scratch, BLOCK=block, **_meta(dev))
             launch(
@@ -291,7 +270,7 @@ def _fused_step(src, a, **src_kw):
 def es_step_from_losses(a):
     _checks.step_from_losses(a)
     tokens = a.losses.dim() == 2
-    src = a.losses.to(torch.float64 if tokens else torch.float32).contiguous()
+    src = a.losses.to(torch.float32).contiguous()  # token losses too: the means take f32(loss) (spec section 6)
     mask = a.mask.contiguous() if a.mask is not None else None
     return _fused_step(src, a, tokens=tokens, T=a.losses.shape[1] if tokens else 1, token_mask=mask)
 
@@ -300,9 +279,11 @@ def es_step_from_losses(a):
 def es_step(a):
     _checks.step_from_logits(a)
     _float32_state(a.state)
-    tok = _token_losses(a.logits, a.targets, a.ignore_index, a.label_smoothing)  # launch 1
     t = a.targets.contiguous()
-    return _fused_step(tok, a._replace(targets=t), T=t.shape[1] if t.dim() == 2 else 1)
+    if a.logits.dim() == 2:  # the losses in the update's launch; src is the targets
+        return _fused_step(t, a._replace(targets=None), logits=cross_entropy.in_place(a.logits))
+    tok = _token_losses(a.logits, a.targets, a.ignore_index, a.label_smoothing)  # launch 1
+    return _fused_step(tok, a._replace(targets=t), T=t.shape[1])
 
 
 @binds("eswp_prune")
