@@ -337,12 +337,9 @@ def keywords(given: dict, defaults: dict, caller: str) -> dict:
 takes_step_settings = takes_keywords(STEP_SETTINGS, _STEP_SETTINGS_DOC)
 
 
-STEP_KEYS = tuple(STEP_SETTINGS)
-
-
 def step_kw(scope: dict) -> dict:
     """The step's settings (:data:`STEP_SETTINGS`) from a step function's ``locals()``, to pass on."""
-    return {k: scope[k] for k in STEP_KEYS}
+    return {k: scope[k] for k in STEP_SETTINGS}
 
 
 def step_settings(given: dict, caller: str) -> dict:

@@ -133,11 +133,11 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
         flags = dict(SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None)
         eps_mix = do_select and eps > 0.0
         rule = dict(beta1=beta1, one_m_beta1=1.0 - beta1, beta2=beta2, one_m_beta2=1.0 - beta2, lam=lam, w_min=w_min)
-        outs = dict(weights_out_ptr=weights, keys_ptr=keys, scratch_ptr=scratch)
-        if do_update:
-            outs.update(ids_ptr=ids if ids is not None else any_ptr, state_ptr=state, err_ptr=errors, N=state.shape[0])
-        else:
-            outs.update(ids_ptr=ids if ids is not None else any_ptr, state_ptr=src)
+        outs = dict(weights_out_ptr=weights, keys_ptr=keys, scratch_ptr=scratch, state_ptr=src)
+        if ids is not None:
+            outs.update(ids_ptr=ids)
+        if do_update:  # without it: err_ptr a stand-in and N = 0 (observe_args)
+            outs.update(state_ptr=state, err_ptr=errors, N=state.shape[0])
         modes = dict(DO_UPDATE=do_update, DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=eps_mix)
         obs = observe_args(any_ptr, **rule, **outs, **noise, **modes, **flags)  # es_step.observe's values and flags
         if logits is not None:  # es_step from [B, C] logits: the loss, update and key in one launch
