@@ -13,6 +13,16 @@ committed one with `python bench/harness.py merge $OUT/history.csv`).
     python bench/bench_gpu.py --dry-run      # print the plan of shapes (no CUDA needed)
     python bench/bench_gpu.py --out DIR      # run (CUDA), within --budget-s seconds of timing
     python bench/bench_gpu.py --device cpu --quick --out /tmp/x   # test the whole script on a CPU
+    python bench/bench_gpu.py --step-costs   # what a scoring step costs against a training step
+
+``--step-costs`` times, with :func:`es_kernels.estimate_cost`, a training
+step on B and on b rows, the scoring pass and ES's own work for the demo's
+MLP (B = 512, b = 171), the demo's GPT-2 (B = 64 sequences of 64 bytes,
+b = 16) and a Llama-style model of about 1.2B parameters (bf16 weights,
+B = 8 sequences of 2048 tokens, b = 3; scored from the hidden states in
+vocabulary chunks, never the [B, T, V] logits), and writes
+<out>/gpu_step_costs_<date>.json with each schedule's cost per meta-batch
+(docs/cost.md has the estimates on paper this measures).
 
 The shapes issue 13 asks for come first: es_step from logits B=4096
 C=32000 bf16 (and per_sample_cross_entropy alone on the same logits: the
@@ -382,6 +392,97 @@ COLUMNS = harness.table_columns(
 )
 
 
+def llama_1b_case(device: str, quick: bool = False):
+    """(model, inputs, targets, estimate_cost options): a Llama-style LM of
+    about 1.2B parameters (Llama 3.2 1B's shape, random weights, no download),
+    bf16, scored from the hidden states; ``quick``: a 2-layer, narrow copy to
+    test the path on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from es_kernels import per_sample_losses_from_hidden
+
+    if quick:
+        conf = LlamaConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+        B, T = 4, 32
+    else:
+        conf = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        )
+        B, T = 8, 2048
+    conf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = LlamaForCausalLM(conf).to(device=device, dtype=dtype)
+    x = torch.randint(0, conf.vocab_size, (B, T), device=device)
+
+    def forward(m, ids):
+        return m(input_ids=ids, use_cache=False).logits
+
+    def loss_fn(logits, y):  # the training loss: token mean per sequence, shifted
+        tok = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), reduction="none")
+        return tok.view(y.shape[0], -1).mean(1)
+
+    def score(m, ids, y):
+        h = m.model(input_ids=ids, use_cache=False).last_hidden_state
+        return per_sample_losses_from_hidden(h, m.lm_head.weight, y, shift_labels=True)
+
+    return model, x, x, dict(forward=forward, loss_fn=loss_fn, score=score)
+
+
+def step_costs(device: str, out: str, quick: bool = False) -> list[dict]:
+    """Time a scoring step against a training step (see the module docstring)."""
+    import json
+
+    from es_kernels.estimate import SCHEDULES, _demo_case, estimate_cost
+
+    dev = torch.device(device)
+    cases = [
+        ("demo MLP (mnist1d)", "mnist1d", 512, 171, {}),
+        ("demo GPT-2 (lm)", "lm", 64, 16, {}),
+        ("Llama-style 1.2B, bf16, hidden-state scoring", "llama", 8, 3, {}),
+    ]
+    if quick:
+        cases = [("demo MLP (mnist1d)", "mnist1d", 64, 21, {"hidden": 64}), ("Llama-style (tiny)", "llama", 4, 2, {})]
+    rows = []
+    for name, task, B, b, kw in cases:
+        if task == "llama":
+            model, x, y, extra = llama_1b_case(device, quick)
+        else:
+            model, x, y, extra = _demo_case(task, B, dev, kw.get("hidden", 1024))
+        try:
+            est = estimate_cost(model, x, y, b, repeats=3 if quick else 7, **extra)
+        except torch.OutOfMemoryError:
+            print(f"{name}: out of memory, skipped", flush=True)
+            continue
+        row = {"model": name, **est._asdict(), "uniform": est.uniform_cost, "score_ratio": est.score_ratio}
+        row["schedules"] = {n: est.step_cost(f) for n, f in SCHEDULES}
+        rows.append(row)
+        print(f"== {name}\n{est.report()}\n", flush=True)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    path = Path(out) / f"gpu_step_costs_{time.strftime('%Y-%m-%d')}{'_quick' if quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": harness.machine_info(), "device": device, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(harness.RESULTS))
@@ -402,7 +503,16 @@ def main(argv=None):
         choices=["cuda", "cpu"],
         help="cpu: run the whole script on the CPU with wall-clock timing, to test it (not a benchmark)",
     )
+    ap.add_argument(
+        "--step-costs",
+        action="store_true",
+        help="time a scoring step against a training step on the demo's models and a 1.2B LM, then exit",
+    )
     args = ap.parse_args(argv)
+    if args.step_costs:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("bench_gpu.py --step-costs needs CUDA (or --device cpu --quick to test the script)")
+        return step_costs(args.device, args.out, args.quick)
     cases = plan(args.quick)
     if args.dry_run:
         print_plan(cases)

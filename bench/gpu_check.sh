@@ -5,7 +5,8 @@
 # torch.cuda.set_sync_debug_mode("error"), a CUDA graph of a sampler step
 # replayed with fresh noise, torch.compile, the device guard), and time the
 # Triton ops (bench/bench_gpu.py, BENCH_BUDGET_S seconds of timing, default
-# 180). Results go to bench/results/gpu_ops_<date>.{json,md} and
+# 180), after the cost of a scoring step against a training step
+# (bench_gpu.py --step-costs, about a minute). Results go to bench/results/gpu_ops_<date>.{json,md} and
 # bench/results/history.csv, or to $OUT when set (the device tool); merge a
 # device run's history with `python bench/harness.py merge $OUT/history.csv`.
 # Where the tree has no .git (a copy), pass the commit: BENCH_COMMIT=<sha>[+].
@@ -27,6 +28,9 @@ timeout 240 $PY -m pytest -q -x -p no:cacheprovider python_tests 2>&1 | tee "$RE
 
 echo "== no host sync, CUDA graph replay, torch.compile, device guard"
 $PY bench/gpu_checks.py --out "$RESULTS"
+
+echo "== a scoring step against a training step (demo models, a 1.2B LM in bf16)"
+$PY bench/bench_gpu.py --step-costs --out "$RESULTS" 2>&1 | tee "$RESULTS/step_costs.log" | grep -v Warning
 
 echo "== timings"
 $PY bench/bench_gpu.py --out "$RESULTS" --budget-s "${BENCH_BUDGET_S:-180}"

@@ -7,6 +7,7 @@ reference (:mod:`es_kernels.reference`).
 
 from . import lm, reference
 from ._ops import ops
+from .estimate import CostEstimate, estimate_cost
 from .functional import (
     DEFAULT_BETA1,
     DEFAULT_BETA2,
@@ -46,6 +47,7 @@ __all__ = [
     "HAS_TRITON_CUDA",
     "DEFAULT_BETA1",
     "DEFAULT_BETA2",
+    "CostEstimate",
     "ESState",
     "ESWPSampler",
     "EvolvedSampler",
@@ -58,6 +60,7 @@ __all__ = [
     "es_step_from_hidden",
     "es_step_from_losses",
     "es_update",
+    "estimate_cost",
     "eswp_prune",
     "ops",
     "lm",

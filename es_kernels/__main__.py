@@ -7,7 +7,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            "usage: es-kernels demo [options]   (es-kernels demo --help for the options)\n       es-kernels --version"
+            "usage: es-kernels demo [options]       (es-kernels demo --help for the options)\n"
+            "       es-kernels estimate [options]   what ES costs on a model (es-kernels estimate --help)\n"
+            "       es-kernels --version"
         )
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
@@ -19,7 +21,11 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    print(f"es-kernels: unknown command {argv[0]!r}; try: es-kernels demo", file=sys.stderr)
+    if argv[0] == "estimate":
+        from .estimate import main as estimate_main
+
+        return estimate_main(argv[1:])
+    print(f"es-kernels: unknown command {argv[0]!r}; try: es-kernels demo, es-kernels estimate", file=sys.stderr)
     return 2
 
 

@@ -136,3 +136,13 @@ def test_bench_gpu_cases_build_and_run_on_cpu():
 
     assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-4)
     assert torch.allclose(base, ref, rtol=2e-2, atol=2e-2)  # F.cross_entropy on bf16 returns bf16
+
+
+def test_bench_gpu_step_costs_run_on_cpu(tmp_path):
+    """--step-costs (a scoring step against a training step) runs end to end on a CPU, quick."""
+    bench_gpu = _load("bench_gpu")
+    rows = bench_gpu.main(["--step-costs", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert [r["model"] for r in rows] == ["demo MLP (mnist1d)", "Llama-style (tiny)"]
+    for r in rows:
+        assert r["train_full"] > 0 and r["score"] > 0 and set(r["schedules"]) >= {"every step", "every 3rd epoch"}
+    assert list(tmp_path.glob("gpu_step_costs_*_quick.json"))
