@@ -92,7 +92,8 @@ class ESLightningMixin:
         Raises
         ------
         ValueError
-            For an ``eswp`` built on another sampler.
+            For ``es`` not an ``EvolvedSampler``, ``eswp`` not an
+            ``ESWPSampler`` or built on another sampler.
         """
         if not isinstance(es, EvolvedSampler):
             raise ValueError(f"es must be an EvolvedSampler, got {type(es).__name__}")
@@ -120,6 +121,11 @@ class ESLightningMixin:
         Returns
         -------
         ESDataLoader
+
+        Raises
+        ------
+        ValueError
+            For a dataset of another size, or a ``batch_size`` below ``es.mini_batch``.
         """
         if len(dataset) != self.es_sampler.state.num_samples:
             raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
