@@ -7,7 +7,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_integrations import B, N, b, collate, hf, make_data, make_model, trainer_args
+from test_integrations import (
+    B,
+    N,
+    _lightning,
+    b,
+    collate,
+    hf,
+    lit_trainer,
+    make_data,
+    make_lit,
+    make_model,
+    trainer_args,
+)
 from torch.utils.data import DataLoader
 
 import es_kernels as ek
@@ -235,7 +247,7 @@ def test_trainer_es_load_is_all_or_nothing(tmp_path, what):
     elif what == "missing":
         del bad["stream"]
     else:
-        bad["rng"] = {}
+        bad["unexpected"] = {}
     with pytest.raises(ValueError, match="state_dict"):
         tr2.es_load_state_dict(bad)
     assert stream_snapshot(tr2.es_stream) == before  # the ES state, the stream and the pruner
@@ -290,6 +302,30 @@ def test_lightning_arguments_and_a_batch_without_ids(tmp_path):
     with pytest.raises(ValueError, match="no 'es_id' key.*es_dataloader"):
         trainer.fit(m)
     assert es.step == 0
+
+
+def test_lightning_checkpoint_loads_all_or_nothing(tmp_path):
+    pl = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=6, save_top_k=-1)
+    lit_trainer(pl, tmp_path, max_steps=6, callbacks=[ck]).fit(make_lit(pl, eswp=True))
+    (path,) = [tmp_path / "ck" / p for p in (tmp_path / "ck").iterdir()]
+    good = torch.load(path, weights_only=False)
+    loader_states = good["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert len(loader_states) == 1 and loader_states[0]["k"] == 1
+    for what in ("stream", "es"):
+        bad = copy.deepcopy(good)
+        if what == "stream":
+            bad["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["epoch"] = -5
+        else:
+            del bad["es_sampler"]
+        torch.save(bad, tmp_path / "bad.ckpt")
+        m = make_lit(pl, eswp=True)
+        before = stream_snapshot(m.es_stream)
+        with pytest.raises(ValueError, match="train loader state|es_sampler"):
+            lit_trainer(pl, tmp_path, max_steps=8).fit(m, ckpt_path=str(tmp_path / "bad.ckpt"))
+        assert stream_snapshot(m.es_stream) == before  # the ES state was not loaded either
 
 
 # -- accelerate: the README's recipe ----------------------------------------------------------

@@ -195,8 +195,14 @@ class ESLightningMixin:
         checkpoint["es_sampler"] = self.es_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Lightning's hook: restore the sampler's state."""
+        """Lightning's hook: restore the sampler's state, all or nothing: the
+        loader's position, which Lightning restores later, is validated first."""
         super().on_load_checkpoint(checkpoint)
+        if "es_sampler" not in checkpoint:
+            raise ValueError("the checkpoint has no 'es_sampler' entry: ESLightningMixin did not write it")
+        fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        for i, sd in enumerate(fit.get("combined_loader", [])):  # the ESDataLoader's ESStream state
+            self.es_stream._validated_state(sd, f"the checkpoint's train loader state [{i}]")
         self.es_sampler.load_state_dict(checkpoint["es_sampler"])
 
 
