@@ -390,7 +390,7 @@ class ESStream(Sampler):
         epoch = _checks.integer(sd["epoch"], f"{name}['epoch']", 0)
         k = None if sd["k"] is None else _checks.integer(sd["k"], f"{name}['k']", 0)
         start = _checks.integer(sd["start"], f"{name}['start']", 0)
-        first_eswp = _checks.integer(sd["first_eswp"], f"{name}['first_eswp']", 0, MAX_EPOCH)
+        first_eswp = _checks.integer(sd["first_eswp"], f"{name}['first_eswp']", 0, MAX_EPOCH + 1)  # a pruner.epoch
         consumed = _checks.integer(sd["consumed"], f"{name}['consumed']", 0)
         saved = sd["plans"]
         if not isinstance(saved, (list, tuple)):
