@@ -153,7 +153,8 @@ class EvolvedSampler:
     @property
     def scale(self) -> torch.Tensor | None:
         """The per-sample loss scale in force (float32 ``[N]`` on the state's
-        device), or ``None``; setting it checks dtype, device and length."""
+        device), or ``None``; setting it checks dtype, device, length and
+        values (finite, ``>= 0``: one host read)."""
         return self._scale
 
     @scale.setter
@@ -162,6 +163,8 @@ class EvolvedSampler:
             _checks.tensor(value, "scale", dim=1, dtypes=(torch.float32,), device=self.device)
             if value.shape[0] != self.state.num_samples:
                 raise ValueError(f"scale must have length {self.state.num_samples}, got {value.shape[0]}")
+            if not bool((torch.isfinite(value) & (value >= 0)).all()):
+                raise ValueError("scale must be finite and >= 0")
         self._scale = value
 
     def select(
@@ -381,16 +384,14 @@ class EvolvedSampler:
         epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0)
         scale = sd["scale"]
         if scale is not None:
-            _checks.saved(scale, "state_dict['scale']", torch.float32, self.state.num_samples)
-            if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-                raise ValueError("state_dict['scale'] must be finite and >= 0")
+            scale = saved_scales(scale, "state_dict['scale']", self.state.num_samples)
         s, d, errors = self.state.validate_state_dict(sd["state"], "state_dict['state']")
         # everything is valid: write
         self.state._load_validated(s, d, errors)
         self._configure(cfg)
         self._step.fill_(step)
         self.epoch = epoch
-        self._scale = None if scale is None else scale.detach().to(self.device, copy=True)
+        self._scale = None if scale is None else scale.to(self.device)
 
 
 MAX_EPOCH = _spec.INT64_MAX - 1  # the epoch after it is still an int64
@@ -563,6 +564,8 @@ class ESWPSampler(Sampler[int]):
         self._active, self._finished = False, None
 
     def _compute(self, epoch: int) -> _Plan:
+        if epoch > MAX_EPOCH:
+            raise ValueError(f"epoch {epoch} is past the last epoch ({MAX_EPOCH}): its successor is no int64")
         res = eswp_prune(
             self.es.state,
             self.prune_ratio,
@@ -613,7 +616,7 @@ class ESWPSampler(Sampler[int]):
         self.es.state.check()  # the once-an-epoch check: raises before anything changes
         plan = self._next if self._next is not None else self._compute(self.epoch)
         self._next, self._finished = None, None
-        self.es.scale = plan.scale
+        self.es._scale = plan.scale  # valid by construction (eswp_prune) or load: no host read
         self.es.epoch = plan.epoch
         self._plan, self._active = plan, True
         self.epoch = plan.epoch + 1
@@ -711,42 +714,64 @@ class ESWPSampler(Sampler[int]):
             Naming the bad entry (settings, epoch, position, plan), before
             anything is written.
         """
-        _checks.keys(sd, "state_dict", self.STATE_KEYS)
+        self._write_state(self._validated_state(sd))
+
+    def _validated_state(self, sd: dict, name: str = "state_dict") -> tuple:
+        """Validate a :meth:`state_dict` (``name``: how errors call it) without
+        writing anything; :meth:`_write_state` then loads the result."""
+        _checks.keys(sd, name, self.STATE_KEYS)
         cfg = self._settings(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
-        epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0, MAX_EPOCH)
-        position = _checks.integer(sd["position"], "state_dict['position']", 0)
         kept, scale = sd["kept"], sd["scale"]
+        # without a plan, epoch is the next one: after the last epoch (MAX_EPOCH) it is MAX_EPOCH + 1
+        epoch = _checks.integer(sd["epoch"], f"{name}['epoch']", 0, MAX_EPOCH + (kept is None))
+        position = _checks.integer(sd["position"], f"{name}['position']", 0)
         finished = sd["finished"]
         if finished is not None:
-            finished = _checks.integer(finished, "state_dict['finished']", 0)
+            finished = _checks.integer(finished, f"{name}['finished']", 0)
             if kept is not None:
-                raise ValueError("state_dict['finished'] must be None with state_dict['kept']")
+                raise ValueError(f"{name}['finished'] must be None with {name}['kept']")
         plan = None
         if kept is None:
             if position != 0:
-                raise ValueError(f"state_dict['position'] must be 0 without state_dict['kept'], got {position}")
+                raise ValueError(f"{name}['position'] must be 0 without {name}['kept'], got {position}")
             if scale is not None:
-                raise ValueError("state_dict['scale'] must be None without state_dict['kept']")
+                raise ValueError(f"{name}['scale'] must be None without {name}['kept']")
         else:
             n = self.es.state.num_samples
-            _checks.saved(kept, "state_dict['kept']", torch.int64)
-            if position >= kept.shape[0]:
-                raise ValueError(
-                    f"state_dict['position'] must be < len(state_dict['kept']) = {kept.shape[0]}, got {position}"
-                )
-            ids = kept.detach().to("cpu", copy=True)
-            if bool((ids < 0).any()) or bool((ids >= n).any()):
-                raise ValueError(f"state_dict['kept'] holds an id outside [0, {n})")
-            if torch.unique(ids).numel() != ids.numel():
-                raise ValueError("state_dict['kept'] repeats an id")
-            _checks.saved(scale, "state_dict['scale']", torch.float32, n)
-            if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-                raise ValueError("state_dict['scale'] must be finite and >= 0")
-            plan = _Plan(epoch, ids, scale.detach().to(self.es.device, copy=True), position)
-        # everything is valid: write
+            ids = saved_ids(kept, f"{name}['kept']", n)
+            if position >= ids.shape[0]:
+                raise ValueError(f"{name}['position'] must be < len({name}['kept']) = {ids.shape[0]}, got {position}")
+            scale = saved_scales(scale, f"{name}['scale']", n)
+            plan = _Plan(epoch, ids, scale.to(self.es.device), position)
+        return cfg, epoch, plan, finished
+
+    def _write_state(self, valid: tuple) -> None:
+        """Load what :meth:`_validated_state` returned (never raises)."""
+        cfg, epoch, plan, finished = valid
         self.__dict__.update(cfg)
         self.epoch = epoch
         self._plan, self._active, self._next, self._finished = None, False, plan, finished
+
+
+def saved_ids(x, name: str, n: int) -> torch.Tensor:
+    """A saved plan's ids (``load_state_dict``): an int64 1-D tensor of
+    distinct ids in ``[0, n)``; returns a CPU copy. Reads the values."""
+    _checks.saved(x, name, torch.int64)
+    ids = x.detach().to("cpu", copy=True)
+    if bool((ids < 0).any()) or bool((ids >= n).any()):
+        raise ValueError(f"{name} holds an id outside [0, {n})")
+    if torch.unique(ids).numel() != ids.numel():
+        raise ValueError(f"{name} repeats an id")
+    return ids
+
+
+def saved_scales(x, name: str, length: int) -> torch.Tensor:
+    """Saved loss scales (``load_state_dict``): a float32 1-D tensor of
+    ``length`` finite values ``>= 0``; returns a copy. Reads the values."""
+    _checks.saved(x, name, torch.float32, length)
+    if not bool((torch.isfinite(x) & (x >= 0)).all()):
+        raise ValueError(f"{name} must be finite and >= 0")
+    return x.detach().clone()
 
 
 class IndexedDataset(Dataset):

@@ -23,7 +23,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..sampler import ESWPSampler, EvolvedSampler, cat_ids
+from .. import _checks
+from ..sampler import MAX_EPOCH, ESWPSampler, EvolvedSampler, cat_ids, saved_ids, saved_scales
 
 ID_KEY = "es_id"
 SCALE_KEY = "es_scale"
@@ -215,7 +216,9 @@ class ESStream(Sampler):
     Raises
     ------
     ValueError
-        For a missing sampler, a pruner of another ``es`` or a bad ``length``.
+        Naming the argument: a missing sampler, ``pruner`` not an
+        ``ESWPSampler`` or of another ``es``, ``es`` not an ``EvolvedSampler``,
+        ``length`` not an int ``>= 1``, ``resume_mid_epoch`` not a bool.
 
     Notes
     -----
@@ -230,18 +233,20 @@ class ESStream(Sampler):
         length: int | None = None,
         resume_mid_epoch: bool = False,
     ):
+        if pruner is not None and not isinstance(pruner, ESWPSampler):
+            raise ValueError(f"pruner must be an ESWPSampler or None, got {type(pruner).__name__}")
+        if es is not None and not isinstance(es, EvolvedSampler):
+            raise ValueError(f"es must be an EvolvedSampler or None, got {type(es).__name__}")
         if pruner is None:
             if es is None:
                 raise ValueError("ESStream needs an ESWPSampler or es=EvolvedSampler")
             pruner = ESWPSampler(es, num_epochs=1, prune_ratio=0.0)
         elif es is not None and es is not pruner.es:
             raise ValueError("es must be the pruner's EvolvedSampler")
+        self.length = _checks.integer(pruner.es.state.num_samples if length is None else length, "length", 1)
+        self.resume_mid_epoch = _checks.flag(resume_mid_epoch, "resume_mid_epoch")
         self.pruner = pruner
         self.es = pruner.es
-        self.length = int(self.es.state.num_samples if length is None else length)
-        if self.length < 1:
-            raise ValueError(f"length must be >= 1, got {self.length}")
-        self.resume_mid_epoch = bool(resume_mid_epoch)
         self._epoch = 0  # the loader epoch the next iter runs
         self._k: int | None = None  # the loader epoch whose start is the snapshot
         self._plans: list[_Plan] = []  # plans[0]: the plan in force at the snapshot, then every plan since
@@ -285,10 +290,7 @@ class ESStream(Sampler):
         ----------
         epoch : int >= 0
         """
-        epoch = int(epoch)
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._epoch = epoch
+        self._epoch = _checks.integer(epoch, "epoch", 0)
 
     @property
     def current_epoch(self) -> int | None:
@@ -303,7 +305,7 @@ class ESStream(Sampler):
         n : int
             Samples trained, on all ranks together when a loader shards the stream.
         """
-        self._consumed += int(n)
+        self._consumed += _checks.integer(n, "n", 0)
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         e = self._epoch
@@ -359,29 +361,74 @@ class ESStream(Sampler):
             "pruner": self.pruner.state_dict(),
         }
 
+    STATE_KEYS = ("epoch", "k", "start", "first_eswp", "consumed", "length", "plans", "pruner")
+
     def load_state_dict(self, sd: dict) -> None:
-        """Restore from :meth:`state_dict` (with the pruner's state).
+        """Restore from :meth:`state_dict` (with the pruner's state): all or nothing.
 
         Parameters
         ----------
         sd : dict
+
+        Raises
+        ------
+        ValueError
+            Naming the bad entry (a missing or unexpected key, a loader epoch
+            length other than this stream's, an epoch or position out of
+            range, a plan id outside ``[0, N)``, the pruner's state); nothing
+            is written on failure.
         """
-        if int(sd["length"]) != self.length:
-            raise ValueError(f"state_dict is for loader epochs of {sd['length']} samples, not {self.length}")
-        plans = [
-            _Plan(int(e), torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(s, dtype=torch.float32))
-            for e, i, s in sd["plans"]
-        ]
-        self.pruner.load_state_dict(sd["pruner"])
-        self._epoch = int(sd["epoch"])
-        self._k = None if sd["k"] is None else int(sd["k"])
-        self._start = int(sd["start"])
-        self._first_eswp = int(sd["first_eswp"])
+        self._write_state(self._validated_state(sd))
+
+    def _validated_state(self, sd: dict, name: str = "state_dict") -> tuple:
+        """Validate a :meth:`state_dict` without writing anything (the pruner's
+        state too); :meth:`_write_state` then loads the result."""
+        _checks.keys(sd, name, self.STATE_KEYS)
+        length = _checks.integer(sd["length"], f"{name}['length']", 1)
+        if length != self.length:
+            raise ValueError(f"{name}['length']: loader epochs of {length} samples, not {self.length}")
+        epoch = _checks.integer(sd["epoch"], f"{name}['epoch']", 0)
+        k = None if sd["k"] is None else _checks.integer(sd["k"], f"{name}['k']", 0)
+        start = _checks.integer(sd["start"], f"{name}['start']", 0)
+        first_eswp = _checks.integer(sd["first_eswp"], f"{name}['first_eswp']", 0, MAX_EPOCH + 1)  # a pruner.epoch
+        consumed = _checks.integer(sd["consumed"], f"{name}['consumed']", 0)
+        saved = sd["plans"]
+        if not isinstance(saved, (list, tuple)):
+            raise ValueError(f"{name}['plans'] must be a list, got {type(saved).__name__}")
+        n = self.es.state.num_samples
+        plans = []
+        for j, p in enumerate(saved):
+            at = f"{name}['plans'][{j}]"
+            if not isinstance(p, (list, tuple)) or len(p) != 3:
+                raise ValueError(f"{at} must be an (epoch, ids, scales) triple")
+            e = _checks.integer(p[0], f"{at}[0]", 0, MAX_EPOCH)
+            if plans and e != plans[-1].epoch + 1:
+                raise ValueError(
+                    f"{at}[0] must be {plans[-1].epoch + 1} (the plans' epochs follow each other), got {e}"
+                )
+            ids = saved_ids(p[1], f"{at}[1]", n)
+            plans.append(_Plan(e, ids, saved_scales(p[2], f"{at}[2]", ids.shape[0]).to("cpu")))
+        if k is None and (plans or start):
+            raise ValueError(f"{name}['plans'] must be empty and {name}['start'] 0 when {name}['k'] is None")
+        if k is not None:
+            if not plans:
+                raise ValueError(f"{name}['plans'] must hold the plan of loader epoch {name}['k'] = {k}")
+            if start > plans[0].ids.shape[0]:
+                raise ValueError(
+                    f"{name}['start'] must be in [0, {plans[0].ids.shape[0]}] (the ids of its plan), got {start}"
+                )
+        pruner = self.pruner._validated_state(sd["pruner"], f"{name}['pruner']")
+        return epoch, k, start, first_eswp, consumed, plans, pruner
+
+    def _write_state(self, valid: tuple) -> None:
+        """Load what :meth:`_validated_state` returned (never raises)."""
+        epoch, k, start, first_eswp, consumed, plans, pruner = valid
+        self.pruner._write_state(pruner)
+        self._epoch, self._k, self._start, self._first_eswp = epoch, k, start, first_eswp
         self._plans = plans
-        self._consumed = int(sd["consumed"])
-        self._resume_consumed = self._consumed
-        if self._k is not None and self.resume_mid_epoch and self._consumed < self.length:
-            self._epoch = self._k  # continue the loader epoch in progress
+        self._consumed = self._resume_consumed = consumed
+        if k is not None and self.resume_mid_epoch and consumed < self.length:
+            self._epoch = k  # continue the loader epoch in progress
 
 
 __all__ = ["ESCollator", "ESDataset", "ESItem", "ESStream", "ID_KEY", "SCALE_KEY", "select_batch", "take"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from .. import _checks
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
 
@@ -91,8 +92,13 @@ class ESLightningMixin:
         Raises
         ------
         ValueError
-            For an ``eswp`` built on another sampler.
+            For ``es`` not an ``EvolvedSampler``, ``eswp`` not an
+            ``ESWPSampler`` or built on another sampler.
         """
+        if not isinstance(es, EvolvedSampler):
+            raise ValueError(f"es must be an EvolvedSampler, got {type(es).__name__}")
+        if eswp is not None and not isinstance(eswp, ESWPSampler):
+            raise ValueError(f"eswp must be an ESWPSampler or None, got {type(eswp).__name__}")
         if eswp is not None and eswp.es is not es:
             raise ValueError("eswp must be built on es")
         self.es_sampler = es
@@ -115,9 +121,20 @@ class ESLightningMixin:
         Returns
         -------
         ESDataLoader
+
+        Raises
+        ------
+        ValueError
+            For a dataset of another size, or a ``batch_size`` below ``es.mini_batch``.
         """
         if len(dataset) != self.es_sampler.state.num_samples:
             raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
+        batch_size = _checks.integer(batch_size, "batch_size", 1)
+        if self.es_sampler.mini_batch > batch_size:
+            raise ValueError(
+                f"batch_size ({batch_size}) must be >= es.mini_batch ({self.es_sampler.mini_batch}): "
+                "it is the meta-batch ES selects from"
+            )
         return ESDataLoader(
             ESDataset(dataset),
             batch_size=batch_size,
@@ -151,8 +168,13 @@ class ESLightningMixin:
         """Lightning's hook: in training, score the meta-batch and keep the selected rows."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         trainer = getattr(self, "_trainer", None)
-        if trainer is None or not trainer.training or not isinstance(batch, dict) or ID_KEY not in batch:
+        if trainer is None or not trainer.training:
             return batch
+        if not (isinstance(batch, dict) and ID_KEY in batch):
+            raise ValueError(
+                f"the training batch has no {ID_KEY!r} key, so ES cannot select in it: "
+                "return self.es_dataloader(...) from train_dataloader"
+            )
         n = batch[ID_KEY].shape[0]
         was_training = self.training
         if self.es_score_in_eval_mode:
@@ -173,8 +195,14 @@ class ESLightningMixin:
         checkpoint["es_sampler"] = self.es_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Lightning's hook: restore the sampler's state."""
+        """Lightning's hook: restore the sampler's state, all or nothing: the
+        loader's position, which Lightning restores later, is validated first."""
         super().on_load_checkpoint(checkpoint)
+        if "es_sampler" not in checkpoint:
+            raise ValueError("the checkpoint has no 'es_sampler' entry: ESLightningMixin did not write it")
+        fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        for i, sd in enumerate(fit.get("combined_loader", [])):  # the ESDataLoader's ESStream state
+            self.es_stream._validated_state(sd, f"the checkpoint's train loader state [{i}]")
         self.es_sampler.load_state_dict(checkpoint["es_sampler"])
 
 

@@ -79,6 +79,7 @@ except ImportError as e:  # pragma: no cover
         "es_kernels.integrations.transformers needs transformers: pip install 'es-kernels[integrations]'"
     ) from e
 
+from .. import _checks
 from ..distributed import DistributedEvolvedSampler
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
@@ -170,7 +171,11 @@ class ESTrainer(Trainer):
     Raises
     ------
     ValueError
-        For an ``eswp`` on another sampler or a train set of another size.
+        Naming the argument: ``es_sampler`` not an ``EvolvedSampler``,
+        ``eswp`` not an ``ESWPSampler`` or on another sampler, a train set of
+        another size, ``es_sampler.mini_batch`` above
+        ``per_device_train_batch_size``; in training, a batch without
+        ``es_id`` (from a loader other than ESTrainer's).
     RuntimeError
         For an unsupported transformers version (:func:`check_version`).
 
@@ -190,9 +195,22 @@ class ESTrainer(Trainer):
         **kwargs,
     ):
         check_version()
+        if not isinstance(es_sampler, EvolvedSampler):
+            raise ValueError(f"es_sampler must be an EvolvedSampler, got {type(es_sampler).__name__}")
+        if eswp is not None and not isinstance(eswp, ESWPSampler):
+            raise ValueError(f"eswp must be an ESWPSampler or None, got {type(eswp).__name__}")
         if eswp is not None and eswp.es is not es_sampler:
             raise ValueError("eswp must be built on es_sampler")
+        if es_shift_labels is not None:
+            _checks.flag(es_shift_labels, "es_shift_labels")
+        _checks.flag(es_score_in_eval_mode, "es_score_in_eval_mode")
         super().__init__(*args, **kwargs)
+        if es_sampler.mini_batch > self.args.per_device_train_batch_size:
+            raise ValueError(
+                f"es_sampler.mini_batch ({es_sampler.mini_batch}) must be <= per_device_train_batch_size "
+                f"({self.args.per_device_train_batch_size}), the meta-batch it selects from "
+                "(a larger one trains every row: no selection)"
+            )
         if self.args.world_size > 1 and not isinstance(es_sampler, DistributedEvolvedSampler):
             raise ValueError(
                 f"es_sampler must be an es_kernels.distributed.DistributedEvolvedSampler when the Trainer runs "
@@ -220,14 +238,19 @@ class ESTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         return self.es_stream
 
+    ES_STATE_KEYS = ("es", "stream")  # the entries of es_state_dict
+
     def es_state_dict(self) -> dict:
         """The sampler's and the stream's state (what a checkpoint stores)."""
         return {"es": self.es_sampler.state_dict(), "stream": self.es_stream.state_dict()}
 
     def es_load_state_dict(self, sd: dict) -> None:
-        """Restore :meth:`es_state_dict`."""
-        self.es_sampler.load_state_dict(sd["es"])
-        self.es_stream.load_state_dict(sd["stream"])
+        """Restore :meth:`es_state_dict`: all or nothing (ValueError naming the
+        bad entry, nothing loaded)."""
+        _checks.keys(sd, "es_state_dict", self.ES_STATE_KEYS)
+        stream = self.es_stream._validated_state(sd["stream"], "es_state_dict['stream']")
+        self.es_sampler.load_state_dict(sd["es"])  # all or nothing itself; the last check
+        self.es_stream._write_state(stream)
         if self.es_stream.current_epoch is not None:
             # A resume replays the epoch in progress and skips its trained batches. The Trainer's
             # set_epoch does not reach the stream then under DDP (accelerate's skip_first_batches
@@ -305,7 +328,13 @@ class ESTrainer(Trainer):
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
-            selected.append(self.es_select(batch) if isinstance(batch, dict) and ID_KEY in batch else batch)
+            if not (isinstance(batch, dict) and ID_KEY in batch):
+                raise ValueError(
+                    f"the training batch has no {ID_KEY!r} column, so ES cannot select in it: ESTrainer's own "
+                    "train loader adds it (get_train_dataloader: the ESStream sampler, ESDataset items, the "
+                    "ESCollator); a loader of your own must be built from those pieces"
+                )
+            selected.append(self.es_select(batch))
         return super().get_batch_samples(iter(selected), len(selected), device)
 
     # -- the loss ------------------------------------------------------------------------
