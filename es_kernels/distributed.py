@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -584,12 +585,11 @@ class DistributedESWPSampler(ESWPSampler):
         self._plan = plan  # the iterator's liveness follows the shard
         return plan
 
-    def __iter__(self):
-        # a generator, like the base's: nothing runs before the first id is asked for
-        return self._yield(self._begin_shard())
+    def __iter__(self) -> Iterator[int]:
+        return self._yield(self._begin_shard())  # as the base's: the epoch starts here
 
-    def chunks(self, size: int = CHUNK):
-        """This rank's share of the next epoch (:meth:`ESWPSampler.chunks`); lazy like ``iter()``.
+    def chunks(self, size: int = CHUNK) -> Iterator[torch.Tensor]:
+        """This rank's share of the next epoch, started as :meth:`ESWPSampler.chunks` starts it.
 
         Parameters
         ----------
