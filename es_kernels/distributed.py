@@ -23,14 +23,18 @@ this rank's share of the kept ids the way ``DistributedSampler`` does.
 
 Both are subclasses, so ``es_kernels/sampler.py`` is unchanged (its
 ``EvolvedSampler`` / ``ESWPSampler`` keep their single-process meaning);
-``DistributedESWPSampler`` uses only ``ESWPSampler``'s ``__iter__`` and
-``__len__``, whatever the base does inside them.
+``DistributedESWPSampler`` iterates over this rank's share of the base's plan
+(its position counts the share, its checkpoint holds the whole plan), and
+``ESWPSampler.chunks(sampler)`` called as such still gives the whole plan.
+A checkpoint resumes on a group of the size it was saved on; any other size is
+refused at load, on every rank, before any collective.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,7 +46,7 @@ from ._spec import (
     SELECT_MEAN_BITS,
 )
 from .functional import checked_mode, per_sample_cross_entropy
-from .sampler import CHUNK, ESWPSampler, EvolvedSampler, Selection, cat_ids
+from .sampler import CHUNK, ESWPSampler, EvolvedSampler, Selection, _Plan
 
 __all__ = [
     "PAD_ID",
@@ -390,6 +394,8 @@ class DistributedEvolvedSampler(EvolvedSampler):
             )
 
     # ---- checkpoints
+    STATE_KEYS = EvolvedSampler.STATE_KEYS + ("distributed",)
+
     def state_dict(self) -> dict:
         """The full state (any rank gives the same).
 
@@ -399,6 +405,11 @@ class DistributedEvolvedSampler(EvolvedSampler):
             :meth:`EvolvedSampler.state_dict` plus ``distributed``:
             ``{"world_size", "meta_batch"}`` (the noise of position ``j``
             depends on both).
+
+        Notes
+        -----
+        As :meth:`EvolvedSampler.state_dict`: checks the state and reads the
+        step (host synchronisations).
         """
         out = super().state_dict()
         out["distributed"] = {"world_size": self.world_size, "meta_batch": self.meta_batch}
@@ -406,6 +417,11 @@ class DistributedEvolvedSampler(EvolvedSampler):
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore on every rank (all or nothing).
+
+        A checkpoint resumes bit for bit on a group of the same size and with
+        the same ``meta_batch`` (the noise of a position depends on both); any
+        other is refused on every rank, before anything is written or
+        exchanged.
 
         Parameters
         ----------
@@ -416,17 +432,34 @@ class DistributedEvolvedSampler(EvolvedSampler):
         Raises
         ------
         ValueError
-            Naming the entry; nothing is written on failure.
+            Naming the entry; for a checkpoint of another world size or
+            ``meta_batch``, naming both values. Nothing is written on failure.
+
+        Notes
+        -----
+        As :meth:`EvolvedSampler.load_state_dict` (one synchronisation on a
+        GPU); no collective.
         """
-        extra = sd.get("distributed") if isinstance(sd, dict) else None
-        cap = None
-        if extra is not None:
-            if not isinstance(extra, dict) or "meta_batch" not in extra:
-                raise ValueError("state_dict['distributed'] must be a dict with 'meta_batch'")
-            cap = extra["meta_batch"]
-            if cap is not None:
-                cap = _checks.integer(cap, "state_dict['distributed']['meta_batch']", 1)
-        super().load_state_dict({k: v for k, v in sd.items() if k != "distributed"} if isinstance(sd, dict) else sd)
+        _checks.keys(sd, "state_dict", self.STATE_KEYS)
+        extra = sd["distributed"]
+        _checks.keys(extra, "state_dict['distributed']", ("world_size", "meta_batch"))
+        world = _checks.integer(extra["world_size"], "state_dict['distributed']['world_size']", 1)
+        if world != self.world_size:
+            raise ValueError(
+                f"state_dict['distributed']['world_size'] is {world}: the checkpoint was saved on {world} "
+                f"rank(s) and cannot resume on this group of {self.world_size} rank(s) (the noise of each "
+                "position depends on the world size)"
+            )
+        cap = extra["meta_batch"]
+        if cap is not None:
+            cap = _checks.integer(cap, "state_dict['distributed']['meta_batch']", 1)
+            if self.meta_batch is not None and cap != self.meta_batch:
+                raise ValueError(
+                    f"state_dict['distributed']['meta_batch'] is {cap}, this sampler was given "
+                    f"meta_batch={self.meta_batch} (the noise of each position depends on it): "
+                    "construct it with the checkpoint's meta_batch or none"
+                )
+        super().load_state_dict(sd)  # validates the rest before writing anything
         if self.meta_batch is None:
             self.meta_batch = cap
 
@@ -477,11 +510,30 @@ def shard_indices(kept, num_replicas: int, rank: int, drop_last: bool):
     return share if isinstance(kept, torch.Tensor) else share.tolist()
 
 
+class _Shard(_Plan):
+    """This rank's share of an epoch's plan: ``ids`` the shard, ``pos`` the
+    position in it, ``kept`` the whole plan (the same on every rank)."""
+
+    __slots__ = ("kept",)
+
+    def __init__(self, plan: _Plan, ids: torch.Tensor):
+        super().__init__(plan.epoch, ids, plan.scale, plan.pos)
+        self.kept = plan.ids
+
+
 class DistributedESWPSampler(ESWPSampler):
     """:class:`ESWPSampler` sharded like ``DistributedSampler``: every rank prunes its
     replica (same state, seed, epoch: the same kept order and scales) and yields its
-    share of the kept ids (:func:`shard_indices`). ``set_epoch``, ``state_dict`` and
-    the scales are those of :class:`ESWPSampler`.
+    share of the kept ids (:func:`shard_indices`). ``set_epoch`` and the scales are
+    those of :class:`ESWPSampler`; ``len()``, ``position`` and ``state_dict(position)``
+    count this rank's share.
+
+    **Mid-epoch resume.** :meth:`state_dict` records the epoch in progress, this
+    rank's position in its share (the same on every rank of a loop that trains
+    in step) and the whole plan, so the checkpoint of any rank resumes every
+    rank bit for bit (with ``es.state_dict()`` taken at the same point), as
+    :class:`ESWPSampler` does in one process. It resumes only on as many ranks
+    (``num_replicas``): another number is refused at load.
 
     Parameters
     ----------
@@ -503,6 +555,8 @@ class DistributedESWPSampler(ESWPSampler):
     As :class:`ESWPSampler`: one host synchronisation per epoch, when it starts.
     """
 
+    STATE_KEYS = ESWPSampler.STATE_KEYS + ("num_replicas",)
+
     def __init__(
         self, *args, num_replicas: int | None = None, rank: int | None = None, drop_last: bool = False, **kwargs
     ):
@@ -518,13 +572,24 @@ class DistributedESWPSampler(ESWPSampler):
 
     __init__.__signature__ = _extended_signature(ESWPSampler.__init__, __init__)
 
-    def __iter__(self):
-        # a generator, like the base's: nothing runs before the first id is asked for
-        for chunk in self.chunks(1024):
-            yield from chunk.tolist()
+    def _shard(self, plan: _Plan) -> _Shard:
+        """``plan`` as this rank's share (a whole plan's ``pos`` is 0 or already in the share)."""
+        if isinstance(plan, _Shard):
+            return plan
+        ids = shard_indices(plan.ids, self.num_replicas, self.rank, self.drop_last).contiguous()
+        return _Shard(plan, ids)
 
-    def chunks(self, size: int = CHUNK):
-        """This rank's share of the next epoch (:meth:`ESWPSampler.chunks`); lazy like ``iter()``.
+    def _begin_shard(self) -> _Shard:
+        # ESWPSampler.chunks(self), called as such, still gives the whole plan (ESStream's use)
+        plan = self._shard(self._begin())
+        self._plan = plan  # the iterator's liveness follows the shard
+        return plan
+
+    def __iter__(self) -> Iterator[int]:
+        return self._yield(self._begin_shard())  # as the base's: the epoch starts here
+
+    def chunks(self, size: int = CHUNK) -> Iterator[torch.Tensor]:
+        """This rank's share of the next epoch, started as :meth:`ESWPSampler.chunks` starts it.
 
         Parameters
         ----------
@@ -534,14 +599,74 @@ class DistributedESWPSampler(ESWPSampler):
         Returns
         -------
         Iterator[Tensor]
-            int64 CPU tensors: this rank's share, in order.
+            int64 CPU tensors: this rank's share, in order. Starting the epoch
+            makes the one host synchronisation of :class:`ESWPSampler`.
         """
         size = _checks.integer(size, "size", 1)
-        return self._shard_chunks(size)
-
-    def _shard_chunks(self, size: int):
-        kept = cat_ids(super().chunks())  # the epoch's whole plan, identical on every rank
-        yield from shard_indices(kept, self.num_replicas, self.rank, self.drop_last).split(size)
+        return self._yield_chunks(self._begin_shard(), size)
 
     def __len__(self) -> int:
-        return shard_length(super().__len__(), self.num_replicas, self.drop_last)
+        if not self._active and self._next is None and self._finished is None:
+            self._next = self._compute(self.epoch)  # kept: the next iter() runs this plan
+        if not self._active and self._next is not None:
+            self._next = self._shard(self._next)
+        return super().__len__()
+
+    def state_dict(self, position: int | None = None) -> dict:
+        """As :meth:`ESWPSampler.state_dict`, with this rank's position.
+
+        Parameters
+        ----------
+        position : int or None
+            The ids of this rank's share of the epoch in progress the loop
+            has trained on, from 0 to the ids yielded (``None``: the ids
+            yielded).
+
+        Returns
+        -------
+        dict
+            :meth:`ESWPSampler.state_dict`'s entries, ``position`` counting
+            this rank's share and ``kept`` the whole plan (the same on every
+            rank), plus ``num_replicas``. No host synchronisation.
+        """
+        out = super().state_dict(position)
+        plan = self._plan if self._active else self._next
+        if out["kept"] is not None and isinstance(plan, _Shard):
+            out["kept"] = plan.kept.clone()
+        out["num_replicas"] = self.num_replicas
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore from :meth:`state_dict` (of any rank) on every rank: all or nothing.
+
+        Parameters
+        ----------
+        sd : dict
+            As :meth:`state_dict` returns it, saved on as many ranks.
+
+        Raises
+        ------
+        ValueError
+            Naming the entry, before anything is written; for a checkpoint
+            of another number of ranks, naming both. No collective.
+        """
+        _checks.keys(sd, "state_dict", self.STATE_KEYS)
+        world = _checks.integer(sd["num_replicas"], "state_dict['num_replicas']", 1)
+        if world != self.num_replicas:
+            raise ValueError(
+                f"state_dict['num_replicas'] is {world}: the checkpoint was saved on {world} rank(s) and "
+                f"cannot resume on {self.num_replicas} rank(s) (the position counts a share of the plan)"
+            )
+        kept, position = sd["kept"], sd["position"]
+        if kept is not None:
+            _checks.saved(kept, "state_dict['kept']", torch.int64)
+            per = shard_length(kept.shape[0], self.num_replicas, self.drop_last)
+            position = _checks.integer(position, "state_dict['position']", 0)
+            if position >= per:
+                raise ValueError(
+                    f"state_dict['position'] must be < {per}, this rank's share of the "
+                    f"{kept.shape[0]} ids of state_dict['kept'], got {position}"
+                )
+        super().load_state_dict(sd)  # validates the rest before writing anything
+        if self._next is not None:
+            self._next = self._shard(self._next)

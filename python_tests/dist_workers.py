@@ -160,3 +160,94 @@ def demo(rank, world, out):
     cfg = Config(datasets=("digits",), epochs=1, hidden=64, seeds=1)
     data = load_dataset("digits", cfg)
     return {m: train(m, data, cfg, seed=0) for m in ("es", "eswp", "infobatch")}
+
+
+# --------------------------------------------------------------------------- mid-epoch resume
+RN, RB, RMINI, REPOCHS = 37, 4, 2, 3  # 37: the shards are padded on 2 and 3 ranks
+
+
+def resume_losses(ids: torch.Tensor, step: int) -> torch.Tensor:
+    """A loss for each id at a step, the same in every run (a stand-in for training)."""
+    return ((ids * 7919 + step * 104729) % 1009).to(torch.float32) / 300
+
+
+def resume_run(prune_ratio: float, ckpt: str, stop: int | None = None, load: bool = False) -> dict:
+    """The README's loop: ESWP over a DataLoader (num_workers=0), ES on each meta-batch.
+    ``stop``: after training on step ``stop``, save on rank 0 and return. ``load``:
+    fresh samplers of other settings restore the checkpoint first, then the loop goes on."""
+    from torch.utils.data import DataLoader
+
+    from es_kernels.distributed import DistributedESWPSampler as P
+    from es_kernels.distributed import DistributedEvolvedSampler as D
+
+    if load:
+        es = D(RN, 1, seed=99, beta1=0.9)
+        pr = P(es, num_epochs=9, prune_ratio=0.1, seed=5)
+        sd = torch.load(ckpt)
+        es.load_state_dict(sd["es"])
+        pr.load_state_dict(sd["pr"])
+    else:
+        es = D(RN, RMINI, seed=3, meta_batch=RB)
+        pr = P(es, num_epochs=REPOCHS, prune_ratio=prune_ratio)
+    rec, saved = [], None
+    for epoch in range(pr.epoch, REPOCHS):
+        pr.set_epoch(epoch)
+        for ids in DataLoader(range(RN), batch_size=RB, sampler=pr):
+            step = es.step
+            sel = es.select(ids, losses=resume_losses(ids, step))
+            rec.append((epoch, ids, sel.positions, sel.scales, sel.weights))
+            if step == stop:
+                saved = {"es": es.state_dict(), "pr": pr.state_dict()}
+                if dist.get_rank() == 0:
+                    torch.save(saved, ckpt)
+                dist.barrier()
+                return {"rec": rec, "saved": saved}
+    return {"rec": rec, "final": {"es": es.state_dict(), "pr": pr.state_dict()}}
+
+
+def resume_everywhere(ckpt: str) -> dict:
+    """With pruning and without: the uninterrupted run, and for every step a run
+    saved after it and its resumed continuation."""
+    res = {}
+    for prune_ratio in (0.5, 0.0):
+        full = resume_run(prune_ratio, ckpt)
+        runs = []
+        for stop in range(len(full["rec"])):
+            before = resume_run(prune_ratio, ckpt, stop=stop)
+            runs.append((before, resume_run(prune_ratio, ckpt, load=True)))
+        res[prune_ratio] = {"full": full, "runs": runs}
+    return res
+
+
+def resume(rank, world, out):
+    """Mid-epoch resume at every step, with and without pruning; then checkpoints of
+    another world size, refused on every rank at load (before any collective)."""
+    from es_kernels.distributed import DistributedESWPSampler as P
+    from es_kernels.distributed import DistributedEvolvedSampler as D
+
+    ckpt = os.path.join(out, "resume_ckpt.pt")
+    res = resume_everywhere(ckpt)
+    # a checkpoint of one rank (a group of rank 0 alone), loaded on `world` ranks
+    solo = dist.new_group([0])
+    if rank == 0:
+        es = D(RN, RMINI, seed=3, process_group=solo)
+        pr = P(es, num_epochs=REPOCHS)
+        it = iter(pr)
+        ids = torch.tensor([next(it) for _ in range(RB)])
+        es.select(ids, losses=resume_losses(ids, 0))
+        torch.save({"es": es.state_dict(), "pr": pr.state_dict()}, ckpt)
+    dist.barrier()
+    sd = torch.load(ckpt)
+    es = D(RN, RMINI, seed=3, meta_batch=RB)
+    pr = P(es, num_epochs=REPOCHS)
+    refused = []
+    for s, part in ((es, "es"), (pr, "pr")):
+        try:
+            s.load_state_dict(sd[part])
+        except ValueError as e:
+            refused.append(str(e))
+    ids = torch.arange(rank * RB, (rank + 1) * RB)
+    es.select(ids, losses=resume_losses(ids, 0))  # every rank reaches the collective: nothing hangs
+    res["refused"] = refused
+    res["after_refusal"] = (es.step, pr.epoch, pr.position, es.state.tensor.clone())
+    return res

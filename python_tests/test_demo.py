@@ -532,3 +532,41 @@ def test_ablation_takes_the_lm_task(tmp_path):
     assert "held-out loss" in (tmp_path / "ablation.md").read_text()
     with pytest.raises(ValueError, match="label noise"):
         run.parse_tasks("digits:1:0,lm:1:0.4")
+
+
+def test_infobatch_rescales_under_a_process_group(tmp_path):
+    """InfoBatch's step with the distributed samplers (what --nproc runs) scales the
+    losses of the kept pruned-class samples by 1/(1-r), as in one process: in a
+    gloo group of one, the same scaled losses, bit for bit."""
+    import torch.distributed as dist
+
+    from es_kernels import ESWPSampler, EvolvedSampler
+    from es_kernels.demo.run import infobatch_losses
+    from es_kernels.distributed import DistributedESWPSampler, DistributedEvolvedSampler
+
+    n, B = 40, 8
+    g = torch.Generator().manual_seed(3)
+    losses = torch.rand(4, n, generator=g)  # the loss of each sample in each epoch
+
+    def run(es, pruner):
+        out, raw = [], []
+        for epoch in range(4):
+            pruner.set_epoch(epoch)
+            order = pruner.epoch_ids()
+            for start in range(0, order.shape[0], B):
+                ids = order[start : start + B]
+                raw.append(losses[epoch, ids])
+                out.append(infobatch_losses(es, ids, raw[-1].clone()))
+        return torch.cat(out), torch.cat(raw)
+
+    one = EvolvedSampler(n, B, beta1=0.0, beta2=1.0, seed=1)
+    want, raw = run(one, ESWPSampler(one, num_epochs=4, prune_ratio=0.5))
+    scaled = want != raw
+    assert scaled.any() and torch.equal(want[scaled], 2 * raw[scaled])  # the epochs that prune rescale
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        es = DistributedEvolvedSampler(n, B, beta1=0.0, beta2=1.0, seed=1, meta_batch=B)
+        got, _ = run(es, DistributedESWPSampler(es, num_epochs=4, prune_ratio=0.5))
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(got, want)

@@ -7,6 +7,7 @@ the tests here read what each rank saved."""
 from __future__ import annotations
 
 import math
+import re
 
 import dist_workers as W
 import pytest
@@ -19,12 +20,16 @@ import es_kernels as ek
 from es_kernels import reference as R
 from es_kernels._spec import DEFAULT_LAM
 from es_kernels.distributed import shard_indices, shard_length
+from es_kernels.sampler import cat_ids
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
 )
 
-SCENARIOS = {2: ("es", "eswp", "checked", "demo"), 3: ("es", "eswp", "checked")}  # demo: the costliest
+SCENARIOS = {
+    2: ("es", "eswp", "checked", "resume", "demo"),
+    3: ("es", "eswp", "checked", "resume"),
+}  # demo: the costliest
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
@@ -216,5 +221,144 @@ def test_world_of_one_equals_the_single_process_sampler(tmp_path):
                 assert torch.equal(x.positions, y.positions) and torch.equal(x.weights, y.weights)
             assert_state_equal((a.state.tensor, a.state.errors), (d.state.tensor, d.state.errors))
             assert a.step == d.step == 10
+    finally:
+        dist.destroy_process_group()
+
+
+def check_resume(res: dict, world: int, rank: int) -> None:
+    """Every mid-epoch resume of the resume scenario (python_tests/dist_workers.py) trains
+    exactly what the uninterrupted run trains: ids, picks, scales, weights, final state."""
+    from es_kernels.distributed import shard_indices
+
+    for prune_ratio in (0.5, 0.0):
+        full, runs = res[prune_ratio]["full"], res[prune_ratio]["runs"]
+        want = full["rec"]
+        assert len(runs) == len(want) >= 3 * W.REPOCHS  # several batches an epoch
+        for stop, (before, after) in enumerate(runs):
+            got = before["rec"] + after["rec"]
+            assert len(got) == len(want), (prune_ratio, stop)
+            for k, (a, b) in enumerate(zip(got, want)):
+                assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:])), (prune_ratio, stop, k)
+            for part in ("es", "pr"):
+                fa, fb = after["final"][part], full["final"][part]
+                assert fa.keys() == fb.keys()
+                for key in fa:
+                    assert_equal_entry(fa[key], fb[key])
+            # the position is this rank's position in its shard; kept is the whole plan (any rank's)
+            epoch, sd = want[stop][0], before["saved"]["pr"]
+            drawn = [r[1] for r in want if r[0] == epoch]
+            done = sum(len(r[1]) for r in want[: stop + 1] if r[0] == epoch)
+            if done < sum(len(ids) for ids in drawn):
+                assert (sd["epoch"], sd["position"]) == (epoch, done), (prune_ratio, stop)
+                assert shard_indices(sd["kept"], world, rank, False).tolist() == torch.cat(drawn).tolist()
+            else:  # the epoch's last batch: complete
+                assert (sd["epoch"], sd["position"], sd["kept"]) == (epoch + 1, 0, None), (prune_ratio, stop)
+
+
+def assert_equal_entry(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_equal_entry(a[k], b[k])
+    elif isinstance(a, torch.Tensor):  # bit for bit (NaN marks an unseen sample)
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    else:
+        assert a == b
+
+
+def test_eswp_resumes_mid_epoch_bit_for_bit(group):
+    world, res = group
+    for r in range(world):
+        check_resume(res[("resume", r)], world, r)
+    saved = [res[("resume", r)][0.5]["runs"][1][0]["saved"]["pr"] for r in range(world)]
+    for sd in saved[1:]:  # the same checkpoint on every rank: rank 0's resumes them all
+        assert_equal_entry(sd, saved[0])
+
+
+def test_checkpoint_of_another_world_size_is_refused_on_every_rank(group):
+    world, res = group
+    for r in range(world):
+        got = res[("resume", r)]
+        assert len(got["refused"]) == 2, got["refused"]
+        for msg in got["refused"]:
+            assert "saved on 1 rank(s)" in msg and f" {world} rank(s)" in msg, msg
+        step, epoch, position, state = got["after_refusal"]
+        assert (step, epoch, position) == (1, 0, 0)  # nothing loaded; the select after it ran
+
+
+def test_resume_in_one_process_group(tmp_path):
+    """The resume scenario in a gloo group of one process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        check_resume(W.resume_everywhere(str(tmp_path / "ckpt.pt")), 1, 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_load_state_dict_refuses_bad_distributed_entries(tmp_path):
+    """World size and meta_batch missing, of the wrong type, of another group or
+    with extra keys: ValueError naming the entry, nothing loaded (one-process group)."""
+    from es_kernels.distributed import DistributedESWPSampler, DistributedEvolvedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        src = DistributedEvolvedSampler(50, 3, seed=4, meta_batch=6)
+        src_pr = DistributedESWPSampler(src, num_epochs=3)
+        ids = src_pr.epoch_ids()[:6]
+        src.select(ids, losses=torch.rand(6))
+        good, good_pr = src.state_dict(), src_pr.state_dict(position=6)
+
+        def edited(sd, key, value, sub=None):
+            out = {**sd, sub: {**sd[sub]}} if sub else dict(sd)
+            d = out[sub] if sub else out
+            if value is KeyError:
+                del d[key]
+            else:
+                d[key] = value
+            return out
+
+        es_bad = {
+            "state_dict is missing 'distributed'": edited(good, "distributed", KeyError),
+            "unexpected key 'extra'": edited(good, "extra", 1),
+            "['distributed'] must be a dict": edited(good, "distributed", [1, 6]),
+            "['distributed'] is missing 'world_size'": edited(good, "world_size", KeyError, "distributed"),
+            "['distributed'] has an unexpected key 'rank'": edited(good, "rank", 0, "distributed"),
+            "['world_size'] must be a Python int, got float": edited(good, "world_size", 1.0, "distributed"),
+            "['world_size'] must be a Python int, got str": edited(good, "world_size", "1", "distributed"),
+            "['world_size'] must be a Python int, got bool": edited(good, "world_size", True, "distributed"),
+            "saved on 2 rank(s) and cannot resume on this group of 1": edited(good, "world_size", 2, "distributed"),
+            "['meta_batch'] must be a Python int": edited(good, "meta_batch", 6.0, "distributed"),
+            "state_dict['step'] must be in": edited(good, "step", -1),
+        }
+        es = DistributedEvolvedSampler(50, 3, seed=4, meta_batch=6)
+        lazy = DistributedEvolvedSampler(50, 3, seed=4)  # meta_batch from the checkpoint
+        for want, sd in es_bad.items():
+            for s in (es, lazy):
+                before = s.state_dict()
+                with pytest.raises(ValueError, match=re.escape(want)):
+                    s.load_state_dict(sd)
+                assert_equal_entry(s.state_dict(), before)  # nothing loaded
+        assert lazy.meta_batch is None
+        before = es.state_dict()
+        with pytest.raises(ValueError, match=re.escape("['meta_batch'] is 7, this sampler was given meta_batch=6")):
+            es.load_state_dict(edited(good, "meta_batch", 7, "distributed"))  # another noise: refused
+        assert_equal_entry(es.state_dict(), before)
+        lazy.load_state_dict(good)
+        assert lazy.meta_batch == 6 and lazy.step == 1
+
+        pr_bad = {
+            "state_dict is missing 'num_replicas'": edited(good_pr, "num_replicas", KeyError),
+            "['num_replicas'] must be a Python int, got float": edited(good_pr, "num_replicas", 1.0),
+            "saved on 3 rank(s) and cannot resume on 1 rank(s)": edited(good_pr, "num_replicas", 3),
+            "state_dict['position'] must be <": edited(good_pr, "position", good_pr["kept"].shape[0]),
+        }
+        pr = DistributedESWPSampler(es, num_epochs=5, prune_ratio=0.2)
+        for want, sd in pr_bad.items():
+            with pytest.raises(ValueError, match=re.escape(want)):
+                pr.load_state_dict(sd)
+            assert (pr.epoch, pr.position, pr.num_epochs, pr.prune_ratio) == (0, 0, 5, 0.2)
+        pr.load_state_dict(good_pr)
+        assert pr.position == 6 and pr.epoch == 0 and torch.equal(cat_ids(pr.chunks()), good_pr["kept"][6:])
     finally:
         dist.destroy_process_group()

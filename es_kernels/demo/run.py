@@ -212,6 +212,21 @@ def base_method(method: str) -> str:
     return method[: -len("-time")] if method.endswith("-time") else method
 
 
+def infobatch_losses(es, ids: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
+    """InfoBatch's step on a meta-batch: the losses become the samples' scores
+    (``s = l``, ``d = 0``: ``es`` has ``beta1 = 0``, ``beta2 = 1``) and come back
+    scaled by the epoch's rescale (``1/(1-r)`` for a kept pruned-class sample).
+    Under a process group (a DistributedEvolvedSampler) every rank's losses
+    reach every replica."""
+    from ..distributed import DistributedEvolvedSampler
+
+    if isinstance(es, DistributedEvolvedSampler):
+        es.observe(ids, per.detach())
+    else:
+        es_update(ids, per.detach(), es.state, beta1=0.0, beta2=1.0)
+    return per * es.scales_of(ids)
+
+
 def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budget: float | None = None) -> dict:
     """One run. ``time_budget`` (seconds of training time on ``cfg.clock``) stops the run
     by time instead of by epochs, required by the ``-time`` methods: it stops
@@ -287,11 +302,8 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             x, y = xtr[ids], ytr[ids]
             if base in ("full", "infobatch"):
                 per = task.losses(model, x, y)
-                if base == "infobatch" and world > 1:
-                    es.observe(ids, per.detach())  # every rank's losses reach every replica
-                elif base == "infobatch":
-                    es_update(ids, per.detach(), es.state, beta1=0.0, beta2=1.0)
-                    per = per * es.scales_of(ids)
+                if base == "infobatch":
+                    per = infobatch_losses(es, ids, per)
                 backward += ids.shape[0]
             elif base == "uniform":
                 pos = torch.randperm(ids.shape[0], generator=g)[:b].to(dev)
