@@ -291,14 +291,20 @@ def _lightning():
     return pl
 
 
-def make_lit(pl, eswp):
+def make_lit(pl, eswp, dropout=0.0, score_in_eval_mode=True):
     from es_kernels.integrations.lightning import ESLightningMixin
 
     class Lit(ESLightningMixin, pl.LightningModule):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.net = torch.nn.Linear(6, 5)
+            if dropout:
+                self.net = torch.nn.Sequential(
+                    torch.nn.Linear(6, 16), torch.nn.Dropout(dropout), torch.nn.Linear(16, 5)
+                )
+            else:
+                self.net = torch.nn.Linear(6, 5)
+            self.es_score_in_eval_mode = score_in_eval_mode
             es = ek.EvolvedSampler(N, mini_batch=b, seed=1)
             self.es_setup(es, eswp=ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None)
             g = torch.Generator().manual_seed(0)
@@ -351,6 +357,46 @@ def test_lightning_mid_epoch_resume_is_exact(tmp_path, eswp):
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p1, p2)
     assert torch.equal(m1.es_sampler.state.tensor.nan_to_num(-1), m2.es_sampler.state.tensor.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("score_in_eval_mode", [True, False])
+@pytest.mark.parametrize("at_step", [4, 6])  # the end of epoch 0; the middle of epoch 1
+def test_lightning_resume_with_dropout_is_exact(tmp_path, score_in_eval_mode, at_step):
+    # dropout in the training step (and in the scoring pass when it runs in train mode): the
+    # resumed run must draw the masks the uninterrupted run drew
+    pl = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=2, save_top_k=-1)
+    torch.manual_seed(123)
+    m1 = make_lit(pl, True, dropout=0.5, score_in_eval_mode=score_in_eval_mode)
+    lit_trainer(pl, tmp_path, max_steps=10, callbacks=[ck]).fit(m1)
+    path = [p for p in os.listdir(tmp_path / "ck") if f"step={at_step}." in p]
+    assert len(path) == 1, os.listdir(tmp_path / "ck")
+    torch.manual_seed(456)  # another global RNG state: the checkpoint's must be restored
+    m2 = make_lit(pl, True, dropout=0.5, score_in_eval_mode=score_in_eval_mode)
+    torch.rand(7)
+    lit_trainer(pl, tmp_path, max_steps=10).fit(m2, ckpt_path=str(tmp_path / "ck" / path[0]))
+    assert m2.es_sampler.step == 10
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+    assert torch.equal(m1.es_sampler.state.tensor.nan_to_num(-1), m2.es_sampler.state.tensor.nan_to_num(-1))
+
+
+def test_lightning_bf16_mixed_scores_under_autocast(tmp_path):
+    # the scoring pass runs under the trainer's precision, as the training step does
+    pl = _lightning()
+    m = make_lit(pl, eswp=False)
+    dtypes = {True: set(), False: set()}  # grad enabled (training step) / not (scoring pass)
+    orig = m.es_sample_losses
+
+    def es_sample_losses(batch):
+        dtypes[torch.is_grad_enabled()].add(m.net(batch["x"]).dtype)
+        return orig(batch)
+
+    m.es_sample_losses = es_sample_losses
+    lit_trainer(pl, tmp_path, max_steps=2, precision="bf16-mixed").fit(m)
+    assert dtypes == {True: {torch.bfloat16}, False: {torch.bfloat16}}
 
 
 def test_lightning_matches_hand_loop(tmp_path):

@@ -41,6 +41,23 @@ from torch.utils.data import DataLoader
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
 
+RNG_KEY = "es_rng"  # the checkpoint's entry of torch's generator states
+
+
+def _get_rng_state(device: torch.device) -> dict:
+    """torch's default generators: the CPU's and, on a CUDA ``device``, that device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`_get_rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
 
 class ESDataLoader(DataLoader):
     """A DataLoader over an :class:`ESStream` whose position Lightning saves and restores.
@@ -118,6 +135,11 @@ class ESLightningMixin:
         """
         if len(dataset) != self.es_sampler.state.num_samples:
             raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
+        if not kwargs.get("num_workers") and kwargs.get("generator") is None:
+            # each iter() of a DataLoader draws a worker seed from its generator (torch's global one
+            # by default), unused without workers: a private one keeps the global draws of an
+            # epoch boundary out of the resumed run's dropout masks
+            kwargs["generator"] = torch.Generator()
         return ESDataLoader(
             ESDataset(dataset),
             batch_size=batch_size,
@@ -153,12 +175,17 @@ class ESLightningMixin:
         trainer = getattr(self, "_trainer", None)
         if trainer is None or not trainer.training or not isinstance(batch, dict) or ID_KEY not in batch:
             return batch
+        rng = getattr(self, "_es_rng_to_restore", None)
+        if rng is not None:
+            # the first training batch after a resume: the state the uninterrupted run had here
+            self._es_rng_to_restore = None
+            _set_rng_state(rng, self.device)
         n = batch[ID_KEY].shape[0]
         was_training = self.training
         if self.es_score_in_eval_mode:
             self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
                 batch = select_batch(self.es_sampler, batch, lambda b: {"losses": self.es_sample_losses(b)})
         finally:
             self.train(was_training)
@@ -171,11 +198,13 @@ class ESLightningMixin:
         """Lightning's hook: store the sampler's state under ``es_sampler``."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["es_sampler"] = self.es_sampler.state_dict()
+        checkpoint[RNG_KEY] = _get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Lightning's hook: restore the sampler's state."""
         super().on_load_checkpoint(checkpoint)
         self.es_sampler.load_state_dict(checkpoint["es_sampler"])
+        self._es_rng_to_restore = checkpoint.get(RNG_KEY)  # set before the next training batch is scored
 
 
 __all__ = ["ESDataLoader", "ESLightningMixin"]
