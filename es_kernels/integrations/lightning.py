@@ -17,9 +17,12 @@ Use::
             return self.es_dataloader(train_set, batch_size=64)       # items: dicts of tensors
 
 Hooks (tested with lightning 2.6.6): ``on_after_batch_transfer`` (public, returns
-the batch training_step gets: the scoring pass without autograd in eval mode and
-the selection run there, during training only; validation/test/predict batches
-pass untouched), ``on_save_checkpoint`` / ``on_load_checkpoint`` (the ES state),
+the batch training_step gets: the scoring pass without autograd in eval mode,
+under the trainer's precision context as the training step, and the selection
+run there, during training only; validation/test/predict batches pass untouched),
+``on_save_checkpoint`` / ``on_load_checkpoint`` (the ES state, and torch's
+generator states, restored before the next training batch is scored, so a
+resume with dropout is exact: Lightning restores none),
 and a stateful DataLoader (:class:`ESDataLoader`, ``state_dict`` /
 ``load_state_dict``, which Lightning saves in the checkpoint's loop state) whose
 :class:`~es_kernels.integrations.ESStream` records the samples trained in the
@@ -127,7 +130,9 @@ class ESLightningMixin:
             The meta-batch ``B``.
         collate_fn : callable or None
         **kwargs
-            More ``DataLoader`` arguments.
+            More ``DataLoader`` arguments. Without workers and ``generator``,
+            the loader gets a private generator for its (unused) worker seed,
+            so a new epoch draws nothing from torch's global generator.
 
         Returns
         -------

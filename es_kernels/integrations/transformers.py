@@ -18,8 +18,11 @@ refuses versions without the hooks):
 
 * ``get_batch_samples`` (public): the Trainer fetches the micro-batches of one
   optimizer step here and counts ``num_items_in_batch`` over them. ESTrainer
-  runs the scoring pass (no autograd, eval mode) and the selection on each
-  meta-batch first, then lets the Trainer count over the *selected* rows. So
+  runs the scoring pass (no autograd, eval mode; the unwrapped model under the
+  run's autocast, so ``bf16=True`` gives bfloat16 logits, not accelerate's
+  float32 copy; or from the hidden states with ``es_score_from_hidden``) and
+  the selection on each meta-batch first, then lets the Trainer count over the
+  *selected* rows. So
   the loss is normalised by the tokens actually trained (overriding
   ``compute_loss`` instead would divide by the whole meta-batch's count: a loss
   ``b/B`` too small), and gradient accumulation over several meta-batches is
@@ -42,6 +45,11 @@ refuses versions without the hooks):
 * A ``TrainerCallback`` writes ``es_sampler.pt`` (the ES state and the stream's
   position and plans) into every checkpoint folder; ``train(resume_from_checkpoint=...)``
   loads it, so a resume draws exactly what the uninterrupted run would.
+* ``_load_rng_state`` (private): in a mid-epoch resume the Trainer restores
+  the checkpoint's RNG state after ``get_batch_samples``, that is after the
+  scoring pass; ESTrainer restores it before the scoring pass and skips the
+  Trainer's second restore, so the dropout masks of both passes are the
+  uninterrupted run's.
 * Evaluation and ``prediction_step`` are unchanged: no scoring, no selection.
 
 Distributed (DDP, ``torchrun`` or ``accelerate launch``): pass a
