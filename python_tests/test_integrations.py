@@ -108,13 +108,13 @@ def trainer_args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-def make_trainer(tmp_path, eswp=False, seed=0, dropout=0.0, es_kw=None, **kw):
+def make_trainer(tmp_path, eswp=False, seed=0, dropout=0.0, es_kw=None, model=None, **kw):
     from es_kernels.integrations.transformers import ESTrainer
 
     es = ek.EvolvedSampler(N, mini_batch=b, seed=seed)
     pruner = ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None
     tr = ESTrainer(
-        model=make_model(dropout=dropout),
+        model=make_model(dropout=dropout) if model is None else model(),
         args=trainer_args(tmp_path, **kw),
         train_dataset=make_data(),
         data_collator=collate,
@@ -312,19 +312,33 @@ def test_trainer_bf16_scores_bf16_logits(tmp_path):
     assert_same_params(tr.model, model, atol=1e-5)
 
 
+def make_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=T,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
 @hf
-@pytest.mark.parametrize("bf16", [False, True])
-def test_trainer_score_from_hidden(tmp_path, bf16):
+@pytest.mark.parametrize("bf16,arch", [(False, "gpt2"), (True, "gpt2"), (True, "llama")])
+def test_trainer_score_from_hidden(tmp_path, bf16, arch):
     # es_score_from_hidden: the base model's hidden states and lm_head's weight, in the dtype the
     # autocast lm_head computes in; the same selections and training as scoring from the logits
+    # (GPT-2: model.transformer, tied lm_head; Llama: model.model, untied)
     steps = 3
-    tr, es, _ = make_trainer(tmp_path / "h", max_steps=steps, bf16=bf16, es_kw={"es_score_from_hidden": True})
+    model = make_llama if arch == "llama" else None
+    es_kw = {"es_score_from_hidden": True}
+    tr, es, _ = make_trainer(tmp_path / "h", max_steps=steps, bf16=bf16, es_kw=es_kw, model=model)
     dtypes = record_select_dtypes(es)
     seen = record_selections(es)
     tr.train()
     dt = torch.bfloat16 if bf16 else torch.float32
     assert dtypes == [{"hidden": dt, "weight": dt, "targets": torch.int64}] * steps
-    ref, es_ref, _ = make_trainer(tmp_path / "l", max_steps=steps, bf16=bf16)
+    ref, es_ref, _ = make_trainer(tmp_path / "l", max_steps=steps, bf16=bf16, model=model)
     seen_ref = record_selections(es_ref)
     ref.train()
     assert seen == seen_ref
@@ -339,15 +353,18 @@ def test_trainer_score_from_hidden_refuses_other_heads(tmp_path):
     from es_kernels.integrations.transformers import ESTrainer
 
     cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, n_positions=T, num_labels=3)
-    with pytest.raises(ValueError, match="es_score_from_hidden"):
-        ESTrainer(
-            model=GPT2ForSequenceClassification(cfg),
-            args=trainer_args(tmp_path),
-            train_dataset=make_data(),
-            data_collator=collate,
-            es_sampler=ek.EvolvedSampler(N, mini_batch=b),
-            es_score_from_hidden=True,
-        )
+    capped = make_model()
+    capped.config.final_logit_softcapping = 30.0  # logits that are not lm_head(hidden)
+    for model, match in ((GPT2ForSequenceClassification(cfg), "linear output layer"), (capped, "softcapping")):
+        with pytest.raises(ValueError, match=match):
+            ESTrainer(
+                model=model,
+                args=trainer_args(tmp_path),
+                train_dataset=make_data(),
+                data_collator=collate,
+                es_sampler=ek.EvolvedSampler(N, mini_batch=b),
+                es_score_from_hidden=True,
+            )
 
 
 @hf

@@ -187,7 +187,7 @@ class ESTrainer(Trainer):
     ValueError
         For an ``eswp`` on another sampler or a train set of another size;
         with ``es_score_from_hidden``, for a model without a linear output
-        layer or with scaled or soft-capped logits.
+        layer or with scaled or soft-capped logits, or under FSDP or DeepSpeed.
     RuntimeError
         For an unsupported transformers version (:func:`check_version`).
 
@@ -226,6 +226,11 @@ class ESTrainer(Trainer):
         self._es_rng_checkpoint = None  # a resume's checkpoint, until its RNG state is restored
         self._es_rng_restored = False  # restored before the scoring pass: skip the Trainer's restore
         if self.es_score_from_hidden:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise ValueError(
+                    "es_score_from_hidden calls the base model and reads lm_head.weight directly, "
+                    "which FSDP and DeepSpeed shard: score from the logits there"
+                )
             self._es_head()  # refuse a model without a plain lm_head now
         self._es_shift = es_shift_labels
         if self.train_dataset is not None:
