@@ -46,19 +46,20 @@ def make_es(eswp: bool):
     return es, (DistributedESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None)
 
 
-def make_trainer(out, eswp=False, **kw):
+def make_trainer(out, eswp=False, dropout=0.0, es_kw=None, **kw):
     from es_kernels.integrations.transformers import ESTrainer
 
     es, pruner = make_es(eswp)
     args = dict(per_device_train_batch_size=B, ddp_backend="gloo", max_steps=STEPS)
     args.update(kw)
     tr = ESTrainer(
-        model=make_model(),
+        model=make_model(dropout=dropout),
         args=trainer_args(Path(out), **args),
         train_dataset=make_data(),
         data_collator=collate,
         es_sampler=es,
         eswp=pruner,
+        **(es_kw or {}),
     )
     return tr, es
 
@@ -126,19 +127,20 @@ def hand_loop(rank, world, out):
     return {"seen": seen, "state": es.state.tensor.clone(), "step": es.step, "params": params(model)}
 
 
-def resume(rank, world, out):
+def resume(rank, world, out, name="resume", **kw):
     """ESWP under DDP: 10 steps with a checkpoint at step 6 (the middle of loader
     epoch 1, whose ESWP plan is pruned), then a fresh trainer resumed from it;
     both must end bit-identical."""
-    root = os.path.join(out, "resume")
-    tr, es = make_trainer(root, eswp=True, max_steps=10, save_strategy="steps", save_steps=6)
+    root = os.path.join(out, name)
+    tr, es = make_trainer(root, eswp=True, max_steps=10, save_strategy="steps", save_steps=6, **kw)
     seen = record(es)
     tr.train()
     full = {"state": es.state.tensor.clone(), "step": es.step, "params": params(tr.model), "seen": seen[6:]}
     pruned = es.scale is not None and bool((es.scale != 1).any())
     dist.barrier()
-    tr2, es2 = make_trainer(root, eswp=True, max_steps=10)
+    tr2, es2 = make_trainer(root, eswp=True, max_steps=10, **kw)
     seen2 = record(es2)
+    torch.manual_seed(100 + rank)  # another RNG state on each rank: each rank's checkpointed one must be restored
     tr2.train(resume_from_checkpoint=os.path.join(root, "checkpoint-6"))
     return {
         "full": full,
@@ -148,3 +150,10 @@ def resume(rank, world, out):
         "plans": [(p.epoch, p.ids.tolist()) for p in tr.es_stream._plans],
         "plans2": [(p.epoch, p.ids.tolist()) for p in tr2.es_stream._plans],
     }
+
+
+def resume_dropout(rank, world, out):
+    """:func:`resume` with dropout, in the training step and in the scoring pass
+    (``es_score_in_eval_mode=False``): each rank's dropout masks must be drawn
+    from its checkpointed RNG state."""
+    return resume(rank, world, out, name="resume_dropout", dropout=0.5, es_kw={"es_score_in_eval_mode": False})

@@ -25,12 +25,13 @@ def make_data(seed=0):
     return [{"input_ids": x[i], "labels": y[i], "text": f"sample {i}"} for i in range(N)]
 
 
-def make_model(seed=0):
+def make_model(seed=0, dropout=0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    p = dropout
     cfg = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p
     )
     return GPT2LMHeadModel(cfg)
 
@@ -107,18 +108,19 @@ def trainer_args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-def make_trainer(tmp_path, eswp=False, seed=0, **kw):
+def make_trainer(tmp_path, eswp=False, seed=0, dropout=0.0, es_kw=None, model=None, **kw):
     from es_kernels.integrations.transformers import ESTrainer
 
     es = ek.EvolvedSampler(N, mini_batch=b, seed=seed)
     pruner = ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None
     tr = ESTrainer(
-        model=make_model(),
+        model=make_model(dropout=dropout) if model is None else model(),
         args=trainer_args(tmp_path, **kw),
         train_dataset=make_data(),
         data_collator=collate,
         es_sampler=es,
         eswp=pruner,
+        **(es_kw or {}),
     )
     return tr, es, pruner
 
@@ -149,19 +151,27 @@ def read_ahead(loader):
     yield cur
 
 
-def hand_select(model, es, batch, seen):
+def bf16_autocast(on):
+    import contextlib
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def hand_select(model, es, batch, seen, bf16=False):
     """ESTrainer's scoring pass (eval mode, no autograd) and selection on one
     collated meta-batch; the selected ids go to ``seen``. Returns the positions."""
     x, y, ids = batch["input_ids"], batch["labels"], batch["es_id"]
     model.eval()
     with torch.no_grad():
-        sel = es.select(ids, logits=model(x).logits[:, :-1], targets=y[:, 1:])
+        with bf16_autocast(bf16):
+            logits = model(x).logits
+        sel = es.select(ids, logits=logits[:, :-1], targets=y[:, 1:])
     model.train()
     seen.append(ids[sel.positions].tolist())
     return sel.positions
 
 
-def hand_loop(steps, accum=1, eswp=False, seed=0):
+def hand_loop(steps, accum=1, eswp=False, seed=0, bf16=False):
     """The loop the README describes, with the Trainer's optimizer, schedule and
     token-mean loss (normalised over the tokens of all micro-batches of a step)."""
     from transformers import get_linear_schedule_with_warmup
@@ -181,11 +191,12 @@ def hand_loop(steps, accum=1, eswp=False, seed=0):
             except StopIteration:
                 it = read_ahead(loader)
                 batch = next(it)
-            pos = hand_select(model, es, batch, seen)
+            pos = hand_select(model, es, batch, seen, bf16=bf16)
             micro.append((batch["input_ids"][pos], batch["labels"][pos], batch["es_scale"][pos]))
         count = sum(int((y[:, 1:] != -100).sum()) for _, y, _ in micro)
         for x, y, s in micro:
-            logits = model(x).logits[:, :-1]
+            with bf16_autocast(bf16):
+                logits = model(x).logits[:, :-1]
             tok = F.cross_entropy(logits.reshape(-1, V).float(), y[:, 1:].reshape(-1), reduction="none")
             (((tok.view(y.shape[0], -1).sum(1) * s).sum()) / count).backward()
         opt.step()
@@ -256,6 +267,107 @@ def test_trainer_resume_is_exact(tmp_path):
 
 
 @hf
+@pytest.mark.parametrize("score_in_eval_mode,at_step", [(False, 6), (False, 4), (True, 6)])
+def test_trainer_resume_with_dropout_is_exact(tmp_path, score_in_eval_mode, at_step):
+    # dropout in the training step, and in the scoring pass when it runs in train mode; the
+    # checkpoint at step 6 is in the middle of epoch 1 (4 steps an epoch), the one at 4 at its start
+    es_kw = {"es_score_in_eval_mode": score_in_eval_mode}
+    kw = dict(eswp=True, dropout=0.5, es_kw=es_kw, max_steps=8)
+    tr, es, _ = make_trainer(tmp_path / "a", save_strategy="steps", save_steps=2, **kw)
+    tr.train()
+    tr2, es2, _ = make_trainer(tmp_path / "a", save_strategy="no", **kw)
+    torch.manual_seed(1)  # another global RNG state: the checkpoint's must be restored
+    tr2.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{at_step}"))
+    assert es2.step == 8
+    for p1, p2 in zip(tr.model.parameters(), tr2.model.parameters()):
+        assert torch.equal(p1, p2)
+    assert torch.equal(es.state.tensor.nan_to_num(-1), es2.state.tensor.nan_to_num(-1))
+
+
+def record_select_dtypes(es):
+    """The dtypes of the tensors ``es.select`` receives, one dict a call."""
+    seen = []
+    orig = es.select
+
+    def select(ids, **kw):
+        seen.append({k: v.dtype for k, v in kw.items() if isinstance(v, torch.Tensor)})
+        return orig(ids, **kw)
+
+    es.select = select
+    return seen
+
+
+@hf
+def test_trainer_bf16_scores_bf16_logits(tmp_path):
+    # bf16=True: the scoring pass reads the autocast's bfloat16 logits, not accelerate's float32 copy
+    steps = 3
+    tr, es, _ = make_trainer(tmp_path, max_steps=steps, bf16=True)
+    dtypes = record_select_dtypes(es)
+    seen = record_selections(es)
+    tr.train()
+    assert [d["logits"] for d in dtypes] == [torch.bfloat16] * steps
+    model, es_ref, seen_ref = hand_loop(steps, bf16=True)
+    assert seen == seen_ref
+    torch.testing.assert_close(es.state.tensor, es_ref.state.tensor, equal_nan=True, atol=1e-6, rtol=1e-5)
+    assert_same_params(tr.model, model, atol=1e-5)
+
+
+def make_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=T,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+@hf
+@pytest.mark.parametrize("bf16,arch", [(False, "gpt2"), (True, "gpt2"), (True, "llama")])
+def test_trainer_score_from_hidden(tmp_path, bf16, arch):
+    # es_score_from_hidden: the base model's hidden states and lm_head's weight, in the dtype the
+    # autocast lm_head computes in; the same selections and training as scoring from the logits
+    # (GPT-2: model.transformer, tied lm_head; Llama: model.model, untied)
+    steps = 3
+    model = make_llama if arch == "llama" else None
+    es_kw = {"es_score_from_hidden": True}
+    tr, es, _ = make_trainer(tmp_path / "h", max_steps=steps, bf16=bf16, es_kw=es_kw, model=model)
+    dtypes = record_select_dtypes(es)
+    seen = record_selections(es)
+    tr.train()
+    dt = torch.bfloat16 if bf16 else torch.float32
+    assert dtypes == [{"hidden": dt, "weight": dt, "targets": torch.int64}] * steps
+    ref, es_ref, _ = make_trainer(tmp_path / "l", max_steps=steps, bf16=bf16, model=model)
+    seen_ref = record_selections(es_ref)
+    ref.train()
+    assert seen == seen_ref
+    torch.testing.assert_close(es.state.tensor, es_ref.state.tensor, equal_nan=True, atol=1e-5, rtol=1e-4)
+    assert_same_params(tr.model, ref.model, atol=1e-5)
+
+
+@hf
+def test_trainer_score_from_hidden_refuses_other_heads(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from es_kernels.integrations.transformers import ESTrainer
+
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, n_positions=T, num_labels=3)
+    capped = make_model()
+    capped.config.final_logit_softcapping = 30.0  # logits that are not lm_head(hidden)
+    for model, match in ((GPT2ForSequenceClassification(cfg), "linear output layer"), (capped, "softcapping")):
+        with pytest.raises(ValueError, match=match):
+            ESTrainer(
+                model=model,
+                args=trainer_args(tmp_path),
+                train_dataset=make_data(),
+                data_collator=collate,
+                es_sampler=ek.EvolvedSampler(N, mini_batch=b),
+                es_score_from_hidden=True,
+            )
+
+
+@hf
 def test_trainer_evaluation_does_not_score(tmp_path):
     from transformers import Trainer
 
@@ -291,14 +403,20 @@ def _lightning():
     return pl
 
 
-def make_lit(pl, eswp):
+def make_lit(pl, eswp, dropout=0.0, score_in_eval_mode=True):
     from es_kernels.integrations.lightning import ESLightningMixin
 
     class Lit(ESLightningMixin, pl.LightningModule):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.net = torch.nn.Linear(6, 5)
+            if dropout:
+                self.net = torch.nn.Sequential(
+                    torch.nn.Linear(6, 16), torch.nn.Dropout(dropout), torch.nn.Linear(16, 5)
+                )
+            else:
+                self.net = torch.nn.Linear(6, 5)
+            self.es_score_in_eval_mode = score_in_eval_mode
             es = ek.EvolvedSampler(N, mini_batch=b, seed=1)
             self.es_setup(es, eswp=ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None)
             g = torch.Generator().manual_seed(0)
@@ -351,6 +469,46 @@ def test_lightning_mid_epoch_resume_is_exact(tmp_path, eswp):
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p1, p2)
     assert torch.equal(m1.es_sampler.state.tensor.nan_to_num(-1), m2.es_sampler.state.tensor.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("score_in_eval_mode", [True, False])
+@pytest.mark.parametrize("at_step", [4, 6])  # the end of epoch 0; the middle of epoch 1
+def test_lightning_resume_with_dropout_is_exact(tmp_path, score_in_eval_mode, at_step):
+    # dropout in the training step (and in the scoring pass when it runs in train mode): the
+    # resumed run must draw the masks the uninterrupted run drew
+    pl = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=2, save_top_k=-1)
+    torch.manual_seed(123)
+    m1 = make_lit(pl, True, dropout=0.5, score_in_eval_mode=score_in_eval_mode)
+    lit_trainer(pl, tmp_path, max_steps=10, callbacks=[ck]).fit(m1)
+    path = [p for p in os.listdir(tmp_path / "ck") if f"step={at_step}." in p]
+    assert len(path) == 1, os.listdir(tmp_path / "ck")
+    torch.manual_seed(456)  # another global RNG state: the checkpoint's must be restored
+    m2 = make_lit(pl, True, dropout=0.5, score_in_eval_mode=score_in_eval_mode)
+    torch.rand(7)
+    lit_trainer(pl, tmp_path, max_steps=10).fit(m2, ckpt_path=str(tmp_path / "ck" / path[0]))
+    assert m2.es_sampler.step == 10
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+    assert torch.equal(m1.es_sampler.state.tensor.nan_to_num(-1), m2.es_sampler.state.tensor.nan_to_num(-1))
+
+
+def test_lightning_bf16_mixed_scores_under_autocast(tmp_path):
+    # the scoring pass runs under the trainer's precision, as the training step does
+    pl = _lightning()
+    m = make_lit(pl, eswp=False)
+    dtypes = {True: set(), False: set()}  # grad enabled (training step) / not (scoring pass)
+    orig = m.es_sample_losses
+
+    def es_sample_losses(batch):
+        dtypes[torch.is_grad_enabled()].add(m.net(batch["x"]).dtype)
+        return orig(batch)
+
+    m.es_sample_losses = es_sample_losses
+    lit_trainer(pl, tmp_path, max_steps=2, precision="bf16-mixed").fit(m)
+    assert dtypes == {True: {torch.bfloat16}, False: {torch.bfloat16}}
 
 
 def test_lightning_matches_hand_loop(tmp_path):

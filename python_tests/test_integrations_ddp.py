@@ -26,7 +26,7 @@ pytestmark = [
     ),
 ]
 
-SCENARIOS = ("trainer_run", "hand_loop", "resume")
+SCENARIOS = ("trainer_run", "hand_loop", "resume", "resume_dropout")
 WORLD = 2
 
 
@@ -63,13 +63,14 @@ def test_trainer_ddp_matches_hand_loop(runs):
     assert int((~runs["trainer_run", 0]["state"][:, 0].isnan()).sum()) == W.N  # every rank's ids observed
 
 
-def test_trainer_ddp_resume_is_exact(runs):
+@pytest.mark.parametrize("name", ["resume", "resume_dropout"])
+def test_trainer_ddp_resume_is_exact(runs, name):
     for r in range(WORLD):
-        res = runs["resume", r]
+        res = runs[name, r]
         assert res["pruned"] and res["global_step"] == 10
         assert res["resumed"]["seen"] == res["full"]["seen"]
         same(res["full"], res["resumed"])
-    same(runs["resume", 0]["resumed"], runs["resume", 1]["resumed"])
+    same(runs[name, 0]["resumed"], runs[name, 1]["resumed"])
     # every rank made the same ESWP plans (the same state at the same step), resumed or not
-    assert runs["resume", 0]["plans"] == runs["resume", 1]["plans"] == runs["resume", 0]["plans2"]
-    assert max(e for e, _ in runs["resume", 0]["plans"]) >= 2
+    assert runs[name, 0]["plans"] == runs[name, 1]["plans"] == runs[name, 0]["plans2"]
+    assert max(e for e, _ in runs[name, 0]["plans"]) >= 2

@@ -17,9 +17,12 @@ Use::
             return self.es_dataloader(train_set, batch_size=64)       # items: dicts of tensors
 
 Hooks (tested with lightning 2.6.6): ``on_after_batch_transfer`` (public, returns
-the batch training_step gets: the scoring pass without autograd in eval mode and
-the selection run there, during training only; validation/test/predict batches
-pass untouched), ``on_save_checkpoint`` / ``on_load_checkpoint`` (the ES state),
+the batch training_step gets: the scoring pass without autograd in eval mode,
+under the trainer's precision context as the training step, and the selection
+run there, during training only; validation/test/predict batches pass untouched),
+``on_save_checkpoint`` / ``on_load_checkpoint`` (the ES state, and torch's
+generator states, restored before the next training batch is scored, so a
+resume with dropout is exact: Lightning restores none),
 and a stateful DataLoader (:class:`ESDataLoader`, ``state_dict`` /
 ``load_state_dict``, which Lightning saves in the checkpoint's loop state) whose
 :class:`~es_kernels.integrations.ESStream` records the samples trained in the
@@ -41,6 +44,23 @@ from torch.utils.data import DataLoader
 from .. import _checks
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
+
+RNG_KEY = "es_rng"  # the checkpoint's entry of torch's generator states
+
+
+def _get_rng_state(device: torch.device) -> dict:
+    """torch's default generators: the CPU's and, on a CUDA ``device``, that device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`_get_rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class ESDataLoader(DataLoader):
@@ -116,7 +136,9 @@ class ESLightningMixin:
             The meta-batch ``B``.
         collate_fn : callable or None
         **kwargs
-            More ``DataLoader`` arguments.
+            More ``DataLoader`` arguments. Without workers and ``generator``,
+            the loader gets a private generator for its (unused) worker seed,
+            so a new epoch draws nothing from torch's global generator.
 
         Returns
         -------
@@ -135,6 +157,11 @@ class ESLightningMixin:
                 f"batch_size ({batch_size}) must be >= es.mini_batch ({self.es_sampler.mini_batch}): "
                 "it is the meta-batch ES selects from"
             )
+        if not kwargs.get("num_workers") and kwargs.get("generator") is None:
+            # each iter() of a DataLoader draws a worker seed from its generator (torch's global one
+            # by default), unused without workers: a private one keeps the global draws of an
+            # epoch boundary out of the resumed run's dropout masks
+            kwargs["generator"] = torch.Generator()
         return ESDataLoader(
             ESDataset(dataset),
             batch_size=batch_size,
@@ -175,12 +202,17 @@ class ESLightningMixin:
                 f"the training batch has no {ID_KEY!r} key, so ES cannot select in it: "
                 "return self.es_dataloader(...) from train_dataloader"
             )
+        rng = getattr(self, "_es_rng_to_restore", None)
+        if rng is not None:
+            # the first training batch after a resume: the state the uninterrupted run had here
+            self._es_rng_to_restore = None
+            _set_rng_state(rng, self.device)
         n = batch[ID_KEY].shape[0]
         was_training = self.training
         if self.es_score_in_eval_mode:
             self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
                 batch = select_batch(self.es_sampler, batch, lambda b: {"losses": self.es_sample_losses(b)})
         finally:
             self.train(was_training)
@@ -193,6 +225,7 @@ class ESLightningMixin:
         """Lightning's hook: store the sampler's state under ``es_sampler``."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["es_sampler"] = self.es_sampler.state_dict()
+        checkpoint[RNG_KEY] = _get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Lightning's hook: restore the sampler's state, all or nothing: the
@@ -204,6 +237,7 @@ class ESLightningMixin:
         for i, sd in enumerate(fit.get("combined_loader", [])):  # the ESDataLoader's ESStream state
             self.es_stream._validated_state(sd, f"the checkpoint's train loader state [{i}]")
         self.es_sampler.load_state_dict(checkpoint["es_sampler"])
+        self._es_rng_to_restore = checkpoint.get(RNG_KEY)  # set before the next training batch is scored
 
 
 __all__ = ["ESDataLoader", "ESLightningMixin"]

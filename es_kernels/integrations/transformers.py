@@ -18,8 +18,11 @@ refuses versions without the hooks):
 
 * ``get_batch_samples`` (public): the Trainer fetches the micro-batches of one
   optimizer step here and counts ``num_items_in_batch`` over them. ESTrainer
-  runs the scoring pass (no autograd, eval mode) and the selection on each
-  meta-batch first, then lets the Trainer count over the *selected* rows. So
+  runs the scoring pass (no autograd, eval mode; the unwrapped model under the
+  run's autocast, so ``bf16=True`` gives bfloat16 logits, not accelerate's
+  float32 copy; or from the hidden states with ``es_score_from_hidden``) and
+  the selection on each meta-batch first, then lets the Trainer count over the
+  *selected* rows. So
   the loss is normalised by the tokens actually trained (overriding
   ``compute_loss`` instead would divide by the whole meta-batch's count: a loss
   ``b/B`` too small), and gradient accumulation over several meta-batches is
@@ -42,6 +45,11 @@ refuses versions without the hooks):
 * A ``TrainerCallback`` writes ``es_sampler.pt`` (the ES state and the stream's
   position and plans) into every checkpoint folder; ``train(resume_from_checkpoint=...)``
   loads it, so a resume draws exactly what the uninterrupted run would.
+* ``_load_rng_state`` (private): in a mid-epoch resume the Trainer restores
+  the checkpoint's RNG state after ``get_batch_samples``, that is after the
+  scoring pass; ESTrainer restores it before the scoring pass and skips the
+  Trainer's second restore, so the dropout masks of both passes are the
+  uninterrupted run's.
 * Evaluation and ``prediction_step`` are unchanged: no scoring, no selection.
 
 Distributed (DDP, ``torchrun`` or ``accelerate launch``): pass a
@@ -121,6 +129,8 @@ def check_version(version: str | None = None) -> None:
         missing.append("_get_train_sampler(train_dataset)")
     if not hasattr(Trainer, "_set_signature_columns_if_needed"):
         missing.append("_set_signature_columns_if_needed")
+    if list(inspect.signature(Trainer._load_rng_state).parameters)[1:] != ["checkpoint"]:
+        missing.append("_load_rng_state(checkpoint)")
     if t[:2] < MIN_VERSION or t[0] > MAX_MAJOR or missing:
         raise RuntimeError(
             f"es_kernels.integrations.transformers supports transformers >= {'.'.join(map(str, MIN_VERSION))}, "
@@ -167,6 +177,11 @@ class ESTrainer(Trainer):
         ``None``: as the Trainer decides for its loss (True for causal LMs).
     es_score_in_eval_mode : bool
         The scoring pass runs with dropout off and draws no random numbers.
+    es_score_from_hidden : bool
+        Score from the base model's last hidden states and the ``lm_head``
+        weight (:func:`es_kernels.per_sample_losses_from_hidden`) instead of
+        the ``[B, T, V]`` logits, for a causal LM whose logits are exactly
+        ``lm_head(hidden)``.
 
     Raises
     ------
@@ -175,14 +190,18 @@ class ESTrainer(Trainer):
         ``eswp`` not an ``ESWPSampler`` or on another sampler, a train set of
         another size, ``es_sampler.mini_batch`` above
         ``per_device_train_batch_size``; in training, a batch without
-        ``es_id`` (from a loader other than ESTrainer's).
+        ``es_id`` (from a loader other than ESTrainer's); with
+        ``es_score_from_hidden``, a model without a linear output layer or
+        with scaled or soft-capped logits, or under FSDP or DeepSpeed.
     RuntimeError
         For an unsupported transformers version (:func:`check_version`).
 
     Notes
     -----
     The scoring pass and the selection make no host synchronisation of their
-    own (the Trainer's loop may); each new ESWP epoch makes one.
+    own (the Trainer's loop may); each new ESWP epoch makes one. The scoring
+    pass calls the unwrapped model under the run's autocast (``bf16=True``:
+    bfloat16 logits, read in place, not accelerate's float32 copy of them).
     """
 
     def __init__(
@@ -192,6 +211,7 @@ class ESTrainer(Trainer):
         eswp: ESWPSampler | None = None,
         es_shift_labels: bool | None = None,
         es_score_in_eval_mode: bool = True,
+        es_score_from_hidden: bool = False,
         **kwargs,
     ):
         check_version()
@@ -220,6 +240,16 @@ class ESTrainer(Trainer):
         self.es_eswp = eswp
         self.es_stream = ESStream(eswp, es=es_sampler)
         self.es_score_in_eval_mode = bool(es_score_in_eval_mode)
+        self.es_score_from_hidden = bool(es_score_from_hidden)
+        self._es_rng_checkpoint = None  # a resume's checkpoint, until its RNG state is restored
+        self._es_rng_restored = False  # restored before the scoring pass: skip the Trainer's restore
+        if self.es_score_from_hidden:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise ValueError(
+                    "es_score_from_hidden calls the base model and reads lm_head.weight directly, "
+                    "which FSDP and DeepSpeed shard: score from the logits there"
+                )
+            self._es_head()  # refuse a model without a plain lm_head now
         self._es_shift = es_shift_labels
         if self.train_dataset is not None:
             if len(self.train_dataset) != es_sampler.state.num_samples:
@@ -272,7 +302,26 @@ class ESTrainer(Trainer):
                     "so the ES state cannot be restored"
                 )
             self.es_load_state_dict(torch.load(path, weights_only=False))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._es_rng_checkpoint = (
+            resume_from_checkpoint if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+        )
+        self._es_rng_restored = False
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._es_rng_checkpoint, self._es_rng_restored = None, False
+
+    def _load_rng_state(self, checkpoint):
+        # The Trainer restores the checkpoint's RNG state at an epoch boundary before the epoch's
+        # first batch, but in the middle of an epoch only after get_batch_samples, which runs the
+        # scoring pass here: get_batch_samples then restores it before scoring and this skips the
+        # Trainer's second restore, so the scoring pass and the training step draw what the
+        # uninterrupted run drew (dropout with es_score_in_eval_mode=False).
+        self._es_rng_checkpoint = None
+        if self._es_rng_restored:
+            self._es_rng_restored = False
+            return
+        super()._load_rng_state(checkpoint)
 
     # -- scoring and selection -------------------------------------------------------
     def _es_shifts(self) -> bool:
@@ -291,26 +340,85 @@ class ESTrainer(Trainer):
             return logits[:, :-1], labels[:, 1:]
         return logits, labels
 
+    def _es_scoring_model(self):
+        """The model the scoring pass calls: the unwrapped one (no DDP wrapper, no
+        collective; FSDP and DeepSpeed keep theirs, which own the parameters)."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return self.model_wrapped
+        return self.accelerator.unwrap_model(self.model_wrapped)
+
+    def _es_forward(self, module, inputs: dict):
+        """``module(**inputs)`` under the run's autocast, without accelerate's
+        float32 conversion of the outputs (its ``_original_forward``), and the
+        dtype of the autocast's matmuls (``None`` without autocast)."""
+        forward = getattr(getattr(module, "_orig_mod", module), "_original_forward", module)
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
+            dev = self.args.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            return forward(**inputs), dtype
+
+    def _es_head(self):
+        """(base model, lm_head) for ``es_score_from_hidden``."""
+        model = self.accelerator.unwrap_model(self.model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        base = getattr(model, "base_model", None)
+        if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+            raise ValueError(
+                "es_score_from_hidden needs a model with a base model (model.base_model) and a linear "
+                f"output layer (model.get_output_embeddings()); {type(model).__name__} has not"
+            )
+        cfg = getattr(model, "config", None)
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+            if getattr(cfg, name, None) not in (None, 1, 1.0):
+                raise ValueError(
+                    f"es_score_from_hidden: {type(model).__name__}'s logits are not lm_head(hidden) "
+                    f"(config.{name}={getattr(cfg, name)}); score from the logits"
+                )
+        return base, head
+
     def es_score(self, model, batch: dict) -> dict:
         """Keyword arguments of ``es.select`` for a meta-batch (no autograd): the
-        model's logits and the labels (shifted for causal LMs). Override for
-        another per-sample loss (return ``{"losses": [B]}``)."""
+        model's logits and the labels (shifted for causal LMs), or with
+        ``es_score_from_hidden`` the base model's last hidden states, the
+        ``lm_head`` weight and bias and the labels. The forward runs under the
+        run's autocast, its outputs in the dtype it computed them in. Override
+        for another per-sample loss (return ``{"losses": [B]}``)."""
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
-        outputs = model(**inputs)
+        if self.es_score_from_hidden:
+            return self._es_score_hidden(inputs, batch)
+        outputs, _ = self._es_forward(model, inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         logits, targets = self._es_logits_targets(logits, batch)
         return {"logits": logits, "targets": targets.to(logits.device)}
+
+    def _es_score_hidden(self, inputs: dict, batch: dict) -> dict:
+        base, head = self._es_head()
+        outputs, dtype = self._es_forward(base, {**inputs, "use_cache": False})
+        hidden = outputs["last_hidden_state"] if isinstance(outputs, dict) else outputs[0]
+        weight, bias = head.weight, head.bias
+        dtype = weight.dtype if dtype is None else dtype  # the dtype the lm_head's matmul would run in
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        kw = {"hidden": hidden, "weight": weight, "bias": bias}
+        if "shift_labels" in batch:
+            targets = batch["shift_labels"]
+            kw["hidden"] = hidden[:, : targets.shape[1]]
+        else:
+            targets = batch["labels"]
+            kw["shift_labels"] = targets.dim() == 2 and self._es_shifts()
+        kw["targets"] = targets.to(hidden.device)
+        return kw
 
     def es_select(self, batch: dict) -> dict:
         """The scoring pass and the selection on one collated meta-batch."""
         device = self.args.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != ID_KEY else v for k, v in batch.items()}
-        model = self.model_wrapped
+        model = self._es_scoring_model()
         was_training = model.training
         if self.es_score_in_eval_mode:
             model.eval()
         try:
-            with torch.no_grad(), self.compute_loss_context_manager():
+            with torch.no_grad():
                 out = select_batch(self.es_sampler, batch, lambda b: self.es_score(model, b))
         finally:
             model.train(was_training)
@@ -334,6 +442,10 @@ class ESTrainer(Trainer):
                     "train loader adds it (get_train_dataloader: the ESStream sampler, ESDataset items, the "
                     "ESCollator); a loader of your own must be built from those pieces"
                 )
+            if self._es_rng_checkpoint is not None and not self.args.ignore_data_skip:
+                # a mid-epoch resume: the Trainer would restore the RNG state after this scoring pass
+                super()._load_rng_state(self._es_rng_checkpoint)
+                self._es_rng_checkpoint, self._es_rng_restored = None, True
             selected.append(self.es_select(batch))
         return super().get_batch_samples(iter(selected), len(selected), device)
 
