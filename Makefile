@@ -1,6 +1,6 @@
 # The project's commands. Each works on a fresh machine with Python 3.9+ and a
-# C++17 compiler: it creates .venv (CPU torch pinned), builds the C++ kernels,
-# then runs.
+# C++17 compiler: it creates .venv (CPU torch pinned) with what it needs
+# (make demo: the demo's packages only), builds the C++ kernels, then runs.
 #   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
 #                and compare (es-kernels demo; DEMO_ARGS=--quick: a smoke test,
 #                DEMO_ARGS=--eta-only: the estimated run time; DEMO_ARGS="--task lm":
@@ -22,23 +22,33 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) CMakeLists.txt setup.py pypro
 .PHONY: install test lint bench demo clean distclean
 
 # torch first, pinned: a bare `torch` requirement pulls the multi-GB CUDA build
-# (the local CPU wheel where pip's config has one). Then the `dev` extra of
-# pyproject.toml (the one dependency list), installed with the package as pure
-# Python; the C++ build is the next step.
-$(VENV)/.deps: pyproject.toml
+# (the local CPU wheel where pip's config has one), with the build tools. Then
+# the package as pure Python (an editable install) with the extra a target
+# needs: `demo` for make demo, `dev` (tests, linters, Triton, integrations)
+# for the rest; the C++ build is its own step, with its progress shown.
+$(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) "setuptools>=77.0.3"
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) "setuptools>=77.0.3" "cmake>=3.18.4" "ninja>=1.11.1"
+	touch $@
+
+$(VENV)/.deps: $(VENV)/.base pyproject.toml
 	ES_KERNELS_NO_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
-# ES_KERNELS_REQUIRE_BUILD: here a failed C++ build is an error, not a
-# pure-Python install with a warning.
-$(VENV)/.built: $(VENV)/.deps $(CSRC)
-	ES_KERNELS_REQUIRE_BUILD=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+$(VENV)/.demo-deps: $(VENV)/.base pyproject.toml
+	ES_KERNELS_NO_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[demo]"
 	touch $@
 
-install: $(VENV)/.built
+# The C++ kernels, in place (es_kernels/_C*.so, which the editable install
+# imports). ES_KERNELS_REQUIRE_BUILD: here a failed build is an error, not a
+# pure-Python package with a warning.
+$(VENV)/.built: $(VENV)/.base $(CSRC)
+	@echo "es-kernels: building the C++ CPU kernels (CMake + Ninja; about 2 minutes on 2 cores)"
+	ES_KERNELS_REQUIRE_BUILD=1 $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+install: $(VENV)/.deps $(VENV)/.built
 
 # The suite, then the op tests once more on a pure-Python install's kernels
 # (ES_KERNELS_NO_CPP=1: torch.ops on CPU tensors run the reference fallback),
@@ -61,7 +71,7 @@ bench: install
 	$(PY) bench/bench_ops.py $(BENCH_ARGS)
 	$(PY) bench/plot.py --bench cpu_ops
 
-demo: install
+demo: $(VENV)/.demo-deps $(VENV)/.built
 	$(PY) -m es_kernels demo $(DEMO_ARGS)
 
 clean:

@@ -1,12 +1,17 @@
 """Builds es_kernels._C (the C++ CPU kernels) through CMakeLists.txt.
 
-The C++ library is compiled against the torch installed in the environment, so
-build without isolation, torch installed first:
+The C++ library is compiled against the torch installed in the environment
+(never one downloaded for the build), so install torch first:
 
     pip install torch                                   # the build you run with
-    pip install setuptools cmake ninja
-    pip install --no-build-isolation -e .               # or: pip wheel --no-build-isolation .
+    pip install .                                       # or es_kernels-*.tar.gz: isolated, finds that torch
+    pip install --no-build-isolation -e .               # a checkout (cmake, ninja installed)
     python -m build --no-isolation                      # sdist + wheel
+
+The wheel requires the minor release of torch it was built against
+(``torch~=X.Y.0``); the pure-Python package (ES_KERNELS_NO_BUILD=1), any torch
+from the tested floor on. buildtools/es_build_backend.py (the build backend)
+stops a build without torch before pip resolves anything.
 
 Environment variables:
     ES_KERNELS_NO_BUILD=1       skip the C++ build: the pure-Python package
@@ -18,7 +23,6 @@ Environment variables:
 """
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -32,29 +36,11 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "on", "true", "yes")
-
-
-# With build isolation (a plain `pip install .`) pip builds in a fresh
-# environment; were torch a build requirement, pip would download torch's
-# default (CUDA, multi-GB) build into it and compile against a torch other than
-# the one the user runs. torch is therefore not in build-system.requires: the
-# build stops at once with the commands to run. It stops rather than falling
-# back to pure Python because the user who ran it wants the CPU kernels and the
-# fix is one flag; ES_KERNELS_NO_BUILD=1 asks for the pure-Python package.
-NO_TORCH_MESSAGE = """
-es-kernels: torch is not installed in the build environment.
-The C++ CPU kernels are compiled against the torch you run with, so build
-without build isolation, with torch (and cmake, ninja) installed first:
-
-    pip install torch setuptools cmake ninja
-    pip install --no-build-isolation {target}
-
-or install the pure-Python package (no C++ CPU kernels):
-
-    ES_KERNELS_NO_BUILD=1 pip install {target}
-"""
+# The torch to build against, the wheel's torch requirement and the message
+# where there is none: one definition, in the build backend (it stops a build
+# without torch before pip resolves any dependency).
+sys.path.insert(0, str(ROOT / "buildtools"))
+from es_build_backend import NO_TORCH_MESSAGE, env_flag, find_torch, torch_requirement  # noqa: E402
 
 BUILD_FAILED_WARNING = """
 ============================================================================
@@ -78,7 +64,7 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def run(self) -> None:
-        if self.extensions and importlib.util.find_spec("torch") is None:
+        if self.extensions and find_torch() is None:
             sys.stderr.write(NO_TORCH_MESSAGE.format(target="."))
             raise SystemExit("es-kernels: torch is required to build the C++ kernels (see above)")
         super().run()
@@ -88,17 +74,21 @@ class CMakeBuild(build_ext):
         try:
             self._cmake_build(out_dir)
         except (OSError, BuildError) as exc:
-            if _env_flag("ES_KERNELS_REQUIRE_BUILD"):
+            if env_flag("ES_KERNELS_REQUIRE_BUILD"):
                 raise
             # a library left by an earlier build would not match these sources
             for stale in out_dir.glob("_C.*"):
                 stale.unlink()
+            # nothing was built: drop the extension, or the copy step of an
+            # editable or in-place install fails on the missing library (a new
+            # list: the loop that called us goes on over the old one)
+            self.extensions = [e for e in self.extensions if e is not ext]
             # a warning (not a print): pip >= 24.1 shows a build backend's
             # warnings even without -v, and hides its output
             warnings.warn(BUILD_FAILED_WARNING.format(error=exc), stacklevel=1)
 
     def _cmake_build(self, out_dir: Path) -> None:
-        torch_dir = Path(importlib.util.find_spec("torch").submodule_search_locations[0]).resolve()
+        torch_dir = find_torch()
         abi = ""
         try:  # what torch.utils.cpp_extension uses; CMake reads libc10 when torch won't import
             with warnings.catch_warnings():  # e.g. numpy missing: not this build's business
@@ -130,7 +120,7 @@ class CMakeBuild(build_ext):
             f"-DES_KERNELS_CXX11_ABI={abi}",
             f"-DES_KERNELS_OUTPUT_DIR={out_dir}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('ES_KERNELS_BUILD_TYPE', 'Release')}",
-            f"-DES_KERNELS_NATIVE={'ON' if _env_flag('ES_KERNELS_NATIVE') else 'OFF'}",
+            f"-DES_KERNELS_NATIVE={'ON' if env_flag('ES_KERNELS_NATIVE') else 'OFF'}",
         ]
         build = [cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)]
         for step, cmd in (("configure", configure), ("build", build)):
@@ -144,6 +134,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[] if _env_flag("ES_KERNELS_NO_BUILD") else [CMakeExtension("es_kernels._C")],
+    install_requires=[torch_requirement()],
+    ext_modules=[] if env_flag("ES_KERNELS_NO_BUILD") else [CMakeExtension("es_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib.util
 import inspect
 import os
 import warnings
@@ -243,6 +244,8 @@ for _name in OP_NAMES:
 try:
     if os.environ.get("ES_KERNELS_NO_CPP", "") not in ("", "0"):  # tests of a pure-Python install
         raise ImportError("ES_KERNELS_NO_CPP is set")
+    if importlib.util.find_spec(f"{__package__}._C") is None:  # say so plainly, not as Python's import error
+        raise ImportError(f"no es_kernels._C library in {os.path.dirname(__file__)}")
     from . import _C  # noqa: F401  (registers the CPU kernels: TORCH_LIBRARY_IMPL(es_kernels, CPU))
 
     HAS_CPP = True
