@@ -15,6 +15,10 @@ Kernels, by device:
   plain-PyTorch reference :mod:`es_kernels.reference`, registered as the
   ``CompositeExplicitAutograd`` kernel, with a one-time warning: correct, slow.
 
+Before any of them, a kernel at the ``BackendSelect`` dispatch key runs the
+op's validation (:data:`CHECKS`, docs/spec.md section 8) on every call with
+real tensors, whatever the device: one validation per op for every backend.
+
 (The selection mode is called ``select_mode`` everywhere: an argument named
 ``mode`` collides with torch's auto-functionalization of mutating ops.)
 """
