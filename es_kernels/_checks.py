@@ -35,16 +35,17 @@ def tensor(x, name: str, *, dim=None, dtypes=None, device=None) -> None:
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in ({_names(dtypes)}), got {x.dtype}")
-    if device is not None and x.device != torch.device(device):
-        raise ValueError(f"{name} must be on {device} (where the state is), got {x.device}")
-    if x.device.type == "meta" and (device is None or torch.device(device).type != "meta"):
+    here = x.device  # (each .device makes a new object: read once; the op check layer runs per call)
+    if device is not None and here != (device if isinstance(device, torch.device) else torch.device(device)):
+        raise ValueError(f"{name} must be on {device} (where the state is), got {here}")
+    if here.type == "meta" and (device is None or torch.device(device).type != "meta"):
         raise ValueError(f"{name} is a meta tensor: it holds no values")
 
 
 def integer(x, name: str, lo: int | None = _spec.INT64_MIN, hi: int | None = _spec.INT64_MAX) -> int:
     """A host integer in [lo, hi] (int64 by default); a tensor is refused here,
     reading it would sync."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+    if type(x) is not int and (isinstance(x, bool) or not isinstance(x, numbers.Integral)):
         raise ValueError(f"{name} must be a Python int, got {type(x).__name__}")
     x = int(x)
     lo = _spec.INT64_MIN if lo is None else lo
@@ -55,7 +56,7 @@ def integer(x, name: str, lo: int | None = _spec.INT64_MIN, hi: int | None = _sp
 
 
 def real(x, name: str, lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+    if type(x) is not float and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
         raise ValueError(f"{name} must be a Python float, got {type(x).__name__}")
     try:
         x = float(x)
