@@ -58,7 +58,7 @@ test: install
 	$(PY) -m pytest -q python_tests
 	ES_KERNELS_NO_CPP=1 $(PY) -m pytest -q python_tests/test_update.py python_tests/test_select.py \
 	    python_tests/test_step.py python_tests/test_prune.py python_tests/test_cross_entropy.py \
-	    python_tests/test_api.py -k "not triton and not frequencies"
+	    python_tests/test_api.py python_tests/test_op_contract.py -k "not triton and not frequencies"
 	ES_KERNELS_NO_AVX2=1 $(PY) -m pytest -q python_tests/test_cross_entropy.py \
 	    python_tests/test_cross_entropy_extremes.py python_tests/test_step.py -k "not triton"
 

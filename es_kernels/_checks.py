@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 
 import torch
 
@@ -34,16 +35,17 @@ def tensor(x, name: str, *, dim=None, dtypes=None, device=None) -> None:
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in ({_names(dtypes)}), got {x.dtype}")
-    if device is not None and x.device != torch.device(device):
-        raise ValueError(f"{name} must be on {device} (where the state is), got {x.device}")
-    if x.device.type == "meta" and (device is None or torch.device(device).type != "meta"):
+    here = x.device  # (each .device makes a new object: read once; the op check layer runs per call)
+    if device is not None and here != (device if isinstance(device, torch.device) else torch.device(device)):
+        raise ValueError(f"{name} must be on {device} (where the state is), got {here}")
+    if here.type == "meta" and (device is None or torch.device(device).type != "meta"):
         raise ValueError(f"{name} is a meta tensor: it holds no values")
 
 
 def integer(x, name: str, lo: int | None = _spec.INT64_MIN, hi: int | None = _spec.INT64_MAX) -> int:
     """A host integer in [lo, hi] (int64 by default); a tensor is refused here,
     reading it would sync."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+    if type(x) is not int and (isinstance(x, bool) or not isinstance(x, numbers.Integral)):
         raise ValueError(f"{name} must be a Python int, got {type(x).__name__}")
     x = int(x)
     lo = _spec.INT64_MIN if lo is None else lo
@@ -54,7 +56,7 @@ def integer(x, name: str, lo: int | None = _spec.INT64_MIN, hi: int | None = _sp
 
 
 def real(x, name: str, lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+    if type(x) is not float and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
         raise ValueError(f"{name} must be a Python float, got {type(x).__name__}")
     try:
         x = float(x)
@@ -118,11 +120,22 @@ def state(st, errors=None) -> None:
         writable(errors, "errors")
 
 
+def float32_of(x: float) -> float:
+    """``f32(x)``: ``x`` rounded to float32 (round-to-nearest-even), ``inf`` past its range."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def hyper(beta1, beta2, lam, w_min) -> None:
     real(beta1, "beta1", 0.0, 1.0)
     real(beta2, "beta2", 0.0, 1.0)
     real(lam, "lam", 0.0, FLOAT32_MAX)
-    real(w_min, "w_min", 0.0, FLOAT32_MAX, lo_open=True)
+    w_min = real(w_min, "w_min", 0.0, math.inf, lo_open=True)
+    # the weight floor is f32(T(w_min)) = f32(w_min) in every state dtype: it must stay in (0, inf)
+    if not 0.0 < float32_of(w_min) < math.inf:
+        raise ValueError(f"w_min must round to a float32 in (0, inf) (0 < f32(w_min) < inf), got {w_min!r}")
 
 
 def noise(value, name: str, device, *, mutable: bool = False) -> None:
@@ -135,6 +148,21 @@ def noise(value, name: str, device, *, mutable: bool = False) -> None:
             raise ValueError(f"{name} must not require grad")
     else:
         integer(value, name, 0, _spec.INT64_MAX)
+
+
+def noise_source(host, given, name: str) -> None:
+    """A schema's ``seed`` / ``step`` int and its tensor: with the tensor given
+    the int must be left at 0 (the tensor would silently win)."""
+    if given is not None and not (isinstance(host, numbers.Integral) and not isinstance(host, bool) and host == 0):
+        raise ValueError(f"{name} must be 0 when {name}_tensor is given (the tensor is the value), got {host!r}")
+
+
+def op_noise(a) -> tuple:
+    """``(seed, step)`` of bound op arguments ``a``, after checking that an
+    int and a tensor are not both given."""
+    noise_source(a.seed, getattr(a, "seed_tensor", None), "seed")
+    noise_source(a.step, getattr(a, "step_tensor", None), "step")
+    return a.noise
 
 
 def split_noise(seed, step):
@@ -165,7 +193,7 @@ def logits_targets(logits, targets, ignore_index, label_smoothing, device=None) 
     tensor(targets, "targets", dtypes=INDEX_DTYPES, device=logits.device)
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
-    if logits.shape[-1] == 0:
+    if logits.shape[-1] == 0 and logits.shape[0] > 0:  # C >= 1 when B > 0 (spec section 5)
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     integer(ignore_index, "ignore_index")
     real(label_smoothing, "label_smoothing", 0.0, 1.0)
@@ -206,7 +234,7 @@ def step_tensor(step, advance_step) -> None:
 
 def step_settings(a, batch: int, device) -> None:
     """The update and selection settings of a fused step over ``batch`` positions."""
-    seed, step = a.noise
+    seed, step = op_noise(a)
     hyper(a.beta1, a.beta2, a.lam, a.w_min)
     selection(a.b, batch, a.select_mode, seed, step, a.eps, device)
     step_tensor(step, a.advance_step)
@@ -235,7 +263,7 @@ def select(a) -> None:
     tensor(a.weights, "weights", dim=1)
     if not a.weights.dtype.is_floating_point:
         raise ValueError(f"weights must be floating point, got {a.weights.dtype}")
-    selection(a.b, a.weights.shape[0], a.select_mode, *a.noise, a.eps, a.weights.device)
+    selection(a.b, a.weights.shape[0], a.select_mode, *op_noise(a), a.eps, a.weights.device)
 
 
 def prune(a) -> None:

@@ -15,6 +15,10 @@ Kernels, by device:
   plain-PyTorch reference :mod:`es_kernels.reference`, registered as the
   ``CompositeExplicitAutograd`` kernel, with a one-time warning: correct, slow.
 
+Before any of them, a kernel at the ``BackendSelect`` dispatch key runs the
+op's validation (:data:`CHECKS`, docs/spec.md section 8) on every call with
+real tensors, whatever the device: one validation per op for every backend.
+
 (The selection mode is called ``select_mode`` everywhere: an argument named
 ``mode`` collides with torch's auto-functionalization of mutating ops.)
 """
@@ -146,40 +150,61 @@ def binds(name: str):
     return deco
 
 
+# ------------------------------------------------------------------ checks
+# The one validation of each op (docs/spec.md section 8), on its bound
+# arguments: the fakes, the dispatcher's check layer below (every backend)
+# and the Triton launchers called directly run it.
+CHECKS = {
+    "per_sample_cross_entropy": lambda a: _checks.logits_targets(
+        a.logits, a.targets, a.ignore_index, a.label_smoothing
+    ),
+    "es_update": _checks.update,
+    "weighted_select": _checks.select,
+    "es_step_from_losses": _checks.step_from_losses,
+    "es_step": _checks.step_from_logits,
+    "eswp_prune": _checks.prune,
+}
+
+
+def checked(name: str, fn):
+    """``fn(args)`` preceded by op ``name``'s validation (for a kernel called
+    without the dispatcher, as the tests call the Triton launchers)."""
+    check = CHECKS[name]
+
+    @functools.wraps(fn)
+    def call(a):
+        check(a)
+        return fn(a)
+
+    return call
+
+
 # ------------------------------------------------------------------ fakes
 def _empty(n, like: torch.Tensor, dtype) -> torch.Tensor:
     return torch.empty((n,), dtype=dtype, device=like.device)
 
 
-FAKES = {}
-
-
 def _fake(name):
-    """register_fake of ``fn(args)`` bound to the schema, and keep it: the
-    reference fallback runs the same argument checks before it writes anything."""
+    """register_fake of ``fn(args)`` bound to the schema, after the op's checks."""
 
     def deco(fn):
-        FAKES[name] = fn = binds(name)(fn)
-        return torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)
+        return torch.library.register_fake(f"{NAMESPACE}::{name}")(binds(name)(checked(name, fn)))
 
     return deco
 
 
 @_fake("per_sample_cross_entropy")
 def _(a):
-    _checks.logits_targets(a.logits, a.targets, a.ignore_index, a.label_smoothing)
     return _empty(a.logits.shape[0], a.logits, torch.float32)
 
 
 @_fake("es_update")
 def _(a):
-    _checks.update(a)
     return _empty(a.ids.shape[0], a.state, torch.float32)
 
 
 @_fake("weighted_select")
 def _(a):
-    _checks.select(a)
     return _empty(a.b, a.weights, torch.int64)
 
 
@@ -190,19 +215,16 @@ def _step_outputs(a):
 
 @_fake("es_step_from_losses")
 def _(a):
-    _checks.step_from_losses(a)
     return _step_outputs(a)
 
 
 @_fake("es_step")
 def _(a):
-    _checks.step_from_logits(a)
     return _step_outputs(a)
 
 
 @_fake("eswp_prune")
 def _(a):
-    _checks.prune(a)
     n = a.state.shape[0]
     return (
         _empty(n, a.state, torch.int64),
@@ -217,12 +239,9 @@ _WHY = {"cpu": "C++ library not built", "cuda": "CUDA needs Triton"}
 
 
 def _fallback(name: str):
-    check = FAKES[name]
-
     def kernel(*args, **kwargs):
         from . import reference  # here: the reference binds its ops' arguments with this module
 
-        check(*args, **kwargs)
         dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         if dev not in _warned:
             _warned.add(dev)
@@ -238,8 +257,29 @@ def _fallback(name: str):
     return kernel
 
 
+# The check layer: a kernel at the BackendSelect key, which the dispatcher
+# passes on every call with real tensors (inference mode included) just above
+# the device's kernel, validates the arguments and hands the call on to the
+# backend (C++, Triton, the reference, or any later one), before anything is
+# written. One validation per op, in Python, for every backend; the kernels'
+# own guards only keep a direct call memory-safe. (Fake tensors take the fake
+# kernels above, which run the same checks.)
+_BELOW_CHECKS = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.BackendSelect)
+
+
+def _check_layer(name: str):
+    op, cls, check = getattr(ops, name).default, ARGS[name], CHECKS[name]
+
+    def kernel(keyset, *args, **kwargs):
+        check(cls(*args, **kwargs))
+        return op.redispatch(keyset & _BELOW_CHECKS, *args, **kwargs)
+
+    return kernel
+
+
 for _name in OP_NAMES:
     _lib.impl(_name, _fallback(_name), "CompositeExplicitAutograd")
+    _lib.impl(_name, _check_layer(_name), "BackendSelect", with_keyset=True)
 
 try:
     if os.environ.get("ES_KERNELS_NO_CPP", "") not in ("", "0"):  # tests of a pure-Python install

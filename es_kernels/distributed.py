@@ -160,8 +160,9 @@ def rank_selection(
     """The ``b`` positions that rank ``rank`` selects among its own (spec section 11.1, Selection).
 
     One ``weighted_select`` over the prefix ``[0, rank * cap + n)`` with every other
-    position's weight set to 0: those keys are 0, below every real key (weights are
-    ``>= w_min > 0``), and each real position keeps its global noise index.
+    position's weight set to ``-inf``: those keys are ``-inf``, below every real key
+    (weights are ``>= f32(w_min) > 0``), and each real position keeps its global noise
+    index. The result never holds another rank's position, whatever the weights.
 
     Parameters
     ----------
@@ -179,13 +180,24 @@ def rank_selection(
     Tensor
         int64 ``[b]``, ascending positions in ``[0, n)``. No host synchronisation.
     """
+    _checks.integer(b, "b", 0, n)
     lo = rank * cap
-    x = torch.zeros(lo + n, dtype=torch.float32, device=weights_all.device)
+    x = torch.full((lo + n,), -math.inf, dtype=torch.float32, device=weights_all.device)
     own = weights_all[lo : lo + n].to(torch.float32)
     x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
     seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
-    pos = ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0)
-    return pos - lo
+    pos = ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0) - lo
+    if lo > 0 and b > 0:
+        # An own key of -inf (a NaN or -inf weight: never one of es_update's) ties with
+        # the other ranks' positions, which are lower and win the tie. Those come first
+        # in pos (negative); the lowest own positions not chosen take their places, as
+        # the tie rule among the rank's own positions says. On the device, no host read.
+        taken = torch.zeros(n + 1, dtype=torch.bool, device=pos.device)
+        taken[torch.where(pos >= 0, pos, n)] = True
+        free = ~taken[:n]
+        taken = taken[:n] | (free & (free.cumsum(0) <= (pos < 0).sum()))
+        pos = torch.sort((~taken).to(torch.uint8), stable=True).indices[:b]
+    return pos
 
 
 def replica_digest(state, step: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _check_hidden(
     _checks.tensor(weight, "weight", dim=2)
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and hidden.shape[0] > 0:  # V >= 1 when B > 0, as logits (spec section 5)
         raise ValueError(f"weight must have at least one row (the vocabulary), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
@@ -306,17 +306,15 @@ def es_step_from_hidden(
     _checks.hyper(beta1, beta2, lam, w_min)
     _checks.selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
     _checks.step_tensor(step, advance_step)
-    losses = per_sample_losses_from_hidden(
-        hidden,
-        weight,
-        targets,
-        bias,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        shift_labels=shift_labels,
-        workspace_bytes=workspace_bytes,
-    )
-    return es_step_from_losses(losses, ids, st, b, **kw)
+    if shift_labels:
+        targets = shifted_targets(targets, ignore_index)
+    with torch.no_grad():
+        losses = _losses(hidden, weight, targets, bias, ignore_index, float(label_smoothing), workspace_bytes)
+    # a row (sequence) with no target to score is skipped, as from logits: one
+    # token per row, masked where there is none (the mean of one token is that token)
+    scored = targets != ignore_index
+    scored = scored.any(dim=1) if hidden.dim() == 3 else scored
+    return es_step_from_losses(losses.unsqueeze(1), ids, st, b, mask=scored.unsqueeze(1), **kw)
 
 
 # --------------------------------------------------------------------------- packed rows (segment_ids)

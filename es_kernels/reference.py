@@ -124,7 +124,7 @@ def per_sample_cross_entropy(
     (up to the float32 maximum) are fine: the loss is +inf only where it, or
     with smoothing ``sum_c -log p_c``, exceeds the float32 range."""
     num_classes = logits.shape[-1]
-    x = logits.float().reshape(-1, num_classes)
+    x = logits.float().reshape(targets.numel(), num_classes)  # not -1: C may be 0 (when B = 0)
     t = targets.reshape(-1).long()
     ignored = t == ignore_index
     valid = (t >= 0) & (t < num_classes)

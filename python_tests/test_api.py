@@ -238,7 +238,7 @@ def op_samples():
         ("per_sample_cross_entropy", (seq_logits, seq_targets, -100, 0.0)),
         ("es_update", (ids, torch.rand(6), st, e, 0.2, 0.9, 1.5, 1e-8)),
         ("weighted_select", (torch.rand(9), 4, "sample", 1, 2)),
-        ("weighted_select", (torch.rand(9), 4, "sample", 1, 2, torch.tensor(3), torch.tensor(4), 0.25)),
+        ("weighted_select", (torch.rand(9), 4, "sample", 0, 0, torch.tensor(3), torch.tensor(4), 0.25)),
         ("es_step_from_losses", (torch.rand(6), ids, st, e, 3, 0.2, 0.9, "topk", 0, 0)),
         (
             "es_step_from_losses",
@@ -274,7 +274,7 @@ def op_samples():
                 0.9,
                 "sample",
                 1,
-                2,
+                0,
                 None,
                 torch.tensor(7),
                 True,

@@ -199,7 +199,10 @@ def test_es_step_from_hidden_equals_es_step():
     torch.testing.assert_close(r_h.losses, r_l.losses, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r_h.weights, r_l.weights, rtol=1e-5, atol=1e-5)
     kw.pop("label_smoothing")
-    r_f = ek.es_step_from_losses(r_h.losses, ids, d, 4, **kw)  # the same losses: the same positions, bit for bit
+    scored = (targets[:, 1:] != -100).any(1, keepdim=True)  # the last sequence has nothing to score: skipped
+    assert not scored[-1] and r_h.weights[-1] == 0 and torch.isnan(a.s[ids[-1]])
+    # the same losses: the same positions, bit for bit
+    r_f = ek.es_step_from_losses(r_h.losses.unsqueeze(1), ids, d, 4, mask=scored, **kw)
     assert torch.equal(r_h.positions, r_f.positions) and torch.equal(r_h.weights, r_f.weights)
     assert torch.equal(a.tensor.nan_to_num(9), d.tensor.nan_to_num(9))
 

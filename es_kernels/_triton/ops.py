@@ -13,8 +13,8 @@ import struct
 import torch
 import triton
 
-from .. import _checks, _spec
-from .._ops import NAMESPACE, binds
+from .. import _spec
+from .._ops import NAMESPACE, binds, checked
 from . import cross_entropy
 from ._launch import launch
 from .es_step import (
@@ -210,10 +210,23 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
 
 
 # ---------------------------------------------------------------- the ops
-# Each launcher takes its op's schema arguments, bound by _ops.binds.
-@binds("per_sample_cross_entropy")
+# Each launcher takes its op's schema arguments, bound by _ops.binds. The
+# CUDA kernel is the launcher itself: the dispatcher's check layer
+# (_ops.CHECKS) has validated the call. The module's functions (and OPS), for
+# direct calls, run the same checks first.
+KERNELS = {}
+
+
+def _op(name):
+    def deco(fn):
+        KERNELS[name] = binds(name)(fn)
+        return binds(name)(checked(name, fn))
+
+    return deco
+
+
+@_op("per_sample_cross_entropy")
 def per_sample_cross_entropy(a):
-    _checks.logits_targets(a.logits, a.targets, a.ignore_index, a.label_smoothing)
     tok = _token_losses(a.logits, a.targets, a.ignore_index, a.label_smoothing)
     if a.logits.dim() == 2:
         return tok
@@ -222,9 +235,8 @@ def per_sample_cross_entropy(a):
     return losses
 
 
-@binds("es_update")
+@_op("es_update")
 def es_update(a):
-    _checks.update(a)
     _float32_state(a.state)
     with _Contiguous(a.state, a.errors) as (st, er):
         _, _, w = _update_select(a.losses.to(torch.float32).contiguous(), _in_place(a, st, er))
@@ -236,9 +248,8 @@ def _in_place(a, state, errors):
     return a._replace(ids=a.ids.contiguous(), state=state, errors=errors)
 
 
-@binds("weighted_select")
+@_op("weighted_select")
 def weighted_select(a):
-    _checks.select(a)
     pos, _, _ = _update_select(a.weights.to(torch.float32).contiguous(), a)
     return pos
 
@@ -252,18 +263,16 @@ def _fused_step(src, a, **src_kw):
         return _update_select(src, _in_place(a, st, er), store_losses=True, **src_kw)
 
 
-@binds("es_step_from_losses")
+@_op("es_step_from_losses")
 def es_step_from_losses(a):
-    _checks.step_from_losses(a)
     tokens = a.losses.dim() == 2
     src = a.losses.to(torch.float32).contiguous()  # token losses too: the means take f32(loss) (spec section 6)
     mask = a.mask.contiguous() if a.mask is not None else None
     return _fused_step(src, a, tokens=tokens, T=a.losses.shape[1] if tokens else 1, token_mask=mask)
 
 
-@binds("es_step")
+@_op("es_step")
 def es_step(a):
-    _checks.step_from_logits(a)
     _float32_state(a.state)
     t = a.targets.contiguous()
     if a.logits.dim() == 2:  # the losses in the update's launch; src is the targets
@@ -272,9 +281,8 @@ def es_step(a):
     return _fused_step(tok, a._replace(targets=t), T=t.shape[1])
 
 
-@binds("eswp_prune")
+@_op("eswp_prune")
 def eswp_prune(a):
-    _checks.prune(a)
     state, seed, epoch, prune_ratio = a.state, a.seed, a.epoch, a.prune_ratio
     n = state.shape[0]
     dev = state.device
@@ -330,5 +338,5 @@ OPS = {
     "eswp_prune": eswp_prune,
 }
 
-for _name, _fn in OPS.items():
+for _name, _fn in KERNELS.items():
     torch.library.register_kernel(f"{NAMESPACE}::{_name}", "cuda", _fn)
