@@ -286,6 +286,4 @@ def _ce_backward(ctx, grad):
     return dx, None, None, None
 
 
-torch.library.register_autograd(
-    f"{NAMESPACE}::per_sample_cross_entropy", _ce_backward, setup_context=_ce_setup_context
-)
+torch.library.register_autograd(f"{NAMESPACE}::per_sample_cross_entropy", _ce_backward, setup_context=_ce_setup_context)
