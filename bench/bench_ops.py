@@ -5,6 +5,7 @@ users would otherwise call (F.cross_entropy, torch.topk, torch.multinomial).
     python bench/bench_ops.py --quick      # small sizes only (smoke test)
     python bench/bench_ops.py --out DIR    # write into DIR instead of bench/results
     python bench/bench_ops.py --step 64x10 --select 256 --prune 1000 --budget-s 0.05   # chosen sizes
+    python bench/bench_ops.py --ce-grad 64x10,4096x32000 --threads 1   # the cross-entropy backward
 
 Each run writes <out>/cpu_ops_<date>.json (cpu_ops_quick_<date>.json with
 --quick) and appends one line per row to <out>/history.csv (or --history).
@@ -66,6 +67,50 @@ def step_rows(sizes, dtypes):
                     cpp,
                     ref,
                     {"F.cross_entropy": ce},
+                    harness.peak_memory(mine),
+                )
+            )
+    return rows
+
+
+def ce_grad_rows(sizes, dtypes):
+    """per_sample_cross_entropy_backward against F.cross_entropy's backward
+    (autograd.grad of its per-sample losses, the graph built once, on the
+    logits in their dtype) and the reference, timed interleaved."""
+    rows = []
+    for B, C in sizes:
+        for dtype in dtypes:
+            if B * C * 4 * 4 > MEM_BUDGET:
+                print(f"skip ce_grad B={B} C={C}: over the memory budget", file=sys.stderr)
+                continue
+            logits = torch.randn(B, C).to(dtype)
+            targets = torch.randint(0, C, (B,))
+            g = torch.rand(B)
+            x = logits.clone().requires_grad_()
+            tok = F.cross_entropy(x, targets, reduction="none")
+
+            def mine():
+                return OPS.per_sample_cross_entropy_backward(g, logits, targets, -100, 0.0)
+
+            t = harness.bench_cpu_interleaved(
+                {
+                    "mine": mine,
+                    "F.cross_entropy backward": lambda: torch.autograd.grad(tok, x, g.to(tok.dtype), retain_graph=True),
+                    "reference": lambda: R.per_sample_cross_entropy_backward(g, logits, targets, -100, 0.0),
+                },
+                budget_s=3 * BUDGET_S,
+            )
+            base = {"F.cross_entropy backward": t["F.cross_entropy backward"]}
+            rows.append(
+                harness.make_row(
+                    "ce_backward",
+                    f"B={B} C={C}",
+                    B * C,
+                    str(dtype)[6:],
+                    "cpp",
+                    t["mine"],
+                    t["reference"],
+                    base,
                     harness.peak_memory(mine),
                 )
             )
@@ -143,15 +188,24 @@ def main(argv=None):
     ap.add_argument("--select", type=_ints, default=None, metavar="B,...", help="weighted_select sizes")
     ap.add_argument("--prune", type=_ints, default=None, metavar="N,...", help="eswp_prune sizes")
     ap.add_argument(
+        "--ce-grad", type=_pairs, default=None, metavar="BxC,...", help="ce backward sizes (float32, bfloat16)"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument(
         "--budget-s", type=float, default=None, help="seconds of timing per measurement (default 3, 0.5 with --quick)"
     )
     args = ap.parse_args(argv)
     BUDGET_S = args.budget_s or (0.5 if args.quick else 3.0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    chosen = args.step is not None or args.select is not None or args.prune is not None
+    chosen = any(x is not None for x in (args.step, args.select, args.prune, args.ce_grad))
     if chosen:
         rows = (
-            step_rows(args.step or [], [torch.float32]) + select_rows(args.select or []) + prune_rows(args.prune or [])
+            step_rows(args.step or [], [torch.float32])
+            + ce_grad_rows(args.ce_grad or [], [torch.float32, torch.bfloat16])
+            + select_rows(args.select or [])
+            + prune_rows(args.prune or [])
         )
     elif args.quick:
         rows = (
@@ -164,6 +218,7 @@ def main(argv=None):
         rows = (
             step_rows(sizes, [torch.float32])
             + step_rows([(4096, 1000), (4096, 32000)], [torch.bfloat16])
+            + ce_grad_rows([(64, 10), (4096, 32000)], [torch.float32, torch.bfloat16])
             + select_rows([4096, 65536, 10**6])
             + prune_rows([40, 10**5, 10**6, 10**7])
         )

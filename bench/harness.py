@@ -131,6 +131,23 @@ def bench_cpu(fn, setup=None, budget_s: float = 3.0) -> dict:
     return r
 
 
+def bench_cpu_interleaved(fns: dict, budget_s: float = 3.0) -> dict:
+    """Time several functions in turn, one call of each per round (a change
+    in the machine's load hits them all alike), within about ``budget_s``
+    seconds in all: ``{name: bench_cpu's dict}``."""
+    load0 = load_average()
+    first = {k: time_cpu(fn, repeats=1, warmup=1)["median_ms"] for k, fn in fns.items()}
+    rounds = repeats_for(sum(first.values()) / 1e3, budget_s)
+    times: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    load1 = load_average()
+    return {k: dict(quantiles(ts), load_start=load0, load_end=load1) for k, ts in times.items()}
+
+
 def load_average() -> float | None:
     try:
         return os.getloadavg()[0]

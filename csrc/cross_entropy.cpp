@@ -123,4 +123,75 @@ at::Tensor per_sample_cross_entropy(const at::Tensor& logits_in, const at::Tenso
   return out;
 }
 
+// The gradient of per_sample_cross_entropy with respect to the logits
+// (docs/spec.md section 5.1): each row's (max, sum of exp) recomputed from
+// the logits, read in place as the forward reads them, and the gradient
+// written once, contiguous, in the logits' dtype (no [B, C] float32
+// intermediate: a 16-bit row goes through a per-thread chunk buffer).
+at::Tensor per_sample_cross_entropy_backward(const at::Tensor& grad_in, const at::Tensor& logits_in,
+                                             const at::Tensor& targets_in, int64_t ignore_index,
+                                             double label_smoothing) {
+  check_cpu(grad_in, "grad");
+  check_cpu(logits_in, "logits");
+  check_cpu(targets_in, "targets");
+  const int64_t dim = logits_in.dim();
+  TORCH_CHECK_VALUE(dim == 2 || dim == 3, "logits must be [B, C] or [B, T, V], got ",
+                    logits_in.sizes());
+  const auto dt = logits_in.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "logits must have dtype in (float32, bfloat16, float16), got ", dt);
+  TORCH_CHECK_VALUE(
+      targets_in.dim() == dim - 1 && targets_in.sizes() == logits_in.sizes().slice(0, dim - 1),
+      "targets must have shape ", logits_in.sizes().slice(0, dim - 1), ", got ",
+      targets_in.sizes());
+  TORCH_CHECK_VALUE(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
+                    "targets must be int64 or int32, got ", targets_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_in.dim() == 1 && grad_in.size(0) == logits_in.size(0),
+                    "grad must have shape (", logits_in.size(0), ",), got ", grad_in.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_in.scalar_type()), "grad must be floating point, got ",
+                    grad_in.scalar_type());
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "label_smoothing must be in [0.0, 1.0], got ", label_smoothing);
+  const at::Tensor logits = logits_in.size(dim - 1) <= 1 || logits_in.stride(dim - 1) == 1
+                                ? logits_in
+                                : logits_in.contiguous();
+  const at::Tensor targets = targets_in.contiguous();
+  at::Tensor out =
+      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t B = logits.size(0);
+  const int64_t C = logits.size(dim - 1);
+  const int64_t rows = targets.numel();
+  if (rows == 0) return out;
+  TORCH_CHECK_VALUE(C > 0, "logits must have at least one class");
+  at::Tensor g = grad_in.to(at::kFloat).contiguous();
+  const int64_t T_len = dim == 3 ? logits.size(1) : 1;
+  if (dim == 3) {  // the factor of a sequence's tokens: grad_b / (its scored tokens)
+    at::Tensor scaled = at::empty({B}, g.options());
+    const float* gi = g.const_data_ptr<float>();
+    float* go = scaled.data_ptr<float>();
+    AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "per_sample_ce_backward_count", [&] {
+      const index_t* tg = targets.const_data_ptr<index_t>();
+      for (int64_t bi = 0; bi < B; ++bi) {
+        int64_t count = 0;
+        for (int64_t t = 0; t < T_len; ++t)
+          count += static_cast<int64_t>(tg[bi * T_len + t]) != ignore_index;
+        go[bi] = count > 0 ? gi[bi] / static_cast<float>(count) : 0.0f;
+      }
+    });
+    g = scaled;
+  }
+  const int64_t stride_b = logits.stride(0), stride_t = dim == 3 ? logits.stride(1) : 0;
+#ifdef ES_CE_AVX2
+  if (use_avx2()) {
+    ce_avx2::token_grads_all(logits, targets, g, out, stride_b, stride_t, T_len, rows, C,
+                             ignore_index, label_smoothing);
+  } else
+#endif
+  {
+    ce_base::token_grads_all(logits, targets, g, out, stride_b, stride_t, T_len, rows, C,
+                             ignore_index, label_smoothing);
+  }
+  return out;
+}
+
 }  // namespace es_kernels

@@ -2,6 +2,7 @@
 // step (section 6) on the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -358,6 +359,9 @@ Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::T
                 int64_t ignore_index, double label_smoothing, double lam, double eps,
                 double w_min) {
   // select_mode, eps and b are checked by fused_step() before it writes any state
+  TORCH_CHECK_VALUE(!(logits.requires_grad() && at::GradMode::is_enabled()),
+                    "logits requires grad: the ES step is not differentiable. Score under "
+                    "torch.no_grad() or torch.inference_mode() (or pass .detach())");
   TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == logits.size(0),
                     "ids must be 1-D with the batch size of logits (", logits.size(0), ")");
   at::Tensor losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing);

@@ -15,6 +15,10 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor per_sample_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
                                     int64_t ignore_index, double label_smoothing);
 
+at::Tensor per_sample_cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                             const at::Tensor& targets, int64_t ignore_index,
+                                             double label_smoothing);
+
 at::Tensor es_update(const at::Tensor& ids, const at::Tensor& losses, at::Tensor& state,
                      at::Tensor& errors, double beta1, double beta2, double lam, double w_min);
 

@@ -8,6 +8,7 @@
 
 TORCH_LIBRARY_IMPL(es_kernels, CPU, m) {
   m.impl("per_sample_cross_entropy", &es_kernels::per_sample_cross_entropy);
+  m.impl("per_sample_cross_entropy_backward", &es_kernels::per_sample_cross_entropy_backward);
   m.impl("es_update", &es_kernels::es_update);
   m.impl("weighted_select", &es_kernels::weighted_select);
   m.impl("es_step_from_losses", &es_kernels::es_step_from_losses);

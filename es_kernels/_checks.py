@@ -199,6 +199,31 @@ def logits_targets(logits, targets, ignore_index, label_smoothing, device=None) 
     real(label_smoothing, "label_smoothing", 0.0, 1.0)
 
 
+def cross_entropy_grad(a) -> None:
+    """per_sample_cross_entropy_backward: the forward's arguments and ``grad``
+    (floating ``[B]``, the gradient of the per-sample losses)."""
+    logits_targets(a.logits, a.targets, a.ignore_index, a.label_smoothing)
+    tensor(a.grad, "grad", dim=1, device=a.logits.device)
+    if not a.grad.dtype.is_floating_point:
+        raise ValueError(f"grad must be floating point, got {a.grad.dtype}")
+    if a.grad.shape[0] != a.logits.shape[0]:
+        raise ValueError(f"grad must have shape ({a.logits.shape[0]},) (one per sample), got {tuple(a.grad.shape)}")
+
+
+def no_grad_inputs(**tensors) -> None:
+    """The fused steps are not differentiable: refuse inputs that require
+    grad while grad mode is on (their results would carry no gradient)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, x in tensors.items():
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            raise ValueError(
+                f"{name} requires grad: the ES step is not differentiable. Score under torch.no_grad() or "
+                "torch.inference_mode() (or pass .detach()), and compute the training loss with "
+                "es_kernels.per_sample_cross_entropy, which is."
+            )
+
+
 def ids_losses(ids, losses, device, token_losses: bool = False, mask=None) -> None:
     tensor(ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=device)
     tensor(losses, "losses", dim=(1, 2) if token_losses else 1, device=device)
@@ -255,6 +280,7 @@ def batch_ids(ids, batch: int, of: str, device) -> None:
 def step_from_logits(a) -> None:
     state(a.state, a.errors)
     logits_targets(a.logits, a.targets, a.ignore_index, a.label_smoothing, device=a.state.device)
+    no_grad_inputs(logits=a.logits)
     batch_ids(a.ids, a.logits.shape[0], "logits", a.state.device)
     step_settings(a, a.ids.shape[0], a.state.device)
 

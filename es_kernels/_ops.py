@@ -42,6 +42,8 @@ _NOISE = "int seed=0, int step=0, Tensor? seed_tensor=None"
 SCHEMAS = {
     "per_sample_cross_entropy": "(Tensor logits, Tensor targets, int ignore_index=-100, "
     "float label_smoothing=0.0) -> Tensor",
+    "per_sample_cross_entropy_backward": "(Tensor grad, Tensor logits, Tensor targets, int ignore_index=-100, "
+    "float label_smoothing=0.0) -> Tensor",
     "es_update": "(Tensor ids, Tensor losses, Tensor(a!) state, Tensor(b!) errors, float beta1, float beta2, "
     "float lam=1.0, float w_min=1e-08) -> Tensor",
     "weighted_select": f'(Tensor weights, int b, str select_mode="sample", {_NOISE}, Tensor? step_tensor=None, '
@@ -158,6 +160,7 @@ CHECKS = {
     "per_sample_cross_entropy": lambda a: _checks.logits_targets(
         a.logits, a.targets, a.ignore_index, a.label_smoothing
     ),
+    "per_sample_cross_entropy_backward": _checks.cross_entropy_grad,
     "es_update": _checks.update,
     "weighted_select": _checks.select,
     "es_step_from_losses": _checks.step_from_losses,
@@ -196,6 +199,11 @@ def _fake(name):
 @_fake("per_sample_cross_entropy")
 def _(a):
     return _empty(a.logits.shape[0], a.logits, torch.float32)
+
+
+@_fake("per_sample_cross_entropy_backward")
+def _(a):
+    return torch.empty(a.logits.shape, dtype=a.logits.dtype, device=a.logits.device)
 
 
 @_fake("es_update")
@@ -299,3 +307,26 @@ except ImportError as _exc:  # a pure-Python install: the reference serves the C
         stacklevel=2,
     )
     _warned.add("cpu")  # said once, here
+
+
+# ------------------------------------------------------------------ autograd
+# per_sample_cross_entropy is differentiable with respect to the logits on
+# every backend: its backward is the per_sample_cross_entropy_backward op
+# (spec section 5.1), which recomputes each row's log-sum-exp from the saved
+# logits (no [B, C] intermediate is kept from the forward). The other ops
+# are not differentiable.
+def _ce_setup_context(ctx, inputs, output):
+    logits, targets, ignore_index, label_smoothing = inputs
+    ctx.save_for_backward(logits, targets)
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+
+
+def _ce_backward(ctx, grad):
+    logits, targets = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    dx = ops.per_sample_cross_entropy_backward(grad, logits, targets, ctx.ignore_index, ctx.label_smoothing)
+    return dx, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::per_sample_cross_entropy", _ce_backward, setup_context=_ce_setup_context)

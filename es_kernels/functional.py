@@ -171,7 +171,10 @@ def per_sample_cross_entropy(
     Tensor
         float32 ``[B]``: the row's cross-entropy, or the mean over a
         sequence's scored tokens (0 when it has none). Arithmetic in float32.
-        No host synchronisation.
+        Differentiable with respect to ``logits`` on every backend (a fused
+        backward kernel, spec section 5.1): ``(loss * scales).mean().backward()``
+        gives the gradient of ``F.cross_entropy``. No host synchronisation,
+        forward or backward.
 
     Raises
     ------
@@ -399,8 +402,11 @@ def es_step(
     ------
     ValueError
         Naming the argument (wrong shape, dtype, device or value), before
-        anything is written. Ids out of range and non-finite losses are not
-        errors: they are counted in ``state.errors`` (``state.check()``).
+        anything is written; also for logits that require grad while grad
+        mode is on (the step is not differentiable: score under
+        ``torch.no_grad()`` or ``torch.inference_mode()``). Ids out of range
+        and non-finite losses are not errors: they are counted in
+        ``state.errors`` (``state.check()``).
 
     Notes
     -----
@@ -409,6 +415,7 @@ def es_step(
     One C++ call on the CPU; a fixed sequence of Triton launches on CUDA.
     """
     settings = step_settings(settings, "es_step")
+    _checks.no_grad_inputs(logits=logits)
     if segment_ids is not None:
         from .lm import packed_step_from_logits  # lm builds on this module
 

@@ -268,7 +268,10 @@ def es_step_from_hidden(
     ------
     ValueError
         Naming the argument; every argument is validated before the losses
-        are computed or anything is written.
+        are computed or anything is written. Also for ``hidden``, ``weight``
+        or ``bias`` that require grad while grad mode is on: the step is not
+        differentiable, score under ``torch.no_grad()`` or
+        ``torch.inference_mode()``.
 
     Notes
     -----
@@ -276,6 +279,7 @@ def es_step_from_hidden(
     """
     st = _state(state)
     kw = step_kw(locals())
+    _checks.no_grad_inputs(hidden=hidden, weight=weight, bias=bias)
     if segment_ids is not None:
         _check_packed_step(ids, segment_ids, st, b, **kw)
         _check_hidden(

@@ -34,6 +34,7 @@ __all__ = [
     "philox4x32",
     "uniform_from_bits",
     "per_sample_cross_entropy",
+    "per_sample_cross_entropy_backward",
     "es_update",
     "selection_keys",
     "weighted_select",
@@ -140,6 +141,42 @@ def per_sample_cross_entropy(
     tok = tok.reshape(targets.shape)
     count = (~ignored).reshape(targets.shape).sum(dim=1)
     return torch.where(count > 0, tok.sum(dim=1) / count.clamp(min=1), 0.0)
+
+
+def per_sample_cross_entropy_backward(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The gradient of :func:`per_sample_cross_entropy` with respect to the
+    logits (spec section 5.1), given ``grad`` ``[B]``, the gradient of the
+    per-sample losses: the logits' shape and dtype, arithmetic in float32.
+
+    For a scored token with target ``t``, ``g * (p_c - eps / C - (1 - eps)
+    [c == t])`` with ``p = softmax(x)``, ``eps = label_smoothing`` and ``g =
+    grad_b`` (``[B, C]``) or ``grad_b / count_b`` (``[B, T, V]``, ``count_b``
+    the scored tokens of sequence ``b``); 0 for an ignored token, NaN for a
+    bad target. A -inf logit gets 0; a row with NaN or +inf logits, or of
+    -inf only, gets NaN."""
+    num_classes = logits.shape[-1]
+    x = logits.float().reshape(-1, num_classes)
+    t = targets.reshape(-1).long()
+    ignored = t == ignore_index
+    valid = (t >= 0) & (t < num_classes)
+    g = grad.float()
+    if logits.dim() == 3:
+        count = (~ignored).reshape(targets.shape).sum(dim=1)
+        g = (g / count.clamp(min=1)).repeat_interleave(targets.shape[1])
+    p = torch.softmax(x, dim=-1)
+    if label_smoothing > 0.0:
+        p = p - label_smoothing / num_classes
+    onehot = torch.zeros_like(p).scatter_(1, torch.where(valid, t, 0).unsqueeze(1), 1.0 - label_smoothing)
+    dx = (p - onehot) * g.unsqueeze(1)
+    dx = torch.where(valid.unsqueeze(1), dx, float("nan"))
+    dx = torch.where(ignored.unsqueeze(1), 0.0, dx)
+    return dx.to(logits.dtype).reshape(logits.shape)
 
 
 # --------------------------------------------------------------------------

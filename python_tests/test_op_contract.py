@@ -29,6 +29,7 @@ def base_call(name, dtype=torch.float32):
     logits, targets = torch.randn(5, 6, generator=g), torch.randint(0, 6, (5,), generator=g)
     args = {
         "per_sample_cross_entropy": (logits, targets, -100, 0.0),
+        "per_sample_cross_entropy_backward": (torch.rand(5, generator=g), logits, targets, -100, 0.0),
         "es_update": (ids, losses, st, er, 0.2, 0.5, 1.0, 1e-8),
         "weighted_select": (losses, 2, "sample", 1, 2),
         "es_step_from_losses": (losses, ids, st, er, 2, 0.2, 0.5, "sample", 1, 2),
@@ -93,6 +94,8 @@ def _cases(name):
     step = [c for c in _STEP if name != "weighted_select" or "advance_step" not in str(c)]
     table = {
         "per_sample_cross_entropy": _LOGITS,
+        "per_sample_cross_entropy_backward": _LOGITS
+        + [("grad", lambda a: a.grad[:3]), ("grad", lambda a: a.grad.long())],
         "es_update": _SETTINGS + _IN_PLACE + [("losses", lambda a: a.losses.long())],
         "weighted_select": step + [("weights", lambda a: a.weights.long())],
         "es_step_from_losses": _SETTINGS + step + _IN_PLACE + [("mask", lambda a: torch.ones(5, 1, dtype=torch.bool))],

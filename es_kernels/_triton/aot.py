@@ -197,6 +197,7 @@ def _build_args(params: list[str], k: dict) -> dict:
         "losses": lambda: t(torch.rand((B, T) if k["losses_dim"] == 2 else (B,), generator=g) * 3),
         "mask": lambda: t(torch.rand(B, T, generator=g) > 0.3) if k["mask"] else None,
         "weights": lambda: t(torch.rand(B, generator=g) + 0.1),
+        "grad": lambda: t(torch.rand(B, generator=g)),  # per_sample_cross_entropy_backward's
         "s": lambda: t(s),
         "d": lambda: t(d),
         "state": lambda: t(torch.stack([s, d], 1)),

@@ -127,6 +127,65 @@ def ce_kernel(
         observe(loss, live, r, inr, upd, MODE, False)
 
 
+@triton.jit(do_not_specialize=["R", "T", "ignore_index"])
+def ce_grad_kernel(
+    logits_ptr,
+    targets_ptr,
+    scale_ptr,
+    out_ptr,
+    R,
+    V,
+    T,
+    stride_b,
+    stride_t,
+    ignore_index,
+    one_minus_eps,
+    eps_over_v,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    G: tl.constexpr,
+):
+    """The gradient of per_sample_cross_entropy (docs/spec.md section 5.1)
+    for ROWS token rows: ce_kernel's first loop recomputes each row's max m
+    and sum s of exp(x - m), then one more pass over the row writes
+    ``g exp(x - m) / s - g eps / V`` (less ``g (1 - eps)`` at the target) to
+    the contiguous ``out`` in its dtype, ``g = scale[r // T]``. An ignored row
+    is not read and gets zeros; a bad target, a NaN or +inf logit or a row of
+    -inf only give a row of NaN."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    inr = r < R
+    live = inr & (tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64) != ignore_index)
+    rowp = logits_ptr + (r // T) * stride_b + (r % T) * stride_t
+    live3 = live[:, None, None]
+    m = tl.full((ROWS, BLOCK_V // G), float("-inf"), tl.float32)
+    s = tl.zeros((ROWS, BLOCK_V // G), tl.float32)
+    any_live = tl.max(live.to(tl.int32), 0) > 0
+    full_end = tl.where(any_live, (V // BLOCK_V) * BLOCK_V, 0)
+    for start in range(0, full_end, BLOCK_V):
+        m, s, _, _ = _chunk(rowp[:, None, None], start, V, live3, m, s, s, s, False, False, G)
+    for start in range(full_end, tl.where(any_live, V, 0), BLOCK_V):
+        m, s, _, _ = _chunk(rowp[:, None, None], start, V, live3, m, s, s, s, True, False, G)
+    mx = tl.max(m, 1)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(s * tl.exp2((m - safe[:, None]) * LOG2E), 1)
+    t = tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64)
+    g = tl.load(scale_ptr + r // T, mask=live, other=0.0)
+    ok = (t >= 0) & (t < V) & (mx != float("-inf"))
+    coef = tl.where(live, tl.where(ok, g / total, float("nan")), 0.0)
+    shift = tl.where(live, g * eps_over_v, 0.0)
+    hit = tl.where(live, g * one_minus_eps, 0.0)
+    outp = (out_ptr + r * V)[:, None, None]
+    first = tl.arange(0, BLOCK_V // G)[None, :, None] * G + tl.arange(0, G)[None, None, :]
+    for start in range(0, V, BLOCK_V):  # every row is written, an ignored one with zeros
+        cols = start + first
+        inside = inr[:, None, None] & (cols < V)
+        x = tl.load(rowp[:, None, None] + cols, mask=inside & live3, other=float("-inf")).to(tl.float32)
+        e = tl.exp2((x - safe[:, None, None]) * LOG2E)
+        grad = e * coef[:, None, None] - shift[:, None, None]
+        grad = grad - tl.where(cols == t[:, None, None], hit[:, None, None], 0.0)
+        tl.store(outp + cols, grad.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 def config(V: int, element_size: int, on_gpu: bool, group: int | None = None) -> dict:
     """Launch parameters of ce_kernel for V classes of ``element_size`` bytes.
 
@@ -192,6 +251,36 @@ def launch_ce(logits, targets, out, ignore_index, label_smoothing, meta, fused=N
     )
 
 
+def launch_ce_grad(logits, targets, scale, out, ignore_index, label_smoothing, meta):
+    """One launch of ce_grad_kernel over the token rows: ``logits`` as in
+    :func:`launch_ce`, ``targets`` flat and contiguous, ``scale`` float32
+    ``[B]`` (the factor of each sample's rows), ``out`` contiguous, the
+    logits' shape and dtype."""
+    V = logits.shape[-1]
+    T, stride_t = (logits.shape[1], logits.stride(1)) if logits.dim() == 3 else (1, 0)
+    rows = targets.shape[0]
+    eps = float(label_smoothing)
+    cfg = config(V, logits.element_size(), logits.device.type == "cuda")
+    launch(
+        ce_grad_kernel,
+        (triton.cdiv(rows, cfg["ROWS"]),),
+        logits.device,
+        logits,
+        targets,
+        scale,
+        out,
+        rows,
+        V,
+        T,
+        logits.stride(0),
+        stride_t,
+        ignore_index,
+        1.0 - eps,
+        eps / V,
+        **meta(logits.device, **cfg),
+    )
+
+
 def in_place(logits: torch.Tensor) -> torch.Tensor:
     """The logits as ce_kernel reads them: the caller's tensor (any batch and
     sequence strides), copied only when the class stride is not 1."""
@@ -208,4 +297,22 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index, labe
     out = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
     if t.shape[0] > 0:
         launch_ce(x, t, out, ignore_index, label_smoothing, meta)
+    return out
+
+
+def token_grads(grad, logits, targets, ignore_index, label_smoothing, meta) -> torch.Tensor:
+    """The gradient of per_sample_cross_entropy with respect to ``logits``
+    (contiguous, their shape and dtype) for ``grad`` ``[B]``: the factor of a
+    sequence's tokens is ``grad_b`` over its scored tokens, counted on the
+    device (no host read)."""
+    x = in_place(logits)
+    t = targets.reshape(-1).contiguous()
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if t.shape[0] == 0:
+        return out
+    scale = grad.to(torch.float32)
+    if logits.dim() == 3:
+        count = (targets != ignore_index).sum(dim=1)
+        scale = torch.where(count > 0, scale / count.clamp(min=1), 0.0)
+    launch_ce_grad(x, t, scale.contiguous(), out, ignore_index, label_smoothing, meta)
     return out

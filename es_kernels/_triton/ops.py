@@ -235,6 +235,11 @@ def per_sample_cross_entropy(a):
     return losses
 
 
+@_op("per_sample_cross_entropy_backward")
+def per_sample_cross_entropy_backward(a):
+    return cross_entropy.token_grads(a.grad, a.logits, a.targets, a.ignore_index, a.label_smoothing, _meta)
+
+
 @_op("es_update")
 def es_update(a):
     _float32_state(a.state)
@@ -331,6 +336,7 @@ def eswp_prune(a):
 
 OPS = {
     "per_sample_cross_entropy": per_sample_cross_entropy,
+    "per_sample_cross_entropy_backward": per_sample_cross_entropy_backward,
     "es_update": es_update,
     "weighted_select": weighted_select,
     "es_step_from_losses": es_step_from_losses,
