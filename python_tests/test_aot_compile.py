@@ -8,7 +8,8 @@ on a compile error, on local memory or a stack frame, and on register
 spills. It writes bench/results/aot_kernels.md and .json (registers, shared
 and local memory per variant). Two more tests keep the check honest: every
 kernel defined in es_kernels/_triton gets variants on both targets, and toy
-kernels that do not compile or that spill fail it.
+kernels that do not compile or that spill fail it. A fast one compiles only
+ce_kernel's launches at language-model vocabularies.
 
 The harness runs in a subprocess without TRITON_INTERPRET (conftest sets it
 here, and then ``triton.jit`` makes interpreted functions that cannot be
