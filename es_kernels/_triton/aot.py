@@ -11,7 +11,19 @@ How the variants are found (nothing is listed by hand but the op inputs):
 1. :func:`input_matrix` is a matrix of op inputs (dtypes, shapes, modes,
    seeds, ...): the full product of the knobs in AXES (those that choose code
    paths), and each group of SWEEPS (dtypes, int widths, sizes, alignment)
-   crossed within itself. Every public launcher (``ops.OPS``) is called on
+   crossed within itself, with its own values. Axes that real launches
+   combine are crossed in one group, not sampled each alone: ce_kernel's
+   group crosses vocabularies (10, 37, 128, 32000, 50257, 128256) x label
+   smoothing x plain cross-entropy / es_step's fused update (each select
+   mode, b = 0 and b > 0) x aligned / unaligned rows (``logits[..., 1:]``)
+   x fp32 / bf16 / fp16. The full product of every knob would be millions
+   of launches for a few thousand kernels; what a point changes in the
+   compiled kernel is its key in step 2 (the constexprs and tile sizes the
+   launcher picks, the dtypes, the ==1 / divisible-by-16 specialisations,
+   the options), so each group crosses the knobs that act together on one
+   kernel and step 2 compiles each distinct key once. A new kernel is one
+   more launcher in ``ops.OPS`` (and, for new inputs, a knob and a
+   builder). Every public launcher (``ops.OPS``) is called on
    every point that differs in a knob touching its parameters, with ``launch`` patched
    to record ``(kernel, grid, args, meta)`` instead of running, and with the
    tensors reporting ``device.type == "cuda"`` (:class:`_AsIfOnCuda`), so the
@@ -127,6 +139,19 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
             {"logits"},
         ),
     },
+    # the launches of ce_kernel, crossed: vocabularies (small, LM sizes; 32000 and 128256
+    # share a variant) x label smoothing x plain cross-entropy (3-D logits) / es_step's
+    # update in the epilogue (2-D: each select mode, b = 0 and b > 0) x rows 16-byte
+    # aligned or not (logits[..., 1:] of rows of V + 1) x dtype
+    ("V", "logits_dtype", "logits_dim", "label_smoothing", "select_mode", "b", "logits_layout"): {
+        "V": ([10, 37, 128, 32000, 50257, 128256], {"logits"}),
+        "logits_dtype": ([torch.float32, torch.bfloat16, torch.float16], {"logits"}),
+        "logits_dim": ([3, 2], {"logits"}),
+        "label_smoothing": ([0.0, 0.1], {"label_smoothing"}),
+        "select_mode": (["sample", "topk"], {"select_mode"}),
+        "b": ([3, 0], {"b"}),
+        "logits_layout": (["contiguous", "sliced"], {"logits"}),
+    },
     # tokens per row (3-D logits, 2-D losses): T == 1 specialises, T == 0 has no tokens;
     # 100 and 2048 give observe_kernel's other tiles (8 x 128, 1 x 1024 tokens)
     ("T",): {"T": ([3, 1, 0, 100, 2048], {"logits", "targets", "losses", "mask"})},
@@ -159,8 +184,8 @@ def input_matrix() -> list[dict]:
     all_knobs = knobs()
     base = {k: v[0][0] for k, v in all_knobs.items()}
     points = [dict(base, **dict(zip(AXES, values))) for values in itertools.product(*(v[0] for v in AXES.values()))]
-    for axes in SWEEPS:
-        for values in itertools.product(*(all_knobs[a][0] for a in axes)):
+    for axes, group in SWEEPS.items():
+        for values in itertools.product(*(group.get(a, all_knobs[a])[0] for a in axes)):
             points.append(dict(base, **dict(zip(axes, values))))
     return points
 
@@ -187,7 +212,7 @@ def _build_args(params: list[str], k: dict) -> dict:
     seed, step = k["seed"], k["step"]
     as_tensor = k["seed_as_tensor"]
     builders: dict[str, Callable[[], Any]] = {
-        "logits": lambda: t(torch.randn(lshape, generator=g).to(k["logits_dtype"])),
+        "logits": lambda: _layout(t(torch.randn(lshape, generator=g).to(k["logits_dtype"])), k["logits_layout"]),
         "targets": lambda: t(torch.randint(0, max(V, 1), lshape[:-1], generator=g).to(k["targets_dtype"])),
         "ids": lambda: (
             t(torch.randperm(N, generator=g)[:B].to(k["ids_dtype"]))
@@ -223,6 +248,16 @@ def _build_args(params: list[str], k: dict) -> dict:
         "rescale": lambda: True,
     }
     return {p: builders[p]() for p in params if p in builders}
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` as a view of the class axis of a wider buffer (rows of V + 1):
+    ``sliced`` its columns 1.., ``narrowed`` its columns ..V-1."""
+    if layout == "contiguous":
+        return x
+    wide = torch.empty(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype)
+    view = wide[..., 1:] if layout == "sliced" else wide[..., :-1]
+    return view.copy_(x)
 
 
 # ------------------------------------------------ 2. recording launcher calls

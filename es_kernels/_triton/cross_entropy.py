@@ -6,12 +6,15 @@ One program handles ROWS token rows (several when the class count is small)
 and walks their class axis in chunks of BLOCK_V columns, read once and in
 place: token row r starts at (r // T) * stride_b + (r % T) * stride_t (the
 class stride is 1). A chunk is a [ROWS, BLOCK_V // G, G] tile whose last axis
-is G contiguous columns held by one thread (one 16-byte load): each such
-group keeps its own running max m and sum of exp(x - m) (and, with label
-smoothing, the sum of (m - x) and its count) in registers. The chunk's group
-max is a reduction inside a thread, so the hot loop has no shuffle and no
-barrier; the groups are combined once per row after the loop (one CTA
-reduction per row). Exponentials are exp2((x - m) log2(e)): the max is
+is G contiguous columns held by one thread (one 16-byte load when the rows
+are 16-byte aligned, else G loads of one column, joined): each such group
+keeps its own running max m and sum of exp(x - m) (and, with label
+smoothing, the sum of (m - x); its count is the same for every group until
+the tail, a scalar) in registers. The chunk's group max and sums are
+reductions inside a thread, the sums in one fixed order (:func:`_group_sum`)
+on both load paths, so the hot loop has no shuffle and no barrier and a view
+gives the bits of its contiguous copy; the groups are combined once per row
+after the loop (one CTA reduction per row). Exponentials are exp2((x - m) log2(e)): the max is
 subtracted first (exact for the largest logits, where x log2(e) would
 overflow float32 near its maximum), then one multiply feeds ex2; a group
 rescales its sum by one ex2 per chunk. Full chunks are read unmasked; the
@@ -45,31 +48,116 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _chunk(rowp, start, V, live, m, s, d, n, MASKED: tl.constexpr, SMOOTH: tl.constexpr, G: tl.constexpr):
-    """Fold the columns start .. start + NG G - 1 of the rows at ``rowp``
-    [ROWS, 1, 1] into the groups' running (max, sum of exp(x - max)) and, with
-    SMOOTH, the sum of (max - x) and the count n: per thread, no cross-thread
-    reduction (a [ROWS, NG, G] tile, G contiguous columns per group)."""
-    first = start + tl.arange(0, m.shape[1])[None, :] * G  # [1, NG]: each group's first column
-    cols = first[:, :, None] + tl.arange(0, G)[None, None, :]
+def _column(rowp, first, V, live, k: tl.constexpr, MASKED: tl.constexpr):
+    """Column k of every group (first column ``first`` [1, NG]) of the rows
+    at ``rowp`` [ROWS, 1]: [ROWS, NG], -inf where masked off."""
     if MASKED:
-        inside = live & (cols < V)
+        inside = live & (first + k < V)
     else:
         inside = live
-    x = tl.load(rowp + cols, mask=inside, other=float("-inf")).to(tl.float32)
+    return tl.load(rowp + (first + k), mask=inside, other=float("-inf"))
+
+
+@triton.jit
+def _tile(rowp, first, V, live, MASKED: tl.constexpr, ALIGNED: tl.constexpr, G: tl.constexpr):
+    """The float32 [ROWS, NG, G] tile of the groups starting at columns
+    ``first`` [1, NG] (G contiguous columns each) of the rows at ``rowp``
+    [ROWS, 1]; -inf past V when MASKED. With ALIGNED (every row 16-byte
+    aligned) one load of the tile, a 16-byte vector per group. Else G loads
+    of one column of every group, joined so that each thread holds whole
+    groups: one load of the tile let Triton spread a group over threads
+    (shuffles per element, up to 255 registers and spills on sm_80)."""
+    if ALIGNED or G == 1:
+        cols = first[:, :, None] + tl.arange(0, G)[None, None, :]
+        if MASKED:
+            inside = live[:, :, None] & (cols < V)
+        else:
+            inside = live[:, :, None]
+        x = tl.load(rowp[:, :, None] + cols, mask=inside, other=float("-inf"))
+    else:
+        shape: tl.constexpr = (live.shape[0], first.shape[1], G)
+        if G == 2:
+            x = tl.join(_column(rowp, first, V, live, 0, MASKED), _column(rowp, first, V, live, 1, MASKED))
+        elif G == 4:  # join(E, O): E[i] = column 2i, O[i] = column 2i + 1
+            e = tl.join(_column(rowp, first, V, live, 0, MASKED), _column(rowp, first, V, live, 2, MASKED))
+            o = tl.join(_column(rowp, first, V, live, 1, MASKED), _column(rowp, first, V, live, 3, MASKED))
+            x = tl.reshape(tl.join(e, o), shape)
+        else:  # G == 8: [i, j, l] = column 4i + 2j + l
+            e0 = tl.join(_column(rowp, first, V, live, 0, MASKED), _column(rowp, first, V, live, 4, MASKED))
+            e1 = tl.join(_column(rowp, first, V, live, 2, MASKED), _column(rowp, first, V, live, 6, MASKED))
+            o0 = tl.join(_column(rowp, first, V, live, 1, MASKED), _column(rowp, first, V, live, 5, MASKED))
+            o1 = tl.join(_column(rowp, first, V, live, 3, MASKED), _column(rowp, first, V, live, 7, MASKED))
+            x = tl.reshape(tl.join(tl.join(e0, e1), tl.join(o0, o1)), shape)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _group_sum(y, G: tl.constexpr):
+    """The sum over the group axis of y [ROWS, NG, G] in one fixed order,
+    whatever the layout: ((y0 + y1) + y2) + y3 up to G = 4, pairwise
+    ((y0 + y1) + (y2 + y3)) + ((y4 + y5) + (y6 + y7)) for G = 8 (NumPy's
+    order, so the interpreter's results are those of ``tl.sum``)."""
+    R: tl.constexpr = y.shape[0]
+    NG: tl.constexpr = y.shape[1]
+    if G == 1:
+        out = tl.reshape(y, (R, NG))
+    elif G == 2:
+        a, b = tl.split(y)
+        out = a + b
+    elif G == 4:
+        e, o = tl.split(tl.reshape(y, (R, NG, 2, 2)))  # e[i] = y[2i], o[i] = y[2i + 1]
+        y0, y2 = tl.split(e)
+        y1, y3 = tl.split(o)
+        out = ((y0 + y1) + y2) + y3
+    else:
+        e, o = tl.split(tl.reshape(y, (R, NG, 4, 2)))
+        p = e + o  # p[i] = y[2i] + y[2i + 1]
+        e, o = tl.split(tl.reshape(p, (R, NG, 2, 2)))
+        a, b = tl.split(e + o)
+        out = a + b
+    return out
+
+
+@triton.jit
+def _chunk(rowp, start, V, live, m, s, d, MASKED: tl.constexpr, SMOOTH: tl.constexpr, ALIGNED: tl.constexpr,
+           G: tl.constexpr):  # fmt: skip
+    """Fold the columns start .. start + NG G - 1 of the rows at ``rowp``
+    [ROWS, 1] into the groups' running (max, sum of exp(x - max)) and, with
+    SMOOTH, the sum of (max - x): per thread, no cross-thread reduction (a
+    [ROWS, NG, G] tile, G contiguous columns per group). The count of
+    columns already in d is the same for every group before the tail chunk
+    (start / NG), a scalar: no [ROWS, NG] counter crosses the loop."""
+    first = start + tl.arange(0, m.shape[1])[None, :] * G  # [1, NG]: each group's first column
+    x = _tile(rowp, first, V, live, MASKED, ALIGNED, G)
     new_m = tl.maximum(m, tl.max(x, 2))
     safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: nothing to rescale
-    s = s * tl.exp2((m - safe) * LOG2E) + tl.sum(tl.exp2((x - safe[:, :, None]) * LOG2E), 2)
+    s = s * tl.exp2((m - safe) * LOG2E) + _group_sum(tl.exp2((x - safe[:, :, None]) * LOG2E), G)
     if SMOOTH:
         # the earlier terms shift by new_m - m; a -inf logit adds +inf
-        d += tl.where((n == 0.0) | (m == new_m), 0.0, n * (new_m - m))
-        if MASKED:  # the group's columns below V: arithmetic, not a reduction of the mask
-            d += tl.sum(tl.where(inside, safe[:, :, None] - x, 0.0), 2)
-            n += tl.minimum(tl.maximum(V - first, 0), G).to(tl.float32)
+        n = tl.cast(start // m.shape[1], tl.float32)
+        d += tl.where(n == 0.0, 0.0, tl.where(m == new_m, 0.0, n * (new_m - m)))
+        if MASKED:
+            cols = first[:, :, None] + tl.arange(0, G)[None, None, :]
+            d += _group_sum(tl.where(live[:, :, None] & (cols < V), safe[:, :, None] - x, 0.0), G)
         else:
-            d += tl.sum(safe[:, :, None] - x, 2)
-            n += G
-    return new_m, s, d, n
+            d += _group_sum(safe[:, :, None] - x, G)
+    return new_m, s, d
+
+
+@triton.jit
+def _row_offset(r, R, T, stride_b, stride_t):
+    """The offset of token row r: (r // T) stride_b + (r % T) stride_t. A
+    32-bit division when the rows fit in int32 (then so does T): a 64-bit
+    division is a subroutine call, around which ptxas kept a stack frame on
+    sm_80. Rows past R (masked off) take row R - 1's offset."""
+    if R.dtype == tl.int32:
+        rr = tl.minimum(r, R - 1).to(tl.int32)
+        q = rr // T
+        p = rr - q * T
+    else:
+        q = r // T
+        p = r - q * T
+    return q.to(tl.int64) * stride_b + p.to(tl.int64) * stride_t
 
 
 @triton.jit(do_not_specialize=["R", "T", "ignore_index"])
@@ -91,24 +179,24 @@ def ce_kernel(
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     G: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     inr = r < R
     # only the live flag crosses the loop: a 64-bit target kept there spilled
     # to the stack on sm_80 (the AOT test); the target is reloaded after it
     live = inr & (tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64) != ignore_index)
-    rowp = logits_ptr + (r // T) * stride_b + (r % T) * stride_t
-    live3 = live[:, None, None]
-    m = tl.full((ROWS, BLOCK_V // G), float("-inf"), tl.float32)
-    s = tl.zeros((ROWS, BLOCK_V // G), tl.float32)  # sum of exp(x - m)
-    d = tl.zeros((ROWS, BLOCK_V // G), tl.float32)  # sum of (m - x), smoothing only: no cancellation
-    n = tl.zeros((ROWS, BLOCK_V // G), tl.float32)  # columns in d
+    rowp = logits_ptr + _row_offset(r, R, T, stride_b, stride_t)
+    NG: tl.constexpr = BLOCK_V // G
+    m = tl.full((ROWS, NG), float("-inf"), tl.float32)
+    s = tl.zeros((ROWS, NG), tl.float32)  # sum of exp(x - m)
+    d = tl.zeros((ROWS, NG), tl.float32)  # sum of (m - x), smoothing only: no cancellation
     any_live = tl.max(live.to(tl.int32), 0) > 0
     full_end = tl.where(any_live, (V // BLOCK_V) * BLOCK_V, 0)
     for start in range(0, full_end, BLOCK_V):
-        m, s, d, n = _chunk(rowp[:, None, None], start, V, live3, m, s, d, n, False, SMOOTH, G)
+        m, s, d = _chunk(rowp[:, None], start, V, live[:, None], m, s, d, False, SMOOTH, ALIGNED, G)
     for start in range(full_end, tl.where(any_live, V, 0), BLOCK_V):  # the tail: 0 or 1 chunk
-        m, s, d, n = _chunk(rowp[:, None, None], start, V, live3, m, s, d, n, True, SMOOTH, G)
+        m, s, d = _chunk(rowp[:, None], start, V, live[:, None], m, s, d, True, SMOOTH, ALIGNED, G)
     # once per row: combine the groups
     mx = tl.max(m, 1)
     safe = tl.where(mx == float("-inf"), 0.0, mx)
@@ -118,6 +206,9 @@ def ce_kernel(
     x_t = tl.load(rowp + tl.where(valid, t, 0), mask=valid & live, other=0.0).to(tl.float32)
     loss = (mx - x_t) + log_s
     if SMOOTH:  # as F.cross_entropy: (1 - eps) nll + eps / V * sum_c -log p_c
+        # columns in each group's d: NG per full chunk, then the tail's columns below V
+        first = full_end + tl.arange(0, NG)[None, :] * G
+        n = (full_end // NG).to(tl.float32) + tl.minimum(tl.maximum(V - first, 0), G).to(tl.float32)
         shift = tl.where((n == 0.0) | (m == mx[:, None]), 0.0, n * (mx[:, None] - m))
         loss = one_minus_eps * loss + eps_over_v * (tl.sum(d + shift, 1) + V * log_s)
     loss = tl.where(valid & (mx != float("-inf")), loss, float("nan"))
@@ -196,7 +287,9 @@ def config(V: int, element_size: int, on_gpu: bool, group: int | None = None) ->
       across threads, 28 instead of 15 instructions per element at V = 50257
       bf16 on sm_90a). G depends on V alone, not on the strides: a strided
       view must give the bits of its contiguous copy (the summation order
-      follows G);
+      follows G). A view whose rows are not 16-byte aligned (``launch_ce``
+      sets ALIGNED) loads its groups column by column, summed in the same
+      order;
     - BLOCK_V: the chunk, the row rounded up to a power of two, at most 4096
       on a GPU (1024 under the interpreter, whose cost grows with the tile);
     - ROWS: rows per program, 1024 // BLOCK_V (at most 16) when a row is
@@ -228,6 +321,11 @@ def launch_ce(logits, targets, out, ignore_index, label_smoothing, meta, fused=N
     rows = targets.shape[0]
     eps = float(label_smoothing)
     cfg = config(V, logits.element_size(), logits.device.type == "cuda")
+    # rows 16-byte aligned as Triton sees it (a pointer divisible by 16 bytes, strides by 16
+    # elements): each group one vector load; else column by column (G = 1: one path)
+    cfg["ALIGNED"] = cfg["G"] == 1 or (
+        logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and stride_t % 16 == 0
+    )
     if fused is None:  # the loss alone
         fused = observe_args(out)
     launch(

@@ -138,7 +138,9 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
             outs.update(ids_ptr=ids)
         if do_update:  # without it: err_ptr a stand-in and N = 0 (observe_args)
             outs.update(state_ptr=state, err_ptr=errors, N=state.shape[0])
-        modes = dict(DO_UPDATE=do_update, DO_SELECT=do_select, SAMPLE=select_mode == "sample", EPS_MIX=eps_mix)
+        modes = dict(
+            DO_UPDATE=do_update, DO_SELECT=do_select, SAMPLE=do_select and select_mode == "sample", EPS_MIX=eps_mix
+        )
         obs = observe_args(any_ptr, **rule, **outs, **noise, **modes, **flags)  # es_step.observe's values and flags
         if logits is not None:  # es_step from [B, C] logits: the loss, update and key in one launch
             cross_entropy.launch_ce(logits, src, losses, ignore_index, label_smoothing, _meta, obs)
