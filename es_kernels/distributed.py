@@ -255,6 +255,11 @@ class DistributedEvolvedSampler(EvolvedSampler):
                 "DistributedEvolvedSampler needs torch.distributed initialised (init_process_group) on every rank"
             )
         super().__init__(*args, **kwargs)
+        if self.schedule.selects_from_state:
+            raise ValueError(
+                f"schedule: the distributed samplers score every step (got {self.schedule}); "
+                "selection from the state needs the picks' counters gathered across ranks"
+            )
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
