@@ -391,10 +391,10 @@ class EvolvedSampler:
         Returns
         -------
         Tensor or None
-            float32 ``[b]`` weights after the update; None after a scoring
-            step, whose picks were just observed by the scoring pass (a second
-            observation would count them twice): the loop may call it on
-            every step.
+            float32 ``[b]`` weights after the update; None when the last
+            :meth:`select` scored, whose picks were just observed by the
+            scoring pass (a second observation would count them twice): the
+            loop may call it on every step, once.
 
         Raises
         ------
@@ -407,6 +407,11 @@ class EvolvedSampler:
         """
         if self._scored_last:
             return None
+        return self._observe(ids, losses)
+
+    def _observe(self, ids, losses) -> torch.Tensor:
+        """observe() without the check of the last step (for an integration
+        that knows which of its meta-batches selected from the state)."""
         ids = self._batch_ids(ids)
         if not isinstance(losses, torch.Tensor):
             raise ValueError(f"losses must be a torch.Tensor, got {type(losses).__name__}")
@@ -419,8 +424,8 @@ class EvolvedSampler:
             lam=self.lam,
             w_min=self.w_min,
         )
-        self._counters[0, self._slot(ids)] = self._host_step - 1
-        self._scored_last = True  # one observation per step
+        if self._counters is not None:
+            self._counters[0, self._slot(ids)] = self._host_step - 1
         return w
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:

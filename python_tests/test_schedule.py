@@ -372,3 +372,121 @@ def test_state_dict_counters_validated():
     assert plain["counters"] is None and plain["schedule"] == "step"
     with pytest.raises(ValueError, match="counters"):
         es.load_state_dict(dict(plain, counters=sd["counters"]))
+
+
+# ------------------------------------------------------------------ integrations
+def test_trainer_with_a_schedule_matches_hand_loop(tmp_path):
+    """ESTrainer on a schedule: scoring steps as before; the other steps select
+    from the state and observe the training pass's per-sample losses."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch.nn.functional as F
+    from test_integrations import (
+        LR,
+        B,
+        N,
+        V,
+        assert_same_params,
+        b,
+        collate,
+        make_data,
+        make_model,
+        read_ahead,
+        trainer_args,
+    )
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    from es_kernels.integrations import ESCollator, ESDataset, ESStream
+    from es_kernels.integrations.transformers import ESTrainer
+
+    steps, schedule = 8, "fraction:0.5,cap=1"
+    es = ek.EvolvedSampler(N, mini_batch=b, seed=0, schedule=schedule)
+    seen = []
+    orig = es.select
+    es.select = lambda ids, **kw: seen.append((bool(kw), orig(ids, **kw))) or seen[-1][1]
+    tr = ESTrainer(
+        model=make_model(), args=trainer_args(tmp_path, max_steps=steps), train_dataset=make_data(),
+        data_collator=collate, es_sampler=es,
+    )  # fmt: skip
+    tr.train()
+
+    model = make_model()
+    ref = ek.EvolvedSampler(N, mini_batch=b, seed=0, schedule=schedule)
+    loader = DataLoader(
+        ESDataset(make_data()), batch_size=B, sampler=ESStream(None, es=ref), collate_fn=ESCollator(collate)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+    it, kinds = read_ahead(loader), []
+    for _ in range(steps):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = read_ahead(loader)
+            batch = next(it)
+        x, y, ids = batch["input_ids"], batch["labels"], batch["es_id"]
+        kinds.append(ref.needs_scores)
+        if ref.needs_scores:
+            model.eval()
+            with torch.no_grad():
+                sel = ref.select(ids, logits=model(x).logits[:, :-1], targets=y[:, 1:])
+            model.train()
+        else:
+            sel = ref.select(ids)
+        pos = sel.positions
+        yy = y[pos][:, 1:]
+        tok = F.cross_entropy(model(x[pos]).logits[:, :-1].reshape(-1, V).float(), yy.reshape(-1), reduction="none")
+        tok = tok.view(yy.shape)
+        ref.observe(ids[pos], (tok.sum(1) / (yy != -100).sum(1).clamp(min=1)).detach())
+        (tok.sum() / (yy != -100).sum()).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert kinds == [k for k, _ in seen] and True in kinds and False in kinds
+    assert es.step == ref.step == steps
+    torch.testing.assert_close(es.state.tensor, ref.state.tensor, equal_nan=True, atol=1e-6, rtol=1e-5)
+    assert torch.equal(es.state_dict()["counters"]["picks"], ref.state_dict()["counters"]["picks"])
+    assert_same_params(tr.model, model)
+
+
+def test_lightning_with_a_schedule_observes_the_training_losses(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    import torch.nn.functional as F
+    from test_integrations import B, N, b, lit_trainer
+
+    from es_kernels.integrations.lightning import ESLightningMixin
+
+    class Lit(ESLightningMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Linear(6, 5)
+            self.es_setup(ek.EvolvedSampler(N, mini_batch=b, seed=1, schedule="epoch:2"))
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(N, 6, generator=g), torch.randint(0, 5, (N,), generator=g)
+            self.data = [{"x": x[i], "y": y[i]} for i in range(N)]
+
+        def es_sample_losses(self, batch):
+            return F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
+
+        def training_step(self, batch, i):
+            return self.es_loss(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            return self.es_dataloader(self.data, batch_size=B)
+
+    m = Lit()
+    calls = {"scored": 0, "from_state": 0, "observed": 0}
+    orig_select, orig_observe = m.es_sampler.select, m.es_sampler._observe
+    m.es_sampler.select = lambda ids, **kw: (
+        calls.__setitem__("scored" if kw else "from_state", calls["scored" if kw else "from_state"] + 1)
+        or orig_select(ids, **kw)
+    )
+    m.es_sampler._observe = lambda ids, l: calls.__setitem__("observed", calls["observed"] + 1) or orig_observe(ids, l)
+    lit_trainer(pl, tmp_path, max_epochs=3).fit(m)  # 4 steps an epoch: epochs 0 and 2 score
+    assert calls == {"scored": 8, "from_state": 4, "observed": 4}, calls
+    assert not torch.isnan(m.es_sampler.state.s).any()
