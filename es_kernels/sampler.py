@@ -212,6 +212,11 @@ class EvolvedSampler:
     ) -> Selection:
         """Score a meta-batch, update its state, pick ``mini_batch`` of it.
 
+        With a schedule (``schedule=``), on a step that does not score
+        (:attr:`needs_scores` False) ``select(ids)`` alone picks from the
+        stored state (docs/spec.md section 12); then :meth:`observe` the
+        picks' training losses.
+
         Parameters
         ----------
         ids : Tensor

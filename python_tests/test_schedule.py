@@ -490,3 +490,37 @@ def test_lightning_with_a_schedule_observes_the_training_losses(tmp_path):
     lit_trainer(pl, tmp_path, max_epochs=3).fit(m)  # 4 steps an epoch: epochs 0 and 2 score
     assert calls == {"scored": 8, "from_state": 4, "observed": 4}, calls
     assert not torch.isnan(m.es_sampler.state.s).any()
+
+
+def test_distributed_world_of_one_equals_the_single_process_sampler(tmp_path):
+    """W = 1, cap = B, eps = 0, on a schedule: the same decisions, positions,
+    weights, state and counters as EvolvedSampler (scoring and from-state steps)."""
+    import torch.distributed as dist
+
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        for schedule in ("fraction:0.4", "stale:5,cap=2"):
+            a = ek.EvolvedSampler(100, 7, seed=5, schedule=schedule)
+            d = DistributedEvolvedSampler(100, 7, seed=5, schedule=schedule)
+            g = torch.Generator().manual_seed(0)
+            for epoch in range(4):
+                a.set_epoch(epoch)
+                d.set_epoch(epoch)
+                for _ in range(4):
+                    ids, losses = torch.randperm(100, generator=g)[:30], torch.rand(30, generator=g)
+                    assert a.needs_scores == d.needs_scores
+                    scores = {"losses": losses} if a.needs_scores else {}
+                    x, y = a.select(ids, **scores), d.select(ids, **scores)
+                    assert torch.equal(x.positions, y.positions) and torch.equal(x.weights, y.weights)
+                    train = torch.rand(7, generator=g)
+                    assert (a.observe(ids[x.positions], train) is None) == (d.observe(ids[y.positions], train) is None)
+            sa, sd = a.state_dict(), d.state_dict()
+            assert torch.equal(sa["state"]["s"].nan_to_num(-1), sd["state"]["s"].nan_to_num(-1))
+            assert torch.equal(sa["state"]["errors"], sd["state"]["errors"])
+            for k in ("last_seen", "picks"):
+                assert torch.equal(sa["counters"][k], sd["counters"][k]), k
+            assert a.step == d.step == 16
+    finally:
+        dist.destroy_process_group()
