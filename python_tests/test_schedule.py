@@ -524,3 +524,44 @@ def test_distributed_world_of_one_equals_the_single_process_sampler(tmp_path):
             assert a.step == d.step == 16
     finally:
         dist.destroy_process_group()
+
+
+def _replica_worker(rank, world, init, out, schedule):
+    """One rank of test_distributed_replicas_stay_identical: its own meta-batches."""
+    import torch.distributed as dist
+
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        es = DistributedEvolvedSampler(90, 4, seed=2, eps=0.1, schedule=schedule, meta_batch=12)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own ids and losses
+        for epoch in range(4):
+            es.set_epoch(epoch)
+            for _ in range(3):
+                ids = torch.randperm(90, generator=g)[: 12 - rank]  # ranks of different sizes
+                sel = (
+                    es.select(ids, losses=torch.rand(ids.shape[0], generator=g)) if es.needs_scores else es.select(ids)
+                )
+                es.observe(ids[sel.positions], torch.rand(sel.positions.shape[0], generator=g))
+        torch.save(es.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("schedule", ["fraction:0.4,cap=1", "stale:4"])
+def test_distributed_replicas_stay_identical(tmp_path, schedule):
+    """Two gloo processes with different meta-batches: every replica ends with
+    the same state, errors, step and counters."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_replica_worker, args=(2, str(tmp_path / "init"), str(tmp_path), schedule), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert a["step"] == b["step"] == 12
+    for k in ("s", "d", "errors"):
+        assert torch.equal(a["state"][k].nan_to_num(-1), b["state"][k].nan_to_num(-1)), k
+    for k in ("last_seen", "picks"):
+        assert torch.equal(a["counters"][k], b["counters"][k]), k
+    assert int(a["counters"]["last_seen"].max()) >= 8 and not torch.isnan(a["state"]["s"]).all()
+    if schedule.startswith("fraction"):
+        assert int(a["counters"]["picks"].sum()) > 0
