@@ -565,3 +565,28 @@ def test_distributed_replicas_stay_identical(tmp_path, schedule):
     assert int(a["counters"]["last_seen"].max()) >= 8 and not torch.isnan(a["state"]["s"]).all()
     if schedule.startswith("fraction"):
         assert int(a["counters"]["picks"].sum()) > 0
+
+
+def test_many_programs_and_no_host_round_trip():
+    """Triton over several programs (1024 positions each) against the reference,
+    and neither the launcher nor the sampler's from-state step reads a device
+    value on the host."""
+    pytest.importorskip("triton")
+    from conftest import BACKENDS
+    from test_triton import no_host_sync
+
+    T = BACKENDS["triton"]()
+    state, ids, last_seen, picks = random_case(4000, 3000, 7, torch.float32, torch.int64)
+    kw = dict(seed=3, eps=0.2, last_seen=last_seen, max_age=15, picks=picks, cap=2)
+    step = torch.tensor(30)
+    with no_host_sync():
+        got = call(T.es_select_from_state, ids, state, 700, step_tensor=step, advance=True, **kw)
+    want = call(R.es_select_from_state, ids, state, 700, step=30, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(got, want)) and int(step) == 31
+
+    es = ek.EvolvedSampler(64, 4, seed=1, eps=0.1, schedule="fraction:0.5")
+    ids = torch.randperm(64)[:16]
+    es.select(ids, losses=torch.rand(16))
+    with no_host_sync():
+        sel = es.select(ids)
+        es.observe(ids[sel.positions], torch.rand(4))
