@@ -528,6 +528,8 @@ class EvolvedSampler:
         -----
         Reads the saved values to validate them (one synchronisation on a GPU).
         """
+        if isinstance(sd, dict) and "schedule" not in sd and "counters" not in sd:
+            sd = dict(sd, schedule="step", counters=None)  # saved before the scoring schedule existed
         _checks.keys(sd, "state_dict", self.STATE_KEYS)
         cfg = self._validate({k: sd[k] for k in self.SETTINGS})
         step = _checks.integer(sd["step"], "state_dict['step']", 0)

@@ -372,6 +372,9 @@ def test_state_dict_counters_validated():
     assert plain["counters"] is None and plain["schedule"] == "step"
     with pytest.raises(ValueError, match="counters"):
         es.load_state_dict(dict(plain, counters=sd["counters"]))
+    old = {k: v for k, v in plain.items() if k not in ("schedule", "counters")}  # saved by an earlier version
+    es.load_state_dict(old)
+    assert str(es.schedule) == "step" and es.state_dict()["counters"] is None
 
 
 # ------------------------------------------------------------------ integrations
