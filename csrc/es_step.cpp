@@ -112,11 +112,17 @@ inline double positive_part(float w) { return std::isfinite(w) && w > 0.0f ? w :
 // Section 4, exploration mix: v_j = ((1 - eps) w_j) / mean + eps in float64,
 // with the mean of the fixed-point values floor(w_j 2^(31 - e)) summed
 // exactly in int64, so every backend gets the same bits in any order.
+// A +inf weight is a priority: v = +inf (its key is +inf).
 std::vector<double> exploration_mix(const float* w, int64_t B, double eps) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
   std::vector<double> v(B, 1.0);
   double big = 0.0;
   for (int64_t j = 0; j < B; ++j) big = std::max(big, positive_part(w[j]));
-  if (big == 0.0) return v;
+  if (big == 0.0) {
+    for (int64_t j = 0; j < B; ++j)
+      if (w[j] == std::numeric_limits<float>::infinity()) v[j] = kInf;
+    return v;
+  }
   int e = 0;
   std::frexp(big, &e);
   const double up = std::ldexp(1.0, kSelectMeanBits - e);
@@ -124,7 +130,11 @@ std::vector<double> exploration_mix(const float* w, int64_t B, double eps) {
   for (int64_t j = 0; j < B; ++j) q += static_cast<int64_t>(std::floor(positive_part(w[j]) * up));
   const double mean =
       static_cast<double>(q) * std::ldexp(1.0, e - kSelectMeanBits) / static_cast<double>(B);
-  for (int64_t j = 0; j < B; ++j) v[j] = ((1.0 - eps) * positive_part(w[j])) / mean + eps;
+  for (int64_t j = 0; j < B; ++j) {
+    v[j] = w[j] == std::numeric_limits<float>::infinity()
+               ? kInf
+               : ((1.0 - eps) * positive_part(w[j])) / mean + eps;
+  }
   return v;
 }
 
@@ -308,7 +318,99 @@ std::vector<uint8_t> scored_rows(const at::Tensor& targets_in, int64_t ignore_in
   return scored;
 }
 
+// Section 12.2: the weight of each id from its stored pair, without an
+// update: +inf (a priority) when never observed or due, 0 when capped, else
+// section 3's max(s + lam d, w_min) in S, then float32.
+template <typename S, typename I>
+void state_weights_kernel(const I* ids, int64_t B, const S* st, int64_t N, int64_t* errors,
+                          float* w, double lam, double w_min, int64_t now, const int64_t* last_seen,
+                          int64_t max_age, const int64_t* picks, int64_t cap) {
+  const S lm = static_cast<S>(lam), wmin = static_cast<S>(w_min);
+  int64_t bad_id = 0;
+  for (int64_t j = 0; j < B; ++j) {
+    const int64_t i = static_cast<int64_t>(ids[j]);
+    if (i < 0 || i >= N) {
+      ++bad_id;
+      w[j] = static_cast<float>(wmin);
+      continue;
+    }
+    const S s = st[2 * i];
+    // now - last_seen as int64 with wrap-around (unsigned subtraction)
+    const bool due =
+        std::isnan(s) ||
+        (max_age >= 0 && static_cast<int64_t>(static_cast<uint64_t>(now) -
+                                              static_cast<uint64_t>(last_seen[i])) > max_age);
+    if (due) {
+      w[j] = std::numeric_limits<float>::infinity();
+    } else if (cap >= 0 && picks[i] >= cap) {
+      w[j] = 0.0f;
+    } else {
+      const S wi = s + lm * st[2 * i + 1];
+      w[j] = static_cast<float>(wi < wmin ? wmin : wi);
+    }
+  }
+  errors[0] += bad_id;
+}
+
+at::Tensor counter(const OptTensor& t, int64_t limit, int64_t N, const char* name) {
+  if (limit < 0) return at::Tensor();
+  TORCH_CHECK_VALUE(t.has_value(), name, " must be given (int64 [N]) when its bound is >= 0");
+  check_cpu(*t, name);
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == N && t->scalar_type() == at::kLong, name,
+                    " must be int64 [N] with N = ", N);
+  return t->contiguous();
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> es_select_from_state(
+    const at::Tensor& ids_in, const at::Tensor& state, at::Tensor& errors, int64_t b, double lam,
+    double w_min, c10::string_view select_mode, int64_t seed, int64_t step,
+    const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step, double eps,
+    const OptTensor& last_seen_in, int64_t max_age, const OptTensor& picks_in, int64_t cap) {
+  // every check before anything is written
+  check_state(state);
+  check_errors(errors);
+  check_cpu(ids_in, "ids");
+  TORCH_CHECK_VALUE(ids_in.dim() == 1, "ids must be 1-D [B], got ", ids_in.sizes());
+  TORCH_CHECK_VALUE(ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt,
+                    "ids must be int64 or int32, got ", ids_in.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0, "lam must be finite and >= 0, got ", lam);
+  TORCH_CHECK_VALUE(static_cast<float>(w_min) > 0.0f && std::isfinite(static_cast<float>(w_min)),
+                    "w_min must be > 0 and finite in float32, got ", w_min);
+  TORCH_CHECK_VALUE(max_age >= -1, "max_age must be >= -1, got ", max_age);
+  TORCH_CHECK_VALUE(cap >= -1, "cap must be >= -1, got ", cap);
+  const bool sample = parse_mode(select_mode, eps);
+  const int64_t B = ids_in.size(0), N = state.size(0);
+  TORCH_CHECK_VALUE(b >= 0 && b <= B, "b must be in [0, B] = [0, ", B, "], got ", b);
+  TORCH_CHECK_VALUE(B < (int64_t(1) << 32), "ids: at most 2^32 - 1 positions");
+  const at::Tensor last_seen = counter(last_seen_in, max_age, N, "last_seen");
+  const at::Tensor picks = counter(picks_in, cap, N, "picks");
+  const uint64_t useed = noise_value(seed, seed_tensor, "seed");
+  const uint64_t ustep = noise_value(step, step_tensor, "step");
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor st = state.contiguous();
+  at::Tensor w = at::empty({B}, state.options().dtype(at::kFloat));
+  if (B > 0) {
+    with_contiguous(errors, [&](at::Tensor& ec) {
+      AT_DISPATCH_FLOATING_TYPES(st.scalar_type(), "es_select_from_state", [&] {
+        AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "es_select_from_state_ids", [&] {
+          state_weights_kernel<scalar_t, index_t>(
+              ids.data_ptr<index_t>(), B, st.data_ptr<scalar_t>(), N, ec.data_ptr<int64_t>(),
+              w.data_ptr<float>(), lam, w_min, static_cast<int64_t>(ustep),
+              last_seen.defined() ? last_seen.data_ptr<int64_t>() : nullptr, max_age,
+              picks.defined() ? picks.data_ptr<int64_t>() : nullptr, cap);
+        });
+      });
+    });
+  }
+  at::Tensor pos = select_kernel(w.data_ptr<float>(), B, b, sample, useed, ustep, eps, w.options());
+  if (advance_step && step_tensor.has_value()) {
+    int64_t* p = step_tensor->data_ptr<int64_t>();
+    *p = static_cast<int64_t>(static_cast<uint64_t>(*p) + 1u);
+  }
+  return {pos, w};
+}
 
 at::Tensor es_update(const at::Tensor& ids, const at::Tensor& losses, at::Tensor& state,
                      at::Tensor& errors, double beta1, double beta2, double lam, double w_min) {

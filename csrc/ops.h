@@ -39,6 +39,12 @@ Tensor3 es_step(const at::Tensor& logits, const at::Tensor& targets, const at::T
                 const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step,
                 int64_t ignore_index, double label_smoothing, double lam, double eps, double w_min);
 
+std::tuple<at::Tensor, at::Tensor> es_select_from_state(
+    const at::Tensor& ids, const at::Tensor& state, at::Tensor& errors, int64_t b, double lam,
+    double w_min, c10::string_view select_mode, int64_t seed, int64_t step,
+    const OptTensor& seed_tensor, const OptTensor& step_tensor, bool advance_step, double eps,
+    const OptTensor& last_seen, int64_t max_age, const OptTensor& picks, int64_t cap);
+
 Tensor3 eswp_prune(const at::Tensor& state, double prune_ratio, int64_t seed, int64_t epoch,
                    int64_t num_epochs, double anneal_frac, bool rescale);
 

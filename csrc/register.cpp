@@ -14,6 +14,7 @@ TORCH_LIBRARY_IMPL(es_kernels, CPU, m) {
   m.impl("es_step_from_losses", &es_kernels::es_step_from_losses);
   m.impl("es_step", &es_kernels::es_step);
   m.impl("eswp_prune", &es_kernels::eswp_prune);
+  m.impl("es_select_from_state", &es_kernels::es_select_from_state);
 }
 
 // A Python module only so that `import es_kernels._C` loads the library and

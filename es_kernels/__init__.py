@@ -14,6 +14,7 @@ from .functional import (
     PruneResult,
     StepResult,
     checked_mode,
+    es_select_from_state,
     es_step,
     es_step_from_losses,
     es_update,
@@ -23,6 +24,7 @@ from .functional import (
 )
 from .lm import es_step_from_hidden, per_sample_losses_from_hidden
 from .sampler import ESWPSampler, EvolvedSampler, IndexedDataset, Selection
+from .schedule import ScoringSchedule
 from .state import ESState
 
 
@@ -54,8 +56,10 @@ __all__ = [
     "IndexedDataset",
     "Selection",
     "PruneResult",
+    "ScoringSchedule",
     "StepResult",
     "checked_mode",
+    "es_select_from_state",
     "es_step",
     "es_step_from_hidden",
     "es_step_from_losses",

@@ -131,6 +131,11 @@ def float32_of(x: float) -> float:
 def hyper(beta1, beta2, lam, w_min) -> None:
     real(beta1, "beta1", 0.0, 1.0)
     real(beta2, "beta2", 0.0, 1.0)
+    weight_settings(lam, w_min)
+
+
+def weight_settings(lam, w_min) -> None:
+    """``lam`` and ``w_min`` of the weight ``max(s + lam d, w_min)`` (section 3)."""
     real(lam, "lam", 0.0, FLOAT32_MAX)
     w_min = real(w_min, "w_min", 0.0, math.inf, lo_open=True)
     # the weight floor is f32(T(w_min)) = f32(w_min) in every state dtype: it must stay in (0, inf)
@@ -300,3 +305,24 @@ def prune(a) -> None:
     integer(a.epoch, "epoch", 0)
     real(a.anneal_frac, "anneal_frac", 0.0, 1.0)
     flag(a.rescale, "rescale")
+
+
+def select_from_state(a) -> None:
+    """es_select_from_state (docs/spec.md section 12.2): the state, the ids,
+    the weight and selection settings, and each counter with its bound."""
+    state(a.state, a.errors)
+    tensor(a.ids, "ids", dim=1, dtypes=INDEX_DTYPES, device=a.state.device)
+    weight_settings(a.lam, a.w_min)
+    seed, step = op_noise(a)
+    selection(a.b, a.ids.shape[0], a.select_mode, seed, step, a.eps, a.state.device)
+    step_tensor(step, a.advance_step)
+    n = a.state.shape[0]
+    for name, counter, bound in (("last_seen", a.last_seen, "max_age"), ("picks", a.picks, "cap")):
+        limit = integer(getattr(a, bound), bound, -1)
+        if counter is None:
+            if limit >= 0:
+                raise ValueError(f"{bound} >= 0 needs {name} (int64 [N])")
+            continue
+        tensor(counter, name, dim=1, dtypes=(torch.int64,), device=a.state.device)
+        if counter.shape[0] != n:
+            raise ValueError(f"{name} must have length N = {n} (the state's), got {counter.shape[0]}")

@@ -58,6 +58,10 @@ SCHEMAS = {
     "float eps=0.0, float w_min=1e-08) -> (Tensor, Tensor, Tensor)",
     "eswp_prune": "(Tensor state, float prune_ratio, int seed=0, int epoch=0, int num_epochs=1, "
     "float anneal_frac=0.125, bool rescale=True) -> (Tensor, Tensor, Tensor)",
+    "es_select_from_state": "(Tensor ids, Tensor state, Tensor(a!) errors, int b, float lam=1.0, "
+    f'float w_min=1e-08, str select_mode="sample", {_NOISE}, Tensor(b!)? step_tensor=None, '
+    "bool advance_step=False, float eps=0.0, Tensor? last_seen=None, int max_age=-1, Tensor? picks=None, "
+    "int cap=-1) -> (Tensor, Tensor)",
 }
 OP_NAMES = tuple(SCHEMAS)
 
@@ -166,6 +170,7 @@ CHECKS = {
     "es_step_from_losses": _checks.step_from_losses,
     "es_step": _checks.step_from_logits,
     "eswp_prune": _checks.prune,
+    "es_select_from_state": _checks.select_from_state,
 }
 
 
@@ -239,6 +244,12 @@ def _(a):
         a.state.new_empty((), dtype=torch.int64),
         _empty(n, a.state, torch.float32),
     )
+
+
+@_fake("es_select_from_state")
+def _(a):
+    n = a.ids.shape[0]
+    return _empty(a.b, a.state, torch.int64), _empty(n, a.state, torch.float32)
 
 
 # ------------------------------------------------------------------ kernels

@@ -151,7 +151,8 @@ def eps_mix(w: torch.Tensor, eps: float) -> torch.Tensor:
     q = torch.floor(wp.double() * torch.pow(2.0, (SELECT_MEAN_BITS - e).double()))
     mean = q.sum() * torch.pow(2.0, (e - SELECT_MEAN_BITS).double()) / w.shape[0]
     v = ((1.0 - eps) * wp.double()) / mean + eps
-    return torch.where(big == 0, 1.0, v).to(torch.float32)
+    v = torch.where(big == 0, 1.0, v)
+    return torch.where(w == math.inf, math.inf, v).to(torch.float32)  # +inf: a priority (section 4)
 
 
 def rank_selection(
@@ -323,14 +324,25 @@ class DistributedEvolvedSampler(EvolvedSampler):
 
         Returns
         -------
-        Tensor
+        Tensor or None
             float32 ``[B]``, this rank's weights. One collective, no host
             synchronisation (but the first call when ``meta_batch`` is None).
+            None, without a collective, when the sampler's schedule selects
+            from the state and the last ``select`` scored (its picks were
+            observed by it; docs/spec.md section 12.1).
         """
-        ids, losses = self._inputs(ids, None, None, losses, -100, 0.0)
+        if self.schedule.selects_from_state and self._scored_last:
+            return None  # the picks of a scoring step were observed by it (docs/spec.md section 12.1)
+        return self._observe(ids, losses)
+
+    def _observe(self, ids, losses) -> torch.Tensor:
+        ids, losses = self._inputs(ids, None, None, losses.detach(), -100, 0.0)
         n = ids.shape[0]
         cap = self._capacity(n)
-        w = self._apply(self._gather(ids, losses, cap))
+        gathered = self._gather(ids, losses, cap)
+        w = self._apply(gathered)
+        if self._counters is not None:  # every rank's observations, on every replica
+            self._counters[0, self._slot(unpack(gathered)[0])] = self._host_step - 1
         return w[self.rank * cap : self.rank * cap + n]
 
     def _apply(self, gathered: torch.Tensor) -> torch.Tensor:
@@ -363,15 +375,54 @@ class DistributedEvolvedSampler(EvolvedSampler):
         One collective, no host synchronisation (but the first call when
         ``meta_batch`` is None: one read, to agree on it).
         """
+        if logits is None and losses is None and self.schedule.selects_from_state:
+            if self.needs_scores:
+                raise ValueError(
+                    f"this step scores its meta-batch (schedule {self.schedule}): select takes logits "
+                    "(with targets) or losses; check needs_scores before the scoring forward"
+                )
+            return self._select_from_state(ids)
         ids, losses = self._inputs(ids, logits, targets, losses, ignore_index, label_smoothing)
         n = ids.shape[0]
         b = min(self.mini_batch, n)
         cap = self._capacity(n)
-        w_all = self._apply(self._gather(ids, losses, cap)) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
+        gathered = self._gather(ids, losses, cap) if cap > 0 else None
+        w_all = self._apply(gathered) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
+        pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
+        self._step.add_(1)
+        self._refresh(unpack(gathered)[0] if cap > 0 else ids)  # every rank's ids, on every replica
+        weights = w_all[self.rank * cap : self.rank * cap + n]
+        return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), weights)
+
+    def _select_from_state(self, ids) -> Selection:
+        """A step without scores (docs/spec.md sections 11.1 and 12): the ids of
+        every rank gathered, their weights from the state on every replica,
+        this rank's selection as a scoring step's, then every rank's picks
+        gathered so that every replica updates the same counters."""
+        ids = self._batch_ids(ids).to(torch.int64)
+        n = ids.shape[0]
+        b = min(self.mini_batch, n)
+        cap = self._capacity(n)
+        sch, num = self.schedule, self.state.num_samples
+        if cap == 0:
+            w_all = ids.new_empty(0, dtype=torch.float32)
+        else:
+            gids, _ = unpack(self._gather(ids, torch.zeros(n, device=self.device), cap))
+            _, w_all = ops.es_select_from_state(
+                gids, self.state.tensor, self.state.errors, 0, self.lam, self.w_min, self.select_mode, 0, 0, None,
+                self._step, False, 0.0, self._counters[0, :num], sch.max_age, self._counters[1, :num], sch.cap,
+            )  # fmt: skip
+            self.state.errors[0] -= (gids == PAD_ID).sum()  # padding, counted as out of range
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
         self._step.add_(1)
         weights = w_all[self.rank * cap : self.rank * cap + n]
-        return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), weights)
+        due = (weights[pos] == math.inf).to(torch.float64)
+        pids, pdue = unpack(self._gather(ids[pos], due, self.mini_batch))  # every rank's picks
+        slot, picks = self._slot(pids), self._counters[1]
+        picks[slot] = torch.where(pdue != 0, 0, picks[slot] + 1)  # a priority pick refreshes
+        self._host_step += 1
+        self._scored_last = False
+        return Selection(pos, self.scales_of(ids[pos]), None, weights)
 
     # ---- checks
     def _check_distinct(self, gids: torch.Tensor, cap: int) -> None:

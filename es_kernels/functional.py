@@ -38,6 +38,7 @@ __all__ = [
     "es_step",
     "es_step_from_losses",
     "eswp_prune",
+    "es_select_from_state",
 ]
 
 
@@ -265,6 +266,70 @@ def weighted_select(
     a = _op_args("weighted_select", locals())
     _checks.select(a)
     return ops.weighted_select(*a.for_op())
+
+
+def es_select_from_state(
+    ids,
+    state,
+    b: int,
+    *,
+    lam: float = DEFAULT_LAM,
+    w_min: float = DEFAULT_W_MIN,
+    select_mode: str = "sample",
+    seed=0,
+    step=0,
+    advance_step: bool = False,
+    eps: float = DEFAULT_EPS,
+    last_seen: torch.Tensor | None = None,
+    max_age: int = -1,
+    picks: torch.Tensor | None = None,
+    cap: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select ``b`` of a meta-batch's ids from their stored state, without
+    scoring them (spec section 12.2).
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 / int32 ``[B]`` sample ids on the state's device.
+    state : ESState
+        Read; only ``state.errors`` is written (ids out of range are counted).
+    b : int in [0, B]
+    lam, w_min, select_mode, eps
+        As in :func:`es_step`: each id's weight is ``max(s + lam d, w_min)``
+        of its stored ``(s, d)``, selected as :func:`weighted_select` does.
+    seed, step : int in [0, 2**63) or 0-d int64 tensor on the state's device
+        The noise (as :func:`weighted_select`); ``step`` is also ``now``, the
+        step the ages are measured at.
+    advance_step : bool
+        Add 1 to ``step`` (a tensor) on the device after reading it.
+    last_seen, max_age
+        int64 ``[N]``, each id's step of last observation, and the age in
+        steps beyond which an id is a priority (``-1``: off; then
+        ``last_seen`` may be None).
+    picks, cap
+        int64 ``[N]``, each id's picks from the state since its last
+        refresh, and the cap beyond which its weight is 0 (``-1``: off).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(positions int64 [b] ascending, weights float32 [B])``: ``+inf`` for
+        a priority (never observed, or due), 0 for a capped id, ``w_min`` for
+        an id out of range.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, before anything is written.
+
+    Notes
+    -----
+    No host synchronisation (except in the checked mode).
+    """
+    a = _op_args("es_select_from_state", locals())
+    _checks.select_from_state(a)
+    return _run_checked(state, ids, ops.es_select_from_state, a.for_op())
 
 
 # ------------------------------------------------------------ the fused step

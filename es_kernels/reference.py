@@ -41,6 +41,8 @@ __all__ = [
     "es_step",
     "es_step_from_losses",
     "eswp_prune",
+    "es_select_from_state",
+    "state_weights",
     "exact_mean_weights",
     "sequence_means",
     "packed_tokens",
@@ -262,16 +264,18 @@ def _noise_value(value: int, tensor) -> int:
 def exact_mean_weights(w: torch.Tensor, eps: float) -> torch.Tensor:
     """float64 ``v_j = (1 - eps) w_j / mean(w) + eps`` (section 4) with the
     order-independent fixed-point mean: ``w`` finite and > 0 counts, anything
-    else as 0; all-zero weights give ``v = 1``."""
+    else as 0; all-zero weights give ``v = 1``; ``w = +inf`` gives ``v = +inf``."""
     wp = torch.where(torch.isfinite(w) & (w > 0), w, 0.0).double()
     big = float(wp.max()) if wp.numel() else 0.0
     if big == 0.0:
-        return torch.ones_like(wp)
-    e = math.frexp(big)[1]
-    bits = _spec.SELECT_MEAN_BITS
-    q = torch.floor(wp * 2.0 ** (bits - e)).long()
-    mean = float(q.sum()) * 2.0 ** (e - bits) / w.shape[0]
-    return ((1.0 - eps) * wp) / mean + eps
+        v = torch.ones_like(wp)
+    else:
+        e = math.frexp(big)[1]
+        bits = _spec.SELECT_MEAN_BITS
+        q = torch.floor(wp * 2.0 ** (bits - e)).long()
+        mean = float(q.sum()) * 2.0 ** (e - bits) / w.shape[0]
+        v = ((1.0 - eps) * wp) / mean + eps
+    return torch.where(w == math.inf, math.inf, v)  # a +inf weight is a priority (section 4)
 
 
 def selection_keys(weights, select_mode: str, seed: int, step: int, eps: float = 0.0) -> torch.Tensor:
@@ -339,6 +343,50 @@ def es_step(a):
     scored = a.targets != a.ignore_index
     scored = scored.any(dim=1) if a.logits.dim() == 3 else scored
     return _step(losses, scored, a)
+
+
+# --------------------------------------------------------------------------
+# Section 12: selection from the state
+# --------------------------------------------------------------------------
+def state_weights(ids, state, errors, lam, w_min, now, last_seen=None, max_age=-1, picks=None, cap=-1):
+    """float32 ``[B]``: the weight of each id from its stored (s, d) without an
+    update (section 12.2): ``+inf`` (a priority) for an id never observed or
+    not observed for more than ``max_age`` steps, 0 for one picked ``cap``
+    times since its last refresh, else section 3's ``max(s + lam d, w_min)``;
+    an id out of range gets ``w_min`` and is counted in ``errors[0]``."""
+    n = state.shape[0]
+    ids = ids.long()
+    in_range = (ids >= 0) & (ids < n)
+    gid = ids[in_range]
+    s, d = state[gid, 0], state[gid, 1]
+    wi = torch.clamp(s + lam * d, min=w_min).float()
+    if cap >= 0:
+        wi = torch.where(picks[gid] >= cap, 0.0, wi)
+    due = torch.isnan(s)
+    if max_age >= 0:
+        due = due | ((now - last_seen[gid]) > max_age)  # int64, wrapping
+    wi = torch.where(due, math.inf, wi)
+    errors[0] += (~in_range).sum()
+    w = torch.full(ids.shape, w_min, dtype=torch.float32, device=state.device)
+    w[in_range] = wi
+    return w
+
+
+@_ops.binds("es_select_from_state")
+def es_select_from_state(a):
+    """(positions, weights): :func:`state_weights` of the ids, then the
+    selection of section 4; the step advanced as in section 6."""
+    now = _to_int64(_noise_value(a.step, a.step_tensor))
+    w = state_weights(a.ids, a.state, a.errors, a.lam, a.w_min, now, a.last_seen, a.max_age, a.picks, a.cap)
+    positions = weighted_select(w, a.b, a.select_mode, a.seed, a.step, a.seed_tensor, a.step_tensor, a.eps)
+    if a.advance_step and a.step_tensor is not None:
+        a.step_tensor.add_(1)
+    return positions, w
+
+
+def _to_int64(x: int) -> int:
+    """A 64-bit pattern as a signed int64."""
+    return x - (1 << 64) if x >= (1 << 63) else x
 
 
 # --------------------------------------------------------------------------

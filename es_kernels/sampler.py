@@ -18,8 +18,9 @@ from torch.utils.data import Dataset, Sampler
 
 from . import _checks, _spec
 from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
-from .functional import STEP_SETTINGS, es_step, es_step_from_losses, eswp_prune
+from .functional import STEP_SETTINGS, es_select_from_state, es_step, es_step_from_losses, es_update, eswp_prune
 from .lm import DEFAULT_WORKSPACE_BYTES, es_step_from_hidden
+from .schedule import ScoringSchedule
 from .state import ESState
 
 
@@ -33,15 +34,17 @@ class Selection(NamedTuple):
     scales : Tensor
         float32 ``[b]``: the loss scale of each selected sample (ESWP's
         ``1 / (1 - prune_ratio)`` where it pruned), else 1.
-    losses : Tensor
-        float32 ``[B]``: per-sample losses of the meta-batch.
+    losses : Tensor or None
+        float32 ``[B]``: per-sample losses of the meta-batch (None on a step
+        that selected from the state: nothing was scored).
     weights : Tensor
-        float32 ``[B]``: the ES weights the selection used.
+        float32 ``[B]``: the ES weights the selection used (from the state:
+        ``+inf`` for a priority, 0 for a capped id; docs/spec.md section 12).
     """
 
     positions: torch.Tensor  # int64 [b]: ascending positions into the meta-batch
     scales: torch.Tensor  # float32 [b]: loss scale of each selected sample (ESWP), else 1
-    losses: torch.Tensor  # float32 [B]: per-sample losses of the meta-batch
+    losses: torch.Tensor | None  # float32 [B]: per-sample losses of the meta-batch (None: from the state)
     weights: torch.Tensor  # float32 [B]: the ES weights the selection used
 
 
@@ -70,6 +73,14 @@ class EvolvedSampler:
         and a resumed one draws what the uninterrupted one would.
     device : torch.device, str or None
         The state's device (``None``: the CPU); meta-batches are moved there.
+    schedule : ScoringSchedule, str or None
+        Which steps score their meta-batch (docs/spec.md section 12): ``None``
+        or ``"step"`` every step (the default); ``"epoch:3"``,
+        ``"fraction:0.25"``, ``"stale:500"`` (``",cap=C"``) or a
+        :class:`ScoringSchedule` select from the state on the other steps:
+        check :attr:`needs_scores` before the scoring forward, call
+        ``select(ids)`` without scores when it is False, and
+        :meth:`observe` the picks' training losses.
 
     Raises
     ------
@@ -90,8 +101,9 @@ class EvolvedSampler:
     device values (once each).
     """
 
-    SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min")
-    STATE_KEYS = ("state", "step", "epoch", "scale") + SETTINGS
+    SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min", "schedule")
+    STATE_KEYS = ("state", "step", "epoch", "scale", "counters") + SETTINGS
+    COUNTER_KEYS = ("last_seen", "picks")
 
     def __init__(
         self,
@@ -106,11 +118,15 @@ class EvolvedSampler:
         *,
         lam: float = DEFAULT_LAM,
         eps: float = DEFAULT_EPS,
+        schedule: ScoringSchedule | str | None = None,
     ):
         cfg = self._validate({k: v for k, v in locals().items() if k in self.SETTINGS})
         self.state = ESState(num_samples, device=device)
+        self._counters: torch.Tensor | None = None  # int64 [2, N + 1]: last_seen, picks (+ a spare slot)
         self._configure(cfg)
         self._step = torch.zeros((), dtype=torch.int64, device=self.state.device)
+        self._host_step = 0  # the step counter's value, kept on the host (the schedule's decisions)
+        self._scored_last = True  # the last select scored: observe() has nothing to do
         self.epoch = 0
         self._scale: torch.Tensor | None = None
 
@@ -120,7 +136,9 @@ class EvolvedSampler:
         _checks.integer(cfg["seed"], "seed", 0)  # a host int here (the op also takes a tensor)
         _checks.hyper(cfg["beta1"], cfg["beta2"], cfg["lam"], cfg["w_min"])
         _checks.selection(0, 0, cfg["select_mode"], cfg["seed"], 0, cfg["eps"], None)
+        schedule = ScoringSchedule.parse(cfg["schedule"])
         return dict(
+            schedule=schedule,
             mini_batch=int(cfg["mini_batch"]),
             beta1=float(cfg["beta1"]),
             beta2=float(cfg["beta2"]),
@@ -134,6 +152,18 @@ class EvolvedSampler:
     def _configure(self, cfg: dict) -> None:
         for k, v in cfg.items():
             setattr(self, k, v)
+        if not self.schedule.selects_from_state:
+            self._counters = None
+        elif self._counters is None:  # last_seen 0, picks 0 (an unobserved id is a priority anyway)
+            self._counters = torch.zeros((2, self.state.num_samples + 1), dtype=torch.int64, device=self.device)
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the next :meth:`select` needs the meta-batch's scores
+        (logits, hidden states or losses): the schedule's decision for the
+        next step, from host counters (no synchronisation). Always True
+        without a schedule."""
+        return self.schedule.scores(self._host_step, self.epoch)
 
     @property
     def device(self) -> torch.device:
@@ -185,6 +215,11 @@ class EvolvedSampler:
     ) -> Selection:
         """Score a meta-batch, update its state, pick ``mini_batch`` of it.
 
+        With a schedule (``schedule=``), on a step that does not score
+        (:attr:`needs_scores` False) ``select(ids)`` alone picks from the
+        stored state (docs/spec.md section 12); then :meth:`observe` the
+        picks' training losses.
+
         Parameters
         ----------
         ids : Tensor
@@ -226,6 +261,13 @@ class EvolvedSampler:
             naming the argument (docs/spec.md section 8), before anything is written.
         """
         given = [name for name, x in (("logits", logits), ("losses", losses), ("hidden", hidden)) if x is not None]
+        if not given and segment_ids is None and self.schedule.selects_from_state:
+            if self.needs_scores:
+                raise ValueError(
+                    f"this step scores its meta-batch (schedule {self.schedule}): select takes logits "
+                    "(with targets), hidden or losses; check needs_scores before the scoring forward"
+                )
+            return self._select_from_state(ids)
         if len(given) != 1:
             raise ValueError(
                 "select takes either logits (with targets), hidden (with weight and targets) "
@@ -288,7 +330,111 @@ class EvolvedSampler:
                 shift_labels=shift_labels,
                 **kw,
             )
+        self._refresh(ids)
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
+
+    def _slot(self, ids: torch.Tensor) -> torch.Tensor:
+        """Indices into the counters: the id, or the spare slot N for an id out of range."""
+        n = self.state.num_samples
+        return torch.where((ids >= 0) & (ids < n), ids, n).long()
+
+    def _refresh(self, ids: torch.Tensor) -> None:
+        """After a scoring step (section 12.3): its ids were observed now, and refreshed."""
+        self._host_step += 1
+        self._scored_last = True
+        if self._counters is not None:
+            slot = self._slot(ids.reshape(-1))
+            self._counters[0, slot] = self._host_step - 1
+            self._counters[1, slot] = 0
+
+    def _select_from_state(self, ids) -> Selection:
+        """A step without scores: es_select_from_state over the ids, then the picks' counters."""
+        ids = self._batch_ids(ids)
+        n, sch = self.state.num_samples, self.schedule
+        pos, w = es_select_from_state(
+            ids,
+            self.state,
+            min(self.mini_batch, ids.shape[0]),
+            lam=self.lam,
+            w_min=self.w_min,
+            select_mode=self.select_mode,
+            seed=self.seed,
+            step=self._step,
+            advance_step=True,
+            eps=self.eps,
+            last_seen=self._counters[0, :n],
+            max_age=sch.max_age,
+            picks=self._counters[1, :n],
+            cap=sch.cap,
+        )
+        slot = self._slot(ids[pos])
+        picks = self._counters[1]
+        picks[slot] = torch.where(w[pos] == float("inf"), 0, picks[slot] + 1)  # a priority pick refreshes
+        self._host_step += 1
+        self._scored_last = False
+        return Selection(pos, self.scales_of(ids[pos]), None, w)
+
+    def _batch_ids(self, ids) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dim() != 1:
+            raise ValueError(f"ids must have 1 dimensions, got shape {tuple(ids.shape)}")
+        if ids.device.type == "meta":
+            raise ValueError("ids is a meta tensor: it holds no values")
+        _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
+        return ids.to(self.device, non_blocking=True)
+
+    def observe(self, ids, losses) -> torch.Tensor | None:
+        """Observe the training pass's per-sample losses of the picks
+        (docs/spec.md section 12.1), after a step that selected from the state.
+
+        Parameters
+        ----------
+        ids : Tensor
+            int64 / int32 ``[b]``: the picks' ids, ``ids[selection.positions]``.
+        losses : Tensor
+            floating ``[b]``: their per-sample training losses, before the
+            ESWP scale and the mean (detached here).
+
+        Returns
+        -------
+        Tensor or None
+            float32 ``[b]`` weights after the update; None when the last
+            :meth:`select` scored, whose picks were just observed by the
+            scoring pass (a second observation would count them twice): the
+            loop may call it on every step, once.
+
+        Raises
+        ------
+        ValueError
+            Naming the argument, before anything is written.
+
+        Notes
+        -----
+        No host synchronisation.
+        """
+        if self._scored_last:
+            return None
+        return self._observe(ids, losses)
+
+    def _observe(self, ids, losses) -> torch.Tensor:
+        """observe() without the check of the last step (for an integration
+        that knows which of its meta-batches selected from the state)."""
+        ids = self._batch_ids(ids)
+        if not isinstance(losses, torch.Tensor):
+            raise ValueError(f"losses must be a torch.Tensor, got {type(losses).__name__}")
+        w = es_update(
+            ids,
+            losses.detach().to(self.device, non_blocking=True),
+            self.state,
+            self.beta1,
+            self.beta2,
+            lam=self.lam,
+            w_min=self.w_min,
+        )
+        if self._counters is not None:
+            self._counters[0, self._slot(ids)] = self._host_step - 1
+        return w
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The loss scale of each id.
@@ -358,6 +504,13 @@ class EvolvedSampler:
             "scale": None if self._scale is None else self._scale.clone(),
         }
         out.update({k: getattr(self, k) for k in self.SETTINGS})
+        out["schedule"] = str(self.schedule)
+        n = self.state.num_samples
+        out["counters"] = (
+            None
+            if self._counters is None
+            else {k: self._counters[i, :n].clone() for i, k in enumerate(self.COUNTER_KEYS)}
+        )
         return out
 
     def load_state_dict(self, sd: dict) -> None:
@@ -378,6 +531,8 @@ class EvolvedSampler:
         -----
         Reads the saved values to validate them (one synchronisation on a GPU).
         """
+        if isinstance(sd, dict) and "schedule" not in sd and "counters" not in sd:
+            sd = dict(sd, schedule="step", counters=None)  # saved before the scoring schedule existed
         _checks.keys(sd, "state_dict", self.STATE_KEYS)
         cfg = self._validate({k: sd[k] for k in self.SETTINGS})
         step = _checks.integer(sd["step"], "state_dict['step']", 0)
@@ -386,12 +541,32 @@ class EvolvedSampler:
         if scale is not None:
             scale = saved_scales(scale, "state_dict['scale']", self.state.num_samples)
         s, d, errors = self.state.validate_state_dict(sd["state"], "state_dict['state']")
+        counters = self._validate_counters(sd["counters"], cfg["schedule"])
         # everything is valid: write
         self.state._load_validated(s, d, errors)
         self._configure(cfg)
+        if counters is not None:
+            self._counters[:, :-1].copy_(counters)
         self._step.fill_(step)
+        self._host_step = step
+        self._scored_last = True
         self.epoch = epoch
         self._scale = None if scale is None else scale.to(self.device)
+
+    def _validate_counters(self, counters, schedule: ScoringSchedule) -> torch.Tensor | None:
+        """The saved counters (int64 [2, N] on the state's device), or None; nothing written."""
+        if not schedule.selects_from_state:
+            if counters is not None:
+                raise ValueError("state_dict['counters'] must be None with the schedule 'step'")
+            return None
+        _checks.keys(counters, "state_dict['counters']", self.COUNTER_KEYS)
+        out = []
+        for k in self.COUNTER_KEYS:
+            _checks.saved(counters[k], f"state_dict['counters']['{k}']", torch.int64, self.state.num_samples)
+            out.append(counters[k].detach().to(self.device))
+        if bool((out[1] < 0).any()):
+            raise ValueError("state_dict['counters']['picks'] must be >= 0")
+        return torch.stack(out)
 
 
 MAX_EPOCH = _spec.INT64_MAX - 1  # the epoch after it is still an int64

@@ -35,6 +35,7 @@ def base_call(name, dtype=torch.float32):
         "es_step_from_losses": (losses, ids, st, er, 2, 0.2, 0.5, "sample", 1, 2),
         "es_step": (logits, targets, ids, st, er, 2, 0.2, 0.5, "sample", 1, 2),
         "eswp_prune": (st, 0.5, 1, 0, 4, 0.125, True),
+        "es_select_from_state": (ids, st, er, 2, 1.0, 1e-8, "sample", 1, 2),
     }[name]
     return _ops.bind(name, *args)
 
@@ -110,6 +111,10 @@ def _cases(name):
             ("anneal_frac", -0.1),
             ("state", lambda a: a.state[:, :1]),
         ],
+        "es_select_from_state": [c for c in _SETTINGS if c[0] in ("lam", "w_min")]
+        + step
+        + [c for c in _IN_PLACE if c[0] != "ids" or "float" in str(c)]
+        + [("ids", lambda a: a.ids.float()), ("max_age", -2), ("cap", -2)],
     }[name]
     for change in table:
         if isinstance(change[0], dict):

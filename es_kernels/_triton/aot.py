@@ -96,6 +96,7 @@ AXES: dict[str, tuple[list, set[str]]] = {
     "advance_step": ([False, True], {"advance_step"}),
     "eps": ([0.0, 0.05], {"eps"}),
     "epoch": ([0, 9], {"epoch"}),  # of 10: pruning, then annealing
+    "counters": ([False, True], {"last_seen", "max_age", "picks", "cap"}),  # selection from the state's rules
 }
 SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
     ("logits_dtype", "targets_dtype", "ids_dtype"): {
@@ -246,6 +247,10 @@ def _build_args(params: list[str], k: dict) -> dict:
         "num_epochs": lambda: 10,
         "anneal_frac": lambda: 0.125,
         "rescale": lambda: True,
+        "last_seen": lambda: t(torch.randint(0, 9, (N,), generator=g)) if k["counters"] else None,
+        "max_age": lambda: 3 if k["counters"] else -1,
+        "picks": lambda: t(torch.randint(0, 3, (N,), generator=g)) if k["counters"] else None,
+        "cap": lambda: 1 if k["counters"] else -1,
     }
     return {p: builders[p]() for p in params if p in builders}
 

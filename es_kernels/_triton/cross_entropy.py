@@ -235,6 +235,7 @@ def ce_grad_kernel(
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     G: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """The gradient of per_sample_cross_entropy (docs/spec.md section 5.1)
     for ROWS token rows: ce_kernel's first loop recomputes each row's max m
@@ -253,9 +254,9 @@ def ce_grad_kernel(
     any_live = tl.max(live.to(tl.int32), 0) > 0
     full_end = tl.where(any_live, (V // BLOCK_V) * BLOCK_V, 0)
     for start in range(0, full_end, BLOCK_V):
-        m, s, _, _ = _chunk(rowp[:, None, None], start, V, live3, m, s, s, s, False, False, G)
+        m, s, _ = _chunk(rowp[:, None], start, V, live[:, None], m, s, s, False, False, ALIGNED, G)
     for start in range(full_end, tl.where(any_live, V, 0), BLOCK_V):
-        m, s, _, _ = _chunk(rowp[:, None, None], start, V, live3, m, s, s, s, True, False, G)
+        m, s, _ = _chunk(rowp[:, None], start, V, live[:, None], m, s, s, True, False, ALIGNED, G)
     mx = tl.max(m, 1)
     safe = tl.where(mx == float("-inf"), 0.0, mx)
     total = tl.sum(s * tl.exp2((m - safe[:, None]) * LOG2E), 1)
@@ -310,6 +311,17 @@ def config(V: int, element_size: int, on_gpu: bool, group: int | None = None) ->
     return dict(ROWS=rows, BLOCK_V=block, G=g, num_warps=warps)
 
 
+def _config(logits: torch.Tensor, stride_t: int) -> dict:
+    """:func:`config` for these logits, with ALIGNED: rows 16-byte aligned as
+    Triton sees it (a pointer divisible by 16 bytes, strides by 16 elements):
+    each group one vector load; else column by column (G = 1: one path)."""
+    cfg = config(logits.shape[-1], logits.element_size(), logits.device.type == "cuda")
+    cfg["ALIGNED"] = cfg["G"] == 1 or (
+        logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and stride_t % 16 == 0
+    )
+    return cfg
+
+
 def launch_ce(logits, targets, out, ignore_index, label_smoothing, meta, fused=None):
     """One launch of ce_kernel over the token rows: ``logits`` [B, V] or
     [B, T, V] with class stride 1 (read in place), ``targets`` flat and
@@ -320,12 +332,7 @@ def launch_ce(logits, targets, out, ignore_index, label_smoothing, meta, fused=N
     T, stride_t = (logits.shape[1], logits.stride(1)) if logits.dim() == 3 else (1, 0)
     rows = targets.shape[0]
     eps = float(label_smoothing)
-    cfg = config(V, logits.element_size(), logits.device.type == "cuda")
-    # rows 16-byte aligned as Triton sees it (a pointer divisible by 16 bytes, strides by 16
-    # elements): each group one vector load; else column by column (G = 1: one path)
-    cfg["ALIGNED"] = cfg["G"] == 1 or (
-        logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and stride_t % 16 == 0
-    )
+    cfg = _config(logits, stride_t)
     if fused is None:  # the loss alone
         fused = observe_args(out)
     launch(
@@ -358,7 +365,7 @@ def launch_ce_grad(logits, targets, scale, out, ignore_index, label_smoothing, m
     T, stride_t = (logits.shape[1], logits.stride(1)) if logits.dim() == 3 else (1, 0)
     rows = targets.shape[0]
     eps = float(label_smoothing)
-    cfg = config(V, logits.element_size(), logits.device.type == "cuda")
+    cfg = _config(logits, stride_t)
     launch(
         ce_grad_kernel,
         (triton.cdiv(rows, cfg["ROWS"]),),

@@ -318,7 +318,8 @@ def mix_keys_kernel(
     STEP_FROM_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Keys of the exploration mix v = ((1 - eps) w+) / mean + eps (v = 1 when every w+ is 0)."""
+    """Keys of the exploration mix v = ((1 - eps) w+) / mean + eps (v = 1 when
+    every w+ is 0; v = +inf for a +inf weight, a priority)."""
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = j < B
     e, big = _mix_exponent(scratch_ptr)
@@ -327,8 +328,60 @@ def mix_keys_kernel(
     mean = tl.load(scratch_ptr + MIX_SUM).to(tl.float64) * _pow2(e - SELECT_BITS) / B
     w = tl.load(w_ptr + j, mask=inb, other=0.0).to(tl.float32)
     v = tl.where(big == 0.0, 1.0, (one_m_eps * _positive(w).to(tl.float64)) / mean + eps)
+    v = tl.where(w == float("inf"), float("inf"), v)
     seed, step_lo = _noise(seed, step_lo_arg, seed_ptr, step_ptr, SEED_FROM_PTR, STEP_FROM_PTR)
     _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, True, True)
+
+
+@triton.jit(do_not_specialize=["B", "N", "now_arg", "max_age", "cap"])
+def state_weights_kernel(
+    ids_ptr,
+    state_ptr,
+    err_ptr,
+    B,
+    N,
+    lam,
+    w_min,
+    now_arg,
+    step_ptr,
+    last_seen_ptr,
+    max_age,
+    picks_ptr,
+    cap,
+    w_out_ptr,
+    NOW_FROM_PTR: tl.constexpr,
+    AGE: tl.constexpr,
+    CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The weight of each id from its stored (s, d), without an update
+    (docs/spec.md section 12.2): +inf when never observed or due (AGE: not
+    observed for more than max_age steps), 0 when capped (CAP: picked cap
+    times since its last refresh), else max(s + lam d, w_min); an id out of
+    range gets w_min and is counted in errors[0]."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = j < B
+    i = tl.load(ids_ptr + j, mask=inb, other=0).to(tl.int64)
+    in_range = (i >= 0) & (i < N)
+    ok = inb & in_range
+    pair = tl.arange(0, 2)
+    s, d = tl.split(tl.load(state_ptr + (i[:, None] * 2 + pair[None, :]), mask=ok[:, None], other=0.0))
+    w_raw = s + lam * d
+    w = tl.where(w_raw < w_min, w_min, w_raw)
+    due = s != s
+    if AGE:
+        if NOW_FROM_PTR:
+            now = tl.load(step_ptr)
+        else:
+            now = tl.zeros((), tl.int64) + now_arg
+        seen = tl.load(last_seen_ptr + i, mask=ok, other=0)
+        due = due | ((now - seen) > max_age)  # int64, wrapping
+    if CAP:
+        w = tl.where(tl.load(picks_ptr + i, mask=ok, other=0) >= cap, 0.0, w)
+    w = tl.where(due, float("inf"), w)
+    tl.store(w_out_ptr + j, tl.where(ok, w, w_min), mask=inb)
+    n_out = tl.sum((inb & ~in_range).to(tl.int64), 0)
+    tl.atomic_add(err_ptr, n_out, mask=n_out != 0)
 
 
 @triton.jit(do_not_specialize=["B", "b"])

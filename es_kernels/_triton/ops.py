@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .. import _spec
-from .._ops import NAMESPACE, binds, checked
+from .._ops import ARGS, NAMESPACE, binds, checked
 from . import cross_entropy
 from ._launch import launch
 from .es_step import (
@@ -27,6 +27,7 @@ from .es_step import (
     radix_hist_kernel,
     select_count_kernel,
     select_write_kernel,
+    state_weights_kernel,
 )
 from .prune import (
     prune_count_kernel,
@@ -336,6 +337,45 @@ def eswp_prune(a):
     return order, start[visits].clone(), scale
 
 
+@_op("es_select_from_state")
+def es_select_from_state(a):
+    _float32_state(a.state)
+    dev, B = a.state.device, a.ids.shape[0]
+    w = torch.empty(B, dtype=torch.float32, device=dev)
+    if B > 0:
+        block = _block(dev)
+        with _Contiguous(a.errors) as (er,):
+            launch(
+                state_weights_kernel,
+                (triton.cdiv(B, block),),
+                dev,
+                a.ids.contiguous(),
+                a.state.contiguous(),
+                er,
+                B,
+                a.state.shape[0],
+                float(a.lam),
+                float(a.w_min),
+                a.step,
+                a.step_tensor if a.step_tensor is not None else w,
+                a.last_seen.contiguous() if a.max_age >= 0 else w,
+                a.max_age,
+                a.picks.contiguous() if a.cap >= 0 else w,
+                a.cap,
+                w,
+                NOW_FROM_PTR=a.step_tensor is not None,
+                AGE=a.max_age >= 0,
+                CAP=a.cap >= 0,
+                BLOCK=block,
+                **_meta(dev),
+            )
+    select = ARGS["weighted_select"](w, a.b, a.select_mode, a.seed, a.step, a.seed_tensor, a.step_tensor, a.eps)
+    positions, _, _ = _update_select(w, select)  # section 4 on the weights, as weighted_select
+    if a.advance_step and a.step_tensor is not None:
+        a.step_tensor.add_(1)
+    return positions, w
+
+
 OPS = {
     "per_sample_cross_entropy": per_sample_cross_entropy,
     "per_sample_cross_entropy_backward": per_sample_cross_entropy_backward,
@@ -344,6 +384,7 @@ OPS = {
     "es_step_from_losses": es_step_from_losses,
     "es_step": es_step,
     "eswp_prune": eswp_prune,
+    "es_select_from_state": es_select_from_state,
 }
 
 for _name, _fn in KERNELS.items():

@@ -28,6 +28,7 @@ from ..sampler import MAX_EPOCH, ESWPSampler, EvolvedSampler, cat_ids, saved_ids
 
 ID_KEY = "es_id"
 SCALE_KEY = "es_scale"
+PICKS_KEY = "es_picks"  # the picks' ids after a selection from the state: observe their training losses
 
 
 class ESItem(NamedTuple):
@@ -149,17 +150,46 @@ def select_batch(es: EvolvedSampler, batch: dict, score: Callable[[Any], dict]) 
     -------
     dict
         The batch with the ``mini_batch`` selected rows (``es_scale`` of
-        those rows, ``es_id`` removed). No host synchronisation beyond
-        ``score``'s.
+        those rows, ``es_id`` removed). On a step the sampler's schedule
+        does not score (``es.needs_scores`` False) ``score`` is not called:
+        the rows are selected from the state, and ``es_picks`` holds their
+        ids, whose training losses go to :func:`observe_batch`. No host
+        synchronisation beyond ``score``'s.
     """
     batch = dict(batch)
     ids = batch.pop(ID_KEY)
     scales = batch.pop(SCALE_KEY, None)
-    sel = es.select(ids, **score(batch))
+    from_state = not es.needs_scores
+    sel = es.select(ids) if from_state else es.select(ids, **score(batch))
     out = take(batch, sel.positions, ids.shape[0])
     if scales is not None:
         out[SCALE_KEY] = scales.to(sel.positions.device)[sel.positions]
+    if from_state:
+        out[PICKS_KEY] = ids.to(sel.positions.device)[sel.positions]
     return out
+
+
+def observe_batch(es: EvolvedSampler, batch: dict, losses: torch.Tensor) -> None:
+    """Observe the training losses of rows selected from the state.
+
+    Parameters
+    ----------
+    es : EvolvedSampler
+    batch : dict
+        The selected rows from :func:`select_batch`; its ``es_picks`` (if
+        any: only after a selection from the state) is removed.
+    losses : Tensor
+        floating ``[b]``: the rows' per-sample training losses, before the
+        ESWP scale and the mean (detached here).
+
+    Returns
+    -------
+    None
+        No host synchronisation.
+    """
+    picks = batch.pop(PICKS_KEY, None) if isinstance(batch, dict) else None
+    if picks is not None:
+        es._observe(picks, losses.detach())
 
 
 class _Plan(NamedTuple):
@@ -431,4 +461,15 @@ class ESStream(Sampler):
             self._epoch = k  # continue the loader epoch in progress
 
 
-__all__ = ["ESCollator", "ESDataset", "ESItem", "ESStream", "ID_KEY", "SCALE_KEY", "select_batch", "take"]
+__all__ = [
+    "ESCollator",
+    "ESDataset",
+    "ESItem",
+    "ESStream",
+    "ID_KEY",
+    "PICKS_KEY",
+    "SCALE_KEY",
+    "observe_batch",
+    "select_batch",
+    "take",
+]

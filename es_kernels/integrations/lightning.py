@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from .. import _checks
 from ..sampler import ESWPSampler, EvolvedSampler
-from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
+from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
 
 RNG_KEY = "es_rng"  # the checkpoint's entry of torch's generator states
 
@@ -185,9 +185,13 @@ class ESLightningMixin:
         Returns
         -------
         Tensor
-            The mean over the rows of :meth:`es_sample_losses` times the ESWP scale.
+            The mean over the rows of :meth:`es_sample_losses` times the ESWP
+            scale. After a selection from the state (the sampler's schedule)
+            the losses, detached, are observed first.
         """
+        picks = {PICKS_KEY: batch.pop(PICKS_KEY)} if isinstance(batch, dict) and PICKS_KEY in batch else {}
         losses = self.es_sample_losses(batch)
+        observe_batch(self.es_sampler, picks, losses)
         scale = batch.get(SCALE_KEY) if isinstance(batch, dict) else None
         return (losses * scale).mean() if scale is not None else losses.mean()
 

@@ -90,7 +90,7 @@ except ImportError as e:  # pragma: no cover
 from .. import _checks
 from ..distributed import DistributedEvolvedSampler
 from ..sampler import ESWPSampler, EvolvedSampler
-from . import ID_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, select_batch
+from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
 
 CHECKPOINT_FILE = "es_sampler.pt"
 TESTED_VERSION = "5.24.0"
@@ -423,7 +423,10 @@ class ESTrainer(Trainer):
         finally:
             model.train(was_training)
         self.es_stream.mark_consumed(batch[ID_KEY].shape[0] * self.args.world_size)  # every rank's batch
-        if self.es_eswp is None:
+        if PICKS_KEY in out:  # selected from the state: compute_loss observes the training losses
+            if self.es_eswp is None:
+                out[SCALE_KEY] = torch.ones(out[PICKS_KEY].shape, dtype=torch.float32, device=device)
+        elif self.es_eswp is None:
             out.pop(SCALE_KEY, None)
         return out
 
@@ -451,7 +454,10 @@ class ESTrainer(Trainer):
 
     # -- the loss ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The Trainer's loss on the selected rows, each sample's loss times its ESWP scale."""
+        """The Trainer's loss on the selected rows, each sample's loss times its
+        ESWP scale; after a selection from the state (the sampler's schedule)
+        the rows' per-sample losses, detached, are observed."""
+        picks = inputs.pop(PICKS_KEY, None) if isinstance(inputs, dict) else None
         scale = inputs.pop(SCALE_KEY, None) if isinstance(inputs, dict) else None
         if scale is None:
             return super().compute_loss(
@@ -473,6 +479,16 @@ class ESTrainer(Trainer):
             label_smoothing=self.args.label_smoothing_factor,
         ).view(targets.shape)
         per_sample = token.sum(dim=1) if token.dim() == 2 else token
+        if picks is not None:  # the scoring pass's loss (section 5: unsmoothed, a mean per sequence), detached
+            with torch.no_grad():
+                plain = token
+                if self.args.label_smoothing_factor:
+                    plain = F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+                    ).view(targets.shape)
+                if plain.dim() == 2:
+                    plain = plain.sum(dim=1) / (targets != -100).sum(dim=1).clamp(min=1)
+            observe_batch(self.es_sampler, {PICKS_KEY: picks}, plain)
         total = (per_sample * scale.to(per_sample.device)).sum()
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             loss = total / num_items_in_batch
