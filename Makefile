@@ -9,6 +9,7 @@
 #   make bench   the op benchmark (bench/bench_ops.py; BENCH_ARGS=--quick for a
 #                smoke run): writes bench/results/cpu_ops_<date>.json, appends
 #                to bench/results/history.csv, redraws bench/results/cpu_ops.png
+#   make aot     every Triton kernel variant compiled for sm_90a / sm_80 (an hour or more)
 #   make lint    ruff (lint + format check) and clang-format over the tree
 #   make clean   removes the build (the next make rebuilds); make distclean also .venv
 PYTHON ?= python3
@@ -19,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install test lint bench demo clean distclean
+.PHONY: install test lint bench demo aot clean distclean
 
 # torch first, pinned: a bare `torch` requirement pulls the multi-GB CUDA build
 # (the local CPU wheel where pip's config has one), with the build tools. Then
@@ -61,6 +62,13 @@ test: install
 	    python_tests/test_api.py python_tests/test_op_contract.py -k "not triton and not frequencies"
 	ES_KERNELS_NO_AVX2=1 $(PY) -m pytest -q python_tests/test_cross_entropy.py \
 	    python_tests/test_cross_entropy_extremes.py python_tests/test_step.py -k "not triton"
+
+# Every Triton kernel variant compiled for sm_90a and sm_80 (no GPU needed):
+# about 1,400 compiles, an hour or more on 2 cores (Triton's cache makes a
+# rerun fast); rewrites bench/results/aot_kernels.md and .json. make test runs
+# the fast part (the launch matrix, ce_kernel at LM vocabularies).
+aot: install
+	ES_KERNELS_AOT_FULL=1 $(PY) -m pytest -q python_tests/test_aot_compile.py
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
