@@ -3,7 +3,8 @@ several methods and compare them fairly. See :mod:`es_kernels.demo.run`.
 
 * ``run``: the training loop, the methods, the command line (``main``);
 * ``tasks``: the data sets and label noise; ``lmtask``: the LM task;
-* ``report``: tables, plot, machine description.
+* ``report``: tables, plot, machine description;
+* ``schedule``: scoring schedules for ES (a prototype for the schedule study).
 """
 
 from .run import METHODS, Config, main, run_ablation, run_demo, train  # noqa: F401

@@ -61,10 +61,20 @@ from ..functional import DEFAULT_BETA1, DEFAULT_BETA2, es_update
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import metrics as M
 from .report import clock_name, fmt_s, format_ablation, format_summary, machine, plot
+from .schedule import Schedule, policy_of
 from .tasks import corrupt_labels, load_dataset
 
 TIME_METHODS = ("uniform-time", "full-time")
 METHODS = ("full", "uniform", "es", "eswp", "infobatch") + TIME_METHODS
+# the scoring-schedule study (es_kernels.demo.schedule, a prototype): --methods only, not in the default run
+SCHEDULE_METHODS = ("es-epoch3", "es-frac", "es-epoch3s", "es-stale", "eswp-epoch3s")
+ALL_METHODS = METHODS[:5] + SCHEDULE_METHODS + TIME_METHODS
+
+
+def sampler_kind(method: str) -> str:
+    """``es`` / ``eswp`` for ES with or without pruning (any schedule), else the method's base."""
+    base = base_method(method)
+    return base.partition("-")[0] if policy_of(base) else base
 
 
 def smoke_note(epochs: int) -> str:
@@ -250,7 +260,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     task = as_task(data, cfg)
     xtr, ytr = task.xtr, task.ytr
     dev = xtr.device
-    base = base_method(method)
+    base = sampler_kind(method)
     if method.endswith("-time") and time_budget is None:
         raise ValueError(f"{method} needs a time_budget")
     n = xtr.shape[0]
@@ -278,6 +288,11 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
         es = ES(n, B, beta1=0.0, beta2=1.0, seed=seed, device=dev)
     if base in ("eswp", "infobatch"):
         pruner = Pruner(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio, anneal_frac=cfg.anneal_frac, seed=seed)
+    policy = policy_of(method)
+    if policy is not None and world > 1:
+        raise ValueError(f"{method}: the schedule prototype runs in one process")
+    # PROTOTYPE: becomes EvolvedSampler(..., schedule=policy) once the sampler takes it
+    sched = Schedule(es, policy) if policy is not None else None
     ac_dtype = score_autocast_dtype(cfg, dev)
     max_epochs = cfg.epochs if time_budget is None else 1000 * max(cfg.epochs, 1)
     wall = score_s = 0.0
@@ -309,6 +324,16 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 pos = torch.randperm(ids.shape[0], generator=g)[:b].to(dev)
                 per = task.losses(model, x[pos], y[pos])
                 backward += pos.shape[0]
+            elif sched is not None and not sched.scores(epoch):  # select from the stored state
+                ts = clock()
+                pos = sched.select(ids)
+                score_s += clock() - ts
+                per = task.losses(model, x[pos], y[pos])
+                ts = clock()
+                sched.observe(ids[pos], per.detach())  # the training forward's losses, before the ESWP scale
+                score_s += clock() - ts
+                per = per * es.scales_of(ids[pos])
+                backward += pos.shape[0]
             else:
                 ts = clock()
                 with (
@@ -317,6 +342,8 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 ):
                     scored = task.score(net, x, y)  # the scoring pass: no autograd record at all
                 sel = es.select(ids, **scored)
+                if sched is not None:
+                    sched.scored(ids)
                 _sync(dev)  # CUDA only: timing the scoring separately costs a synchronisation there
                 score_s += clock() - ts
                 pos = sel.positions
@@ -406,7 +433,7 @@ def summarize(runs: dict, goal: M.Goal = M.ACCURACY) -> dict:
             "backward_samples": _mean_sd([r["backward_samples"] for r in rs]),
             "epochs": _mean_sd([r.get("epochs", len(r["curve"]) - 1) for r in rs]),
         }
-        if base_method(method) in ("es", "eswp"):
+        if sampler_kind(method) in ("es", "eswp"):
             s["score_s"] = _mean_sd([r["score_s"] for r in rs])
             s["scoring_share"] = _mean_sd([r["score_s"] / r["wall_s"] for r in rs])
         if target is not None:
@@ -463,7 +490,7 @@ class Eta:
         if key in self.per_epoch:
             return statistics.fmean(self.per_epoch[key]) * epochs
         ds, method, b = key
-        cost = _COST[method]
+        cost = _COST.get(method) or _COST[sampler_kind(method)]  # a schedule: at most ES's cost
         # the data set's meta-batch: its full run's b (the LM's differs from the demo's)
         B = next((b2 for d2, m2, b2 in self.per_epoch if d2 == ds and m2 == "full"), self.B)
         for (d2, m2, b2), v in self.per_epoch.items():  # the same method at another b
@@ -995,7 +1022,7 @@ def main(argv=None) -> int:
         "library's sources (needs transformers: es-kernels[demo,integrations])",
     )
     ap.add_argument("--datasets", default=None, help="comma-separated: mnist1d,digits")
-    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(ALL_METHODS)}")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--mnist1d-samples", type=int, default=None)
@@ -1101,10 +1128,10 @@ def main(argv=None) -> int:
     if a.datasets:
         cfg = replace(cfg, datasets=tuple(a.datasets.split(",")))
     if a.methods:
-        bad = set(a.methods.split(",")) - set(METHODS)
+        bad = set(a.methods.split(",")) - set(ALL_METHODS)
         if bad:
             ap.error(f"unknown methods: {sorted(bad)}")
-        cfg = replace(cfg, methods=tuple(m for m in METHODS if m in a.methods.split(",")))
+        cfg = replace(cfg, methods=tuple(m for m in ALL_METHODS if m in a.methods.split(",")))
         if set(cfg.methods) & set(TIME_METHODS) and "es" not in cfg.methods:
             ap.error(f"{', '.join(TIME_METHODS)} train for ES's wall-clock: add es to --methods")
     try:  # the sampler validates: fail before any training
