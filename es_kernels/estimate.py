@@ -41,10 +41,10 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 # The scoring schedules the report prices, by the share of steps that score the
 # meta-batch (the rest select from the stored state).
 SCHEDULES = (
-    ("every step", 1.0),
-    ("every 3rd epoch", 1.0 / 3.0),
-    ("every 5th epoch", 0.2),
-    ("10% of steps", 0.1),
+    ("every step", 1.0),  # schedule="step"
+    ("every 3rd epoch", 1.0 / 3.0),  # schedule="epoch:3"
+    ("a third of steps", 1.0 / 3.0),  # schedule="fraction:0.333"
+    ("10% of steps", 0.1),  # schedule="fraction:0.1"
 )
 
 
@@ -120,7 +120,9 @@ class CostEstimate(NamedTuple):
         ----------
         schedules : sequence of (str, float)
             ``(name, scoring fraction)`` pairs to price (default: every step,
-            every 3rd epoch, every 5th epoch, 10% of the steps).
+            every 3rd epoch, a third of the steps, 10% of the steps: the
+            ``EvolvedSampler`` schedules ``"step"``, ``"epoch:3"``,
+            ``"fraction:0.333"``, ``"fraction:0.1"``).
 
         Returns
         -------
