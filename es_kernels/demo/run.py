@@ -61,14 +61,30 @@ from ..functional import DEFAULT_BETA1, DEFAULT_BETA2, es_update
 from ..sampler import ESWPSampler, EvolvedSampler
 from . import metrics as M
 from .report import clock_name, fmt_s, format_ablation, format_summary, machine, plot
-from .schedule import Schedule, policy_of
 from .tasks import corrupt_labels, load_dataset
 
 TIME_METHODS = ("uniform-time", "full-time")
 METHODS = ("full", "uniform", "es", "eswp", "infobatch") + TIME_METHODS
-# the scoring-schedule study (es_kernels.demo.schedule, a prototype): --methods only, not in the default run
-SCHEDULE_METHODS = ("es-epoch3", "es-frac", "es-epoch3s", "es-stale", "eswp-epoch3s")
+# the scoring-schedule study (bench/results/demo_schedule): --methods only, not in the default run.
+# A method ``es-<policy>`` / ``eswp-<policy>`` is ES (ESWP) with EvolvedSampler(schedule=SCHEDULES[policy])
+# at the sampler's default cap; ``stale3``'s max_age is 3 epochs of steps of the task.
+SCHEDULES = {"epoch3": "epoch:3", "frac": f"fraction:{1 / 3!r}", "stale3": "stale:{3 epochs}"}
+SCHEDULE_METHODS = tuple(f"{kind}-{policy}" for kind in ("es", "eswp") for policy in SCHEDULES)
 ALL_METHODS = METHODS[:5] + SCHEDULE_METHODS + TIME_METHODS
+
+
+def policy_of(method: str) -> str | None:
+    """``"es-epoch3"`` / ``"eswp-epoch3"`` -> ``"epoch3"``; None for a method without a schedule."""
+    head, _, tail = method.partition("-")
+    return tail if head in ("es", "eswp") and tail in SCHEDULES else None
+
+
+def schedule_of(method: str, steps_per_epoch: int) -> str:
+    """The sampler's ``schedule`` argument for ``method`` (``"step"`` without a policy)."""
+    policy = policy_of(base_method(method))
+    if policy is None:
+        return "step"
+    return SCHEDULES[policy].replace("{3 epochs}", str(3 * steps_per_epoch))
 
 
 def sampler_kind(method: str) -> str:
@@ -283,16 +299,15 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
     g = torch.Generator().manual_seed(seed)
     es = pruner = None
     if base in ("es", "eswp"):
-        es = ES(n, b, beta1=cfg.beta1, beta2=cfg.beta2, lam=cfg.lam, eps=cfg.eps, seed=seed, device=dev)
+        schedule = schedule_of(method, -(-n // B))
+        if schedule != "step" and world > 1:
+            raise ValueError(f"{method}: the demo runs a scoring schedule in one process")
+        sched_kw = {} if schedule == "step" else {"schedule": schedule}
+        es = ES(n, b, beta1=cfg.beta1, beta2=cfg.beta2, lam=cfg.lam, eps=cfg.eps, seed=seed, device=dev, **sched_kw)
     if base == "infobatch":  # score = the last training loss: s = l, d = 0
         es = ES(n, B, beta1=0.0, beta2=1.0, seed=seed, device=dev)
     if base in ("eswp", "infobatch"):
         pruner = Pruner(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio, anneal_frac=cfg.anneal_frac, seed=seed)
-    policy = policy_of(method)
-    if policy is not None and world > 1:
-        raise ValueError(f"{method}: the schedule prototype runs in one process")
-    # PROTOTYPE: becomes EvolvedSampler(..., schedule=policy) once the sampler takes it
-    sched = Schedule(es, policy) if policy is not None else None
     ac_dtype = score_autocast_dtype(cfg, dev)
     max_epochs = cfg.epochs if time_budget is None else 1000 * max(cfg.epochs, 1)
     wall = score_s = 0.0
@@ -307,6 +322,8 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
             pruner.set_epoch(epoch)
             order = pruner.epoch_ids()  # what a DataLoader would draw
         else:
+            if es is not None and world == 1:
+                es.set_epoch(epoch)  # the scoring schedule's epoch (ESWP's sampler sets it itself)
             order = torch.randperm(n, generator=g)
             if world > 1:  # this rank's share, as DistributedSampler (same length on every rank)
                 order = shard_indices(order, world, rank, False)
@@ -324,15 +341,16 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 pos = torch.randperm(ids.shape[0], generator=g)[:b].to(dev)
                 per = task.losses(model, x[pos], y[pos])
                 backward += pos.shape[0]
-            elif sched is not None and not sched.scores(epoch):  # select from the stored state
+            elif not es.needs_scores:  # a scoring schedule: select from the stored state
                 ts = clock()
-                pos = sched.select(ids)
+                sel = es.select(ids)
                 score_s += clock() - ts
+                pos = sel.positions
                 per = task.losses(model, x[pos], y[pos])
                 ts = clock()
-                sched.observe(ids[pos], per.detach())  # the training forward's losses, before the ESWP scale
+                es.observe(ids[pos], per.detach())  # the training forward's losses, before the ESWP scale
                 score_s += clock() - ts
-                per = per * es.scales_of(ids[pos])
+                per = per * sel.scales
                 backward += pos.shape[0]
             else:
                 ts = clock()
@@ -342,8 +360,6 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 ):
                     scored = task.score(net, x, y)  # the scoring pass: no autograd record at all
                 sel = es.select(ids, **scored)
-                if sched is not None:
-                    sched.scored(ids)
                 _sync(dev)  # CUDA only: timing the scoring separately costs a synchronisation there
                 score_s += clock() - ts
                 pos = sel.positions

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The study's runs (RULE.md): bash bench/results/demo_schedule/run_study.sh 1|2  (from the repository root)
+set -u
+PY=${PY:-python}
+OUT=bench/results/demo_schedule
+M=full,uniform,es,es-epoch3,es-frac,es-stale3,eswp-epoch3,eswp-frac,eswp-stale3,uniform-time
+run() {  # name, then demo arguments
+    local name=$1; shift
+    mkdir -p "$OUT/$name"
+    echo "start $(date -u +%FT%TZ) $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/$name/load.txt"
+    nice -n 5 $PY -m es_kernels demo --threads 1 --clock process --seeds 3 --methods "$M" --no-progress \
+        --out "$OUT/$name" "$@" > "$OUT/$name/demo.log" 2>&1
+    echo "end   $(date -u +%FT%TZ) $(cut -d' ' -f1-3 /proc/loadavg) rc=$?" >> "$OUT/$name/load.txt"
+}
+if [ "$1" = 1 ]; then
+    run digits --datasets digits
+    run digits_noise40 --datasets digits --label-noise 0.4
+    run digits_noise60 --datasets digits --label-noise 0.6
+    run lm --task lm
+    run mnist1d_noise60 --datasets mnist1d --label-noise 0.6
+else
+    run mnist1d --datasets mnist1d
+    run mnist1d_noise40 --datasets mnist1d --label-noise 0.4
+fi
