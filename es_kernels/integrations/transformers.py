@@ -87,10 +87,22 @@ except ImportError as e:  # pragma: no cover
         "es_kernels.integrations.transformers needs transformers: pip install 'es-kernels[integrations]'"
     ) from e
 
-from .. import _checks
+from .. import _checks, lm
 from ..distributed import DistributedEvolvedSampler
 from ..sampler import ESWPSampler, EvolvedSampler
-from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
+from . import (
+    DOC_KEY,
+    ID_KEY,
+    PICKS_KEY,
+    SCALE_KEY,
+    ESCollator,
+    ESDataset,
+    ESStream,
+    document_grid,
+    document_slots,
+    observe_batch,
+    select_batch,
+)
 
 CHECKPOINT_FILE = "es_sampler.pt"
 TESTED_VERSION = "5.24.0"
@@ -261,7 +273,7 @@ class ESTrainer(Trainer):
         if self.args.remove_unused_columns:
             self._set_signature_columns_if_needed()
             keep = list(self._signature_columns)
-        self.data_collator = ESCollator(self.data_collator, keep_keys=keep)
+        self.data_collator = ESCollator(self.data_collator, keep_keys=keep, packed=True)
         self.add_callback(ESCheckpointCallback(self))
 
     # -- sampler and checkpoints ---------------------------------------------------
@@ -424,10 +436,12 @@ class ESTrainer(Trainer):
             model.train(was_training)
         self.es_stream.mark_consumed(batch[ID_KEY].shape[0] * self.args.world_size)  # every rank's batch
         if PICKS_KEY in out:  # selected from the state: compute_loss observes the training losses
-            if self.es_eswp is None:
-                out[SCALE_KEY] = torch.ones(out[PICKS_KEY].shape, dtype=torch.float32, device=device)
+            if self.es_eswp is None:  # per row, or per token of a packed row
+                shape = out[SCALE_KEY].shape if SCALE_KEY in out else out[PICKS_KEY].shape
+                out[SCALE_KEY] = torch.ones(shape, dtype=torch.float32, device=device)
         elif self.es_eswp is None:
             out.pop(SCALE_KEY, None)
+            out.pop(DOC_KEY, None)  # packed rows: the Trainer's own loss, on the picks' packed row
         return out
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -459,6 +473,7 @@ class ESTrainer(Trainer):
         the rows' per-sample losses, detached, are observed."""
         picks = inputs.pop(PICKS_KEY, None) if isinstance(inputs, dict) else None
         scale = inputs.pop(SCALE_KEY, None) if isinstance(inputs, dict) else None
+        doc = inputs.pop(DOC_KEY, None) if isinstance(inputs, dict) else None  # packed rows
         if scale is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -478,7 +493,6 @@ class ESTrainer(Trainer):
             reduction="none",
             label_smoothing=self.args.label_smoothing_factor,
         ).view(targets.shape)
-        per_sample = token.sum(dim=1) if token.dim() == 2 else token
         if picks is not None:  # the scoring pass's loss (section 5: unsmoothed, a mean per sequence), detached
             with torch.no_grad():
                 plain = token
@@ -486,10 +500,18 @@ class ESTrainer(Trainer):
                     plain = F.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
                     ).view(targets.shape)
-                if plain.dim() == 2:
+                if doc is not None:  # a packed row: each document's mean over its scored tokens (0: none)
+                    seg, _ = document_grid(doc.to(targets.device), targets.shape[1], False)
+                    d = lm.per_document_losses(plain, seg, mask=targets != -100)
+                    plain = document_slots(d, picks.shape[0])[0]
+                elif plain.dim() == 2:
                     plain = plain.sum(dim=1) / (targets != -100).sum(dim=1).clamp(min=1)
             observe_batch(self.es_sampler, {PICKS_KEY: picks}, plain)
-        total = (per_sample * scale.to(per_sample.device)).sum()
+        if doc is not None:  # a packed row: each token's loss times its document's scale (aligned as the labels)
+            total = (token * scale.to(token.device)[:, scale.shape[1] - targets.shape[1] :]).sum()
+        else:
+            per_sample = token.sum(dim=1) if token.dim() == 2 else token
+            total = (per_sample * scale.to(per_sample.device)).sum()
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices:
