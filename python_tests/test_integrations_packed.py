@@ -5,6 +5,8 @@ document, a selection of documents, training on the packed row of the picks.
 Against a hand-written loop, bit for bit (tiny random-init GPT-2, CPU)."""
 
 import importlib.util
+import inspect
+import socket
 
 import pytest
 import torch
@@ -90,8 +92,8 @@ def make_trainer(tmp_path, flash=False, eswp=False, schedule="step", dropout=0.0
 
 
 def record(tr, es):
-    """The selected ids of each scoring or state step, and each micro-step's
-    loss and num_items_in_batch."""
+    """The selected ids of each scoring or state step (-1: a document without
+    a scored token), and each micro-step's loss and num_items_in_batch."""
     seen, losses = [], []
     select = es.select
 
@@ -168,10 +170,11 @@ def hand_loop(steps, flash=False, eswp=False, schedule="step", accum=1, from_hid
                     if k >= 0 and c > 0:
                         doc_loss[k], doc_seg[k] = loss, ids[k]
                 sel = es.select(losses=doc_loss, segment_ids=doc_seg)
+                seen.append(doc_seg[sel.positions, 0].tolist())  # -1: a pick without a scored token
             else:
                 sel = es.select(ids)
+                seen.append(ids[sel.positions].tolist())
             pos = sel.positions.tolist()
-            seen.append(ids[pos].tolist())
             picked = [docs[k] for k in pos]
             row = {k: torch.cat([batch[k][:, s : s + n] for s, n in picked], 1) for k in ("input_ids", "labels")}
             row["position_ids"] = torch.cat([torch.arange(n) for _, n in picked]).view(1, -1)
@@ -354,3 +357,41 @@ def test_trainer_packed_resume_is_exact(tmp_path, dropout, at_step):
     for p1, p2 in zip(tr.model.parameters(), tr2.model.parameters()):
         assert torch.equal(p1, p2)
     assert max(p.epoch for p in tr.es_stream._plans) >= 1
+
+
+# -- under DDP ------------------------------------------------------------------------------------------
+def _distributed_select_takes_segments() -> bool:
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    return "segment_ids" in inspect.signature(DistributedEvolvedSampler.select).parameters
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _distributed_select_takes_segments(),
+    reason="DistributedEvolvedSampler.select does not take segment_ids yet (packed batches under DDP need it)",
+)
+def test_trainer_packed_ddp_matches_hand_loop(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is needed")
+    import dist_packed_workers as W
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    names = ("packed_trainer_run", "packed_hand_loop")
+    mp.spawn(W.entry, args=(2, port, str(tmp_path), names), nprocs=2, join=True)
+    runs = {(n, r): torch.load(tmp_path / f"{n}_{r}.pt", weights_only=False) for n in names for r in range(2)}
+    for r in range(2):
+        tr, hand = runs["packed_trainer_run", r], runs["packed_hand_loop", r]
+        assert len(tr["seen"]) == W.STEPS and tr["seen"] == hand["seen"]
+        assert tr["step"] == hand["step"]
+        assert torch.equal(tr["state"].nan_to_num(-1), hand["state"].nan_to_num(-1))
+        for k in tr["params"]:
+            assert torch.equal(tr["params"][k], hand["params"][k]), k
+    assert runs["packed_trainer_run", 0]["seen"] != runs["packed_trainer_run", 1]["seen"]
+    s0, s1 = (runs["packed_trainer_run", r]["state"].nan_to_num(-1) for r in range(2))
+    assert torch.equal(s0, s1)

@@ -287,11 +287,31 @@ def take_documents(data: dict, positions: torch.Tensor, lengths) -> dict:
 
 
 def document_grid(doc: torch.Tensor, width: int, shift_labels: bool) -> tuple[torch.Tensor, bool]:
-    """``(segment_ids, shift_labels)`` for targets ``[1, width]`` of a packed
-    row whose tokens' documents are ``doc`` ``[1, T]``: ``doc`` itself when
-    the targets are the labels (``width == T``), or, for targets already
-    shifted (``labels[:, 1:]``, ``width == T - 1``), each target's document
-    (-1 across a document boundary, as :func:`es_kernels.lm.token_documents`)."""
+    """The documents of the targets of a packed row.
+
+    Parameters
+    ----------
+    doc : Tensor
+        int64 ``[1, T]``: each token's document.
+    width : int
+        The targets' length: ``T`` (the labels) or ``T - 1`` (``labels[:, 1:]``).
+    shift_labels : bool
+        The scoring's ``shift_labels`` (with ``width == T``).
+
+    Returns
+    -------
+    (Tensor, bool)
+        ``(segment_ids, shift_labels)`` for the targets: ``doc`` and
+        ``shift_labels`` unchanged when ``width == T``; for shifted targets,
+        each target's document (-1 across a document boundary, as
+        :func:`es_kernels.lm.token_documents`) and False. No host
+        synchronisation.
+
+    Raises
+    ------
+    ValueError
+        For another ``width``.
+    """
     if width == doc.shape[1]:
         return doc, shift_labels
     if width == doc.shape[1] - 1 and not shift_labels:
@@ -342,9 +362,21 @@ def document_losses(kw: dict, doc: torch.Tensor, size: int) -> tuple[torch.Tenso
 
 
 def document_slots(d: lm.DocumentLosses, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``[size]`` losses and int64 ``[size]`` scored-token counts of
-    documents ``0 .. size - 1`` from :class:`es_kernels.lm.DocumentLosses`
-    (0 for a document without a scored token). No host synchronisation."""
+    """The losses of documents ``0 .. size - 1`` by document.
+
+    Parameters
+    ----------
+    d : DocumentLosses
+        Of documents numbered ``0 .. size - 1`` (:mod:`es_kernels.lm`).
+    size : int
+        The number of documents.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        float32 ``[size]`` losses and int64 ``[size]`` scored-token counts
+        (0 for a document without a scored token). No host synchronisation.
+    """
     slot = torch.where(d.ids >= 0, d.ids, size)  # ascending distinct documents, then -1 slots (to a spare one)
     dev = d.ids.device
     losses = torch.zeros(size + 1, dtype=torch.float32, device=dev).index_put_((slot,), d.losses)
@@ -727,9 +759,7 @@ __all__ = [
     "LENGTHS_KEY",
     "PICKS_KEY",
     "SCALE_KEY",
-    "document_grid",
     "document_losses",
-    "document_slots",
     "observe_batch",
     "packed_documents",
     "select_batch",

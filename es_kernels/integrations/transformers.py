@@ -52,6 +52,21 @@ refuses versions without the hooks):
   uninterrupted run's.
 * Evaluation and ``prediction_step`` are unchanged: no scoring, no selection.
 
+Packed batches (``DataCollatorWithFlattening``: the meta-batch's documents end
+to end in one row, ``position_ids`` restarting at each, optionally the
+flash-attention kwargs ``cu_seq_lens_q`` / ``_k``): each item of the data set
+is a document, and ES observes and selects documents. The scoring pass scores
+the packed row and takes each document's mean loss over its scored tokens
+(:func:`es_kernels.lm.per_document_cross_entropy`, or from the hidden
+states); the selection picks ``es.mini_batch`` documents; the training step
+gets the packed row of the picks (``input_ids``, ``labels``, ``position_ids``,
+``cu_seq_lens``, ``max_length`` and ``seq_idx`` rebuilt for them), and the
+Trainer counts ``num_items_in_batch`` over that row as over any batch. The
+picks' row is built, not the others' labels masked: a masked row would cost
+the whole meta-batch's forward and backward, the cost ES saves. Its length
+depends on the picks, so the packed path reads the ``b`` positions to the
+host once a meta-batch. docs/packing.md has the details.
+
 Distributed (DDP, ``torchrun`` or ``accelerate launch``): pass a
 :class:`~es_kernels.distributed.DistributedEvolvedSampler` (built after the
 process group is initialised, ``meta_batch=per_device_train_batch_size``) and,
@@ -205,13 +220,16 @@ class ESTrainer(Trainer):
         ``es_id`` (from a loader other than ESTrainer's); with
         ``es_score_from_hidden``, a model without a linear output layer or
         with scaled or soft-capped logits, or under FSDP or DeepSpeed.
+        A packed training batch whose documents are not its items
+        (:func:`es_kernels.integrations.packed_documents`).
     RuntimeError
         For an unsupported transformers version (:func:`check_version`).
 
     Notes
     -----
     The scoring pass and the selection make no host synchronisation of their
-    own (the Trainer's loop may); each new ESWP epoch makes one. The scoring
+    own (the Trainer's loop may); each new ESWP epoch makes one; a packed
+    meta-batch makes one (its picks' positions, to build their packed row). The scoring
     pass calls the unwrapped model under the run's autocast (``bf16=True``:
     bfloat16 logits, read in place, not accelerate's float32 copy of them).
     """
@@ -469,8 +487,10 @@ class ESTrainer(Trainer):
     # -- the loss ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss on the selected rows, each sample's loss times its
-        ESWP scale; after a selection from the state (the sampler's schedule)
-        the rows' per-sample losses, detached, are observed."""
+        ESWP scale (in a packed row, each token's loss times its document's);
+        after a selection from the state (the sampler's schedule) the rows'
+        per-sample losses (per document in a packed row), detached, are
+        observed."""
         picks = inputs.pop(PICKS_KEY, None) if isinstance(inputs, dict) else None
         scale = inputs.pop(SCALE_KEY, None) if isinstance(inputs, dict) else None
         doc = inputs.pop(DOC_KEY, None) if isinstance(inputs, dict) else None  # packed rows
