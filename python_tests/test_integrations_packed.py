@@ -254,6 +254,29 @@ def test_packed_documents_refuses_other_counts():
         ESCollator(packed=1)
 
 
+def test_packed_collator_refuses_dropped_items():
+    # DataCollatorWithFlattening drops an item without tokens: its documents are no longer the items
+    items = [ESDataset(make_docs())[i] for i in range(4)]
+    items[2] = items[2]._replace(item={"input_ids": torch.zeros(0, dtype=torch.int64), "labels": torch.zeros(0)})
+    with pytest.raises(ValueError, match="position_ids hold 3 documents .*drops empty samples"):
+        ESCollator(collator(), packed=True)(items)
+    assert DOC_KEY not in ESCollator(collator())(items)  # packed=False: the batch as collated
+
+
+def test_packed_select_from_document_losses():
+    # a score that returns the documents' losses [B] (an override of ESTrainer.es_score): observed as given
+    items = [ESDataset(make_docs())[i] for i in range(B)]
+    batch = ESCollator(collator(), packed=True)(items)
+    losses = torch.rand(B, generator=torch.Generator().manual_seed(0))
+    es, ref = ek.EvolvedSampler(N, mini_batch=b, seed=2), ek.EvolvedSampler(N, mini_batch=b, seed=2)
+    out = select_batch(es, batch, lambda bt: {"losses": losses})
+    sel = ref.select(batch["es_id"], losses=losses)
+    assert torch.equal(es.state.tensor.nan_to_num(-1), ref.state.tensor.nan_to_num(-1))
+    # the same picks as the unpacked selection from the same losses: the weights and the noise agree
+    picked = torch.cat([items[k].item["input_ids"] for k in sel.positions.tolist()])
+    assert torch.equal(out["input_ids"][0], picked)
+
+
 def test_take_documents_builds_the_picks_row():
     docs = make_docs()[:5]
     batch = collator(True)(docs)
