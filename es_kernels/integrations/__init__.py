@@ -13,6 +13,11 @@ imported here.
 * :class:`ESDataset` / :class:`ESCollator`: carry the id and scale of each
   sample through a collator as ``es_id`` / ``es_scale``.
 * :func:`select_batch`: the selection step on a collated batch.
+* Packed batches (a packing collator such as transformers'
+  ``DataCollatorWithFlattening``: the meta-batch's documents end to end in one
+  row): :func:`packed_documents` finds the documents (``cu_seq_lens_q`` or
+  ``position_ids``), :func:`select_batch` observes and selects documents and
+  returns the packed row of the picks (:func:`take_documents`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .. import _checks
+from .. import _checks, lm
 from ..sampler import MAX_EPOCH, ESWPSampler, EvolvedSampler, cat_ids, saved_ids, saved_scales
 
 ID_KEY = "es_id"
 SCALE_KEY = "es_scale"
 PICKS_KEY = "es_picks"  # the picks' ids after a selection from the state: observe their training losses
+DOC_KEY = "es_doc"  # packed rows: int64 [1, T], each token's document (its position in the batch's es_id)
+LENGTHS_KEY = "es_lengths"  # packed rows: the documents' token counts, a tuple of ints (stays on the host)
+CU_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")  # flash-attention kwargs of a packing collator
+MAX_LENGTH_KEYS = ("max_length_q", "max_length_k")
 
 
 class ESItem(NamedTuple):
@@ -75,19 +84,33 @@ class ESCollator:
     ``{"es_id", "es_scale", "batch": batch}``. Features that are not
     :class:`ESItem` (evaluation) go to ``collate_fn`` unchanged.
 
+    With ``packed=True``, a dict batch that :func:`packed_documents` finds
+    packed also gets ``es_doc`` (int64 ``[1, T]``, each token's document) and
+    ``es_lengths`` (the documents' token counts, a tuple of ints, so it stays
+    on the host when a loader moves the batch to a device).
+
     Parameters
     ----------
     collate_fn : callable or None
         The collate function of the items (``None``: ``default_collate``).
     keep_keys : iterable of str or None
         Keep only these keys of dict items (``None``: all).
+    packed : bool
+        Find the documents of packed batches (one row of several items).
+
+    Raises
+    ------
+    ValueError
+        Naming the argument: ``packed`` not a bool; in a call, a packed batch
+        whose documents are not the items (:func:`packed_documents`).
     """
 
-    def __init__(self, collate_fn: Callable | None = None, keep_keys=None):
+    def __init__(self, collate_fn: Callable | None = None, keep_keys=None, packed: bool = False):
         if collate_fn is None:
             from torch.utils.data import default_collate as collate_fn
         self.collate_fn = collate_fn
         self.keep_keys = None if keep_keys is None else frozenset(keep_keys)
+        self.packed = _checks.flag(packed, "packed")
 
     def __call__(self, features):
         if not features or not isinstance(features[0], ESItem):
@@ -101,6 +124,9 @@ class ESCollator:
         if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__setitem__")):
             batch = dict(batch)
             batch[ID_KEY], batch[SCALE_KEY] = ids, scales
+            docs = packed_documents(batch, len(features)) if self.packed else None
+            if docs is not None:
+                batch[DOC_KEY], batch[LENGTHS_KEY] = docs
             return batch
         return {ID_KEY: ids, SCALE_KEY: scales, "batch": batch}
 
@@ -133,6 +159,231 @@ def take(data, positions: torch.Tensor, size: int):
     return data
 
 
+# -- packed batches -----------------------------------------------------------------------
+def _grid_width(batch: dict, name: str, rows: int) -> int:
+    """The token count of a packed batch's ``[1, T]`` tensors (``name``'s)."""
+    x = batch[name]
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != rows:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} of a packed batch must be a tensor [1, T] (one row of documents), got {shape}")
+    return x.shape[1]
+
+
+def packed_documents(batch: dict, size: int) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """The documents of a packed batch: ``size`` samples end to end in one row.
+
+    A batch is packed when it has ``cu_seq_lens_q`` (a packing collator's
+    flash-attention kwargs), or ``position_ids`` of one row while ``size > 1``
+    (transformers' ``DataCollatorWithFlattening``). Document ``k`` is the
+    ``k``-th sample. Its boundaries are ``cu_seq_lens_q`` when given, else
+    where ``position_ids`` do not increase by 1 (transformers' own rule for
+    packed attention masks).
+
+    Parameters
+    ----------
+    batch : dict
+        A collated batch, on the host.
+    size : int
+        The number of samples collated.
+
+    Returns
+    -------
+    (Tensor, tuple of int) or None
+        int64 ``[1, T]``: each token's document (its position among the
+        samples), and the documents' token counts; None when the batch is
+        not packed. Reads the batch's boundary tensors (on the host in a
+        collator).
+
+    Raises
+    ------
+    ValueError
+        Naming the tensor: boundaries not of one row of ``T`` tokens, a
+        ``cu_seq_lens_q`` that is not ``[size + 1]`` non-decreasing from 0 to
+        ``T``, or a number of documents other than ``size``.
+    """
+    cu = batch.get(CU_KEYS[0])
+    pos = batch.get("position_ids")
+    if cu is None and not (isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[0] == 1 and size > 1):
+        return None
+    names = [k for k in ("position_ids", "input_ids", "labels") if k in batch]
+    if not names:
+        raise ValueError("a packed batch needs position_ids, input_ids or labels [1, T]")
+    width = _grid_width(batch, names[0], 1)
+    if cu is not None:
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype.is_floating_point or cu.is_complex():
+            raise ValueError(f"{CU_KEYS[0]} must be an integer tensor [documents + 1]")
+        cu = cu.detach().to("cpu", torch.int64)
+        if cu.shape[0] != size + 1:
+            raise ValueError(
+                f"{CU_KEYS[0]} holds {cu.shape[0] - 1} documents, the batch {size} samples: a packing collator "
+                "must keep every sample as one document, in order"
+            )
+        lengths = cu.diff()
+        if int(cu[0]) != 0 or int(cu[-1]) != width or bool((lengths < 0).any()):
+            raise ValueError(f"{CU_KEYS[0]} must rise from 0 to the row's {width} tokens, got {cu.tolist()}")
+    else:
+        _grid_width(batch, "position_ids", 1)
+        p = pos[0].detach().to("cpu", torch.int64)
+        start = torch.ones(width, dtype=torch.bool)
+        start[1:] = p[1:] != p[:-1] + 1
+        n = int(start.sum())
+        if n != size:
+            raise ValueError(
+                f"position_ids hold {n} documents (a document starts where they do not increase by 1), the "
+                f"batch {size} samples: a packing collator must keep every sample as one document, in order "
+                "(DataCollatorWithFlattening drops empty samples: remove them from the dataset)"
+            )
+        lengths = torch.diff(torch.nonzero(start).flatten(), append=torch.tensor([width]))
+    doc = torch.repeat_interleave(torch.arange(size), lengths).view(1, width)
+    return doc, tuple(lengths.tolist())
+
+
+def take_documents(data: dict, positions: torch.Tensor, lengths) -> dict:
+    """The packed batch of the documents ``positions`` of a packed batch.
+
+    Parameters
+    ----------
+    data : dict
+        A packed batch (its ``[1, T]`` tensors hold the documents end to end).
+    positions : Tensor
+        int64 ``[b]``, ascending: the documents to keep, on the host.
+    lengths : sequence of int
+        Every document's token count (:func:`packed_documents`).
+
+    Returns
+    -------
+    dict
+        The ``[1, T]`` tensors restricted to those documents' tokens (in
+        the order of ``positions``), ``cu_seq_lens_q`` / ``_k``,
+        ``max_length_q`` / ``_k`` and ``seq_idx`` recomputed for them,
+        ``[len(lengths)]`` tensors indexed, other values kept; and ``es_doc``,
+        int64 ``[1, t]``: each kept token's document as its index in
+        ``positions``. No host synchronisation.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    size, width = lengths.shape[0], int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    kept = lengths[positions]
+    offsets = torch.cumsum(kept, 0) - kept
+    total = int(kept.sum())
+    token = torch.repeat_interleave(starts[positions] - offsets, kept) + torch.arange(total)  # kept tokens' columns
+    doc = torch.repeat_interleave(torch.arange(positions.shape[0]), kept).view(1, total)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(kept, 0)])
+    out = {}
+    for k, v in data.items():
+        if k in CU_KEYS and isinstance(v, torch.Tensor):
+            v = cu.to(v.device, v.dtype)
+        elif k in MAX_LENGTH_KEYS:
+            v = int(kept.max()) if kept.numel() else 0
+        elif k == "seq_idx" and isinstance(v, torch.Tensor):
+            v = doc.to(v.device, v.dtype)
+        elif isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (1, width):
+            v = v[:, token.to(v.device)]
+        elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == size:
+            v = v[positions.to(v.device)]
+        out[k] = v
+    out[DOC_KEY] = doc
+    return out
+
+
+def document_grid(doc: torch.Tensor, width: int, shift_labels: bool) -> tuple[torch.Tensor, bool]:
+    """The documents of the targets of a packed row.
+
+    Parameters
+    ----------
+    doc : Tensor
+        int64 ``[1, T]``: each token's document.
+    width : int
+        The targets' length: ``T`` (the labels) or ``T - 1`` (``labels[:, 1:]``).
+    shift_labels : bool
+        The scoring's ``shift_labels`` (with ``width == T``).
+
+    Returns
+    -------
+    (Tensor, bool)
+        ``(segment_ids, shift_labels)`` for the targets: ``doc`` and
+        ``shift_labels`` unchanged when ``width == T``; for shifted targets,
+        each target's document (-1 across a document boundary, as
+        :func:`es_kernels.lm.token_documents`) and False. No host
+        synchronisation.
+
+    Raises
+    ------
+    ValueError
+        For another ``width``.
+    """
+    if width == doc.shape[1]:
+        return doc, shift_labels
+    if width == doc.shape[1] - 1 and not shift_labels:
+        return lm.token_documents(doc, True)[:, :width], False
+    raise ValueError(
+        f"targets of {width} tokens do not fit a packed row of {doc.shape[1]} "
+        "(give the labels, or labels[:, 1:] for a causal LM)"
+    )
+
+
+def document_losses(kw: dict, doc: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-document losses of a packed row from ``es.select`` keyword arguments.
+
+    Parameters
+    ----------
+    kw : dict
+        ``{"losses"}`` (float ``[size]``: the documents' losses), or
+        ``{"logits", "targets"}`` / ``{"hidden", "weight", "targets"}`` of the
+        packed row (with ``bias``, ``ignore_index``, ``label_smoothing``,
+        ``shift_labels``, ``workspace_bytes`` as ``es.select`` takes them).
+    doc : Tensor
+        int64 ``[1, T]``: each token's document in ``[0, size)``.
+    size : int
+        The number of documents.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        float32 ``[size]``: each document's mean loss over its scored tokens
+        (:func:`es_kernels.lm.per_document_cross_entropy`, or
+        :func:`~es_kernels.lm.per_document_losses_from_hidden`), and bool
+        ``[size]``: the documents with a scored token. No host synchronisation.
+    """
+    kw = dict(kw)
+    if kw.get("losses") is not None:
+        losses = kw["losses"]
+        return losses.float(), torch.ones(losses.shape, dtype=torch.bool, device=losses.device)
+    targets = kw.pop("targets")
+    seg, shift = document_grid(doc.to(targets.device), targets.shape[-1], bool(kw.pop("shift_labels", False)))
+    if kw.get("hidden") is not None:
+        d = lm.per_document_losses_from_hidden(
+            kw.pop("hidden"), kw.pop("weight"), targets, seg, kw.pop("bias", None), shift_labels=shift, **kw
+        )
+    else:
+        d = lm.per_document_cross_entropy(kw.pop("logits"), targets, seg, shift_labels=shift, **kw)
+    losses, counts = document_slots(d, size)
+    return losses, counts > 0
+
+
+def document_slots(d: lm.DocumentLosses, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The losses of documents ``0 .. size - 1`` by document.
+
+    Parameters
+    ----------
+    d : DocumentLosses
+        Of documents numbered ``0 .. size - 1`` (:mod:`es_kernels.lm`).
+    size : int
+        The number of documents.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        float32 ``[size]`` losses and int64 ``[size]`` scored-token counts
+        (0 for a document without a scored token). No host synchronisation.
+    """
+    slot = torch.where(d.ids >= 0, d.ids, size)  # ascending distinct documents, then -1 slots (to a spare one)
+    dev = d.ids.device
+    losses = torch.zeros(size + 1, dtype=torch.float32, device=dev).index_put_((slot,), d.losses)
+    counts = torch.zeros(size + 1, dtype=torch.int64, device=dev).index_put_((slot,), d.counts)
+    return losses[:size], counts[:size]
+
+
 def select_batch(es: EvolvedSampler, batch: dict, score: Callable[[Any], dict]) -> dict:
     """Score a collated meta-batch and keep the selected rows.
 
@@ -155,15 +406,52 @@ def select_batch(es: EvolvedSampler, batch: dict, score: Callable[[Any], dict]) 
         the rows are selected from the state, and ``es_picks`` holds their
         ids, whose training losses go to :func:`observe_batch`. No host
         synchronisation beyond ``score``'s.
+
+        A packed batch (with ``es_doc``: :class:`ESCollator` with
+        ``packed=True``) is scored per document (``score`` returns the
+        packed row's logits and labels, or hidden states, or the documents'
+        losses ``[B]``: :func:`document_losses`): each document is one
+        observation, the ``mini_batch`` picks are documents, and the result
+        is the packed row of the picks (:func:`take_documents`), with
+        ``es_scale`` per token (float32 ``[1, t]``, its document's scale)
+        and ``es_doc``. That row's length depends on the picks: the packed
+        path reads the ``b`` positions to the host, once.
     """
     batch = dict(batch)
     ids = batch.pop(ID_KEY)
     scales = batch.pop(SCALE_KEY, None)
+    doc, lengths = batch.pop(DOC_KEY, None), batch.pop(LENGTHS_KEY, None)
     from_state = not es.needs_scores
+    if doc is not None:
+        return _select_packed(es, batch, ids, scales, doc, lengths, score, from_state)
     sel = es.select(ids) if from_state else es.select(ids, **score(batch))
     out = take(batch, sel.positions, ids.shape[0])
     if scales is not None:
         out[SCALE_KEY] = scales.to(sel.positions.device)[sel.positions]
+    if from_state:
+        out[PICKS_KEY] = ids.to(sel.positions.device)[sel.positions]
+    return out
+
+
+def _select_packed(es, batch, ids, scales, doc, lengths, score, from_state) -> dict:
+    """:func:`select_batch` of a packed batch: observe and select documents."""
+    if lengths is None:
+        raise ValueError(f"a packed batch needs {LENGTHS_KEY!r} with {DOC_KEY!r} (ESCollator(packed=True) adds both)")
+    size = ids.shape[0]
+    if from_state:
+        sel = es.select(ids)
+    else:
+        losses, scored = document_losses(score(batch), doc, size)
+        # one row per document: packed-row selection (docs/spec.md section 6.1) of [B, 1] rows observes
+        # each document once (an id twice in the meta-batch too) and skips those with no scored token
+        segments = torch.where(scored, ids.to(scored.device), -1).unsqueeze(1)
+        sel = es.select(losses=losses.unsqueeze(1), segment_ids=segments)
+    picks = sel.positions.cpu()  # the one host read: the picks' packed row has a length that depends on them
+    out = take_documents(batch, picks, lengths)
+    if scales is not None:  # each token's document's scale
+        kept = torch.as_tensor(lengths, dtype=torch.int64)[picks].to(scales.device)
+        total = out[DOC_KEY].shape[1]
+        out[SCALE_KEY] = torch.repeat_interleave(scales[picks.to(scales.device)], kept, output_size=total).view(1, -1)
     if from_state:
         out[PICKS_KEY] = ids.to(sel.positions.device)[sel.positions]
     return out
@@ -462,14 +750,19 @@ class ESStream(Sampler):
 
 
 __all__ = [
+    "DOC_KEY",
     "ESCollator",
     "ESDataset",
     "ESItem",
     "ESStream",
     "ID_KEY",
+    "LENGTHS_KEY",
     "PICKS_KEY",
     "SCALE_KEY",
+    "document_losses",
     "observe_batch",
+    "packed_documents",
     "select_batch",
     "take",
+    "take_documents",
 ]

@@ -52,6 +52,21 @@ refuses versions without the hooks):
   uninterrupted run's.
 * Evaluation and ``prediction_step`` are unchanged: no scoring, no selection.
 
+Packed batches (``DataCollatorWithFlattening``: the meta-batch's documents end
+to end in one row, ``position_ids`` restarting at each, optionally the
+flash-attention kwargs ``cu_seq_lens_q`` / ``_k``): each item of the data set
+is a document, and ES observes and selects documents. The scoring pass scores
+the packed row and takes each document's mean loss over its scored tokens
+(:func:`es_kernels.lm.per_document_cross_entropy`, or from the hidden
+states); the selection picks ``es.mini_batch`` documents; the training step
+gets the packed row of the picks (``input_ids``, ``labels``, ``position_ids``,
+``cu_seq_lens``, ``max_length`` and ``seq_idx`` rebuilt for them), and the
+Trainer counts ``num_items_in_batch`` over that row as over any batch. The
+picks' row is built, not the others' labels masked: a masked row would cost
+the whole meta-batch's forward and backward, the cost ES saves. Its length
+depends on the picks, so the packed path reads the ``b`` positions to the
+host once a meta-batch. docs/packing.md has the details.
+
 Distributed (DDP, ``torchrun`` or ``accelerate launch``): pass a
 :class:`~es_kernels.distributed.DistributedEvolvedSampler` (built after the
 process group is initialised, ``meta_batch=per_device_train_batch_size``) and,
@@ -87,10 +102,22 @@ except ImportError as e:  # pragma: no cover
         "es_kernels.integrations.transformers needs transformers: pip install 'es-kernels[integrations]'"
     ) from e
 
-from .. import _checks
+from .. import _checks, lm
 from ..distributed import DistributedEvolvedSampler
 from ..sampler import ESWPSampler, EvolvedSampler
-from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
+from . import (
+    DOC_KEY,
+    ID_KEY,
+    PICKS_KEY,
+    SCALE_KEY,
+    ESCollator,
+    ESDataset,
+    ESStream,
+    document_grid,
+    document_slots,
+    observe_batch,
+    select_batch,
+)
 
 CHECKPOINT_FILE = "es_sampler.pt"
 TESTED_VERSION = "5.24.0"
@@ -193,13 +220,16 @@ class ESTrainer(Trainer):
         ``es_id`` (from a loader other than ESTrainer's); with
         ``es_score_from_hidden``, a model without a linear output layer or
         with scaled or soft-capped logits, or under FSDP or DeepSpeed.
+        A packed training batch whose documents are not its items
+        (:func:`es_kernels.integrations.packed_documents`).
     RuntimeError
         For an unsupported transformers version (:func:`check_version`).
 
     Notes
     -----
     The scoring pass and the selection make no host synchronisation of their
-    own (the Trainer's loop may); each new ESWP epoch makes one. The scoring
+    own (the Trainer's loop may); each new ESWP epoch makes one; a packed
+    meta-batch makes one (its picks' positions, to build their packed row). The scoring
     pass calls the unwrapped model under the run's autocast (``bf16=True``:
     bfloat16 logits, read in place, not accelerate's float32 copy of them).
     """
@@ -261,7 +291,7 @@ class ESTrainer(Trainer):
         if self.args.remove_unused_columns:
             self._set_signature_columns_if_needed()
             keep = list(self._signature_columns)
-        self.data_collator = ESCollator(self.data_collator, keep_keys=keep)
+        self.data_collator = ESCollator(self.data_collator, keep_keys=keep, packed=True)
         self.add_callback(ESCheckpointCallback(self))
 
     # -- sampler and checkpoints ---------------------------------------------------
@@ -424,10 +454,12 @@ class ESTrainer(Trainer):
             model.train(was_training)
         self.es_stream.mark_consumed(batch[ID_KEY].shape[0] * self.args.world_size)  # every rank's batch
         if PICKS_KEY in out:  # selected from the state: compute_loss observes the training losses
-            if self.es_eswp is None:
-                out[SCALE_KEY] = torch.ones(out[PICKS_KEY].shape, dtype=torch.float32, device=device)
+            if self.es_eswp is None:  # per row, or per token of a packed row
+                shape = out[SCALE_KEY].shape if SCALE_KEY in out else out[PICKS_KEY].shape
+                out[SCALE_KEY] = torch.ones(shape, dtype=torch.float32, device=device)
         elif self.es_eswp is None:
             out.pop(SCALE_KEY, None)
+            out.pop(DOC_KEY, None)  # packed rows: the Trainer's own loss, on the picks' packed row
         return out
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -455,10 +487,13 @@ class ESTrainer(Trainer):
     # -- the loss ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss on the selected rows, each sample's loss times its
-        ESWP scale; after a selection from the state (the sampler's schedule)
-        the rows' per-sample losses, detached, are observed."""
+        ESWP scale (in a packed row, each token's loss times its document's);
+        after a selection from the state (the sampler's schedule) the rows'
+        per-sample losses (per document in a packed row), detached, are
+        observed."""
         picks = inputs.pop(PICKS_KEY, None) if isinstance(inputs, dict) else None
         scale = inputs.pop(SCALE_KEY, None) if isinstance(inputs, dict) else None
+        doc = inputs.pop(DOC_KEY, None) if isinstance(inputs, dict) else None  # packed rows
         if scale is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -478,7 +513,6 @@ class ESTrainer(Trainer):
             reduction="none",
             label_smoothing=self.args.label_smoothing_factor,
         ).view(targets.shape)
-        per_sample = token.sum(dim=1) if token.dim() == 2 else token
         if picks is not None:  # the scoring pass's loss (section 5: unsmoothed, a mean per sequence), detached
             with torch.no_grad():
                 plain = token
@@ -486,10 +520,18 @@ class ESTrainer(Trainer):
                     plain = F.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
                     ).view(targets.shape)
-                if plain.dim() == 2:
+                if doc is not None:  # a packed row: each document's mean over its scored tokens (0: none)
+                    seg, _ = document_grid(doc.to(targets.device), targets.shape[1], False)
+                    d = lm.per_document_losses(plain, seg, mask=targets != -100)
+                    plain = document_slots(d, picks.shape[0])[0]
+                elif plain.dim() == 2:
                     plain = plain.sum(dim=1) / (targets != -100).sum(dim=1).clamp(min=1)
             observe_batch(self.es_sampler, {PICKS_KEY: picks}, plain)
-        total = (per_sample * scale.to(per_sample.device)).sum()
+        if doc is not None:  # a packed row: each token's loss times its document's scale (aligned as the labels)
+            total = (token * scale.to(token.device)[:, scale.shape[1] - targets.shape[1] :]).sum()
+        else:
+            per_sample = token.sum(dim=1) if token.dim() == 2 else token
+            total = (per_sample * scale.to(per_sample.device)).sum()
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices:
