@@ -622,8 +622,9 @@ class ShardedESWPSampler(ESWPSampler):
 
     Notes
     -----
-    Starting an epoch makes three collectives and host reads (once per
-    epoch), on every rank; yielding ids makes none.
+    Starting an epoch makes four collectives (the error check, the threshold's
+    two, the length) and their host synchronisations, once per epoch, on
+    every rank; yielding ids makes none.
     """
 
     STATE_KEYS = (
