@@ -77,9 +77,25 @@ def shard_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]
 
 
 # --------------------------------------------------------------------------- ESWP on a shard
+PLAN_CHUNK = 1 << 22  # ids per chunk of an epoch's planning: its temporaries stay O(chunk)
+
+
+def _chunks(n: int):
+    return ((a, min(a + PLAN_CHUNK, n)) for a in range(0, n, PLAN_CHUNK))
+
+
 def _scores(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     score = state[:, 0].double() + state[:, 1].double()  # spec section 7: in float64
     return score, torch.isfinite(score)  # s NaN (unseen) gives a NaN score
+
+
+def _score_max(state: torch.Tensor) -> torch.Tensor:
+    """float64 ``[1]``: ``max |score_i|`` over the scored rows (0 when none)."""
+    out = torch.zeros(1, dtype=torch.float64, device=state.device)
+    for a, b in _chunks(state.shape[0]):
+        score, scored = _scores(state[a:b])
+        out = torch.maximum(out, torch.where(scored, score.abs(), 0.0).max())
+    return out
 
 
 def _threshold(amax: float, total: int, count: int) -> float:
@@ -91,24 +107,38 @@ def _threshold(amax: float, total: int, count: int) -> float:
     return math.ldexp(float(total), e - _spec.PRUNE_MEAN_BITS) / count
 
 
-def _fixed_point(score: torch.Tensor, scored: torch.Tensor, amax: float) -> torch.Tensor:
-    """int64 ``[2]``: the sum of ``q_i`` over the scored ids, and their count (section 7)."""
-    count = scored.sum()
-    if amax == 0.0:
-        return torch.stack([torch.zeros_like(count), count])
-    e = math.frexp(amax)[1]
-    q = torch.trunc(score * math.ldexp(1.0, _spec.PRUNE_MEAN_BITS - e)).to(torch.int64)  # exact (float32 state)
-    return torch.stack([torch.where(scored, q, 0).sum(), count])
+def _fixed_point(state: torch.Tensor, amax: float) -> torch.Tensor:
+    """int64 ``[2]``: the sum of ``q_i`` over the scored rows, and their count (section 7)."""
+    out = torch.zeros(2, dtype=torch.int64, device=state.device)
+    mult = math.ldexp(1.0, _spec.PRUNE_MEAN_BITS - math.frexp(amax)[1]) if amax > 0.0 else 0.0
+    for a, b in _chunks(state.shape[0]):
+        score, scored = _scores(state[a:b])
+        q = torch.trunc(torch.where(scored, score, 0.0) * mult).to(torch.int64)  # exact (float32 state)
+        out += torch.stack([q.sum(), scored.sum()])
+    return out
 
 
-def _visit_order(n: int, lo: int, rank: int, seed: int, epoch: int, device) -> torch.Tensor:
-    """int64 ``[n]``: rank ``rank``'s ids ``lo + perm_r(q)`` in its visit order of ``epoch``."""
-    k = _spec.prune_perm_bits(n)
+def _order_keys(rank: int, seed: int, epoch: int) -> tuple[int, int, int, int]:
+    """The round keys of rank ``rank``'s visit order: section 9, stream 2, step = epoch, j = rank."""
     z = torch.zeros(1, dtype=torch.int64)
     words = philox4x32(seed, z + (rank & _M32), z + (rank >> 32), z + (epoch & _M32), z + _spec.STREAM_PRUNE_ORDER)
-    keys = tuple(int(w) for w in words)  # host ints, from host tensors
-    x = prune_permute(torch.arange(1 << k, dtype=torch.int64, device=device), k, keys)
-    return x[x < n] + lo
+    return tuple(int(w) for w in words)  # host ints, from host tensors
+
+
+def _visit(n: int, lo: int, rank: int, seed: int, epoch: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """int64 CPU: the rank's ids ``lo + perm_r(q)`` in its visit order of ``epoch``, those
+    whose scale is not 0 (all of them when ``scale`` is None)."""
+    k = _spec.prune_perm_bits(n)
+    keys = _order_keys(rank, seed, epoch)
+    dev = torch.device("cpu") if scale is None else scale.device
+    out = [torch.zeros(0, dtype=torch.int64)]
+    for a, b in _chunks(1 << k):
+        x = prune_permute(torch.arange(a, b, dtype=torch.int64, device=dev), k, keys)
+        x = x[x < n]
+        if scale is not None:
+            x = x[scale[x] != 0]
+        out.append((x + lo).cpu())
+    return torch.cat(out)
 
 
 def _drop_noise(lo: int, hi: int, seed: int, epoch: int, device) -> torch.Tensor:
@@ -119,13 +149,10 @@ def _drop_noise(lo: int, hi: int, seed: int, epoch: int, device) -> torch.Tensor
     return uniform_from_bits(x0).double()
 
 
-def _epoch_ids(visit: torch.Tensor, scale: torch.Tensor, lo: int, length: int | None) -> torch.Tensor:
-    """The kept ids of ``visit`` (scale non-zero), repeated from the start to ``length``
-    ids (``visit`` itself when nothing is kept); ``length`` None: the kept ids."""
-    kept = visit[scale[visit - lo] != 0]
-    if length is None:
-        return kept
-    src = kept if kept.shape[0] > 0 else visit
+def _epoch_ids(kept: torch.Tensor, length: int, everything) -> torch.Tensor:
+    """``kept`` repeated from its start to ``length`` ids (``everything()``, the rank's
+    whole visit order, when nothing is kept: those ids have scale 0)."""
+    src = kept if kept.shape[0] > 0 else everything()
     reps = -(-length // src.shape[0])
     return src.repeat(reps)[:length]
 
@@ -160,21 +187,22 @@ def shard_prune_plan(
     Returns
     -------
     tuple of Tensor
-        ``(kept, scale)``: int64 ``[K_r]`` the kept ids (global) in the rank's
-        visit order, and float32 ``[n_r]`` their scales (0: dropped), on the
-        state's device. No host synchronisation.
+        ``(kept, scale)``: int64 ``[K_r]`` on the CPU, the kept ids (global)
+        in the rank's visit order, and float32 ``[n_r]`` their scales (0:
+        dropped) on the state's device. Reads the kept ids to the host
+        (synchronisations, once per chunk of ``PLAN_CHUNK`` ids).
     """
     n = state.shape[0]
-    score, scored = _scores(state)
-    below = scored & (score < tau)
-    if epoch >= _spec.anneal_stop(num_epochs, anneal_frac):
-        below = torch.zeros_like(below)
-    drop = below & (_drop_noise(lo, lo + n, seed, epoch, state.device) < prune_ratio)
+    annealing = epoch >= _spec.anneal_stop(num_epochs, anneal_frac)
     scale = torch.ones(n, dtype=torch.float32, device=state.device)
-    scale[below] = _spec.kept_scale(prune_ratio, rescale)
-    scale[drop] = 0.0
-    visit = _visit_order(n, lo, rank, seed, epoch, state.device)
-    return _epoch_ids(visit, scale, lo, None), scale
+    for a, b in _chunks(n):
+        score, scored = _scores(state[a:b])
+        below = scored & (score < tau) & (not annealing)
+        drop = below & (_drop_noise(lo + a, lo + b, seed, epoch, state.device) < prune_ratio)
+        part = scale[a:b]
+        part[below] = _spec.kept_scale(prune_ratio, rescale)
+        part[drop] = 0.0
+    return _visit(n, lo, rank, seed, epoch, scale), scale
 
 
 # --------------------------------------------------------------------------- ES
@@ -662,28 +690,28 @@ class ShardedESWPSampler(ESWPSampler):
         t = torch.tensor([kept.shape[0]], dtype=torch.int64, device=self.es.device)
         return int(self._all_reduce(t, dist.ReduceOp.MAX))
 
-    def _plan_of(self, seed: int, epoch: int, scale: torch.Tensor, pos: int = 0) -> _Plan:
-        """The plan of ``epoch`` from this rank's scales (0: dropped); one collective."""
+    def _plan_of(self, seed: int, epoch: int, scale: torch.Tensor, pos: int = 0, kept=None) -> _Plan:
+        """The plan of ``epoch`` from this rank's scales (0: dropped; ``kept``: their
+        visit order when already known); one collective, the epoch's length."""
         es = self.es
-        visit = _visit_order(es.hi - es.lo, es.lo, es.rank, seed, epoch, es.device)
-        kept = _epoch_ids(visit, scale, es.lo, None)
-        ids = _epoch_ids(visit, scale, es.lo, self._length(kept))
-        return _Plan(epoch, ids.to("cpu", copy=True), scale, pos)
+        n, lo, rank = es.hi - es.lo, es.lo, es.rank
+        if kept is None:
+            kept = _visit(n, lo, rank, seed, epoch, scale)
+        ids = _epoch_ids(kept, self._length(kept), lambda: _visit(n, lo, rank, seed, epoch, None))
+        return _Plan(epoch, ids, scale, pos)
 
     def _compute(self, epoch: int) -> _Plan:
         if epoch > MAX_EPOCH:
             raise ValueError(f"epoch {epoch} is past the last epoch ({MAX_EPOCH}): its successor is no int64")
         es = self.es
-        score, scored = _scores(es.state.tensor)
-        amax = torch.where(scored, score.abs(), 0.0).max().reshape(1)
-        amax = float(self._all_reduce(amax, dist.ReduceOp.MAX))
-        total, count = self._all_reduce(_fixed_point(score, scored, amax), dist.ReduceOp.SUM).tolist()
+        amax = float(self._all_reduce(_score_max(es.state.tensor), dist.ReduceOp.MAX))
+        total, count = self._all_reduce(_fixed_point(es.state.tensor, amax), dist.ReduceOp.SUM).tolist()
         tau = _threshold(amax, total, count)
-        _, scale = shard_prune_plan(
+        kept, scale = shard_prune_plan(
             es.state.tensor, es.lo, es.rank, tau, self.prune_ratio, self.seed, epoch, self.num_epochs,
             self.anneal_frac, self.rescale,
         )  # fmt: skip
-        return self._plan_of(self.seed, epoch, scale)
+        return self._plan_of(self.seed, epoch, scale, kept=kept)
 
     def _begin(self) -> _Plan:
         self.es.check()  # on every rank together: all raise, or none

@@ -138,16 +138,25 @@ def test_eswp_epoch_start_collectives_do_not_depend_on_values(group):
             assert sorted(set(ids)) == list(range(lo, hi)) and bool((scale == 1).all())
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 37])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
-def test_shard_plans_in_one_process(world):
+def test_shard_plans_in_one_process(world, chunk, monkeypatch):
     """shard_prune_plan over virtual shards, with the threshold of the whole state: the
-    union of the plans is eswp_prune's (and W = 1 its visit order)."""
+    union of the plans is eswp_prune's (and W = 1 its visit order), whatever the chunks
+    the planning works in."""
+    import es_kernels.sharded as sharded
+
+    monkeypatch.setattr(sharded, "PLAN_CHUNK", chunk)
     n = 300
     st = ek.ESState(n)
     g = torch.Generator().manual_seed(world)
     seen = torch.randperm(n, generator=g)[: 2 * n // 3]
     ek.es_update(seen, torch.rand(seen.shape[0], generator=g) * 4, st)
     _, _, tau = R.prune_threshold(st.tensor)
+    parts = [st.tensor[slice(*shard_range(n, world, r))] for r in range(world)]
+    amax = max(float(sharded._score_max(p)) for p in parts)
+    total, count = (sum(v) for v in zip(*(sharded._fixed_point(p, amax).tolist() for p in parts)))
+    assert sharded._threshold(amax, total, count) == tau  # the ranks' integer sums add up, bit for bit
     for epoch, ratio in ((0, 0.5), (1, 0.9), (5, 0.5)):
         res = ek.eswp_prune(st, ratio, seed=3, epoch=epoch, num_epochs=6)
         kept, scales = [], []
