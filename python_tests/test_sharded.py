@@ -328,3 +328,24 @@ def test_a_rank_without_ids_is_refused(tmp_path):
         ShardedEvolvedSampler(1, 1)  # one rank, one id: fine
     finally:
         dist.destroy_process_group()
+
+
+def test_checked_mode_refuses_repeated_ids_and_check_raises(solo, monkeypatch):
+    from es_kernels.sharded import ShardedEvolvedSampler
+
+    es = ShardedEvolvedSampler(10, 2, meta_batch=4)
+    ids = torch.tensor([3, 1, 3])
+    w = es.select(ids, losses=torch.tensor([1.0, 2.0, 5.0])).weights  # a repeat: observed once, first position
+    assert w.tolist() == [1.0, 2.0, 1.0] and es.state.s[3].item() == 1.0 and es.error_counts() == (0, 0)
+    es.select(torch.tensor([10, -1]), losses=torch.tensor([1.0, 2.0]))  # outside [0, N): counted
+    assert es.error_counts() == (2, 0)
+    with pytest.raises(RuntimeError, match=r"2 id\(s\) outside the ranks' own ranges"):
+        es.check()
+    with pytest.raises(RuntimeError, match="outside the ranks' own ranges"):
+        es.state_dict()
+    es.state.reset_errors()
+    monkeypatch.setenv("ES_KERNELS_CHECKED", "1")
+    before = es.state.tensor.clone()
+    with pytest.raises(RuntimeError, match="rank 0 passed duplicate ids"):
+        es.select(ids, losses=torch.tensor([1.0, 2.0, 5.0]))
+    assert torch.equal(bits(before), bits(es.state.tensor))
