@@ -141,9 +141,8 @@ def _visit(n: int, lo: int, rank: int, seed: int, epoch: int, scale: torch.Tenso
     return torch.cat(out)
 
 
-def _drop_noise(lo: int, hi: int, seed: int, epoch: int, device) -> torch.Tensor:
-    """float64 ``[hi - lo]``: ``u0_i`` of the ids ``[lo, hi)`` (section 7: stream 1, j = i)."""
-    j = torch.arange(lo, hi, dtype=torch.int64, device=device)
+def _drop_noise(j: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """float64: ``u0_j`` of the ids ``j`` (int64; section 7: stream 1, j = the id)."""
     full = lambda v: torch.full_like(j, v)  # noqa: E731
     x0 = philox4x32(seed, j & _M32, j >> 32, full(epoch & _M32), full(_spec.STREAM_PRUNE))[0]
     return uniform_from_bits(x0).double()
@@ -197,8 +196,8 @@ def shard_prune_plan(
     scale = torch.ones(n, dtype=torch.float32, device=state.device)
     for a, b in _chunks(n):
         score, scored = _scores(state[a:b])
-        below = scored & (score < tau) & (not annealing)
-        drop = below & (_drop_noise(lo + a, lo + b, seed, epoch, state.device) < prune_ratio)
+        below = (scored & (score < tau) & (not annealing)).nonzero().view(-1)  # the noise of these only
+        drop = below[_drop_noise(lo + a + below, seed, epoch) < prune_ratio]
         part = scale[a:b]
         part[below] = _spec.kept_scale(prune_ratio, rescale)
         part[drop] = 0.0
