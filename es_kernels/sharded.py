@@ -629,7 +629,9 @@ class ShardedESWPSampler(ESWPSampler):
     own drops and scales (those of :func:`es_kernels.eswp_prune` on the whole
     state), and the order of its kept ids; then one more collective sets the
     epoch's length ``L``, the longest rank's: a shorter rank repeats its kept
-    ids from the start. So every rank yields ``L`` ids, all its own.
+    ids from the start. So every rank yields ``L`` ids, all its own. Planning
+    is a collective: every rank calls ``iter()`` (and ``len()`` between
+    epochs) together; a ``len()`` on one rank alone waits for the others.
 
     **Mid-epoch resume** on as many ranks is bit-exact, as for
     :class:`ESWPSampler`; a checkpoint of an epoch in progress is refused on
