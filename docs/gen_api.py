@@ -28,6 +28,7 @@ MODULES = [
     "es_kernels",
     "es_kernels.lm",
     "es_kernels.distributed",
+    "es_kernels.sharded",
     "es_kernels.integrations",
     "es_kernels.integrations.transformers",
     "es_kernels.integrations.lightning",

@@ -24,7 +24,7 @@ pytest.importorskip("lightning", reason="docs/api.md documents the integrations"
 
 # The modules whose public objects touch tensors: their docstrings say whether
 # a call synchronises with the host.
-TENSOR_MODULES = ("es_kernels", "es_kernels.lm", "es_kernels.distributed")
+TENSOR_MODULES = ("es_kernels", "es_kernels.lm", "es_kernels.distributed", "es_kernels.sharded")
 # ... except these, which hold or index no tensor of their own.
 NO_TENSOR_WORK = {"IndexedDataset", "shard_indices", "shard_length"}
 

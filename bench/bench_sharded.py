@@ -1,0 +1,81 @@
+"""The sharded sampler's step and epoch planning against the replicated sampler's, on a
+gloo group of CPU processes (docs/design_distributed.md).
+
+    python bench/bench_sharded.py [--world 2] [--num-samples 4000000] [--meta-batch 4096]
+
+Every rank passes ``meta-batch`` ids of its own range per step (what the sharded mode
+needs; the replicated sampler accepts them too) and selects a quarter. Prints, per
+sampler, the median wall-clock of a ``select`` over the steps (rank 0's; gloo runs
+the all-gather on the calling thread), the state bytes per rank, and the time to plan
+an ESWP epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def body(rank: int, world: int, init: str, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    from es_kernels.distributed import DistributedESWPSampler, DistributedEvolvedSampler
+    from es_kernels.sharded import ShardedESWPSampler, ShardedEvolvedSampler, shard_range
+
+    n, cap = args.num_samples, args.meta_batch
+    lo, hi = shard_range(n, world, rank)
+    g = torch.Generator().manual_seed(rank)
+    kinds = {
+        "replicated": (DistributedEvolvedSampler, DistributedESWPSampler),
+        "sharded": (ShardedEvolvedSampler, ShardedESWPSampler),
+    }
+    rows = []
+    for name, (es_cls, pr_cls) in kinds.items():
+        es = es_cls(n, cap // 4, seed=1, meta_batch=cap)
+        times = []
+        for step in range(args.warmup + args.steps):
+            ids = lo + torch.randperm(hi - lo, generator=g)[:cap]
+            losses = torch.rand(cap, generator=g)
+            dist.barrier()
+            t0 = time.perf_counter()
+            es.select(ids, losses=losses)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        es.state.tensor[:, 0].uniform_(generator=g)  # every sample observed: half below the mean
+        es.state.tensor[:, 1] = 0.0
+        pr = pr_cls(es, num_epochs=4)
+        dist.barrier()
+        t0 = time.perf_counter()
+        len(pr)  # plans the epoch
+        plan_s = time.perf_counter() - t0
+        state_mb = es.state.tensor.numel() * es.state.tensor.element_size() / 2**20
+        rows.append((name, statistics.median(times) * 1e3, state_mb, plan_s))
+    if rank == 0:
+        print(f"W = {world}, N = {n}, meta_batch = {cap} per rank, {args.steps} steps (median of rank 0)")
+        for name, ms, mb, plan_s in rows:
+            print(f"  {name:10s}  select {ms:7.2f} ms   state {mb:8.1f} MiB per rank   plan an epoch {plan_s:6.2f} s")
+        print(f"  step ratio sharded / replicated: {rows[1][1] / rows[0][1]:.2f}")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--num-samples", type=int, default=4_000_000)
+    p.add_argument("--meta-batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(body, args=(args.world, os.path.join(d, "init"), args), nprocs=args.world, join=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,793 @@
+"""ES and ESWP with the per-sample state split over the ranks of a process group
+(docs/spec.md section 11.2; the replicated mode is :mod:`es_kernels.distributed`).
+
+Rank ``r`` owns the ids ``[r * P, (r + 1) * P)`` (``P = ceil(N / W)``, the last
+range cut at ``N``) and holds only their state: ``8 N / W`` bytes per rank
+instead of ``8 N``. Each rank's loader reads only the ids it owns
+(:class:`ShardedESWPSampler` is such a loader), so a step needs no exchange:
+
+1. rank ``r`` updates the state of its meta-batch's ids in its shard (an id
+   repeated in the meta-batch is observed once, at its first position, as
+   :func:`es_kernels.distributed.gathered_update` does; an id it does not own
+   is counted in ``errors`` and changes nothing);
+2. it selects ``min(mini_batch, B_r)`` of its positions exactly as the
+   replicated sampler does (:func:`es_kernels.distributed.rank_selection`:
+   the noise of global position ``r * cap + j``);
+3. the step counter advances on every rank.
+
+No collective and no host read per step. With the same inputs the replicated
+sampler computes the same state bits, weights and positions.
+
+An ESWP epoch is planned with three collectives of fixed size (the threshold's
+maximum and fixed-point sum, and the longest rank's length); each rank then
+visits its own kept ids in its own order. Checkpoints go through
+``torch.distributed.checkpoint``: the per-sample tensors are ``Shard(0)``
+DTensors of global shape ``[N]``, so a checkpoint loads on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import _checks, _spec
+from ._ops import ops
+from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
+from .distributed import PAD_ID, first_occurrence, rank_selection
+from .functional import checked_mode, per_sample_cross_entropy
+from .reference import philox4x32, prune_permute, uniform_from_bits
+from .sampler import MAX_EPOCH, ESWPSampler, EvolvedSampler, Selection, _Plan
+
+__all__ = [
+    "ShardedEvolvedSampler",
+    "ShardedESWPSampler",
+    "shard_range",
+    "shard_prune_plan",
+]
+
+_M32 = 0xFFFFFFFF
+
+
+def shard_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The ids rank ``rank`` owns (docs/spec.md section 11.2).
+
+    Parameters
+    ----------
+    num_samples : int >= 0
+        ``N``.
+    world_size : int >= 1
+        ``W``.
+    rank : int in [0, world_size)
+
+    Returns
+    -------
+    tuple of int
+        ``(lo, hi)``: the rank owns ``[lo, hi)``, ``lo = min(rank * P, N)``,
+        ``hi = min(lo + P, N)``, ``P = ceil(N / W)`` (the split of
+        ``torch.chunk``). No host synchronisation.
+    """
+    num_samples = _checks.integer(num_samples, "num_samples", 0)
+    world_size = _checks.integer(world_size, "world_size", 1)
+    rank = _checks.integer(rank, "rank", 0, world_size - 1)
+    per = -(-num_samples // world_size)
+    lo = min(rank * per, num_samples)
+    return lo, min(lo + per, num_samples)
+
+
+# --------------------------------------------------------------------------- ESWP on a shard
+PLAN_CHUNK = 1 << 22  # ids per chunk of an epoch's planning: its temporaries stay O(chunk)
+
+
+def _chunks(n: int):
+    return ((a, min(a + PLAN_CHUNK, n)) for a in range(0, n, PLAN_CHUNK))
+
+
+def _scores(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    score = state[:, 0].double() + state[:, 1].double()  # spec section 7: in float64
+    return score, torch.isfinite(score)  # s NaN (unseen) gives a NaN score
+
+
+def _score_max(state: torch.Tensor) -> torch.Tensor:
+    """float64 ``[1]``: ``max |score_i|`` over the scored rows (0 when none)."""
+    out = torch.zeros(1, dtype=torch.float64, device=state.device)
+    for a, b in _chunks(state.shape[0]):
+        score, scored = _scores(state[a:b])
+        out = torch.maximum(out, torch.where(scored, score.abs(), 0.0).max())
+    return out
+
+
+def _threshold(amax: float, total: int, count: int) -> float:
+    if count == 0:
+        return math.nan
+    if amax == 0.0:
+        return 0.0
+    e = math.frexp(amax)[1]
+    return math.ldexp(float(total), e - _spec.PRUNE_MEAN_BITS) / count
+
+
+def _fixed_point(state: torch.Tensor, amax: float) -> torch.Tensor:
+    """int64 ``[2]``: the sum of ``q_i`` over the scored rows, and their count (section 7)."""
+    out = torch.zeros(2, dtype=torch.int64, device=state.device)
+    mult = math.ldexp(1.0, _spec.PRUNE_MEAN_BITS - math.frexp(amax)[1]) if amax > 0.0 else 0.0
+    for a, b in _chunks(state.shape[0]):
+        score, scored = _scores(state[a:b])
+        q = torch.trunc(torch.where(scored, score, 0.0) * mult).to(torch.int64)  # exact (float32 state)
+        out += torch.stack([q.sum(), scored.sum()])
+    return out
+
+
+def _order_keys(rank: int, seed: int, epoch: int) -> tuple[int, int, int, int]:
+    """The round keys of rank ``rank``'s visit order: section 9, stream 2, step = epoch, j = rank."""
+    z = torch.zeros(1, dtype=torch.int64)
+    words = philox4x32(seed, z + (rank & _M32), z + (rank >> 32), z + (epoch & _M32), z + _spec.STREAM_PRUNE_ORDER)
+    return tuple(int(w) for w in words)  # host ints, from host tensors
+
+
+def _visit(n: int, lo: int, rank: int, seed: int, epoch: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """int64 CPU: the rank's ids ``lo + perm_r(q)`` in its visit order of ``epoch``, those
+    whose scale is not 0 (all of them when ``scale`` is None)."""
+    k = _spec.prune_perm_bits(n)
+    keys = _order_keys(rank, seed, epoch)
+    dev = torch.device("cpu") if scale is None else scale.device
+    out = [torch.zeros(0, dtype=torch.int64)]
+    for a, b in _chunks(1 << k):
+        x = prune_permute(torch.arange(a, b, dtype=torch.int64, device=dev), k, keys)
+        x = x[x < n]
+        if scale is not None:
+            x = x[scale[x] != 0]
+        out.append((x + lo).cpu())
+    return torch.cat(out)
+
+
+def _drop_noise(j: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """float64: ``u0_j`` of the ids ``j`` (int64; section 7: stream 1, j = the id)."""
+    full = lambda v: torch.full_like(j, v)  # noqa: E731
+    x0 = philox4x32(seed, j & _M32, j >> 32, full(epoch & _M32), full(_spec.STREAM_PRUNE))[0]
+    return uniform_from_bits(x0).double()
+
+
+def _epoch_ids(kept: torch.Tensor, length: int, everything) -> torch.Tensor:
+    """``kept`` repeated from its start to ``length`` ids (``everything()``, the rank's
+    whole visit order, when nothing is kept: those ids have scale 0)."""
+    src = kept if kept.shape[0] > 0 else everything()
+    reps = -(-length // src.shape[0])
+    return src.repeat(reps)[:length]
+
+
+def shard_prune_plan(
+    state: torch.Tensor,
+    lo: int,
+    rank: int,
+    tau: float,
+    prune_ratio: float,
+    seed: int,
+    epoch: int,
+    num_epochs: int,
+    anneal_frac: float = DEFAULT_ANNEAL_FRAC,
+    rescale: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's ESWP plan, given the threshold of the whole state (docs/spec.md section 11.2).
+
+    Parameters
+    ----------
+    state : Tensor
+        float ``[n_r, 2]``, the rank's shard (row ``i - lo`` is id ``i``).
+    lo : int >= 0
+        The first id the rank owns.
+    rank : int >= 0
+        The rank (the key of its visit order).
+    tau : float
+        Section 7's threshold of the whole state (NaN: nothing below it).
+    prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale
+        As in :func:`es_kernels.eswp_prune`.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(kept, scale)``: int64 ``[K_r]`` on the CPU, the kept ids (global)
+        in the rank's visit order, and float32 ``[n_r]`` their scales (0:
+        dropped) on the state's device. Reads the kept ids to the host
+        (synchronisations, once per chunk of ``PLAN_CHUNK`` ids).
+    """
+    n = state.shape[0]
+    annealing = epoch >= _spec.anneal_stop(num_epochs, anneal_frac)
+    scale = torch.ones(n, dtype=torch.float32, device=state.device)
+    for a, b in _chunks(n):
+        score, scored = _scores(state[a:b])
+        below = (scored & (score < tau) & (not annealing)).nonzero().view(-1)  # the noise of these only
+        drop = below[_drop_noise(lo + a + below, seed, epoch) < prune_ratio]
+        part = scale[a:b]
+        part[below] = _spec.kept_scale(prune_ratio, rescale)
+        part[drop] = 0.0
+    return _visit(n, lo, rank, seed, epoch, scale), scale
+
+
+# --------------------------------------------------------------------------- ES
+class ShardedEvolvedSampler(EvolvedSampler):
+    """:class:`EvolvedSampler` with the state split over a process group by id ranges.
+
+    Rank ``r`` holds the state of the ids :func:`shard_range` gives it and
+    must only pass those ids to :meth:`select` (use :class:`ShardedESWPSampler`
+    as the loader's sampler, or a loader of the rank's range). A step makes
+    no collective. Construct it on every rank with the same arguments, after
+    ``torch.distributed.init_process_group``.
+
+    Parameters
+    ----------
+    num_samples : int in [1, 2**32)
+        ``N``, the dataset size; every rank must own at least one id
+        (``N > (W - 1) * ceil(N / W)``).
+    mini_batch : int >= 1
+        The samples this rank selects per step (``b_r = min(mini_batch, B_r)``).
+    beta1, beta2, select_mode, seed, device, w_min, lam, eps
+        As in :class:`EvolvedSampler`.
+    process_group : ProcessGroup or None
+        The group (``None``: the default group).
+    meta_batch : int >= 1 or None
+        ``cap``, as in :class:`~es_kernels.distributed.DistributedEvolvedSampler`:
+        the noise of position ``j`` is that of global position ``rank * cap + j``.
+        ``None``: agreed on the first call (one collective and host read, once).
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, for a bad value.
+    RuntimeError
+        When ``torch.distributed`` is not initialised.
+
+    Attributes
+    ----------
+    num_samples : int
+        ``N``.
+    lo, hi : int
+        The ids this rank owns, ``[lo, hi)``; ``state`` holds their rows.
+
+    Notes
+    -----
+    :meth:`select` and :meth:`observe` make no collective and no host
+    synchronisation (but the first call when ``meta_batch`` is None).
+    :meth:`check`, :meth:`set_epoch`, :meth:`state_dict` and
+    :meth:`load_state_dict` are collectives: call them on every rank.
+    Scoring schedules, packed rows and hidden-state scoring are not
+    supported in this mode.
+    """
+
+    SHARDED_KEYS = ("num_samples", "world_size", "meta_batch")
+    STATE_KEYS = ("state", "step", "epoch", "scale", "scale_set", "sharded") + tuple(
+        k for k in EvolvedSampler.SETTINGS if k != "schedule"
+    )
+
+    def __init__(
+        self,
+        num_samples: int,
+        mini_batch: int,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        select_mode: str = "sample",
+        seed: int = 0,
+        device=None,
+        w_min: float = DEFAULT_W_MIN,
+        *,
+        lam: float = DEFAULT_LAM,
+        eps: float = DEFAULT_EPS,
+        process_group=None,
+        meta_batch: int | None = None,
+    ):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "ShardedEvolvedSampler needs torch.distributed initialised (init_process_group) on every rank"
+            )
+        num_samples = _checks.integer(num_samples, "num_samples", 1, _spec.MAX_POSITIONS)
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        last_lo, _ = shard_range(num_samples, world, world - 1)
+        if last_lo >= num_samples:
+            raise ValueError(
+                f"num_samples={num_samples} leaves rank {world - 1} of {world} without ids "
+                f"(each rank owns ceil(N / W) = {-(-num_samples // world)} ids): use fewer ranks"
+            )
+        lo, hi = shard_range(num_samples, world, rank)
+        super().__init__(hi - lo, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam=lam, eps=eps)
+        self.num_samples, self.lo, self.hi = num_samples, lo, hi
+        self.process_group, self.world_size, self.rank = process_group, world, rank
+        self.meta_batch = None if meta_batch is None else _checks.integer(meta_batch, "meta_batch", 1)
+        self._mesh = None
+
+    # ---- the step
+    def _capacity(self, n: int) -> int:
+        if self.meta_batch is None:  # once: agree on the largest first meta-batch
+            t = torch.tensor([n], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+            agreed = int(t)
+            if agreed == 0:
+                return 0
+            self.meta_batch = agreed
+        if n > self.meta_batch:
+            raise ValueError(
+                f"meta-batch of {n} ids on rank {self.rank}, more than meta_batch={self.meta_batch} "
+                "(the padded size of the noise positions)"
+            )
+        return self.meta_batch
+
+    def _ids(self, ids) -> torch.Tensor:
+        _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
+        return ids.to(self.device, dtype=torch.int64, non_blocking=True)
+
+    def _update(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """Section 11.2's update of this rank's shard; float32 ``[B]`` weights."""
+        n = ids.shape[0]
+        if checked_mode() and torch.unique(ids).numel() != n:
+            raise RuntimeError(f"es_kernels checked mode: rank {self.rank} passed duplicate ids in one step")
+        first = first_occurrence(ids)
+        keep = first == torch.arange(n, device=ids.device)
+        upd = torch.where(keep & (ids >= self.lo) & (ids < self.hi), ids - self.lo, -1)
+        w = ops.es_update(
+            upd, losses, self.state.tensor, self.state.errors, self.beta1, self.beta2, self.lam, self.w_min
+        )
+        self.state.errors[0] -= (~keep | (ids == PAD_ID)).sum()  # repeats and padding: not counted
+        return w[first]
+
+    def select(
+        self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100, label_smoothing: float = 0.0
+    ) -> Selection:
+        """Score this rank's meta-batch, update its shard, pick ``mini_batch`` of it.
+
+        Parameters
+        ----------
+        ids : Tensor
+            int64 / int32 ``[B]``, ``B <= meta_batch``: ids this rank owns
+            (another id is counted in ``errors`` and changes nothing).
+        logits, targets, losses, ignore_index, label_smoothing
+            As in :meth:`EvolvedSampler.select` (logits with targets, or losses).
+
+        Returns
+        -------
+        Selection
+            Positions into this rank's meta-batch, as the replicated sampler
+            would select them for the same inputs.
+
+        Raises
+        ------
+        ValueError
+            Naming the argument, before anything is written.
+
+        Notes
+        -----
+        No collective, no host synchronisation (but the first call when
+        ``meta_batch`` is None: one ``all_reduce`` and one read).
+        """
+        if (losses is None) == (logits is None):
+            raise ValueError("select takes either logits (with targets) or losses")
+        if logits is not None and targets is None:
+            raise ValueError("targets must be given with logits")
+        ids = self._ids(ids)
+        if logits is not None:
+            losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
+        _checks.ids_losses(ids, losses, self.device)
+        n = ids.shape[0]
+        b = min(self.mini_batch, n)
+        cap = self._capacity(n)
+        w = self._update(ids, losses)
+        w_all = torch.empty(self.world_size * cap, dtype=torch.float32, device=self.device)
+        w_all[self.rank * cap : self.rank * cap + n] = w  # only this slice is read
+        pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
+        self._step.add_(1)
+        self._host_step += 1
+        return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), w)
+
+    def observe(self, ids, losses) -> torch.Tensor:
+        """Apply observations to this rank's shard without selecting.
+
+        Parameters
+        ----------
+        ids, losses : Tensor
+            ``[B]`` ids this rank owns and their losses.
+
+        Returns
+        -------
+        Tensor
+            float32 ``[B]`` weights. No collective, no host synchronisation.
+        """
+        ids = self._ids(ids)
+        _checks.ids_losses(ids, losses, self.device)
+        return self._update(ids, losses.detach())
+
+    def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The loss scale of each id (the scale in force for the ids this rank
+        owns, 1 for the others).
+
+        Parameters
+        ----------
+        ids : Tensor
+            int64 global ids of any shape, on the state's device.
+
+        Returns
+        -------
+        Tensor
+            float32, the shape of ``ids``. No host synchronisation.
+        """
+        if self._scale is None:
+            return torch.ones(ids.shape, dtype=torch.float32, device=self.device)
+        inside = (ids >= self.lo) & (ids < self.hi)
+        return torch.where(inside, self._scale[(ids - self.lo).clamp(0, self.hi - self.lo - 1)], 1.0)
+
+    # ---- checks
+    def error_counts(self) -> tuple[int, int]:
+        """The error counts summed over every rank's shard.
+
+        Returns
+        -------
+        tuple of int
+            ``(ids out of the ranks' ranges, rejected observations)``.
+
+        Notes
+        -----
+        One ``all_reduce`` and one host read: call it on every rank.
+        """
+        t = self.state.errors.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+        bad_ids, bad_losses = (int(v) for v in t.tolist())
+        return bad_ids, bad_losses
+
+    def check(self) -> None:
+        """Raise on every rank if any shard counted an error.
+
+        Raises
+        ------
+        RuntimeError
+            With the sums over the ranks, when either is non-zero.
+
+        Notes
+        -----
+        One ``all_reduce`` and one host read: call it on every rank.
+        """
+        bad_ids, bad_losses = self.error_counts()
+        if bad_ids or bad_losses:
+            raise RuntimeError(
+                f"es_kernels: {bad_ids} id(s) outside the ranks' own ranges (or outside "
+                f"[0, {self.num_samples})) and {bad_losses} non-finite observation(s) were seen and "
+                "skipped, summed over the ranks; each rank must pass only the ids it owns "
+                "(ShardedESWPSampler's). Fix the loader or the loss, then call state.reset_errors() on every rank."
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` after :meth:`check` (a collective).
+
+        Parameters
+        ----------
+        epoch : int >= 0
+
+        Raises
+        ------
+        RuntimeError
+            From :meth:`check`.
+        """
+        epoch = _checks.integer(epoch, "epoch", 0)
+        self.check()
+        self.epoch = epoch
+
+    # ---- checkpoints
+    def _sharded(self, local: torch.Tensor):
+        """``local`` (this rank's ``[n_r]``) as a ``Shard(0)`` DTensor of global shape ``[N]``."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        if self._mesh is None:
+            group = self.process_group if self.process_group is not None else dist.group.WORLD
+            self._mesh = DeviceMesh.from_group(group, self.device.type)
+        return DTensor.from_local(
+            local, self._mesh, [Shard(0)], run_check=False, shape=torch.Size([self.num_samples]), stride=(1,)
+        )
+
+    def _local(self, x, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's part of a saved ``Shard(0)`` DTensor (metadata checks only)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(x, DTensor):
+            raise ValueError(f"{name} must be a DTensor (from state_dict()), got {type(x).__name__}")
+        if x.dtype != dtype or tuple(x.shape) != (self.num_samples,):
+            raise ValueError(f"{name} must be {dtype} of shape ({self.num_samples},), got {x.dtype} {tuple(x.shape)}")
+        if tuple(x.placements) != (Shard(0),) or x.device_mesh.size() != self.world_size:
+            raise ValueError(f"{name} must be sharded Shard(0) over this group's {self.world_size} rank(s)")
+        local = x.to_local()
+        if tuple(local.shape) != (self.hi - self.lo,):
+            raise ValueError(
+                f"{name} holds {tuple(local.shape)} on rank {self.rank}, not its range [{self.lo}, {self.hi})"
+            )
+        return local
+
+    def _agree_valid(self, problem: str | None) -> None:
+        """Raise on every rank if any rank found a problem (one ``all_reduce``).
+
+        Parameters
+        ----------
+        problem : str or None
+            This rank's verdict on its local values (the message, or None).
+
+        Raises
+        ------
+        ValueError
+            On every rank when any rank's ``problem`` is not None.
+        """
+        t = torch.tensor([0 if problem is None else 1], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        if int(t):
+            raise ValueError(problem or "a saved value is invalid on another rank (its ValueError names it)")
+
+    def state_dict(self) -> dict:
+        """The state for ``torch.distributed.checkpoint`` (docs/spec.md section 11.2).
+
+        Returns
+        -------
+        dict
+            ``state`` (``s`` and ``d``: ``Shard(0)`` DTensors ``[N]``;
+            ``errors``: int64 ``[2]``, the sum over the ranks), ``step``,
+            ``epoch``, ``scale`` (a DTensor ``[N]``, ones when ``scale_set``
+            is False), ``scale_set``, the settings and ``sharded``
+            (``num_samples``, ``world_size``, ``meta_batch``).
+
+        Raises
+        ------
+        RuntimeError
+            From :meth:`check`, on every rank.
+
+        Notes
+        -----
+        A collective (:meth:`check`); reads the step.
+        """
+        self.check()
+        scale = self._scale if self._scale is not None else torch.ones(self.hi - self.lo, device=self.device)
+        out = {
+            "state": {
+                "s": self._sharded(self.state.s.clone()),
+                "d": self._sharded(self.state.d.clone()),
+                "errors": torch.zeros(2, dtype=torch.int64, device=self.device),  # the sum, 0 after check()
+            },
+            "step": self.step,
+            "epoch": self.epoch,
+            "scale": self._sharded(scale.clone()),
+            "scale_set": self._scale is not None,
+            "sharded": {"num_samples": self.num_samples, "world_size": self.world_size, "meta_batch": self.meta_batch},
+        }
+        out.update({k: getattr(self, k) for k in self.STATE_KEYS if k in EvolvedSampler.SETTINGS})
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore from a :meth:`state_dict` loaded by ``torch.distributed.checkpoint``,
+        on every rank: every rank loads, or every rank raises.
+
+        Parameters
+        ----------
+        sd : dict
+            This sampler's :meth:`state_dict` filled by
+            ``torch.distributed.checkpoint.load``, saved on any number of ranks.
+
+        Raises
+        ------
+        ValueError
+            Naming the entry, on every rank, before anything is written.
+
+        Notes
+        -----
+        One ``all_reduce`` and host reads of the values.
+        """
+        _checks.keys(sd, "state_dict", self.STATE_KEYS)
+        cfg = self._validate({**{k: sd[k] for k in self.STATE_KEYS if k in EvolvedSampler.SETTINGS}, "schedule": None})
+        step = _checks.integer(sd["step"], "state_dict['step']", 0)
+        epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0)
+        scale_set = _checks.flag(sd["scale_set"], "state_dict['scale_set']")
+        info = sd["sharded"]
+        _checks.keys(info, "state_dict['sharded']", self.SHARDED_KEYS)
+        num = _checks.integer(info["num_samples"], "state_dict['sharded']['num_samples']", 1)
+        if num != self.num_samples:
+            raise ValueError(f"state_dict['sharded']['num_samples'] is {num}, this sampler has {self.num_samples}")
+        world = _checks.integer(info["world_size"], "state_dict['sharded']['world_size']", 1)
+        cap = info["meta_batch"]
+        if cap is not None:
+            cap = _checks.integer(cap, "state_dict['sharded']['meta_batch']", 1)
+            if world == self.world_size and self.meta_batch is not None and cap != self.meta_batch:
+                raise ValueError(
+                    f"state_dict['sharded']['meta_batch'] is {cap}, this sampler was given meta_batch="
+                    f"{self.meta_batch} on as many ranks (the noise of each position depends on it)"
+                )
+        _checks.keys(sd["state"], "state_dict['state']", ("s", "d", "errors"))
+        s = self._local(sd["state"]["s"], "state_dict['state']['s']", self.state.dtype)
+        d = self._local(sd["state"]["d"], "state_dict['state']['d']", self.state.dtype)
+        scale = self._local(sd["scale"], "state_dict['scale']", torch.float32)
+        errors = sd["state"]["errors"]
+        _checks.saved(errors, "state_dict['state']['errors']", torch.int64, 2)
+        # the values: this rank's part, then one verdict for all
+        problem = None
+        if bool(torch.isinf(s).any()):
+            problem = "state_dict['state']['s'] holds an infinite value (s must be finite, or NaN = unseen)"
+        elif not bool(torch.isfinite(d).all()):
+            problem = "state_dict['state']['d'] holds a non-finite value"
+        elif bool((errors < 0).any()):
+            problem = "state_dict['state']['errors'] holds a negative count"
+        elif not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            problem = "state_dict['scale'] must be finite and >= 0"
+        self._agree_valid(problem)
+        # everything is valid: write
+        mine = errors if self.rank == 0 else torch.zeros_like(errors)
+        self.state._load_validated(s, d, mine)
+        self._configure(cfg)
+        self._step.fill_(step)
+        self._host_step = step
+        self.epoch = epoch
+        self._scale = scale.detach().to(self.device, copy=True) if scale_set else None
+        if world == self.world_size and self.meta_batch is None:
+            self.meta_batch = cap  # another group: the noise changes anyway, the saved cap is not imposed
+
+
+# --------------------------------------------------------------------------- ESWP
+class ShardedESWPSampler(ESWPSampler):
+    """:class:`ESWPSampler` on a sharded state: each rank plans and visits its own ids.
+
+    At the start of an epoch (``iter()``, or ``len()`` between epochs) every
+    rank computes the threshold of the whole state with two collectives, its
+    own drops and scales (those of :func:`es_kernels.eswp_prune` on the whole
+    state), and the order of its kept ids; then one more collective sets the
+    epoch's length ``L``, the longest rank's: a shorter rank repeats its kept
+    ids from the start. So every rank yields ``L`` ids, all its own. Planning
+    is a collective: every rank calls ``iter()`` (and ``len()`` between
+    epochs) together; a ``len()`` on one rank alone waits for the others.
+
+    **Mid-epoch resume** on as many ranks is bit-exact, as for
+    :class:`ESWPSampler`; a checkpoint of an epoch in progress is refused on
+    another number of ranks (the orders are per rank), one taken at an epoch
+    boundary loads on any.
+
+    Parameters
+    ----------
+    es : ShardedEvolvedSampler
+    num_epochs, prune_ratio, anneal_frac, rescale, seed
+        As in :class:`ESWPSampler`.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, for a bad value.
+
+    Notes
+    -----
+    Starting an epoch makes four collectives (the error check, the threshold's
+    two, the length) and their host synchronisations, once per epoch, on
+    every rank; yielding ids makes none.
+    """
+
+    STATE_KEYS = (
+        "epoch",
+        "position",
+        "plan",
+        "scale",
+        "finished",
+        "num_replicas",
+        "seed",
+        "num_epochs",
+        "prune_ratio",
+        "anneal_frac",
+        "rescale",
+    )
+
+    def __init__(
+        self,
+        es: ShardedEvolvedSampler,
+        num_epochs: int,
+        prune_ratio: float = 0.5,
+        anneal_frac: float = DEFAULT_ANNEAL_FRAC,
+        rescale: bool = True,
+        seed: int | None = None,
+    ):
+        if not isinstance(es, ShardedEvolvedSampler):
+            raise ValueError(f"es must be a ShardedEvolvedSampler, got {type(es).__name__}")
+        super().__init__(es, num_epochs, prune_ratio, anneal_frac, rescale, seed)
+
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        dist.all_reduce(t, op=op, group=self.es.process_group)
+        return t
+
+    def _length(self, kept: torch.Tensor) -> int:
+        t = torch.tensor([kept.shape[0]], dtype=torch.int64, device=self.es.device)
+        return int(self._all_reduce(t, dist.ReduceOp.MAX))
+
+    def _plan_of(self, seed: int, epoch: int, scale: torch.Tensor, pos: int = 0, kept=None) -> _Plan:
+        """The plan of ``epoch`` from this rank's scales (0: dropped; ``kept``: their
+        visit order when already known); one collective, the epoch's length."""
+        es = self.es
+        n, lo, rank = es.hi - es.lo, es.lo, es.rank
+        if kept is None:
+            kept = _visit(n, lo, rank, seed, epoch, scale)
+        ids = _epoch_ids(kept, self._length(kept), lambda: _visit(n, lo, rank, seed, epoch, None))
+        return _Plan(epoch, ids, scale, pos)
+
+    def _compute(self, epoch: int) -> _Plan:
+        if epoch > MAX_EPOCH:
+            raise ValueError(f"epoch {epoch} is past the last epoch ({MAX_EPOCH}): its successor is no int64")
+        es = self.es
+        amax = float(self._all_reduce(_score_max(es.state.tensor), dist.ReduceOp.MAX))
+        total, count = self._all_reduce(_fixed_point(es.state.tensor, amax), dist.ReduceOp.SUM).tolist()
+        tau = _threshold(amax, total, count)
+        kept, scale = shard_prune_plan(
+            es.state.tensor, es.lo, es.rank, tau, self.prune_ratio, self.seed, epoch, self.num_epochs,
+            self.anneal_frac, self.rescale,
+        )  # fmt: skip
+        return self._plan_of(self.seed, epoch, scale, kept=kept)
+
+    def _begin(self) -> _Plan:
+        self.es.check()  # on every rank together: all raise, or none
+        return super()._begin()
+
+    def state_dict(self, position: int | None = None) -> dict:
+        """As :meth:`ESWPSampler.state_dict`, for ``torch.distributed.checkpoint``.
+
+        Parameters
+        ----------
+        position : int or None
+            As in :meth:`ESWPSampler.state_dict` (this rank's ids; the same
+            on every rank of a loop that trains in step).
+
+        Returns
+        -------
+        dict
+            ``epoch``, ``position``, ``finished`` and the settings as
+            :meth:`ESWPSampler.state_dict`; ``plan`` (bool) and ``scale``, the
+            plan's scales as a ``Shard(0)`` DTensor ``[N]`` (ones without a
+            plan); ``num_replicas``. The plan's ids are recomputed at load.
+            No host synchronisation.
+        """
+        out = super().state_dict(position)
+        plan = out.pop("kept") is not None
+        scale = out["scale"] if plan else torch.ones(self.es.hi - self.es.lo, device=self.es.device)
+        out.update(plan=plan, scale=self.es._sharded(scale), num_replicas=self.es.world_size)
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore on every rank from a :meth:`state_dict` loaded by
+        ``torch.distributed.checkpoint``: every rank loads, or every rank raises.
+
+        Parameters
+        ----------
+        sd : dict
+            This sampler's :meth:`state_dict` filled by the load; an epoch in
+            progress only from as many ranks.
+
+        Raises
+        ------
+        ValueError
+            Naming the entry, on every rank, before anything is written.
+
+        Notes
+        -----
+        One or two collectives (the verdict; the plan's length).
+        """
+        _checks.keys(sd, "state_dict", self.STATE_KEYS)
+        cfg = self._settings(sd["num_epochs"], sd["prune_ratio"], sd["anneal_frac"], sd["rescale"], sd["seed"])
+        plan = _checks.flag(sd["plan"], "state_dict['plan']")
+        epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0, MAX_EPOCH + (not plan))
+        position = _checks.integer(sd["position"], "state_dict['position']", 0)
+        world = _checks.integer(sd["num_replicas"], "state_dict['num_replicas']", 1)
+        finished = sd["finished"]
+        if finished is not None:
+            finished = _checks.integer(finished, "state_dict['finished']", 0)
+            if plan:
+                raise ValueError("state_dict['finished'] must be None with a plan")
+        if not plan and position != 0:
+            raise ValueError(f"state_dict['position'] must be 0 without a plan, got {position}")
+        if plan and world != self.es.world_size:
+            raise ValueError(
+                f"state_dict['num_replicas'] is {world}: the epoch in progress was planned on {world} rank(s) "
+                f"and cannot continue on {self.es.world_size} (each rank's visit order is its own); "
+                "checkpoint at an epoch boundary to change the number of ranks"
+            )
+        scale = self.es._local(sd["scale"], "state_dict['scale']", torch.float32)
+        bad = not bool((torch.isfinite(scale) & (scale >= 0)).all())
+        self.es._agree_valid("state_dict['scale'] must be finite and >= 0" if bad else None)
+        restored = None
+        if plan:
+            restored = self._plan_of(cfg["seed"], epoch, scale.detach().to(self.es.device, copy=True), position)
+            if position >= len(restored):  # L is the same on every rank: all raise alike
+                raise ValueError(
+                    f"state_dict['position'] must be < {len(restored)}, the epoch's length, got {position}"
+                )
+        self._write_state((cfg, epoch, restored, finished))
