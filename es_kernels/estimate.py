@@ -360,7 +360,8 @@ def estimate_cost(
 # ------------------------------------------------------------------ the CLI
 def _demo_case(task: str, meta_batch: int, device: torch.device, hidden: int):
     """(model, inputs, targets, extra estimate_cost keywords) for a demo task."""
-    from .demo.run import Config, as_task
+    from .demo.config import Config
+    from .demo.loop import as_task
     from .demo.tasks import load_dataset
 
     if task == "lm":

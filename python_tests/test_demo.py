@@ -295,7 +295,7 @@ def test_scoring_pass_runs_without_autograd():
 def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
     """A fake train (synthetic curves, no training): the JSON is on disk after
     every run, and an interrupt leaves a ranking over the finished tasks only."""
-    from es_kernels.demo import run
+    from es_kernels.demo import ablation, run
 
     calls = []
 
@@ -322,7 +322,7 @@ def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
             "score_s": 0.1,
         }
 
-    monkeypatch.setattr(run, "train", train)
+    monkeypatch.setattr(ablation, "train", train)
     cfg = run.Config(seeds=1, mnist1d_samples=800)
     grid = {"beta1": "0.2", "beta2": "0.5", "lam": "0,1", "eps": "0", "ratio": "1/4,1/8"}
     res = run.run_ablation(
@@ -340,20 +340,20 @@ def test_merged_shards_rank_as_one_run(tmp_path, monkeypatch):
     """--merge: the grid run in shards (an interrupted one included, its
     finished tasks taken) ranks and chooses exactly as one run over all the
     tasks; a task in two shards and a different grid are refused."""
-    from es_kernels.demo import main, run
+    from es_kernels.demo import ablation, main, run
 
     def train(method, data, cfg, seed, progress=None, **kw):  # synthetic: each task ranks the settings differently
         acc = 90.0 if method == "full" else 85.0 + (cfg.lam + 1) * cfg.mini_batch / (20 + 10 * cfg.epochs) + seed
         t = 1.0 + cfg.beta1 + cfg.epochs / (cfg.lam + 1)
         return {"wall_s": t, "test_acc": acc, "curve": [[0.0, 10.0, 0], [t, acc, 100]], "epochs": 1, "elapsed_s": 1.0}
 
-    monkeypatch.setattr(run, "train", train)
+    monkeypatch.setattr(ablation, "train", train)
     cfg = run.Config(seeds=2, mnist1d_samples=800)
     grid = {"beta1": "0,0.2", "beta2": "0.5", "lam": "0,1,2", "eps": "0", "ratio": "1/4,1/8"}
     tasks = "digits:1:0,digits:2:0.4,digits:3:0"
     one = run.run_ablation(cfg, tmp_path / "one", grid=grid, tasks=run.parse_tasks(tasks), show_progress=False)
     run.run_ablation(cfg, tmp_path / "a", grid=grid, tasks=run.parse_tasks("digits:1:0"), show_progress=False)
-    real, n = run.train, [0]
+    real, n = ablation.train, [0]
 
     def interrupted(*a, **kw):  # shard b: its first task finishes, then ^C during its second
         n[0] += 1
@@ -361,12 +361,12 @@ def test_merged_shards_rank_as_one_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(run, "train", interrupted)
+    monkeypatch.setattr(ablation, "train", interrupted)
     b = run.run_ablation(
         cfg, tmp_path / "b", grid=grid, tasks=run.parse_tasks("digits:2:0.4,digits:9:0"), show_progress=False
     )
     assert b["interrupted"]
-    monkeypatch.setattr(run, "train", real)
+    monkeypatch.setattr(ablation, "train", real)
     run.run_ablation(cfg, tmp_path / "c", grid=grid, tasks=run.parse_tasks("digits:3:0"), show_progress=False)
     shards = ",".join(str(tmp_path / s / "ablation.json") for s in "abc")
     assert main(["--ablate", "--merge", shards, "--out", str(tmp_path / "m")]) == 0

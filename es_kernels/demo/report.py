@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import metrics as M
+from .config import smoke_note
 
 CLOCK_NAMES = {"wall": "wall-clock", "process": "process CPU time"}
 
@@ -183,8 +184,6 @@ def format_summary(results: dict) -> str:
     clock = clock_name(cfg)
     lines = [f"times: training {clock} (--clock {cfg.get('clock', 'wall')}), evaluation excluded"]
     if results.get("smoke_test"):
-        from .run import smoke_note
-
         lines.append(smoke_note(cfg["epochs"]))
     if results.get("load_warning"):
         lines.append(results["load_warning"])
