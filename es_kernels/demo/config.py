@@ -92,6 +92,15 @@ class Config:
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
+# The default run (es-kernels demo, make demo): one seed of the methods that
+# answer "what does ES buy?", timed on one thread's CPU time; about 10 minutes
+# of real time on 2 busy cores. --full: the study of the README's tables
+# (every method of METHODS, 3 seeds); --threads and --clock as set.
+DEFAULT_METHODS = ("full", "uniform", "es", "eswp", "uniform-time")
+DEFAULT_RUN = dict(seeds=1, methods=DEFAULT_METHODS)
+FULL_RUN = dict(seeds=3)  # and the task's methods: METHODS, LM_METHODS for the LM
+CLI_THREADS = 1  # the command line's --threads and --clock (a Config's own defaults: torch's threads, wall)
+CLI_CLOCK = "process"
 QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
 LM_METHODS = ("full", "uniform", "es", "eswp") + TIME_METHODS
 # the LM task's run (--task lm), fixed before its first run (README, "The LM task")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import statistics
+import threading
 from pathlib import Path
 
 from .config import sampler_kind
@@ -110,6 +112,24 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside: SIGTERM raises KeyboardInterrupt in the main thread, as
+    Ctrl-C does (elsewhere than the main thread, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 class _Log:
     """A tqdm bar (or nothing) plus one printed line per finished run."""
 
@@ -131,11 +151,11 @@ class _Log:
         else:
             print(text, flush=True)
 
-    def update(self, eta: str = "") -> None:
+    def update(self, eta: str = "", step: int = 1) -> None:
         if self.bar is not None:
             if eta:
                 self.bar.set_description(f"{self.desc} ({eta})", refresh=False)
-            self.bar.update(1)
+            self.bar.update(step)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -155,9 +175,11 @@ class _Log:
     def running(self, results: dict, path: Path):
         """Around the loop of runs: Ctrl-C stops it with ``results`` marked
         interrupted (the finished runs are in ``path``); the bar is closed;
-        ``results["complete"]`` says whether every run finished."""
+        ``results["complete"]`` says whether every run finished. SIGTERM
+        (``kill``, a job scheduler's stop) stops it as Ctrl-C does."""
         try:
-            yield
+            with sigterm_as_interrupt():
+                yield
         except KeyboardInterrupt:
             results["interrupted"] = True
             self.line(f"interrupted: the finished runs are in {path}")

@@ -249,6 +249,10 @@ def format_summary(results: dict) -> str:
         "method's training time; ideal saving: 1 - (scoring time / full's time + backward samples / "
         "full's), what ES would save if training b samples cost exactly b/B of a full step."
     )
+    verdicts = [ds["verdict"] for ds in results["datasets"].values() if ds.get("verdict")]
+    if verdicts:
+        lines.append(f"\nverdict ({clock}):")
+        lines += [f"- {v}" for v in verdicts]
     return "\n".join(lines)
 
 

@@ -9,11 +9,12 @@ run :func:`es_kernels.demo.loop.train`; the ablation
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from . import loop
 from .ablation import (  # noqa: F401  (the ablation's names, as before the split)
     DEFAULT_GRID,
     DEFAULT_TASKS,
@@ -48,8 +49,8 @@ from .config import (  # noqa: F401
 )
 from .loop import Classification, _world, accuracy, as_task, infobatch_losses, make_model, train  # noqa: F401
 from .progress import Eta, _Log, fmt_eta, load_warning, write_json  # noqa: F401
-from .report import clock_name, machine, plot
-from .summary import fair_reference, summarize  # noqa: F401
+from .report import clock_name, format_summary, machine, plot
+from .summary import fair_reference, summarize, verdict  # noqa: F401
 from .tasks import corrupt_labels, describe, device_data, load_dataset, task_goal, with_noise  # noqa: F401
 
 _device_data, _with_noise, _goal = device_data, with_noise, task_goal  # the names before the split
@@ -74,9 +75,22 @@ def demo_jobs(cfg: Config) -> list:
     return jobs
 
 
-def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
+def calibrate(cfg: Config, eta: Eta, data: dict, methods=("full",)) -> None:
+    """Time one epoch of each of ``methods`` (seed 0) on each data set of
+    ``data`` (name -> device data) into ``eta``: the ETA before the first run."""
+    for name, d in data.items():
+        for method in methods:
+            b = cfg.meta_batch if method == "full" else cfg.meta_batch // 4
+            r = loop.train(method, d, replace(cfg, epochs=1, mini_batch=b), 0)
+            eta.record((name, method, b), 1, r["elapsed_s"])
+
+
+def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True, calibrate_eta: bool = True) -> dict:
     """Every method on every data set; demo.json is rewritten after each run
-    (``complete`` false until the end), so an interrupt keeps what finished."""
+    (``complete`` false until the end), so an interrupt (Ctrl-C, SIGTERM)
+    keeps what finished; at the end (or the interrupt) demo.md (the tables
+    and the verdict) and demo.png. ``calibrate_eta``: first time one epoch of
+    full per data set, for an ETA before the first run ends."""
     world, rank = _world()
     torch.set_num_threads(max(1, cfg.threads // world))
     warn = load_warning(cfg.threads, cfg.clock)
@@ -101,14 +115,18 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
         log.line(warn)
     cache = {}
     with log.running(results, path):
+        for name in cfg.datasets:
+            cache[name] = device_data(load_dataset(name, cfg), cfg)
+            results["datasets"][name] = {**describe(cache[name]), "summary": {}, "runs": {m: [] for m in cfg.methods}}
+        if calibrate_eta:
+            calibrate(cfg, eta, cache)
+            total = eta.remaining([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs])
+            log.line(
+                f"{len(jobs)} runs: {fmt_eta(total)} (real time, from one epoch of full per data set; "
+                "refined after every run)"
+            )
+            log.update(fmt_eta(total), step=0)
         for i, (name, seed, method) in enumerate(jobs):
-            if name not in cache:
-                cache[name] = device_data(load_dataset(name, cfg), cfg)
-                results["datasets"][name] = {
-                    **describe(cache[name]),
-                    "summary": {},
-                    "runs": {m: [] for m in cfg.methods},
-                }
             ds = results["datasets"][name]
             goal = task_goal(cache[name])
             data = with_noise(cache[name], cfg.label_noise, seed)
@@ -122,13 +140,16 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True) -> dict:
             ds["runs"][method].append(r)
             ds["summary"] = summarize(ds["runs"], goal)
             ds.update(fair_reference(ds["runs"], goal))
+            ds["verdict"] = verdict(name, ds)
             if rank == 0:
                 write_json(path, results)
             rest = eta.remaining_partial([(_key(cfg, d, m), cfg.epochs) for d, _, m in jobs[i + 1 :]])
             log.finished(i, f"{name} {method} seed {seed}", r, goal, rest)
     if rank > 0:  # rank 0 writes
         return results
+    results["verdicts"] = {name: ds["verdict"] for name, ds in results["datasets"].items() if ds.get("verdict")}
     write_json(path, results)
+    (out_dir / "demo.md").write_text(f"# es-kernels demo\n\n{format_summary(results)}\n")
     if any(rs for ds in results["datasets"].values() for rs in ds["runs"].values()):
         plot(results, out_dir / "demo.png")
     return results

@@ -71,3 +71,41 @@ def summarize(runs: dict, goal: M.Goal = M.ACCURACY) -> dict:
                     + s["backward_samples"]["mean"] / base["backward_samples"]["mean"]
                 )
     return out
+
+
+def _share(tt: dict, full_s: float) -> str:
+    """``"20.5 s (50% of full's)"`` with the seeds that reached, when not all."""
+    t = tt["wall_s"]["mean"]
+    seeds = "" if tt["reached"] == tt["of"] else f", {tt['reached']} of {tt['of']} seeds"
+    return f"{t:.3g} s ({100 * t / full_s:.0f}% of full's time{seeds})"
+
+
+def verdict(name: str, ds: dict) -> str | None:
+    """One sentence on what ES bought on a data set (``ds``: its entry of the
+    results, with ``summary`` and the target): ES's time to full's final
+    value against full's training time, and what uniform sampling given
+    ES's time (``uniform-time``) did. None without full and ES."""
+    goal = M.GOALS[ds.get("metric", M.ACCURACY.key)]
+    s = ds.get("summary", {})
+    target = ds.get(f"target_{goal.short}")
+    if "full" not in s or "es" not in s or target is None:
+        return None
+    full_s = s["full"]["wall_s"]["mean"]
+    what = f"full's final accuracy ({target:.1f}%)" if goal.higher else f"full's final held-out loss ({target:.4f})"
+    es = s["es"]
+    tt = es["time_to_target"]
+    if tt["reached"]:
+        out = f"{name}: ES reached {what} in {_share(tt, full_s)}"
+    else:
+        final = goal.fmt(es[goal.key]["mean"]) + ("%" if goal.higher else "")
+        out = f"{name}: ES did not reach {what} in its {es['epochs']['mean']:.3g} epochs (final {final})"
+    u = s.get("uniform-time")
+    if u is not None:
+        ut = u["time_to_target"]
+        same = f"uniform sampling given ES's time ({u['wall_s']['mean']:.3g} s)"
+        if ut["reached"]:
+            out += f"; {same} reached it in {_share(ut, full_s)}"
+        else:
+            final = goal.fmt(u[goal.key]["mean"]) + ("%" if goal.higher else "")
+            out += f"; {same} did not reach it (final {final})"
+    return out + "."
