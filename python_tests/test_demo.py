@@ -597,17 +597,31 @@ def test_default_run_is_the_short_one_and_full_is_one_flag_away(monkeypatch):
     from es_kernels.demo.config import DEFAULT_METHODS, LM_METHODS, METHODS
 
     cfg = _planned(monkeypatch, [])
-    assert cfg.seeds == 1 and cfg.methods == DEFAULT_METHODS and cfg.threads == 1 and cfg.clock == "process"
+    assert cfg.seeds == 3 and cfg.methods == DEFAULT_METHODS and cfg.threads == 1 and cfg.clock == "process"
     assert set(DEFAULT_METHODS) == {"full", "uniform", "es", "eswp", "uniform-time"}
-    assert cfg.datasets == ("mnist1d", "digits") and cfg.epochs == 30 and cfg.mnist1d_samples == 20000
+    assert cfg.datasets == ("digits",) and cfg.epochs == 30
     full = _planned(monkeypatch, ["--full"])
     assert full.seeds == 3 and full.methods == METHODS and full.threads == 1 and full.clock == "process"
+    assert full.datasets == ("mnist1d", "digits") and full.mnist1d_samples == 20000
     assert _planned(monkeypatch, ["--full", "--seeds", "2", "--threads", "2"]).seeds == 2
     lm = _planned(monkeypatch, ["--task", "lm", "--full"])
     assert lm.methods == LM_METHODS and lm.seeds == 3
     # the schedule study's command line (bench/results/demo_schedule/run_study.sh) plans what it did
-    study = _planned(monkeypatch, ["--threads", "1", "--clock", "process", "--seeds", "3", "--methods", "full,es-frac"])
+    study = [
+        "--threads",
+        "1",
+        "--clock",
+        "process",
+        "--seeds",
+        "3",
+        "--methods",
+        "full,es-frac",
+        "--datasets",
+        "mnist1d",
+    ]
+    study = _planned(monkeypatch, study)
     assert study.seeds == 3 and study.methods == ("full", "es-frac") and study.mnist1d_samples == 20000
+    assert study.datasets == ("mnist1d",) and study.epochs == 30 and study.hidden == 1024
 
 
 def test_help_names_every_option_and_its_default():
@@ -619,7 +633,13 @@ def test_help_names_every_option_and_its_default():
         assert action.help, f"{action.option_strings} has no help"
     assert "``" not in text and ":mod:" not in text and ":func:" not in text
     flat = " ".join(text.split())
-    for default in ("(default: 171;", "(default: 30;", "(default: 1; 3 with --full)", "(default: demo_results)"):
+    for default in (
+        "(default: 171;",
+        "(default: 30;",
+        "(default: 3)",
+        "(default: digits; with --full mnist1d,digits)",
+        "(default: demo_results)",
+    ):
         assert default in flat, default
     assert "demo.md" in flat and "--full" in flat and "SIGTERM" in flat
 

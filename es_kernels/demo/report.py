@@ -217,7 +217,7 @@ def plot(results: dict, path: Path) -> None:
 
     cfg = results["config"]
     clock = clock_name(cfg)
-    rows = list(results["datasets"].items())
+    rows = [(name, ds) for name, ds in results["datasets"].items() if any(ds["runs"].values())]
     if not rows:
         return
     ncols = max(3 if backward_unit(ds)[1] > 1 else 2 for _, ds in rows)
@@ -273,6 +273,8 @@ def format_summary(results: dict) -> str:
     if not results.get("complete", True):
         lines.append("PARTIAL: interrupted; the tables hold the runs that finished.")
     for name, ds in results["datasets"].items():
+        if not any(ds["runs"].values()):  # interrupted before its first run
+            continue
         summ = ds["summary"]
         goal = goal_of(ds)
         unit, per = backward_unit(ds)
