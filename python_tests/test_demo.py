@@ -494,7 +494,7 @@ def test_demo_lm_end_to_end(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(run.LM_QUICK, "lm_train_seqs", 128)
     monkeypatch.setitem(run.LM_QUICK, "lm_test_seqs", 32)
-    argv = ["--task", "lm", "--quick", "--epochs", "2", "--seeds", "2", "--threads", "1", "--no-progress"]
+    argv = ["--task", "lm", "--full", "--quick", "--epochs", "2", "--seeds", "2", "--no-progress"]
     assert main(argv + ["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "SMOKE TEST" in out and "held-out loss" in out and "backward tokens" in out
@@ -707,3 +707,15 @@ sys.exit(cli.main({TINY + ["--datasets", "digits", "--out", str(tmp_path)]!r}))
     assert [m for m, rs in res["datasets"]["digits"]["runs"].items() if rs] == ["full", "uniform"]
     assert "interrupted" in p.stdout and "verdict" not in p.stdout  # ES did not run: no verdict
     assert (tmp_path / "demo.png").stat().st_size > 1000 and "PARTIAL" in (tmp_path / "demo.md").read_text()
+
+
+def test_eta_calibration_leaves_out_the_one_time_costs(monkeypatch):
+    """A run costs 30 s once (warm-up, model, first evaluation) plus 1 s an
+    epoch: the calibration records 1 s an epoch, not 31."""
+    from es_kernels.demo import loop, run
+
+    monkeypatch.setattr(loop, "train", lambda method, data, cfg, seed: {"elapsed_s": 30.0 + cfg.epochs})
+    eta = run.Eta(512)
+    run.calibrate(run.Config(), eta, {"digits": None})
+    assert eta.estimate(("digits", "full", 512), 30) == pytest.approx(30.0)
+    assert run.fmt_eta(eta.remaining([(("digits", "uniform", 171), 30)])) == "ETA 10 s"

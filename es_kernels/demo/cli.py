@@ -48,15 +48,14 @@ from .config import (
     TIME_METHODS,
     Config,
 )
-from .loop import train
 from .progress import Eta, fmt_eta, load_warning
 from .report import format_ablation, format_summary
-from .run import _key, demo_jobs, run_demo
+from .run import _key, calibrate, demo_jobs, run_demo
 from .tasks import device_data, load_dataset
 
 
 def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float:
-    """Time one epoch of full and of ES (b/B = 1/4) per data set, then the
+    """Time an epoch of full and of ES (b/B = 1/4) per data set, then the
     planned run's time from the cost model (Eta). A real run refines it with
     every run it measures."""
     torch.set_num_threads(cfg.threads)
@@ -64,10 +63,7 @@ def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float:
     datasets = sorted({t.dataset for t in tasks}) if ablate else list(cfg.datasets)
     for ds in datasets:
         dcfg = task_config(cfg, Task(ds, 1, 0.0)) if ablate else cfg  # the LM's meta-batch on an lm task
-        data = device_data(load_dataset(ds, dcfg), dcfg)
-        for method, b in (("full", dcfg.meta_batch), ("es", dcfg.meta_batch // 4)):
-            r = train(method, data, replace(dcfg, epochs=1, mini_batch=b), 0)
-            eta.record((ds, method, b), 1, r["elapsed_s"])
+        calibrate(dcfg, eta, {ds: device_data(load_dataset(ds, dcfg), dcfg)}, methods=("full", "es"))
     if ablate:
         settings = grid_settings(parse_grid(grid or DEFAULT_GRID))
         jobs = [(_ablation_key(cfg, t, s), t.epochs) for t, _, s in ablation_jobs(cfg, tasks, settings)]

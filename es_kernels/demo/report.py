@@ -198,7 +198,7 @@ def _bars(ax, ds: dict, clock: str) -> None:
         ax.text(full_s, -0.65, "full's training time", fontsize=7, va="bottom", ha="center", clip_on=False)
     ax.set_yticks(y, names)
     ax.set_ylim(len(names) - 0.4, -0.6)
-    ax.set_xlim(0, 1.45 * top)
+    ax.set_xlim(0, 1.7 * top)
     ax.set_xlabel(f"time to target (s, training {clock})")
     what = "accuracy" if goal.higher else "held-out loss"
     ax.set_title(f"time to reach full's final {what}", fontsize=10, pad=14)
