@@ -96,6 +96,7 @@ COLORS = {
     "eswp": "#ff7f0e",
     "infobatch": "#2ca02c",
 }
+BANDS = ("full", "es")  # the seeds' spread is drawn for these (more bands hide the curves)
 _SPARE = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
 
 
@@ -136,7 +137,7 @@ def _curves(ax, ds: dict, col: int, scale: float, xlabel: str, clock: str) -> No
     evaluations) with the seeds' min-max band, the target, ES's time."""
     goal = goal_of(ds)
     target, window = ds.get(f"target_{goal.short}"), ds.get("window_s")
-    drawn = []
+    drawn, banded = [], []
     for i, (method, rs) in enumerate(ds["runs"].items()):
         if not rs:
             continue
@@ -145,14 +146,17 @@ def _curves(ax, ds: dict, col: int, scale: float, xlabel: str, clock: str) -> No
         width = 2.2 if method == "es" else 1.4
         style = "--" if method.endswith("-time") else "-"
         ax.plot(x, a, color=color, linewidth=width, linestyle=style, label=method, drawstyle="steps-post")
-        if len(rs) > 1:
-            ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0, step="post")
+        if len(rs) > 1 and method in BANDS:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0, step="post")
+            banded.append(method)
         drawn.append((x, a))
     if target is not None:
         what = "accuracy" if goal.higher else "held-out loss"
         ax.axhline(target, color="black", linestyle=":", linewidth=1.2, label=f"target: full's final {what}")
     if window and col == 0:
         ax.axvline(window, color="#d62728", linestyle=":", linewidth=1, alpha=0.7, label="ES's training time")
+    if banded:
+        ax.fill_between([], [], color="gray", alpha=0.3, label=f"seeds' min-max ({', '.join(banded)})")
     band = y_band(drawn, goal.higher)
     if band:
         ax.set_ylim(*band)
@@ -169,7 +173,7 @@ def _bars(ax, ds: dict, clock: str) -> None:
     goal = goal_of(ds)
     summ = ds.get("summary", {})
     full_s = summ.get("full", {}).get("wall_s", {}).get("mean")
-    names, vals, colors, labels = [], [], [], []
+    names, vals, colors, labels, partial = [], [], [], [], []
     for i, (method, rs) in enumerate(ds["runs"].items()):
         tt = summ.get(method, {}).get("time_to_target")
         if not rs or tt is None:
@@ -179,17 +183,30 @@ def _bars(ax, ds: dict, clock: str) -> None:
         if tt["reached"]:
             v = tt["wall_s"]["mean"]
             share = f" ({100 * v / full_s:.0f}%)" if full_s else ""
-            seeds = "" if tt["reached"] == tt["of"] else f", {tt['reached']}/{tt['of']} seeds"
+            seeds = "" if tt["reached"] == tt["of"] else f"; {tt['reached']} of {tt['of']} seeds"
             vals.append(v)
             labels.append(f"{fmt_s(v)} s{share}{seeds}")
         else:
             vals.append(0.0)
-            labels.append("not reached")
+            labels.append(f"not reached (0 of {tt['of']} seeds)")
+        partial.append(tt["reached"] < tt["of"])
     if not names:
         ax.set_axis_off()
         return
     y = list(range(len(names)))
-    ax.barh(y, vals, color=colors, height=0.6)
+    for yi, v, c, part in zip(y, vals, colors, partial):  # faded: some seeds did not reach the target
+        ax.barh(yi, v, color=c, height=0.6, alpha=0.35 if part else 1.0)
+    if any(partial):
+        ax.text(
+            0.99,
+            0.01,
+            "faded: mean over the seeds that reached it",
+            transform=ax.transAxes,
+            fontsize=7,
+            ha="right",
+            va="bottom",
+            color="#555555",
+        )
     top = max(vals + [full_s or 0.0]) or 1.0
     for yi, v, text in zip(y, vals, labels):
         ax.text(v + 0.02 * top, yi, text, va="center", fontsize=8, color="#555555" if v == 0 else "black")
