@@ -106,7 +106,7 @@ data set: what ES bought.
 
   es-kernels demo                   the default run: the digits, 3 seeds (minutes)
   es-kernels demo --full            the README's study: MNIST-1D too, every method (about
-                                    15 minutes of CPU time; longer on a busy machine)
+                                    12 minutes of CPU time; longer on a busy machine)
   es-kernels demo --quick           a smoke test (8 epochs: too few for ES, not results)
   es-kernels demo --eta-only        time an epoch per data set, print the estimated run time
   es-kernels demo --label-noise 0.4
