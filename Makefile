@@ -1,8 +1,10 @@
 # The project's commands. Each works on a fresh machine with Python 3.9+ and a
 # C++17 compiler: it creates .venv (CPU torch pinned) with what it needs
 # (make demo: the demo's packages only), builds the C++ kernels, then runs.
-#   make demo    the main job: train with full / uniform / ES / ESWP / InfoBatch
-#                and compare (es-kernels demo; DEMO_ARGS=--quick: a smoke test,
+#   make demo    the main job: train with full / uniform / ES / ESWP on the digits
+#                and compare; ends with the verdict, writes demo_results/ (es-kernels
+#                demo; minutes on a busy 2-core machine. DEMO_ARGS=--full: the study,
+#                MNIST-1D too and every method; DEMO_ARGS=--quick: a smoke test;
 #                DEMO_ARGS=--eta-only: the estimated run time; DEMO_ARGS="--task lm":
 #                the language-model task)
 #   make test    the test suite (with the install tests, marked slow)

@@ -7,9 +7,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            "usage: es-kernels demo [options]       (es-kernels demo --help for the options)\n"
-            "       es-kernels estimate [options]   what ES costs on a model (es-kernels estimate --help)\n"
-            "       es-kernels --version"
+            "usage: es-kernels <command> [options]\n\n"
+            "Evolved Sampling (ES) for PyTorch training loops.\n\n"
+            "commands:\n"
+            "  demo        train a small network with full, uniform and ES sampling and compare them\n"
+            "              (a few minutes on a laptop's CPU; es-kernels demo --help for the options)\n"
+            "  estimate    time what ES costs on a model, against full training and uniform sampling\n"
+            "              (es-kernels estimate --help)\n\n"
+            "options:\n"
+            "  -h, --help     this message\n"
+            "  -V, --version  the installed version"
         )
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):

@@ -360,7 +360,8 @@ def estimate_cost(
 # ------------------------------------------------------------------ the CLI
 def _demo_case(task: str, meta_batch: int, device: torch.device, hidden: int):
     """(model, inputs, targets, extra estimate_cost keywords) for a demo task."""
-    from .demo.run import Config, as_task
+    from .demo.config import Config
+    from .demo.loop import as_task
     from .demo.tasks import load_dataset
 
     if task == "lm":
@@ -420,12 +421,16 @@ def main(argv=None) -> int:
     """
     import argparse
 
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" for an unset option
+        def _get_help_string(self, action):
+            return action.help if action.default is None else super()._get_help_string(action)
+
     ap = argparse.ArgumentParser(
         prog="es-kernels estimate",
         description="Time a training step, ES's scoring pass and its fused step on a model and one "
         "meta-batch of its data, and print what ES and each scoring schedule cost against full "
         "training and uniform sampling.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Formatter,
     )
     ap.add_argument(
         "--task", default="mnist1d", choices=("mnist1d", "digits", "lm"), help="a demo task's model and data"
@@ -435,15 +440,17 @@ def main(argv=None) -> int:
         default=None,
         metavar="MODULE:FUNCTION",
         help="your own case instead of --task: FUNCTION() returns (model, inputs, targets) or "
-        "(model, inputs, targets, options), options being estimate_cost keywords",
+        "(model, inputs, targets, options), options being estimate_cost keywords (default: --task's)",
     )
     ap.add_argument("--meta-batch", type=int, default=512, metavar="B", help="rows per meta-batch (demo tasks)")
-    ap.add_argument("--mini-batch", type=int, default=None, metavar="b", help="rows ES trains on (default B/3)")
-    ap.add_argument("--hidden", type=int, default=1024, help="the demo MLP's width (classification tasks)")
+    ap.add_argument("--mini-batch", type=int, default=None, metavar="b", help="rows ES trains on (default: B/3)")
+    ap.add_argument("--hidden", type=int, default=1024, metavar="N", help="the demo MLP's width (classification tasks)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="process: this process's CPU time")
-    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (the median is kept)")
+    ap.add_argument("--threads", type=int, default=None, metavar="N", help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--clock", default="wall", choices=tuple(CLOCKS), help="wall: real time; process: this process's CPU time"
+    )
+    ap.add_argument("--repeats", type=int, default=7, metavar="N", help="timed rounds (the median is kept)")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

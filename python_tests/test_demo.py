@@ -183,10 +183,14 @@ TINY = ["--quick", "--epochs", "2", "--mnist1d-samples", "800", "--no-progress"]
 def test_demo_quick_end_to_end(tmp_path, capsys):
     from es_kernels.demo import METHODS, main
 
-    args = ["--seeds", "2", "--label-noise", "0.2", "--out", str(tmp_path), "--threads", "1", "--clock", "process"]
+    args = ["--full", "--seeds", "2", "--label-noise", "0.2", "--out", str(tmp_path)]
     rc = main(TINY + args)
     assert rc == 0
     out = capsys.readouterr().out
+    assert out.index("runs: ETA ") < out.index("[1/28] ")  # the ETA comes before the first run ends
+    assert "\nverdict (process CPU time):\n- mnist1d: ES " in out and "\n- digits: ES " in out
+    md = (tmp_path / "demo.md").read_text()
+    assert "| method | epochs |" in md and "- digits: ES " in md
     assert "SMOKE TEST" in out and "time to target" in out and "scoring share" in out
     assert "| method | epochs | process CPU time s |" in out
     res = json.loads((tmp_path / "demo.json").read_text())
@@ -295,7 +299,7 @@ def test_scoring_pass_runs_without_autograd():
 def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
     """A fake train (synthetic curves, no training): the JSON is on disk after
     every run, and an interrupt leaves a ranking over the finished tasks only."""
-    from es_kernels.demo import run
+    from es_kernels.demo import ablation, run
 
     calls = []
 
@@ -322,7 +326,7 @@ def test_ablation_keeps_partial_results_on_interrupt(tmp_path, monkeypatch):
             "score_s": 0.1,
         }
 
-    monkeypatch.setattr(run, "train", train)
+    monkeypatch.setattr(ablation, "train", train)
     cfg = run.Config(seeds=1, mnist1d_samples=800)
     grid = {"beta1": "0.2", "beta2": "0.5", "lam": "0,1", "eps": "0", "ratio": "1/4,1/8"}
     res = run.run_ablation(
@@ -340,20 +344,20 @@ def test_merged_shards_rank_as_one_run(tmp_path, monkeypatch):
     """--merge: the grid run in shards (an interrupted one included, its
     finished tasks taken) ranks and chooses exactly as one run over all the
     tasks; a task in two shards and a different grid are refused."""
-    from es_kernels.demo import main, run
+    from es_kernels.demo import ablation, main, run
 
     def train(method, data, cfg, seed, progress=None, **kw):  # synthetic: each task ranks the settings differently
         acc = 90.0 if method == "full" else 85.0 + (cfg.lam + 1) * cfg.mini_batch / (20 + 10 * cfg.epochs) + seed
         t = 1.0 + cfg.beta1 + cfg.epochs / (cfg.lam + 1)
         return {"wall_s": t, "test_acc": acc, "curve": [[0.0, 10.0, 0], [t, acc, 100]], "epochs": 1, "elapsed_s": 1.0}
 
-    monkeypatch.setattr(run, "train", train)
+    monkeypatch.setattr(ablation, "train", train)
     cfg = run.Config(seeds=2, mnist1d_samples=800)
     grid = {"beta1": "0,0.2", "beta2": "0.5", "lam": "0,1,2", "eps": "0", "ratio": "1/4,1/8"}
     tasks = "digits:1:0,digits:2:0.4,digits:3:0"
     one = run.run_ablation(cfg, tmp_path / "one", grid=grid, tasks=run.parse_tasks(tasks), show_progress=False)
     run.run_ablation(cfg, tmp_path / "a", grid=grid, tasks=run.parse_tasks("digits:1:0"), show_progress=False)
-    real, n = run.train, [0]
+    real, n = ablation.train, [0]
 
     def interrupted(*a, **kw):  # shard b: its first task finishes, then ^C during its second
         n[0] += 1
@@ -361,12 +365,12 @@ def test_merged_shards_rank_as_one_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(run, "train", interrupted)
+    monkeypatch.setattr(ablation, "train", interrupted)
     b = run.run_ablation(
         cfg, tmp_path / "b", grid=grid, tasks=run.parse_tasks("digits:2:0.4,digits:9:0"), show_progress=False
     )
     assert b["interrupted"]
-    monkeypatch.setattr(run, "train", real)
+    monkeypatch.setattr(ablation, "train", real)
     run.run_ablation(cfg, tmp_path / "c", grid=grid, tasks=run.parse_tasks("digits:3:0"), show_progress=False)
     shards = ",".join(str(tmp_path / s / "ablation.json") for s in "abc")
     assert main(["--ablate", "--merge", shards, "--out", str(tmp_path / "m")]) == 0
@@ -490,7 +494,7 @@ def test_demo_lm_end_to_end(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(run.LM_QUICK, "lm_train_seqs", 128)
     monkeypatch.setitem(run.LM_QUICK, "lm_test_seqs", 32)
-    argv = ["--task", "lm", "--quick", "--epochs", "2", "--seeds", "2", "--threads", "1", "--no-progress"]
+    argv = ["--task", "lm", "--full", "--quick", "--epochs", "2", "--seeds", "2", "--no-progress"]
     assert main(argv + ["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "SMOKE TEST" in out and "held-out loss" in out and "backward tokens" in out
@@ -570,3 +574,148 @@ def test_infobatch_rescales_under_a_process_group(tmp_path):
     finally:
         dist.destroy_process_group()
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------- the default run, the verdict, the plot, the CLI
+def _planned(monkeypatch, argv) -> object:
+    """The Config that ``es-kernels demo ARGV`` would run (run_demo is not called)."""
+    from es_kernels.demo import cli
+
+    seen = []
+
+    def fake(cfg, out, show_progress=True):
+        seen.append(cfg)
+        raise KeyboardInterrupt  # stop main here
+
+    monkeypatch.setattr(cli, "run_demo", fake)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    return seen[0]
+
+
+def test_default_run_is_the_short_one_and_full_is_one_flag_away(monkeypatch):
+    from es_kernels.demo.config import DEFAULT_METHODS, LM_METHODS, METHODS
+
+    cfg = _planned(monkeypatch, [])
+    assert cfg.seeds == 3 and cfg.methods == DEFAULT_METHODS and cfg.threads == 1 and cfg.clock == "process"
+    assert set(DEFAULT_METHODS) == {"full", "uniform", "es", "eswp", "uniform-time"}
+    assert cfg.datasets == ("digits",) and cfg.epochs == 30
+    full = _planned(monkeypatch, ["--full"])
+    assert full.seeds == 3 and full.methods == METHODS and full.threads == 1 and full.clock == "process"
+    assert full.datasets == ("mnist1d", "digits") and full.mnist1d_samples == 20000
+    assert _planned(monkeypatch, ["--full", "--seeds", "2", "--threads", "2"]).seeds == 2
+    lm = _planned(monkeypatch, ["--task", "lm", "--full"])
+    assert lm.methods == LM_METHODS and lm.seeds == 3
+    # the schedule study's command line (bench/results/demo_schedule/run_study.sh) plans what it did
+    study = [
+        "--threads",
+        "1",
+        "--clock",
+        "process",
+        "--seeds",
+        "3",
+        "--methods",
+        "full,es-frac",
+        "--datasets",
+        "mnist1d",
+    ]
+    study = _planned(monkeypatch, study)
+    assert study.seeds == 3 and study.methods == ("full", "es-frac") and study.mnist1d_samples == 20000
+    assert study.datasets == ("mnist1d",) and study.epochs == 30 and study.hidden == 1024
+
+
+def test_help_names_every_option_and_its_default():
+    from es_kernels.demo.cli import parser
+
+    ap = parser()
+    text = ap.format_help()
+    for action in ap._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    assert "``" not in text and ":mod:" not in text and ":func:" not in text
+    flat = " ".join(text.split())
+    for default in (
+        "(default: 171;",
+        "(default: 30;",
+        "(default: 3)",
+        "(default: digits; with --full mnist1d,digits)",
+        "(default: demo_results)",
+    ):
+        assert default in flat, default
+    assert "demo.md" in flat and "--full" in flat and "SIGTERM" in flat
+
+
+def test_verdict_says_what_es_bought_in_one_sentence():
+    from es_kernels.demo.summary import fair_reference, summarize, verdict
+
+    runs = {
+        "full": [_run([[0, 10, 0], [2, 70, 1000], [4, 80, 2000]])],
+        "es": [_run([[0, 10, 0], [1, 80.5, 200], [2, 81, 400]])],
+        "uniform-time": [_run([[0, 10, 0], [1, 75, 300], [2, 79, 600]])],
+    }
+    ds = {"summary": summarize(runs), **fair_reference(runs)}
+    v = verdict("digits", ds)
+    assert v == (
+        "digits: ES reached full's final accuracy (80.0%) in 1 s (25% of full's time); "
+        "uniform sampling given ES's time (2 s) did not reach it (final 79.00%)."
+    )
+    runs["uniform-time"] = [_run([[0, 10, 0], [1.5, 80, 300]])]
+    runs["es"].append(_run([[0, 10, 0], [2, 70, 400]]))  # a second seed that misses
+    ds = {"summary": summarize(runs), **fair_reference(runs)}
+    assert "in 1 s (25% of full's time, 1 of 2 seeds)" in verdict("digits", ds)
+    assert "reached it in 1.5 s (38% of full's time)" in verdict("digits", ds)
+    runs["es"] = [_run([[0, 10, 0], [2, 70, 400]])]
+    ds = {"summary": summarize(runs), **fair_reference(runs)}
+    assert verdict("digits", ds).startswith("digits: ES did not reach full's final accuracy (80.0%) in its 1 epochs")
+    assert verdict("digits", {"summary": summarize({"es": runs["es"]})}) is None  # no full: no target
+
+
+def test_plot_y_range_is_the_band_where_methods_differ():
+    from es_kernels.demo.report import y_band
+
+    slow = ([0, 2, 4, 6, 8, 10], [10, 60, 90, 95, 96, 97])
+    fast = ([0, 2, 4, 6], [10, 80, 96, 98])
+    lo, hi = y_band([slow, fast], higher=True)
+    assert lo == pytest.approx(60 - 0.05 * 38, abs=1e-5) and hi == pytest.approx(98 + 0.05 * 38, abs=1e-5)
+    lo, hi = y_band([([0, 0.5, 2, 4], [3.0, 2.5, 2.0, 1.5])], higher=False)  # a loss: the best to the value at 20%
+    assert lo == pytest.approx(1.5 - 0.05, abs=1e-5) and hi == pytest.approx(2.5 + 0.05, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_demo_like_ctrl_c(tmp_path):
+    """kill (SIGTERM) during the third run: exit 130, the JSON says
+    interrupted, and the tables, the plot and the verdict come from what
+    finished."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, sys
+from es_kernels.demo import cli, run
+real, n = run.train, [0]
+def train(*a, **kw):
+    n[0] += 1
+    if n[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **kw)
+run.train = train
+sys.exit(cli.main({TINY + ["--datasets", "digits", "--out", str(tmp_path)]!r}))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 130, p.stderr[-2000:]
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert res["interrupted"] and not res["complete"]
+    assert [m for m, rs in res["datasets"]["digits"]["runs"].items() if rs] == ["full", "uniform"]
+    assert "interrupted" in p.stdout and "verdict" not in p.stdout  # ES did not run: no verdict
+    assert (tmp_path / "demo.png").stat().st_size > 1000 and "PARTIAL" in (tmp_path / "demo.md").read_text()
+
+
+def test_eta_calibration_leaves_out_the_one_time_costs(monkeypatch):
+    """A run costs 30 s once (warm-up, model, first evaluation) plus 1 s an
+    epoch: the calibration records 1 s an epoch, not 31."""
+    from es_kernels.demo import loop, run
+
+    monkeypatch.setattr(loop, "train", lambda method, data, cfg, seed: {"elapsed_s": 30.0 + cfg.epochs})
+    eta = run.Eta(512)
+    run.calibrate(run.Config(), eta, {"digits": None})
+    assert eta.estimate(("digits", "full", 512), 30) == pytest.approx(30.0)
+    assert run.fmt_eta(eta.remaining([(("digits", "uniform", 171), 30)])) == "ETA 10 s"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import metrics as M
+from .config import smoke_note
 
 CLOCK_NAMES = {"wall": "wall-clock", "process": "process CPU time"}
 
@@ -85,95 +86,195 @@ def settings_caption(cfg: dict) -> str:
     )
 
 
-def _panel(ax, ds: dict, col: int, scale: float, xlabel: str, clock: str = "wall-clock") -> None:
-    """One panel: the goal against curve column ``col`` (0: wall-clock, 2:
-    backward samples) times ``scale``; mean over seeds, min-max band, the
-    target line, the time-to-target stars, ES's window on the time axis."""
+# one color per method, the same in every panel (the scoring-schedule study's methods take the rest)
+COLORS = {
+    "full": "#222222",
+    "full-time": "#999999",
+    "uniform": "#1f77b4",
+    "uniform-time": "#6baed6",
+    "es": "#d62728",
+    "eswp": "#ff7f0e",
+    "infobatch": "#2ca02c",
+}
+BANDS = ("full", "es")  # the seeds' spread is drawn for these (more bands hide the curves)
+_SPARE = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
+
+
+def method_color(method: str, i: int) -> str:
+    return COLORS.get(method, _SPARE[i % len(_SPARE)])
+
+
+def _mean_curve(rs: list, col: int, scale: float) -> tuple:
+    """(x, mean value, min, max) over the seeds' curves, to the shortest one."""
+    n = min(len(r["curve"]) for r in rs)  # time stops may give unequal lengths
+    x = [scale * statistics.fmean(r["curve"][e][col] for r in rs) for e in range(n)]
+    a = [statistics.fmean(r["curve"][e][1] for r in rs) for e in range(n)]
+    lo = [min(r["curve"][e][1] for r in rs) for e in range(n)]
+    hi = [max(r["curve"][e][1] for r in rs) for e in range(n)]
+    return x, a, lo, hi
+
+
+def y_band(curves: list, higher: bool) -> tuple | None:
+    """The y-range that matters: from the worst method's value at 20% of the
+    longest run to the best value reached (curves: [(x, value)] held between
+    points), padded by 5%."""
+    curves = [(x, v) for x, v in curves if len(x) > 1]
+    if not curves:
+        return None
+    at = 0.2 * max(x[-1] for x, _ in curves)
+    held = [M.acc_at([[xi, vi] for xi, vi in zip(x, v)], at) for x, v in curves]
+    every = [vi for _, v in curves for vi in v[1:]]
+    lo, hi = (min(held), max(every)) if higher else (min(every), max(held))
+    if not hi > lo:
+        lo, hi = min(every), max(every)
+    pad = 0.05 * (hi - lo) + 1e-6
+    return lo - pad, hi + pad
+
+
+def _curves(ax, ds: dict, col: int, scale: float, xlabel: str, clock: str) -> None:
+    """The goal against curve column ``col`` (0: training time, 2: backward
+    samples) times ``scale``: each method's mean over seeds (held between
+    evaluations) with the seeds' min-max band, the target, ES's time."""
     goal = goal_of(ds)
     target, window = ds.get(f"target_{goal.short}"), ds.get("window_s")
-    tt_key = "wall_s" if col == 0 else "backward_samples"
+    drawn, banded = [], []
     for i, (method, rs) in enumerate(ds["runs"].items()):
         if not rs:
             continue
-        color = f"C{i}"
-        n = min(len(r["curve"]) for r in rs)  # time stops may give unequal lengths
-        t = [scale * statistics.fmean(r["curve"][e][col] for r in rs) for e in range(n)]
-        a = [statistics.fmean(r["curve"][e][1] for r in rs) for e in range(n)]
-        lo = [min(r["curve"][e][1] for r in rs) for e in range(n)]
-        hi = [max(r["curve"][e][1] for r in rs) for e in range(n)]
-        label = method
-        tt = ds["summary"].get(method, {}).get("time_to_target")
-        if tt is not None:
-            if tt["reached"]:
-                at = scale * tt[tt_key]["mean"]
-                label += f" (target at {fmt_s(at) if col == 0 else f'{at:.3g}'}, {tt['reached']}/{tt['of']} seeds)"
-                ax.plot([at], [target], marker="*", markersize=13, color=color, markeredgecolor="black", zorder=5)
-            else:
-                label += " (target not reached)"
-        ax.plot(t, a, marker=".", color=color, label=label, drawstyle="steps-post")  # held between evaluations
-        if len(rs) > 1:
-            ax.fill_between(t, lo, hi, color=color, alpha=0.15, linewidth=0, step="post")
-        if any(len(r["curve"]) > n for r in rs):  # the seeds' own last points
-            ax.plot([scale * r["curve"][-1][col] for r in rs], [r["curve"][-1][1] for r in rs], "x", color=color)
+        x, a, lo, hi = _mean_curve(rs, col, scale)
+        color = method_color(method, i)
+        width = 2.2 if method == "es" else 1.4
+        style = "--" if method.endswith("-time") else "-"
+        ax.plot(x, a, color=color, linewidth=width, linestyle=style, label=method, drawstyle="steps-post")
+        if len(rs) > 1 and method in BANDS:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0, step="post")
+            banded.append(method)
+        drawn.append((x, a))
     if target is not None:
         what = "accuracy" if goal.higher else "held-out loss"
-        ax.axhline(
-            target, color="black", linestyle="--", linewidth=1, label=f"target: full's final {what} {goal.fmt(target)}"
-        )
+        ax.axhline(target, color="black", linestyle=":", linewidth=1.2, label=f"target: full's final {what}")
     if window and col == 0:
-        ax.axvline(window, color="gray", linestyle=":", linewidth=1, label=f"ES's {clock} {fmt_s(window)} s")
-    vals = [p[1] for rs in ds["runs"].values() for r in rs for p in r["curve"][1:]]
-    if vals:  # the start (chance level, or the initial loss) would squash the interesting part
-        lo_v, hi_v = min(vals), max(vals)
-        if goal.higher:
-            ax.set_ylim(max(0.0, lo_v - 2), min(100.0, hi_v + 0.2 * (hi_v - lo_v) + 1))
-        else:
-            pad = 0.05 * (hi_v - lo_v) + 1e-3
-            ax.set_ylim(lo_v - pad, hi_v + pad)
+        ax.axvline(window, color="#d62728", linestyle=":", linewidth=1, alpha=0.7, label="ES's training time")
+    if banded:
+        ax.fill_between([], [], color="gray", alpha=0.3, label=f"seeds' min-max ({', '.join(banded)})")
+    band = y_band(drawn, goal.higher)
+    if band:
+        ax.set_ylim(*band)
+    ax.set_xlim(left=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(goal.label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    ax.legend(fontsize=8, loc="lower right" if goal.higher else "upper right", framealpha=0.9)
+
+
+def _bars(ax, ds: dict, clock: str) -> None:
+    """Each method's mean time to the target as a horizontal bar (labelled
+    with its share of full's training time), or "not reached"."""
+    goal = goal_of(ds)
+    summ = ds.get("summary", {})
+    full_s = summ.get("full", {}).get("wall_s", {}).get("mean")
+    names, vals, colors, labels, partial = [], [], [], [], []
+    for i, (method, rs) in enumerate(ds["runs"].items()):
+        tt = summ.get(method, {}).get("time_to_target")
+        if not rs or tt is None:
+            continue
+        names.append(method)
+        colors.append(method_color(method, i))
+        if tt["reached"]:
+            v = tt["wall_s"]["mean"]
+            share = f" ({100 * v / full_s:.0f}%)" if full_s else ""
+            seeds = "" if tt["reached"] == tt["of"] else f"; {tt['reached']} of {tt['of']} seeds"
+            vals.append(v)
+            labels.append(f"{fmt_s(v)} s{share}{seeds}")
+        else:
+            vals.append(0.0)
+            labels.append(f"not reached (0 of {tt['of']} seeds)")
+        partial.append(tt["reached"] < tt["of"])
+    if not names:
+        ax.set_axis_off()
+        return
+    y = list(range(len(names)))
+    for yi, v, c, part in zip(y, vals, colors, partial):  # faded: some seeds did not reach the target
+        ax.barh(yi, v, color=c, height=0.6, alpha=0.35 if part else 1.0)
+    if any(partial):
+        ax.text(
+            0.99,
+            0.01,
+            "faded: mean over the seeds that reached it",
+            transform=ax.transAxes,
+            fontsize=7,
+            ha="right",
+            va="bottom",
+            color="#555555",
+        )
+    top = max(vals + [full_s or 0.0]) or 1.0
+    for yi, v, text in zip(y, vals, labels):
+        ax.text(v + 0.02 * top, yi, text, va="center", fontsize=8, color="#555555" if v == 0 else "black")
+    if full_s:
+        ax.axvline(full_s, color="#222222", linestyle=":", linewidth=1)
+        ax.text(full_s, -0.65, "full's training time", fontsize=7, va="bottom", ha="center", clip_on=False)
+    ax.set_yticks(y, names)
+    ax.set_ylim(len(names) - 0.4, -0.6)
+    ax.set_xlim(0, 1.7 * top)
+    ax.set_xlabel(f"time to target (s, training {clock})")
+    what = "accuracy" if goal.higher else "held-out loss"
+    ax.set_title(f"time to reach full's final {what}", fontsize=10, pad=14)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def plot(results: dict, path: Path) -> None:
-    """The goal (test accuracy, or the LM's held-out loss) against training
-    time (``--clock``: wall-clock or process CPU time), and for the LM also
-    against backward tokens: one point per evaluation (start, each epoch, a
-    time stop), mean over seeds with the seeds' min-max band, the target
-    line, each method's mean time-to-target (a star), the window."""
+    """One row per data set: the goal (test accuracy, or the LM's held-out
+    loss) against training time (``--clock``), for the LM also against
+    backward tokens, and each method's time to full's final value as bars;
+    the verdict above the row, the settings below the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cfg = results["config"]
-    panels = []
-    for name, ds in results["datasets"].items():
+    clock = clock_name(cfg)
+    rows = [(name, ds) for name, ds in results["datasets"].items() if any(ds["runs"].values())]
+    if not rows:
+        return
+    ncols = max(3 if backward_unit(ds)[1] > 1 else 2 for _, ds in rows)
+    fig = plt.figure(figsize=(5.2 * ncols + 1.5, 4.9 * len(rows) + 0.8))
+    subs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
+    for sub, (name, ds) in zip(subs, rows):
         unit, per = backward_unit(ds)
-        panels.append((name, 0, 1.0, f"training {clock_name(cfg)} (s)"))
+        panels = [(0, 1.0, f"training {clock} (s)")]
         if per > 1:  # the LM: also against backward tokens
-            panels.append((name, 2, float(per), f"backward {unit}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
-    for ax, (name, col, scale, xlabel) in zip(axes[0], panels):
-        ds = results["datasets"][name]
-        _panel(ax, ds, col, scale, xlabel, clock_name(cfg))
+            panels.append((2, float(per), f"backward {unit}"))
+        ratios = [2.0] * len(panels) + [1.3] + [0.0001] * (ncols - len(panels) - 1)
+        axes = sub.subplots(1, ncols, gridspec_kw={"width_ratios": ratios})
+        for ax, (col, scale, xlabel) in zip(axes, panels):
+            _curves(ax, ds, col, scale, xlabel, clock)
+        _bars(axes[len(panels)], ds, clock)
+        for ax in axes[len(panels) + 1 :]:
+            ax.set_axis_off()
         if ds.get("metric") == M.LM_LOSS.key:
-            title = f"{name} ({ds['n_train']} train / {ds['n_test']} held-out sequences)"
+            what = f"{ds['n_train']} train / {ds['n_test']} held-out sequences"
         else:
-            title = f"{name} ({ds['n_train']} train, label noise {cfg['label_noise']:g})"
-        ax.set_title(title + ("  SMOKE TEST" if results.get("smoke_test") else ""))
+            what = f"{ds['n_train']} train / {ds['n_test']} test, label noise {cfg['label_noise']:g}"
+        seeds = max((len(rs) for rs in ds["runs"].values()), default=0)
+        head = f"{name} ({what}; {seeds} seed{'s' if seeds != 1 else ''})"
+        if results.get("smoke_test"):
+            head += "  SMOKE TEST: not results"
+        verdict = ds.get("verdict") or "no verdict (full or ES missing)"
+        verdict = verdict.removeprefix(f"{name}: ")
+        verdict = verdict[:1].upper() + verdict[1:]
+        sub.suptitle(head + "\n" + textwrap.fill(verdict, width=int(12 * fig.get_figwidth())), fontsize=10.5)
     m = results["machine"]
-    cap = textwrap.fill(settings_caption(cfg), width=int(16 * fig.get_figwidth()))  # fits one data set's width
+    cap = textwrap.fill(settings_caption(cfg), width=int(15 * fig.get_figwidth()))
     cap += f"\n{m['platform']}, torch {m['torch']}, {m['cores']} cores, {m['date']}"
     if results.get("load_warning"):
-        cap += "\nloaded machine (load average > threads): timings unreliable"
-    if results.get("smoke_test"):
-        cap += f"\nsmoke test (--quick): {cfg['epochs']} epochs are too few for ES's loss history; not results"
+        cap += "; loaded machine (load average > threads): real-time numbers unreliable"
     if not results.get("complete", True):
         cap += "\npartial results (interrupted)"
-    fig.text(0.01, 0.01, cap, fontsize=7, va="bottom", ha="left")
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * cap.count("\n"), 1, 1))
+    fig.text(0.01, 0.002, cap, fontsize=7, va="bottom", ha="left", color="#444444")
+    fig.subplots_adjust(bottom=0.0)
+    for sub in subs:
+        sub.subplots_adjust(left=0.07, right=0.98, top=0.80, bottom=0.17, wspace=0.35)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -183,14 +284,14 @@ def format_summary(results: dict) -> str:
     clock = clock_name(cfg)
     lines = [f"times: training {clock} (--clock {cfg.get('clock', 'wall')}), evaluation excluded"]
     if results.get("smoke_test"):
-        from .run import smoke_note
-
         lines.append(smoke_note(cfg["epochs"]))
     if results.get("load_warning"):
         lines.append(results["load_warning"])
     if not results.get("complete", True):
         lines.append("PARTIAL: interrupted; the tables hold the runs that finished.")
     for name, ds in results["datasets"].items():
+        if not any(ds["runs"].values()):  # interrupted before its first run
+            continue
         summ = ds["summary"]
         goal = goal_of(ds)
         unit, per = backward_unit(ds)
@@ -250,6 +351,10 @@ def format_summary(results: dict) -> str:
         "method's training time; ideal saving: 1 - (scoring time / full's time + backward samples / "
         "full's), what ES would save if training b samples cost exactly b/B of a full step."
     )
+    verdicts = [ds["verdict"] for ds in results["datasets"].values() if ds.get("verdict")]
+    if verdicts:
+        lines.append(f"\nverdict ({clock}):")
+        lines += [f"- {v}" for v in verdicts]
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from . import metrics as M
+
 
 def load_dataset(name: str, cfg):
     """(x_train, y_train, x_test, y_test, num_classes) as float32 / int64
@@ -44,3 +46,34 @@ def corrupt_labels(y: torch.Tensor, p: float, num_classes: int, seed: int) -> to
     flip = torch.rand(y.shape[0], generator=g) < p
     shift = torch.randint(1, num_classes, y.shape, generator=g)
     return torch.where(flip, (y + shift) % num_classes, y)
+
+
+def device_data(data, cfg):
+    """The task's tensors (or the task object) on ``cfg.device``."""
+    dev = torch.device(cfg.device)
+    if not isinstance(data, tuple):  # a task object (the LM)
+        return data.to(dev)
+    return tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in data)
+
+
+def with_noise(data, p: float, seed: int):
+    """A seed's training data: classification labels corrupted with
+    probability ``p``; a task object (the LM, no labels to flip) as is."""
+    if not isinstance(data, tuple):
+        if p > 0:
+            raise ValueError(f"label noise applies to the classification data sets, not the LM task (got {p})")
+        return data
+    xtr, ytr, xte, yte, k = data
+    return (xtr, corrupt_labels(ytr.cpu(), p, k, seed).to(ytr.device), xte, yte, k)
+
+
+def describe(data) -> dict:
+    """The data set's sizes and metric, as the results JSON records them."""
+    if isinstance(data, tuple):
+        return {"n_train": int(data[0].shape[0]), "n_test": int(data[2].shape[0]), "metric": M.ACCURACY.key}
+    return {**data.describe(), "metric": data.goal.key}
+
+
+def task_goal(data) -> M.Goal:
+    """What the task's curves measure: accuracy, or the LM's held-out loss."""
+    return M.ACCURACY if isinstance(data, tuple) else data.goal
