@@ -422,8 +422,11 @@ def test_sdist_builds_a_wheel_with_torch_preinstalled(tmp_path):
 @pytest.mark.slow
 def test_readme_editable_install_with_the_demo_extra(fresh_venv, tmp_path):
     """The README's install lines as written (build isolation, dependencies
-    resolved) where torch is installed: the C++ build against that torch and
-    the demo's packages. `pip install -e .` is this command without the extra.
+    resolved) where torch is installed: an editable install with the demo's
+    packages. `pip install -e .` is this command without the extra. The C++
+    build is skipped here (ES_KERNELS_NO_BUILD=1: the command is the same;
+    a full build under isolation costs minutes and the sdist test above
+    makes one against the installed torch).
 
     README: pip install -e .
     README: pip install -e ".[demo]"
@@ -433,7 +436,7 @@ def test_readme_editable_install_with_the_demo_extra(fresh_venv, tmp_path):
     res = _run(
         [fresh_venv, "-m", "pip", "install", "-e", ".[demo]"],
         cwd=src,
-        env=_env(ES_KERNELS_REQUIRE_BUILD="1"),
+        env=_env(ES_KERNELS_NO_BUILD="1"),
         timeout=1500,
     )
     assert "Downloading torch" not in res.stdout + res.stderr
@@ -441,7 +444,7 @@ def test_readme_editable_install_with_the_demo_extra(fresh_venv, tmp_path):
         fresh_venv,
         tmp_path,
         "import mnist1d, sklearn, matplotlib, tqdm, torch, es_kernels as ek\n"
-        "assert ek._ops.HAS_CPP\n"
+        f"assert ek.__file__.startswith({str(src)!r})\n"
         "print(torch.ops.es_kernels.weighted_select(torch.tensor([0.1, 5.0, 0.2, 4.0]), 2, 'topk').tolist())",
     )
     assert res.returncode == 0, res.stderr[-3000:]
