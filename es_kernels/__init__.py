@@ -25,6 +25,7 @@ from .functional import (
 from .lm import es_step_from_hidden, per_sample_losses_from_hidden
 from .sampler import ESWPSampler, EvolvedSampler, IndexedDataset, Selection
 from .schedule import ScoringSchedule
+from .scoring import scoring
 from .state import ESState
 
 
@@ -71,5 +72,6 @@ __all__ = [
     "per_sample_cross_entropy",
     "per_sample_losses_from_hidden",
     "reference",
+    "scoring",
     "weighted_select",
 ]

@@ -600,6 +600,15 @@ class ESWPSampler(Sampler[int]):
     ``anneal_frac`` of the epochs prune nothing. Yields the kept ids in a
     random order drawn from ``(seed, epoch)``.
 
+    **The share an epoch drops is not** ``prune_ratio``: it is
+    ``prune_ratio`` times the share of samples below the mean score (on
+    average; the count is binomial). Samples never scored and samples at or
+    above the mean are never dropped. Losses are usually skewed (many small,
+    a few large), so more than half of the samples lie below the mean: with
+    75% below, ``prune_ratio=0.5`` drops about 37% of the epoch. After
+    ``set_epoch(e)``, ``1 - len(sampler) / num_samples`` is the share epoch
+    ``e`` drops.
+
     Use it as a DataLoader's ``sampler`` with an :class:`IndexedDataset`, and
     give the meta-batches to ``es.select``.
 
@@ -642,7 +651,8 @@ class ESWPSampler(Sampler[int]):
     num_epochs : int >= 1
         The planned number of epochs (for the annealing phase).
     prune_ratio : float in [0, 1)
-        Probability of dropping a below-mean sample.
+        Probability of dropping a below-mean sample (the share of the epoch
+        dropped is this times the share below the mean).
     anneal_frac : float in [0, 1]
         From epoch ``floor((1 - anneal_frac) * num_epochs)`` on nothing is pruned.
     rescale : bool

@@ -1,7 +1,9 @@
 """The documentation is current: docs/api.md is what docs/gen_api.py writes
 from the docstrings, every public function and class has a numpydoc
-docstring, the README's API table names exactly the public names, and the
-op signatures in docs/spec.md are the schemas of es_kernels/_ops.py."""
+docstring, the API table of docs/usage.md names exactly the public names,
+docs/layout.md names every tracked file, and the op signatures in
+docs/spec.md are the schemas of es_kernels/_ops.py. (The code blocks of the
+README and docs/: test_docs_snippets.py.)"""
 
 import importlib
 import inspect
@@ -77,8 +79,8 @@ def test_public_functions_and_classes_have_numpydoc_docstrings():
     assert not missing, "\n".join(missing)
 
 
-def _readme_api_names() -> set:
-    text = (ROOT / "README.md").read_text()
+def _usage_api_names() -> set:
+    text = (ROOT / "docs" / "usage.md").read_text()
     table = text.split("| name | what it is |", 1)[1].split("\n\n", 1)[0]
     names = set()
     for row in table.splitlines()[2:]:
@@ -86,8 +88,8 @@ def _readme_api_names() -> set:
     return names
 
 
-def test_readme_api_table_names_the_public_names():
-    assert _readme_api_names() == set(gen_api.public_names(es_kernels))
+def test_usage_api_table_names_the_public_names():
+    assert _usage_api_names() == set(gen_api.public_names(es_kernels))
 
 
 def test_spec_op_signatures_are_the_schemas():
@@ -109,20 +111,19 @@ def _tracked_files() -> list:
     return [pathlib.PurePosixPath(f) for f in out.splitlines()]
 
 
-def test_readme_layout_names_every_file_of_the_tree():
-    """Every tracked file (bench/results aside) is named in the README's
-    layout section, and every file or folder that section names exists."""
+def test_layout_page_names_every_file_of_the_tree():
+    """Every tracked file (bench/results aside) is named in docs/layout.md,
+    and every file or folder it names exists."""
     files = _tracked_files()
     if files is None:
         pytest.skip("not a git checkout")
-    text = (ROOT / "README.md").read_text()
-    layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    layout = (ROOT / "docs" / "layout.md").read_text()
     named = set(re.findall(r"`([^`\s]+)`", layout))
     results = pathlib.PurePosixPath("bench/results")
     missing = [str(f) for f in files if f.name not in named and str(f) not in named and results not in f.parents]
-    assert not missing, f"not in the README's layout section: {missing}"
+    assert not missing, f"not in docs/layout.md: {missing}"
     folders = {str(d) + "/" for f in files for d in f.parents} | {d.name + "/" for f in files for d in f.parents}
     existing = {f.name for f in files} | {str(f) for f in files} | folders
     file_like = re.compile(r"^[\w./-]+(\.(py|md|cpp|h|inc|toml|sh|yaml|in|txt)|/)$|/")
     stale = sorted(n for n in named if file_like.search(n) and n not in existing)
-    assert not stale, f"named in the README's layout section but not in the tree: {stale}"
+    assert not stale, f"named in docs/layout.md but not in the tree: {stale}"

@@ -417,3 +417,36 @@ def test_sdist_builds_a_wheel_with_torch_preinstalled(tmp_path):
     (whl,) = (tmp_path / "whl").glob("es_kernels-*.whl")
     with zipfile.ZipFile(whl) as z:
         assert [n for n in z.namelist() if n.startswith("es_kernels/_C")], z.namelist()
+
+
+@pytest.mark.slow
+def test_readme_editable_install_with_the_demo_extra(fresh_venv, tmp_path):
+    """The README's install lines as written (build isolation, dependencies
+    resolved) where torch is installed: an editable install with the demo's
+    packages. `pip install -e .` is this command without the extra. The C++
+    build is skipped here (ES_KERNELS_NO_BUILD=1: the command is the same;
+    a full build under isolation costs minutes and the sdist test above
+    makes one against the installed torch).
+
+    README: pip install -e .
+    README: pip install -e ".[demo]"
+    """
+    src = _copy_source(tmp_path / "src")
+    _run([fresh_venv, "-m", "pip", "uninstall", "-y", "-q", "es-kernels"], ok=False, env=_env())
+    res = _run(
+        [fresh_venv, "-m", "pip", "install", "-e", ".[demo]"],
+        cwd=src,
+        env=_env(ES_KERNELS_NO_BUILD="1"),
+        timeout=1500,
+    )
+    assert "Downloading torch" not in res.stdout + res.stderr
+    res = _import_check(
+        fresh_venv,
+        tmp_path,
+        "import mnist1d, sklearn, matplotlib, tqdm, torch, es_kernels as ek\n"
+        f"assert ek.__file__.startswith({str(src)!r})\n"
+        "print(torch.ops.es_kernels.weighted_select(torch.tensor([0.1, 5.0, 0.2, 4.0]), 2, 'topk').tolist())",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "[1, 3]", res.stdout
+    _run([fresh_venv, "-m", "pip", "uninstall", "-y", "-q", "es-kernels"], env=_env())

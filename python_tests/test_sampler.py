@@ -179,3 +179,60 @@ def test_chunks_are_the_iteration_as_tensors():
         pr_c.chunks(0)
     es_d = ek.EvolvedSampler(0, 1)
     assert ek.ESWPSampler(es_d, num_epochs=1).epoch_ids().shape == (0,)  # an empty epoch
+
+
+@pytest.mark.parametrize("r", [0.25, 0.5, 0.9])
+@pytest.mark.parametrize("dist", ["uniform", "exponential", "lognormal"])
+def test_eswp_drops_prune_ratio_times_the_below_mean_share(r, dist):
+    """The documented share (ESWPSampler's docstring, the README): an epoch
+    drops prune_ratio times the share of scored samples below the mean, never
+    an unscored or an above-mean one; 1 - len / N after set_epoch is it."""
+    n, seen = 20000, 15000
+    g = torch.Generator().manual_seed(hash((r, dist)) % 2**31)
+    losses = {
+        "uniform": lambda: torch.rand(seen, generator=g),
+        "exponential": lambda: -torch.log(torch.rand(seen, generator=g)),
+        "lognormal": lambda: torch.exp(1.5 * torch.randn(seen, generator=g)),
+    }[dist]()
+    es = ek.EvolvedSampler(n, 8, seed=3)
+    ek.es_update(torch.arange(seen), losses, es.state)  # ids >= seen stay unscored
+    pr = ek.ESWPSampler(es, num_epochs=10, prune_ratio=r)
+    pr.set_epoch(2)
+    kept = len(pr)
+    list(pr)
+    score = (es.state.s.double() + es.state.d.double())[:seen]
+    below = score < score.mean()
+    dropped = es.scale == 0
+    assert not dropped[seen:].any() and not dropped[:seen][~below].any()
+    n_below, n_dropped = int(below.sum()), int(dropped.sum())
+    assert n_dropped == n - kept
+    sd = (n_below * r * (1 - r)) ** 0.5
+    assert abs(n_dropped - r * n_below) <= 5 * sd + 1, (n_dropped, r * n_below)
+    if dist == "lognormal" and r == 0.5:  # skewed losses: most below the mean, ~37% dropped of the scored
+        assert 0.7 < n_below / seen < 0.85 and 0.33 < n_dropped / seen < 0.44
+
+
+def test_scoring_is_eval_mode_without_autograd_and_restores_each_module():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5))
+    frozen = torch.nn.BatchNorm1d(8).eval()  # a submodule kept in eval mode stays so
+    model.append(frozen)
+    x = torch.randn(32, 6)
+    stats = model[1].running_mean.clone()
+    with ek.scoring(model) as m:
+        assert m is model and not torch.is_grad_enabled()
+        out1, out2 = model(x), model(x)
+        assert not any(mod.training for mod in model.modules())
+    assert torch.equal(out1, out2) and not out1.requires_grad  # no dropout, no graph
+    assert int(model[1].num_batches_tracked) == 0 and torch.equal(model[1].running_mean, stats)
+    assert model.training and model[1].training and not frozen.training and torch.is_grad_enabled()
+    with pytest.raises(KeyError), ek.scoring(model):
+        raise KeyError  # restored on an exception too
+    assert model.training and not frozen.training
+    with ek.scoring(model, eval_mode=False):  # dropout on, autograd off
+        assert model.training and not model(x).requires_grad
+    assert int(model[1].num_batches_tracked) == 1
+    with pytest.raises(ValueError, match="model"), ek.scoring(lambda x: x):
+        pass
+    with pytest.raises(ValueError, match="eval_mode"), ek.scoring(model, eval_mode=1):
+        pass

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from .. import _checks
 from ..sampler import ESWPSampler, EvolvedSampler
+from ..scoring import scoring
 from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
 
 RNG_KEY = "es_rng"  # the checkpoint's entry of torch's generator states
@@ -212,14 +213,8 @@ class ESLightningMixin:
             self._es_rng_to_restore = None
             _set_rng_state(rng, self.device)
         n = batch[ID_KEY].shape[0]
-        was_training = self.training
-        if self.es_score_in_eval_mode:
-            self.eval()
-        try:
-            with torch.no_grad(), trainer.precision_plugin.train_step_context():
-                batch = select_batch(self.es_sampler, batch, lambda b: {"losses": self.es_sample_losses(b)})
-        finally:
-            self.train(was_training)
+        with scoring(self, eval_mode=self.es_score_in_eval_mode), trainer.precision_plugin.train_step_context():
+            batch = select_batch(self.es_sampler, batch, lambda b: {"losses": self.es_sample_losses(b)})
         self.es_stream.mark_consumed(n)
         if self.es_eswp is None:
             batch.pop(SCALE_KEY, None)

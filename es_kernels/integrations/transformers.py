@@ -105,6 +105,7 @@ except ImportError as e:  # pragma: no cover
 from .. import _checks, lm
 from ..distributed import DistributedEvolvedSampler
 from ..sampler import ESWPSampler, EvolvedSampler
+from ..scoring import scoring
 from . import (
     DOC_KEY,
     ID_KEY,
@@ -444,14 +445,8 @@ class ESTrainer(Trainer):
         device = self.args.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != ID_KEY else v for k, v in batch.items()}
         model = self._es_scoring_model()
-        was_training = model.training
-        if self.es_score_in_eval_mode:
-            model.eval()
-        try:
-            with torch.no_grad():
-                out = select_batch(self.es_sampler, batch, lambda b: self.es_score(model, b))
-        finally:
-            model.train(was_training)
+        with scoring(model, eval_mode=self.es_score_in_eval_mode):
+            out = select_batch(self.es_sampler, batch, lambda b: self.es_score(model, b))
         self.es_stream.mark_consumed(batch[ID_KEY].shape[0] * self.args.world_size)  # every rank's batch
         if PICKS_KEY in out:  # selected from the state: compute_loss observes the training losses
             if self.es_eswp is None:  # per row, or per token of a packed row
