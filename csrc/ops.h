@@ -4,8 +4,12 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include "spec.h"
 
 namespace es_kernels {
 
@@ -48,6 +52,16 @@ std::tuple<at::Tensor, at::Tensor> es_select_from_state(
 Tensor3 eswp_prune(const at::Tensor& state, double prune_ratio, int64_t seed, int64_t epoch,
                    int64_t num_epochs, double anneal_frac, bool rescale);
 
+// Pieces of eswp_prune for the tests (es_kernels._C), at sizes no test can
+// allocate: perm(q) of the visit order of n samples (section 7), the exact
+// two-word sum of the threshold as (hi, lo, value) with sum = hi 2^32 + lo,
+// and the Philox words of counters j (section 9: sample ids past 2^32).
+std::vector<int64_t> prune_visit_perm(int64_t n, int64_t seed, int64_t epoch,
+                                      const std::vector<int64_t>& q);
+std::tuple<int64_t, int64_t, double> prune_exact_sum(const std::vector<int64_t>& terms);
+std::vector<std::array<uint32_t, 4>> philox_words(int64_t seed, const std::vector<int64_t>& j,
+                                                  int64_t step, int64_t stream);
+
 // Memory-safety guards shared by the kernels. The Python API validates every
 // argument first with messages that name it; these keep a direct call of
 // torch.ops.es_kernels.* from reading or writing out of bounds.
@@ -62,7 +76,7 @@ inline void check_state(const at::Tensor& state) {
                     state.sizes());
   TORCH_CHECK_VALUE(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
                     "state must be float32 or float64, got ", state.scalar_type());
-  TORCH_CHECK_VALUE(state.size(0) < (int64_t(1) << 32), "state: at most 2^32 - 1 samples");
+  TORCH_CHECK_VALUE(state.size(0) <= kMaxSamples, "state: at most 2^48 - 1 samples");
 }
 
 // Runs `fn` on a contiguous view of the in-place argument `t` and writes the

@@ -56,14 +56,15 @@ double score_of(const S* st, int64_t i) {
 }
 
 // Section 7's threshold: the mean of score = float64(s) + float64(d) over
-// observed samples (finite score), as an exact fixed-point int64 sum of
-// trunc(score 2^(30 - e)), e from the largest |score|: any split and any
-// backend get the same bits.
+// observed samples (finite score), from the exact sum of the fixed-point
+// trunc(score 2^(30 - e)), e from the largest |score|: an int64 sum per chunk
+// (below 2^45), the chunks' sums added exactly in two words (ExactSum: N up to
+// 2^48 goes past int64), so any split and any backend get the same bits.
 template <typename S>
 double prune_threshold(const S* st, int64_t N) {
   const int64_t nc = chunks(N);
   std::vector<double> pmax(nc, 0.0);
-  std::vector<int64_t> pcount(nc, 0), psum(nc, 0);
+  std::vector<int64_t> pcount(nc, 0), psum(nc, 0);  // a chunk's |sum| < 2^15 2^30
   for_chunks(N, [&](int64_t c, int64_t b, int64_t e) {
     double m = 0.0;
     int64_t cnt = 0;
@@ -95,16 +96,17 @@ double prune_threshold(const S* st, int64_t N) {
     }
     psum[c] = acc;
   });
-  int64_t total = 0;
-  for (int64_t c = 0; c < nc; ++c) total += psum[c];
-  return static_cast<double>(total) * std::ldexp(1.0, e - kPruneMeanBits) /
-         static_cast<double>(observed);
+  ExactSum total;
+  for (int64_t c = 0; c < nc; ++c) total.add(psum[c]);
+  return total.value() * std::ldexp(1.0, e - kPruneMeanBits) / static_cast<double>(observed);
 }
 
 // perm: the visit order's bijection of [0, 2^k) (section 7): 4 Feistel rounds
 // over a high half of k - k/2 bits and a low half of k/2 bits, keyed by the
-// Philox words of (seed, j = 0, step = epoch, stream 2). 32-bit arithmetic
-// (k <= 32), the same operations for every q: the loop over a block vectorises.
+// Philox words of (seed, j = 0, step = epoch, stream 2). The halves are 32-bit
+// words (k <= 48: at most 24 bits each); q and perm(q) are X = uint32_t when
+// k <= 32, else uint64_t. The same operations for every q: the loop over a
+// block vectorises.
 struct VisitPerm {
   int k, lo;
   uint32_t key[4], mask[4];
@@ -118,8 +120,9 @@ struct VisitPerm {
     }
   }
 
-  uint32_t operator()(uint32_t q) const {
-    uint32_t a = q >> lo, b = q & mask[1];
+  template <typename X>
+  X operator()(X q) const {
+    uint32_t a = static_cast<uint32_t>(q >> lo), b = static_cast<uint32_t>(q) & mask[1];
     for (int r = 0; r < 4; ++r) {
       uint32_t h = (b ^ key[r]) * kPrunePermMul[0];
       h ^= h >> kPrunePermShift[0];
@@ -129,7 +132,7 @@ struct VisitPerm {
       a = b;
       b = nb;
     }
-    return (a << lo) | b;
+    return (static_cast<X>(a) << lo) | b;
   }
 };
 
@@ -143,7 +146,54 @@ void perm_block(const VisitPerm& perm, int64_t q0, int64_t n, uint32_t* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = perm(static_cast<uint32_t>(q0 + j));
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__AVX2__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void perm_block(const VisitPerm& perm, int64_t q0, int64_t n, uint64_t* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = perm(static_cast<uint64_t>(q0 + j));
+}
+
 constexpr int64_t kPermBlock = 512;  // perm values computed at once (on the stack)
+
+// The kept ids in the visit order, into order[0, ...): perm(q) for q in
+// [0, domain) where its bit of `skip` is clear; a count per chunk of q (when
+// there are several), an exclusive scan, then each chunk writes from its
+// offset. X: uint32_t for domains up to 2^32 (the faster lanes), else uint64_t.
+template <typename X>
+void write_kept(const VisitPerm& perm, int64_t domain, const std::vector<uint64_t>& skip,
+                int64_t* order) {
+  auto kept = [&](X x) { return !((skip[x >> 6] >> (x & 63)) & 1); };
+  std::vector<int64_t> at(chunks(domain), 0);
+  if (at.size() > 1) {
+    for_chunks(domain, [&](int64_t c, int64_t b, int64_t e) {
+      X x[kPermBlock];
+      int64_t cnt = 0;
+      for (int64_t q = b; q < e; q += kPermBlock) {
+        const int64_t n = std::min(kPermBlock, e - q);
+        perm_block(perm, q, n, x);
+        for (int64_t j = 0; j < n; ++j) cnt += kept(x[j]);
+      }
+      at[c] = cnt;
+    });
+    exclusive_scan(at);
+  }
+  for_chunks(domain, [&](int64_t c, int64_t b, int64_t e) {
+    X x[kPermBlock];
+    int64_t ids[kPermBlock];
+    int64_t* out = order + at[c];
+    for (int64_t q = b; q < e; q += kPermBlock) {
+      const int64_t n = std::min(kPermBlock, e - q);
+      perm_block(perm, q, n, x);
+      int64_t m = 0;
+      for (int64_t j = 0; j < n; ++j) {  // branch-free compaction into ids
+        ids[m] = static_cast<int64_t>(x[j]);
+        m += kept(x[j]);
+      }
+      std::copy(ids, ids + m, out);  // only this chunk's slots are written
+      out += m;
+    }
+  });
+}
 
 template <typename S>
 void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoch, bool annealing,
@@ -172,40 +222,11 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
   const int64_t K = N - exclusive_scan(gone);
   if (N % 64) skip[N >> 6] |= ~uint64_t(0) << (N % 64);
   for (int64_t w = (N + 63) >> 6; w < domain / 64; ++w) skip[w] = ~uint64_t(0);
-  auto kept = [&](uint32_t x) { return !((skip[x >> 6] >> (x & 63)) & 1); };
-
-  // the kept ids in the visit order: count per chunk of q (when there are
-  // several), exclusive scan, then each chunk writes from its offset
-  std::vector<int64_t> at(chunks(domain), 0);
-  if (at.size() > 1) {
-    for_chunks(domain, [&](int64_t c, int64_t b, int64_t e) {
-      uint32_t x[kPermBlock];
-      int64_t cnt = 0;
-      for (int64_t q = b; q < e; q += kPermBlock) {
-        const int64_t n = std::min(kPermBlock, e - q);
-        perm_block(perm, q, n, x);
-        for (int64_t j = 0; j < n; ++j) cnt += kept(x[j]);
-      }
-      at[c] = cnt;
-    });
-    exclusive_scan(at);
+  if (perm.k <= 32) {
+    write_kept<uint32_t>(perm, domain, skip, order);
+  } else {
+    write_kept<uint64_t>(perm, domain, skip, order);
   }
-  for_chunks(domain, [&](int64_t c, int64_t b, int64_t e) {
-    uint32_t x[kPermBlock];
-    int64_t ids[kPermBlock];
-    int64_t* out = order + at[c];
-    for (int64_t q = b; q < e; q += kPermBlock) {
-      const int64_t n = std::min(kPermBlock, e - q);
-      perm_block(perm, q, n, x);
-      int64_t m = 0;
-      for (int64_t j = 0; j < n; ++j) {  // branch-free compaction into ids
-        ids[m] = x[j];
-        m += kept(x[j]);
-      }
-      std::copy(ids, ids + m, out);  // only this chunk's slots are written
-      out += m;
-    }
-  });
   // the dropped ids, ascending, after them
   for_chunks(N, [&](int64_t c, int64_t b, int64_t e) {
     int64_t* out = order + K + gone[c];
@@ -219,6 +240,35 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
 }
 
 }  // namespace
+
+std::vector<int64_t> prune_visit_perm(int64_t n, int64_t seed, int64_t epoch,
+                                      const std::vector<int64_t>& q) {
+  TORCH_CHECK_VALUE(n >= 1 && n <= kMaxSamples, "n must be in [1, 2^48)");
+  const VisitPerm perm(n, static_cast<uint64_t>(seed), static_cast<uint64_t>(epoch));
+  std::vector<int64_t> out(q.size());
+  for (size_t j = 0; j < q.size(); ++j) {
+    TORCH_CHECK_VALUE(q[j] >= 0 && q[j] < (int64_t(1) << perm.k), "q must be in [0, 2^k)");
+    out[j] = static_cast<int64_t>(perm(static_cast<uint64_t>(q[j])));
+  }
+  return out;
+}
+
+std::tuple<int64_t, int64_t, double> prune_exact_sum(const std::vector<int64_t>& terms) {
+  ExactSum sum;
+  for (const int64_t t : terms) sum.add(t);
+  return {sum.hi, sum.lo, sum.value()};
+}
+
+std::vector<std::array<uint32_t, 4>> philox_words(int64_t seed, const std::vector<int64_t>& j,
+                                                  int64_t step, int64_t stream) {
+  std::vector<std::array<uint32_t, 4>> out(j.size());
+  for (size_t i = 0; i < j.size(); ++i) {
+    const Philox4 p = philox4x32_10(static_cast<uint64_t>(seed), static_cast<uint64_t>(j[i]),
+                                    static_cast<uint64_t>(step), static_cast<uint32_t>(stream));
+    out[i] = {p.x[0], p.x[1], p.x[2], p.x[3]};
+  }
+  return out;
+}
 
 Tensor3 eswp_prune(const at::Tensor& state_in, double prune_ratio, int64_t seed, int64_t epoch,
                    int64_t num_epochs, double anneal_frac, bool rescale) {

@@ -22,8 +22,12 @@ inline int seq_mean_bits(int64_t T) {
   return 62 - n;
 }
 
+// N, the samples of a state (section 2): ids in [0, 2^48) (as _spec.MAX_SAMPLES).
+constexpr int64_t kMaxSamples = (int64_t(1) << 48) - 1;
+
 // The visit order of pruning (section 7): a 4-round Feistel permutation of
-// [0, 2^k), k = max(bit length of N - 1, kPrunePermMinBits), filtered to [0, N).
+// [0, 2^k), k = max(bit length of N - 1, kPrunePermMinBits) <= 48, filtered to
+// [0, N); the halves (at most 24 bits) are uint32 words.
 constexpr int kPrunePermMinBits = 8;
 constexpr uint32_t kPrunePermMul[2] = {0xD2511F53u, 0xCD9E8D57u};
 constexpr int kPrunePermShift[2] = {15, 16};
@@ -33,6 +37,25 @@ inline int prune_perm_bits(int64_t n) {
   while (k < 64 && (int64_t(1) << k) < n) ++k;  // bit length of n - 1
   return k < kPrunePermMinBits ? kPrunePermMinBits : k;
 }
+
+// An exact integer sum of int64 terms, held as hi 2^32 + lo with 0 <= lo < 2^32
+// (pruning's threshold, section 7: up to 2^48 terms of |q| < 2^30, beyond
+// int64). value() is the sum correctly rounded to float64: hi 2^32 and lo are
+// exact doubles while |hi| < 2^53, so their one addition rounds once.
+struct ExactSum {
+  int64_t hi = 0, lo = 0;
+
+  void add(int64_t v) {
+    lo += v & 0xFFFFFFFF;          // [0, 2^33)
+    hi += (v >> 32) + (lo >> 32);  // arithmetic shift: v = (v >> 32) 2^32 + (v & M)
+    lo &= 0xFFFFFFFF;
+  }
+  void add(const ExactSum& o) {
+    add(o.lo);
+    hi += o.hi;
+  }
+  double value() const { return std::ldexp(static_cast<double>(hi), 32) + static_cast<double>(lo); }
+};
 
 // First epoch of the annealing phase: floor((1 - anneal_frac) * num_epochs)
 // in float64, compared with the epoch as integers (section 7).

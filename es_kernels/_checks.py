@@ -110,8 +110,8 @@ def state(st, errors=None) -> None:
     tensor(st, "state", dim=2, dtypes=STATE_DTYPES)
     if st.shape[1] != 2:
         raise ValueError(f"state must have shape [N, 2] (s, d), got {tuple(st.shape)}")
-    if st.shape[0] > _spec.MAX_POSITIONS:
-        raise ValueError(f"state: at most 2**32 - 1 samples, got {st.shape[0]}")
+    if st.shape[0] > _spec.MAX_SAMPLES:
+        raise ValueError(f"state: at most 2**48 - 1 samples, got {st.shape[0]}")
     writable(st, "state")
     if errors is not None:
         tensor(errors, "errors", dim=1, dtypes=(torch.int64,), device=st.device)

@@ -41,14 +41,19 @@ def seq_mean_bits(T: int) -> int:
 
 
 # The visit order of pruning (spec section 7): a 4-round Feistel permutation of
-# [0, 2**k), k = max(bit length of N - 1, PRUNE_PERM_MIN_BITS), filtered to [0, N).
+# [0, 2**k), k = max(bit length of N - 1, PRUNE_PERM_MIN_BITS) <= 48, filtered to
+# [0, N); its halves (at most 24 bits) are uint32 words.
 PRUNE_PERM_MIN_BITS = 8  # a domain of at least 256: halves of >= 4 bits mix well
 PRUNE_PERM_MUL = (0xD2511F53, 0xCD9E8D57)  # the round function's multipliers (Philox's)
 PRUNE_PERM_SHIFT = (15, 16)  # and its xor-shifts
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
-MAX_POSITIONS = (1 << 32) - 1  # positions / sample ids enter Philox as one 32-bit word
+MAX_POSITIONS = (1 << 32) - 1  # positions of a batch enter Philox as one 32-bit word
+# N, the samples of a state (spec section 2): ids in [0, 2**48). The ids enter
+# Philox as two words (j mod 2**32, j >> 32); the visit order's domain is at most
+# 2**48; pruning's exact sum of |q_i| < 2**30 over N samples stays below 2**78.
+MAX_SAMPLES = (1 << 48) - 1
 
 
 def anneal_stop(num_epochs: int, anneal_frac: float) -> int:
@@ -61,6 +66,14 @@ def anneal_stop(num_epochs: int, anneal_frac: float) -> int:
 def prune_perm_bits(n: int) -> int:
     """``k``: the visit order of ``n`` samples permutes ``[0, 2**k)`` (spec section 7)."""
     return max((n - 1).bit_length(), PRUNE_PERM_MIN_BITS)
+
+
+def prune_mean(total: int, count: int, e: int) -> float:
+    """``tau`` of spec section 7 from the exact integer sum of the ``count``
+    fixed-point scores ``q_i`` (``e``: the exponent of the largest |score|):
+    ``f64(total) * 2**(e - 30) / count``, ``f64(total)`` the correctly rounded
+    float64 of the exact sum (Python's int-to-float conversion)."""
+    return float(total) * 2.0 ** (e - PRUNE_MEAN_BITS) / count
 
 
 def drop_levels(prune_ratio: float) -> int:

@@ -460,7 +460,8 @@ def packed_step(
 # --------------------------------------------------------------------------
 def prune_threshold(state) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(score float64 [N], observed [N], tau): the mean score over observed
-    samples by the order-independent fixed-point rule (NaN when none)."""
+    samples by the order-independent fixed-point rule (NaN when none), from
+    the exact integer sum of the fixed-point scores."""
     score = state[:, 0].double() + state[:, 1].double()
     observed = torch.isfinite(score)  # s NaN (unseen) gives a NaN score
     sc = score[observed]
@@ -470,9 +471,9 @@ def prune_threshold(state) -> tuple[torch.Tensor, torch.Tensor, float]:
     if big == 0.0:
         return score, observed, 0.0
     e = math.frexp(big)[1]
-    bits = _spec.PRUNE_MEAN_BITS
-    q = torch.trunc(sc * 2.0 ** (bits - e)).long()
-    return score, observed, float(q.sum()) * 2.0 ** (e - bits) / sc.numel()
+    q = torch.trunc(sc * 2.0 ** (_spec.PRUNE_MEAN_BITS - e)).long()
+    total = sum(int(c.sum()) for c in q.split(1 << 32))  # exact: |q| < 2**30, a part's sum < 2**62
+    return score, observed, _spec.prune_mean(total, sc.numel(), e)
 
 
 def prune_perm_keys(seed: int, epoch: int) -> tuple[int, int, int, int]:
@@ -493,7 +494,8 @@ def _perm_round(v: torch.Tensor, key: int) -> torch.Tensor:
 
 
 def prune_permute(q: torch.Tensor, k: int, keys) -> torch.Tensor:
-    """perm(q): the 4-round Feistel bijection of ``[0, 2**k)`` (int64 tensors)."""
+    """perm(q): the 4-round Feistel bijection of ``[0, 2**k)``, ``k <= 48``
+    (int64 tensors; the halves, at most 24 bits, are 32-bit words)."""
     lo = k // 2
     a, wa, b, wb = q >> lo, k - lo, q & ((1 << lo) - 1), lo
     for key in keys:

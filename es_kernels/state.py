@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import _checks
+from . import _checks, _spec
 
 
 class ESState:
@@ -14,7 +14,7 @@ class ESState:
 
     Parameters
     ----------
-    num_samples : int in [0, 2**32)
+    num_samples : int in [0, 2**48)
         ``N``, the dataset size; sample ids are in ``[0, N)``.
     device : torch.device, str or None
         Where the state lives (``None``: the CPU); every op on it takes its
@@ -51,7 +51,7 @@ class ESState:
     KEYS = ("s", "d", "errors")
 
     def __init__(self, num_samples: int, device=None, dtype: torch.dtype = torch.float32):
-        num_samples = _checks.integer(num_samples, "num_samples", 0, (1 << 32) - 1)
+        num_samples = _checks.integer(num_samples, "num_samples", 0, _spec.MAX_SAMPLES)
         if dtype not in _checks.STATE_DTYPES:
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
         self.tensor = torch.zeros((num_samples, 2), dtype=dtype, device=device)

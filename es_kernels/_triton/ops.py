@@ -299,7 +299,7 @@ def eswp_prune(a):
         return torch.empty(0, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev), scale
     st = state.contiguous()
     grid = (triton.cdiv(n, PRUNE_BLOCK),)
-    acc = torch.zeros(3, dtype=torch.int64, device=dev)  # max |score| bits, count, fixed-point sum
+    acc = torch.zeros(4, dtype=torch.int64, device=dev)  # max |score| bits, count, fixed-point sum (2 words)
     launch(prune_max_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
     launch(prune_sum_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
     k = _spec.prune_perm_bits(n)

@@ -5,8 +5,9 @@ memory, with no host round-trip and no sort:
    and the count of observed samples, by integer atomics (the float64 bits of
    a non-negative number order like int64);
 2. ``prune_sum_kernel``: the exact fixed-point sum of trunc(score 2**(30 - e))
-   by an int64 atomic add (order-independent, so the mean's bits are the same
-   on every backend);
+   by int64 atomic adds into two words (a block's sum split at bit SUM_SPLIT:
+   exact for N up to 2**48, where one int64 would overflow; order-independent,
+   so the mean's bits are the same on every backend);
 3. ``prune_decide_kernel``: per id the drop and the scale; the drops as a
    bitmask ``skip`` over the visit domain ``[0, 2**k)`` (a set bit: dropped, or
    ``>= N``; N/8 bytes) and the dropped count of each block of ids;
@@ -29,6 +30,13 @@ from .. import _spec
 from .philox import philox_words
 
 PRUNE_BITS = tl.constexpr(_spec.PRUNE_MEAN_BITS)
+# A block's sum s (|s| < BLOCK 2**30) adds s >> SUM_SPLIT to one word and
+# s mod 2**SUM_SPLIT to the other: the low word stays below 2**62 for up to
+# 2**38 blocks (N = 2**48 at BLOCK = 1024), the high one below 2**55.
+SUM_SPLIT = tl.constexpr(24)
+SUM_LOW = tl.constexpr((1 << 24) - 1)  # mod 2**SUM_SPLIT
+SUM_HI_SHIFT = tl.constexpr(32 - 24)  # hi 2**SUM_SPLIT = (hi >> 8) 2**32 + (hi mod 2**8) 2**SUM_SPLIT
+SUM_HI_LOW = tl.constexpr((1 << (32 - 24)) - 1)
 STREAM_PRUNE = tl.constexpr(_spec.STREAM_PRUNE)
 STREAM_PRUNE_ORDER = tl.constexpr(_spec.STREAM_PRUNE_ORDER)
 PERM_MUL0 = tl.constexpr(_spec.PRUNE_PERM_MUL[0])
@@ -73,12 +81,37 @@ def prune_sum_kernel(state_ptr, N, acc_ptr, BLOCK: tl.constexpr):
     bits = tl.load(acc_ptr)
     up = _pow2(-_exponent(bits) + PRUNE_BITS)
     q = tl.where(observed & (bits > 0), (score * up).to(tl.int64), 0)  # the cast truncates
-    tl.atomic_add(acc_ptr + 2, tl.sum(q, 0))
+    total = tl.sum(q, 0)
+    tl.atomic_add(acc_ptr + 2, total >> SUM_SPLIT)  # arithmetic shift: floor
+    tl.atomic_add(acc_ptr + 3, total & SUM_LOW)
+
+
+@triton.jit
+def _sum_as_float64(acc_ptr):
+    """The exact sum of prune_sum_kernel's words, hi 2**SUM_SPLIT + lo, correctly
+    rounded to float64: rewritten as h 2**32 + l with 0 <= l < 2**32, h and l
+    are exact doubles (|h| < 2**53), and their one addition rounds once."""
+    hi = tl.load(acc_ptr + 2)
+    lo = tl.load(acc_ptr + 3)
+    h = (hi >> SUM_HI_SHIFT) + (lo >> 32)
+    l = ((hi & SUM_HI_LOW) << SUM_SPLIT) + (lo & 0xFFFFFFFF)  # < 2**33
+    h = h + (l >> 32)
+    l = l & 0xFFFFFFFF
+    return h.to(tl.float64) * 4294967296.0 + l.to(tl.float64)
+
+
+@triton.jit
+def _threshold(acc_ptr):
+    """tau of spec section 7 from the words of prune_max_kernel and prune_sum_kernel."""
+    bits = tl.load(acc_ptr)
+    count = tl.load(acc_ptr + 1)
+    mean = _sum_as_float64(acc_ptr) * _pow2(_exponent(bits) - PRUNE_BITS) / count.to(tl.float64)
+    return tl.where(count == 0, float("nan"), tl.where(bits == 0, 0.0, mean))
 
 
 @triton.jit
 def _domain(k):
-    """2**k as int64 (k <= 32)."""
+    """2**k as int64 (k <= 48)."""
     return tl.full((), 1, tl.int64) << k
 
 
@@ -98,11 +131,7 @@ def prune_decide_kernel(
     ANNEALING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    bits = tl.load(acc_ptr)
-    count = tl.load(acc_ptr + 1)
-    total = tl.load(acc_ptr + 2)
-    mean = total.to(tl.float64) * _pow2(_exponent(bits) - PRUNE_BITS) / count.to(tl.float64)
-    tau = tl.where(count == 0, float("nan"), tl.where(bits == 0, 0.0, mean))
+    tau = _threshold(acc_ptr)
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = i < N
@@ -136,29 +165,29 @@ def _perm_round(b, key):
 def _visit_perm(q, k, seed, epoch_lo):
     """perm(q) of spec section 7: the 4-round Feistel bijection of [0, 2**k)
     keyed by the Philox words of (seed, j = 0, step = epoch, stream 2); q, the
-    result: uint32."""
+    result: int64 in [0, 2**k), k <= 48; the halves (at most 24 bits): uint32."""
     zero = tl.full((1,), 0, tl.uint32)
     k0, k1, k2, k3 = tl.philox(seed, zero, zero, zero + epoch_lo.to(tl.uint32), zero + STREAM_PRUNE_ORDER)
     lo = (k // 2).to(tl.uint32)
     mask_lo = (tl.full((1,), 1, tl.uint32) << lo) - 1
     mask_hi = (tl.full((1,), 1, tl.uint32) << (k.to(tl.uint32) - lo)) - 1
-    a = q >> lo
-    b = q & mask_lo
+    a = (q >> lo.to(tl.int64)).to(tl.uint32)
+    b = q.to(tl.uint32) & mask_lo
     a, b = b, a ^ (_perm_round(b, k0) & mask_hi)
     a, b = b, a ^ (_perm_round(b, k1) & mask_lo)
     a, b = b, a ^ (_perm_round(b, k2) & mask_hi)
     a, b = b, a ^ (_perm_round(b, k3) & mask_lo)
-    return (a << lo) | b
+    return (a.to(tl.int64) << lo.to(tl.int64)) | b.to(tl.int64)
 
 
 @triton.jit
 def _kept_in_visit(skip_ptr, q, k, seed, epoch_lo):
-    """(perm(q) as int64, kept) for the q (int64) of one block of the domain."""
+    """(perm(q), kept) for the q (int64) of one block of the domain."""
     domain = _domain(k)
-    x = _visit_perm(q.to(tl.uint32), k, seed, epoch_lo)
-    word = tl.load(skip_ptr + (x >> 5).to(tl.int64), mask=q < domain, other=-1)
+    x = _visit_perm(q, k, seed, epoch_lo)
+    word = tl.load(skip_ptr + (x >> 5), mask=q < domain, other=-1)
     kept = (q < domain) & (((word >> (x & 31).to(tl.int32)) & 1) == 0)
-    return x.to(tl.int64), kept
+    return x, kept
 
 
 @triton.jit(do_not_specialize=["k", "seed", "epoch_lo"])
