@@ -17,7 +17,18 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import _checks, _spec
-from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
+from ._spec import (
+    DEFAULT_ANNEAL_FRAC,
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_IGNORE_INDEX,
+    DEFAULT_LABEL_SMOOTHING,
+    DEFAULT_LAM,
+    DEFAULT_PRUNE_RATIO,
+    DEFAULT_SELECT_MODE,
+    DEFAULT_W_MIN,
+)
 from .functional import STEP_SETTINGS, es_select_from_state, es_step, es_step_from_losses, es_update, eswp_prune
 from .lm import DEFAULT_WORKSPACE_BYTES, es_step_from_hidden
 from .schedule import ScoringSchedule
@@ -105,21 +116,32 @@ class EvolvedSampler:
     STATE_KEYS = ("state", "step", "epoch", "scale", "counters") + SETTINGS
     COUNTER_KEYS = ("last_seen", "picks")
 
+    # the settings (SETTINGS), validated: set by _configure
+    mini_batch: int
+    beta1: float
+    beta2: float
+    lam: float
+    select_mode: str
+    eps: float
+    seed: int
+    w_min: float
+    schedule: ScoringSchedule
+
     def __init__(
         self,
         num_samples: int,
         mini_batch: int,
         beta1: float = DEFAULT_BETA1,
         beta2: float = DEFAULT_BETA2,
-        select_mode: str = "sample",
+        select_mode: str = DEFAULT_SELECT_MODE,
         seed: int = 0,
-        device=None,
+        device: torch.device | str | None = None,
         w_min: float = DEFAULT_W_MIN,
         *,
         lam: float = DEFAULT_LAM,
         eps: float = DEFAULT_EPS,
         schedule: ScoringSchedule | str | None = None,
-    ):
+    ) -> None:
         cfg = self._validate({k: v for k, v in locals().items() if k in self.SETTINGS})
         self.state = ESState(num_samples, device=device)
         self._counters: torch.Tensor | None = None  # int64 [2, N + 1]: last_seen, picks (+ a spare slot)
@@ -188,7 +210,7 @@ class EvolvedSampler:
         return self._scale
 
     @scale.setter
-    def scale(self, value) -> None:
+    def scale(self, value: torch.Tensor | None) -> None:
         if value is not None:
             _checks.tensor(value, "scale", dim=1, dtypes=(torch.float32,), device=self.device)
             if value.shape[0] != self.state.num_samples:
@@ -199,19 +221,19 @@ class EvolvedSampler:
 
     def select(
         self,
-        ids=None,
-        logits=None,
-        targets=None,
-        losses=None,
+        ids: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
         *,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
         shift_labels: bool = False,
-        hidden=None,
-        weight=None,
-        bias=None,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-        segment_ids=None,
+        segment_ids: torch.Tensor | None = None,
     ) -> Selection:
         """Score a meta-batch, update its state, pick ``mini_batch`` of it.
 
@@ -384,7 +406,7 @@ class EvolvedSampler:
         _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
         return ids.to(self.device, non_blocking=True)
 
-    def observe(self, ids, losses) -> torch.Tensor | None:
+    def observe(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor | None:
         """Observe the training pass's per-sample losses of the picks
         (docs/spec.md section 12.1), after a step that selected from the state.
 
@@ -675,15 +697,22 @@ class ESWPSampler(Sampler[int]):
         "rescale",
     )
 
+    # the settings, validated: set from _settings
+    num_epochs: int
+    prune_ratio: float
+    anneal_frac: float
+    rescale: bool
+    seed: int
+
     def __init__(
         self,
         es: EvolvedSampler,
         num_epochs: int,
-        prune_ratio: float = 0.5,
+        prune_ratio: float = DEFAULT_PRUNE_RATIO,
         anneal_frac: float = DEFAULT_ANNEAL_FRAC,
         rescale: bool = True,
         seed: int | None = None,
-    ):
+    ) -> None:
         if not isinstance(es, EvolvedSampler):
             raise ValueError(f"es must be an EvolvedSampler, got {type(es).__name__}")
         cfg = self._settings(num_epochs, prune_ratio, anneal_frac, rescale, es.seed if seed is None else seed)
@@ -959,12 +988,12 @@ class IndexedDataset(Dataset):
         index, another item follows it as one element.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> tuple:
         item = self.dataset[i]
         return (i, *item) if isinstance(item, tuple) else (i, item)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import _checks
+from ._spec import DEFAULT_LAM, DEFAULT_W_MIN
 
 
 class ESState:
@@ -93,13 +94,13 @@ class ESState:
         """
         return ~torch.isnan(self.s)
 
-    def weights(self, lam: float = 1.0, w_min: float = 1e-8) -> torch.Tensor:
+    def weights(self, lam: float = DEFAULT_LAM, w_min: float = DEFAULT_W_MIN) -> torch.Tensor:
         """The current weight of every sample (spec section 3).
 
         Parameters
         ----------
         lam : float >= 0
-            Trend gain.
+            Trend gain (default ``DEFAULT_LAM``, as the samplers and the ops).
         w_min : float > 0
             Floor of the weight.
 
