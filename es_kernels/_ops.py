@@ -31,6 +31,7 @@ import importlib.util
 import inspect
 import os
 import warnings
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -83,8 +84,22 @@ class OpArgs(tuple):
 
     __slots__ = ()
 
+    # set by _args_class for each op (the schema's names are the fields)
+    _fields: ClassVar[tuple[str, ...]]
+    _casts: ClassVar[list[tuple[int, Callable[[Any], Any]]]]
+    _noise_at: ClassVar[list[int] | None]
+    signature: ClassVar[inspect.Signature]
+
+    if TYPE_CHECKING:  # what the namedtuple base of each op's class provides
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> OpArgs: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+
+        def _replace(self, **values: Any) -> OpArgs: ...
+
     @property
-    def noise(self) -> tuple:
+    def noise(self) -> tuple[Any, Any]:
         """``(seed, step)`` as the user gave them: the schema's tensor, where
         given, else its int (``seed_tensor`` / ``step_tensor`` win)."""
         seed_t, step_t = getattr(self, "seed_tensor", None), getattr(self, "step_tensor", None)
@@ -104,13 +119,13 @@ class OpArgs(tuple):
         return tuple.__new__(type(self), values)
 
 
-def _args_class(name: str) -> type:
+def _args_class(name: str) -> type[OpArgs]:
     schema = getattr(ops, name).default._schema
     fields = [a.name for a in schema.arguments]
     defaults = [a.default_value for a in schema.arguments if a.has_default_value()]
     if any(not a.has_default_value() for a in schema.arguments[len(fields) - len(defaults) :]):
         raise TypeError(f"{name}: arguments with defaults must come last")
-    base = collections.namedtuple(f"{name}_args", fields, defaults=defaults)
+    base = collections.namedtuple(f"{name}_args", fields, defaults=defaults)  # type: ignore[misc]  # from the schema
     params = [
         inspect.Parameter(
             a.name,
@@ -151,7 +166,7 @@ def binds(name: str):
         def call(*args, **kwargs):
             return fn(cls(*args, **kwargs))
 
-        call.__signature__ = cls.signature
+        call.__signature__ = cls.signature  # type: ignore[attr-defined]  # what inspect.signature shows
         return call
 
     return deco
@@ -306,7 +321,7 @@ try:
         raise ImportError("ES_KERNELS_NO_CPP is set")
     if importlib.util.find_spec(f"{__package__}._C") is None:  # say so plainly, not as Python's import error
         raise ImportError(f"no es_kernels._C library in {os.path.dirname(__file__)}")
-    from . import _C  # noqa: F401  (registers the CPU kernels: TORCH_LIBRARY_IMPL(es_kernels, CPU))
+    importlib.import_module(f"{__package__}._C")  # registers the CPU kernels: TORCH_LIBRARY_IMPL(es_kernels, CPU)
 
     HAS_CPP = True
 except ImportError as _exc:  # a pure-Python install: the reference serves the CPU

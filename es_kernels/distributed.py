@@ -421,11 +421,14 @@ class DistributedEvolvedSampler(EvolvedSampler):
         n = ids.shape[0]
         b = min(self.mini_batch, n)
         cap = self._capacity(n)
-        gathered = self._gather(ids, losses, cap) if cap > 0 else None
-        w_all = self._apply(gathered) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
+        if cap > 0:
+            gathered = self._gather(ids, losses, cap)
+            w_all, seen = self._apply(gathered), unpack(gathered)[0]  # every rank's ids
+        else:
+            w_all, seen = ids.new_empty(0, dtype=torch.float32), ids
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
         self._step.add_(1)
-        self._refresh(unpack(gathered)[0] if cap > 0 else ids)  # every rank's ids, on every replica
+        self._refresh(seen)  # every rank's ids, on every replica
         weights = w_all[self.rank * cap : self.rank * cap + n]
         return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), weights)
 
@@ -438,14 +441,15 @@ class DistributedEvolvedSampler(EvolvedSampler):
         n = ids.shape[0]
         b = min(self.mini_batch, n)
         cap = self._capacity(n)
-        sch, num = self.schedule, self.state.num_samples
+        sch, num, counters = self.schedule, self.state.num_samples, self._counters
+        assert counters is not None  # kept while the schedule selects from the state
         if cap == 0:
             w_all = ids.new_empty(0, dtype=torch.float32)
         else:
             gids, _ = unpack(self._gather(ids, torch.zeros(n, device=self.device), cap))
             _, w_all = ops.es_select_from_state(
                 gids, self.state.tensor, self.state.errors, 0, self.lam, self.w_min, self.select_mode, 0, 0, None,
-                self._step, False, 0.0, self._counters[0, :num], sch.max_age, self._counters[1, :num], sch.cap,
+                self._step, False, 0.0, counters[0, :num], sch.max_age, counters[1, :num], sch.cap,
             )  # fmt: skip
             self.state.errors[0] -= (gids == PAD_ID).sum()  # padding, counted as out of range
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
@@ -453,7 +457,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
         weights = w_all[self.rank * cap : self.rank * cap + n]
         due = (weights[pos] == math.inf).to(torch.float64)
         pids, pdue = unpack(self._gather(ids[pos], due, self.mini_batch))  # every rank's picks
-        slot, picks = self._slot(pids), self._counters[1]
+        slot, picks = self._slot(pids), counters[1]
         picks[slot] = torch.where(pdue != 0, 0, picks[slot] + 1)  # a priority pick refreshes
         self._host_step += 1
         self._scored_last = False

@@ -345,7 +345,7 @@ def estimate_cost(
     for _ in range(warmup):
         for fn in parts.values():
             fn()
-    times = {k: [] for k in parts}
+    times: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(repeats):
         for k, fn in parts.items():
             _sync(device)

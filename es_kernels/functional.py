@@ -469,7 +469,7 @@ def es_step(
     _checks.step_from_logits(a)
     logits, targets = _shift(logits, targets, shift_labels)
     a = a._replace(logits=logits, targets=targets).for_op()
-    return StepResult(*_run_checked(state, ids, ops.es_step, a))
+    return StepResult(*_run_checked(state, a.ids, ops.es_step, a))
 
 
 def es_step_from_losses(
@@ -531,7 +531,7 @@ def es_step_from_losses(
         return packed_step_from_losses(losses, ids, state, b, segment_ids, mask=mask, **step_kw(locals()))
     a = _op_args("es_step_from_losses", locals())
     _checks.step_from_losses(a)
-    return StepResult(*_run_checked(state, ids, ops.es_step_from_losses, a.for_op()))
+    return StepResult(*_run_checked(state, a.ids, ops.es_step_from_losses, a.for_op()))
 
 
 def eswp_prune(

@@ -313,7 +313,7 @@ def es_step_from_hidden(
     _check_hidden(
         hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes, device=st.device
     )
-    _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=st.device)
+    ids = _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=st.device)
     if ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"ids must have the batch size of hidden ({hidden.shape[0]}), got {ids.shape[0]}")
     _checks.hyper(beta1, beta2, lam, w_min)
@@ -392,7 +392,9 @@ def _check_segments(segment_ids, shape, device) -> None:
         raise ValueError(f"segment_ids: at most 2**32 - 1 tokens per call, got {segment_ids.numel()}")
 
 
-def _packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels):
+def _packed_tokens_from_logits(
+    logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token losses float32 [B, T], scored bool [B, T], documents int64 [B, T]) from logits."""
     t = shifted_targets(targets, ignore_index) if shift_labels else targets
     flat = logits.reshape(-1, logits.shape[-1])  # a view for a model's logits (pass them whole: shift_labels)
@@ -403,7 +405,7 @@ def _packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label
 
 def _packed_tokens_from_hidden(
     hidden, weight, targets, segment_ids, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t = shifted_targets(targets, ignore_index) if shift_labels else targets
     with torch.no_grad():
         tok = _token_losses(
@@ -419,7 +421,7 @@ def _packed_tokens_from_hidden(
     return tok, (t != ignore_index) & (doc >= 0), doc
 
 
-def _packed_tokens_from_losses(losses, segment_ids, mask):
+def _packed_tokens_from_losses(losses, segment_ids, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     doc = segment_ids.long()
     scored = doc >= 0
     if mask is not None:

@@ -511,7 +511,8 @@ def prune_perm_keys(seed: int, epoch: int) -> tuple[int, int, int, int]:
     ``(seed, j = 0, step = epoch, stream 2)`` (spec section 7)."""
     z = torch.zeros(1, dtype=torch.int64)
     words = philox4x32(seed, z, z, z + (epoch & _M32), z + STREAM_PRUNE_ORDER)
-    return tuple(int(w) for w in words)
+    k0, k1, k2, k3 = (int(w) for w in words)
+    return k0, k1, k2, k3
 
 
 def _perm_round(v: torch.Tensor, key: int) -> torch.Tensor:

@@ -112,9 +112,19 @@ class EvolvedSampler:
     device values (once each).
     """
 
-    SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min", "schedule")
-    STATE_KEYS = ("state", "step", "epoch", "scale", "counters") + SETTINGS
-    COUNTER_KEYS = ("last_seen", "picks")
+    SETTINGS: tuple[str, ...] = (
+        "mini_batch",
+        "beta1",
+        "beta2",
+        "lam",
+        "select_mode",
+        "eps",
+        "seed",
+        "w_min",
+        "schedule",
+    )
+    STATE_KEYS: tuple[str, ...] = ("state", "step", "epoch", "scale", "counters") + SETTINGS
+    COUNTER_KEYS: tuple[str, ...] = ("last_seen", "picks")
 
     # the settings (SETTINGS), validated: set by _configure
     mini_batch: int
@@ -302,10 +312,10 @@ class EvolvedSampler:
         if hidden is None and (weight is not None or bias is not None):
             raise ValueError("weight and bias go with hidden")
         packed = segment_ids is not None
-        if packed:
+        if segment_ids is not None:
             if ids is not None:
                 raise ValueError("ids must be None when segment_ids are given (they hold the documents' ids)")
-            _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES)
+            segment_ids = _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES)
             ids = segment_ids = segment_ids.to(self.device, non_blocking=True)
         else:
             if not isinstance(ids, torch.Tensor):
@@ -324,6 +334,7 @@ class EvolvedSampler:
         if losses is not None:
             res = es_step_from_losses(losses, row_ids, self.state, b, segment_ids=segment_ids, **kw)
         elif hidden is not None:
+            assert weight is not None and targets is not None  # checked above
             res = es_step_from_hidden(
                 hidden,
                 weight,
@@ -340,6 +351,7 @@ class EvolvedSampler:
                 **kw,
             )
         else:
+            assert logits is not None and targets is not None  # checked above
             res = es_step(
                 logits,
                 targets,
@@ -372,7 +384,8 @@ class EvolvedSampler:
     def _select_from_state(self, ids) -> Selection:
         """A step without scores: es_select_from_state over the ids, then the picks' counters."""
         ids = self._batch_ids(ids)
-        n, sch = self.state.num_samples, self.schedule
+        n, sch, counters = self.state.num_samples, self.schedule, self._counters
+        assert counters is not None  # kept while the schedule selects from the state
         pos, w = es_select_from_state(
             ids,
             self.state,
@@ -384,13 +397,13 @@ class EvolvedSampler:
             step=self._step,
             advance_step=True,
             eps=self.eps,
-            last_seen=self._counters[0, :n],
+            last_seen=counters[0, :n],
             max_age=sch.max_age,
-            picks=self._counters[1, :n],
+            picks=counters[1, :n],
             cap=sch.cap,
         )
         slot = self._slot(ids[pos])
-        picks = self._counters[1]
+        picks = counters[1]
         picks[slot] = torch.where(w[pos] == float("inf"), 0, picks[slot] + 1)  # a priority pick refreshes
         self._host_step += 1
         self._scored_last = False
@@ -567,7 +580,7 @@ class EvolvedSampler:
         # everything is valid: write
         self.state._load_validated(s, d, errors)
         self._configure(cfg)
-        if counters is not None:
+        if counters is not None and self._counters is not None:  # (_configure made them for the schedule)
             self._counters[:, :-1].copy_(counters)
         self._step.fill_(step)
         self._host_step = step
@@ -684,7 +697,7 @@ class ESWPSampler(Sampler[int]):
     synchronisation per epoch); yielding ids makes none.
     """
 
-    STATE_KEYS = (
+    STATE_KEYS: tuple[str, ...] = (
         "epoch",
         "position",
         "kept",
@@ -745,7 +758,7 @@ class ESWPSampler(Sampler[int]):
     def position(self) -> int:
         """Ids of the epoch in progress yielded so far (0 when none is in
         progress; a plan restored from a checkpoint counts from its position)."""
-        if self._active:
+        if self._active and self._plan is not None:
             return self._plan.pos
         return self._next.pos if self._next is not None else 0
 
@@ -845,7 +858,7 @@ class ESWPSampler(Sampler[int]):
             yield chunk
 
     def __len__(self) -> int:
-        if self._active:
+        if self._active and self._plan is not None:
             plan = self._plan
         elif self._finished is not None and self._next is None:
             return self._finished  # a checkpoint taken when its epoch was complete: as the saved sampler did
@@ -992,7 +1005,7 @@ class IndexedDataset(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; a map-style one has it
 
     def __getitem__(self, i: int) -> tuple:
         item = self.dataset[i]

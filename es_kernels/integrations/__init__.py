@@ -85,7 +85,9 @@ class ESCollator:
 
     def __init__(self, collate_fn: Callable | None = None, keep_keys=None):
         if collate_fn is None:
-            from torch.utils.data import default_collate as collate_fn
+            from torch.utils.data import default_collate
+
+            collate_fn = default_collate
         self.collate_fn = collate_fn
         self.keep_keys = None if keep_keys is None else frozenset(keep_keys)
 
@@ -426,7 +428,7 @@ class ESStream(Sampler):
         if not isinstance(saved, (list, tuple)):
             raise ValueError(f"{name}['plans'] must be a list, got {type(saved).__name__}")
         n = self.es.state.num_samples
-        plans = []
+        plans: list[_Plan] = []
         for j, p in enumerate(saved):
             at = f"{name}['plans'][{j}]"
             if not isinstance(p, (list, tuple)) or len(p) != 3:

@@ -38,6 +38,8 @@ identical on every rank (gather ids and losses before ``select``: not done here)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -46,6 +48,11 @@ from ..sampler import ESWPSampler, EvolvedSampler
 from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
 
 RNG_KEY = "es_rng"  # the checkpoint's entry of torch's generator states
+
+if TYPE_CHECKING:  # the mixin goes before a LightningModule, whose hooks and attributes it uses
+    from lightning.pytorch import LightningModule as _Module
+else:
+    _Module = object
 
 
 def _get_rng_state(device: torch.device) -> dict:
@@ -72,6 +79,8 @@ class ESDataLoader(DataLoader):
         Those of ``torch.utils.data.DataLoader``, with an :class:`ESStream` as ``sampler``.
     """
 
+    sampler: ESStream
+
     def state_dict(self) -> dict:
         """The stream's position (``ESStream.state_dict``)."""
         return self.sampler.state_dict()
@@ -81,7 +90,7 @@ class ESDataLoader(DataLoader):
         self.sampler.load_state_dict(sd)
 
 
-class ESLightningMixin:
+class ESLightningMixin(_Module):
     """Mix into a ``LightningModule`` (before it) to train on ES's pick of each meta-batch.
 
     Call :meth:`es_setup` in ``__init__``, define :meth:`es_sample_losses`,

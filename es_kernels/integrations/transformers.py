@@ -241,7 +241,7 @@ class ESTrainer(Trainer):
         self.es_stream = ESStream(eswp, es=es_sampler)
         self.es_score_in_eval_mode = bool(es_score_in_eval_mode)
         self.es_score_from_hidden = bool(es_score_from_hidden)
-        self._es_rng_checkpoint = None  # a resume's checkpoint, until its RNG state is restored
+        self._es_rng_checkpoint: str | None = None  # a resume's checkpoint, until its RNG state is restored
         self._es_rng_restored = False  # restored before the scoring pass: skip the Trainer's restore
         if self.es_score_from_hidden:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -252,15 +252,14 @@ class ESTrainer(Trainer):
             self._es_head()  # refuse a model without a plain lm_head now
         self._es_shift = es_shift_labels
         if self.train_dataset is not None:
-            if len(self.train_dataset) != es_sampler.state.num_samples:
-                raise ValueError(
-                    f"train_dataset has {len(self.train_dataset)} samples, es_sampler {es_sampler.state.num_samples}"
-                )
+            n = len(self.train_dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
+            if n != es_sampler.state.num_samples:
+                raise ValueError(f"train_dataset has {n} samples, es_sampler {es_sampler.state.num_samples}")
             self.train_dataset = ESDataset(self.train_dataset)
-        keep = None
+        keep: list[str] | None = None
         if self.args.remove_unused_columns:
             self._set_signature_columns_if_needed()
-            keep = list(self._signature_columns)
+            keep = list(self._signature_columns or ())  # set by the call above
         self.data_collator = ESCollator(self.data_collator, keep_keys=keep)
         self.add_callback(ESCheckpointCallback(self))
 
@@ -303,7 +302,7 @@ class ESTrainer(Trainer):
                 )
             self.es_load_state_dict(torch.load(path, weights_only=False))
         self._es_rng_checkpoint = (
-            resume_from_checkpoint if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+            os.fspath(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
         )
         self._es_rng_restored = False
         try:
