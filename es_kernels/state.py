@@ -51,7 +51,9 @@ class ESState:
 
     KEYS = ("s", "d", "errors")
 
-    def __init__(self, num_samples: int, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, num_samples: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         num_samples = _checks.integer(num_samples, "num_samples", 0, (1 << 32) - 1)
         if dtype not in _checks.STATE_DTYPES:
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -159,7 +161,7 @@ class ESState:
         """
         return {"s": self.s.clone(), "d": self.d.clone(), "errors": self.errors.clone()}
 
-    def validate_state_dict(self, state_dict, prefix: str = "state_dict") -> tuple:
+    def validate_state_dict(self, state_dict: dict, prefix: str = "state_dict") -> tuple:
         """Check a saved state without writing anything.
 
         Parameters
@@ -229,7 +231,7 @@ class ESState:
         self.tensor.copy_(new)
         self.errors.copy_(errors)
 
-    def to(self, device) -> ESState:
+    def to(self, device: torch.device | str) -> ESState:
         """A copy of the state on ``device``.
 
         Parameters

@@ -17,7 +17,7 @@ imported here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -51,11 +51,11 @@ class ESDataset(Dataset):
         Any map-style dataset.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
 
     def __getitem__(self, key) -> ESItem:
         if isinstance(key, tuple):
@@ -83,7 +83,7 @@ class ESCollator:
         Keep only these keys of dict items (``None``: all).
     """
 
-    def __init__(self, collate_fn: Callable | None = None, keep_keys=None):
+    def __init__(self, collate_fn: Callable | None = None, keep_keys: Iterable[str] | None = None) -> None:
         if collate_fn is None:
             from torch.utils.data import default_collate
 
@@ -107,7 +107,7 @@ class ESCollator:
         return {ID_KEY: ids, SCALE_KEY: scales, "batch": batch}
 
 
-def take(data, positions: torch.Tensor, size: int):
+def take(data: Any, positions: torch.Tensor, size: int) -> Any:
     """The rows ``positions`` of a batch.
 
     Parameters
@@ -264,7 +264,7 @@ class ESStream(Sampler):
         es: EvolvedSampler | None = None,
         length: int | None = None,
         resume_mid_epoch: bool = False,
-    ):
+    ) -> None:
         if pruner is not None and not isinstance(pruner, ESWPSampler):
             raise ValueError(f"pruner must be an ESWPSampler or None, got {type(pruner).__name__}")
         if es is not None and not isinstance(es, EvolvedSampler):

@@ -38,10 +38,10 @@ identical on every rank (gather ids and losses before ``select``: not done here)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .. import _checks
 from ..sampler import ESWPSampler, EvolvedSampler
@@ -134,7 +134,9 @@ class ESLightningMixin(_Module):
         self.es_eswp = eswp
         self.es_stream = ESStream(eswp, es=es, resume_mid_epoch=True)
 
-    def es_dataloader(self, dataset, batch_size: int, collate_fn=None, **kwargs) -> ESDataLoader:
+    def es_dataloader(
+        self, dataset: Dataset, batch_size: int, collate_fn: Callable | None = None, **kwargs: Any
+    ) -> ESDataLoader:
         """The training loader: meta-batches of ``batch_size`` with ``es_id`` / ``es_scale``.
 
         Parameters
@@ -158,8 +160,9 @@ class ESLightningMixin(_Module):
         ValueError
             For a dataset of another size, or a ``batch_size`` below ``es.mini_batch``.
         """
-        if len(dataset) != self.es_sampler.state.num_samples:
-            raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
+        n = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
+        if n != self.es_sampler.state.num_samples:
+            raise ValueError(f"dataset has {n} samples, es_sampler {self.es_sampler.state.num_samples}")
         batch_size = _checks.integer(batch_size, "batch_size", 1)
         if self.es_sampler.mini_batch > batch_size:
             raise ValueError(
@@ -179,11 +182,11 @@ class ESLightningMixin(_Module):
             **kwargs,
         )
 
-    def es_sample_losses(self, batch) -> torch.Tensor:  # pragma: no cover - the user's
+    def es_sample_losses(self, batch: Any) -> torch.Tensor:  # pragma: no cover - the user's
         """Define it: the per-sample losses ``[B]`` of a batch (scoring and training)."""
         raise NotImplementedError("define es_sample_losses(batch) -> per-sample losses [B]")
 
-    def es_loss(self, batch) -> torch.Tensor:
+    def es_loss(self, batch: Any) -> torch.Tensor:
         """The training loss of the selected rows.
 
         Parameters
@@ -204,7 +207,7 @@ class ESLightningMixin(_Module):
         scale = batch.get(SCALE_KEY) if isinstance(batch, dict) else None
         return (losses * scale).mean() if scale is not None else losses.mean()
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning's hook: in training, score the meta-batch and keep the selected rows."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         trainer = getattr(self, "_trainer", None)

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,10 +148,10 @@ class ESCheckpointCallback(TrainerCallback):
     trainer : ESTrainer
     """
 
-    def __init__(self, trainer: ESTrainer):
+    def __init__(self, trainer: ESTrainer) -> None:
         self.trainer = trainer
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """The Trainer's hook: save ``trainer.es_state_dict()`` on the main process."""
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -206,14 +207,14 @@ class ESTrainer(Trainer):
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         es_sampler: EvolvedSampler,
         eswp: ESWPSampler | None = None,
         es_shift_labels: bool | None = None,
         es_score_in_eval_mode: bool = True,
         es_score_from_hidden: bool = False,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         check_version()
         if not isinstance(es_sampler, EvolvedSampler):
             raise ValueError(f"es_sampler must be an EvolvedSampler, got {type(es_sampler).__name__}")
@@ -287,7 +288,7 @@ class ESTrainer(Trainer):
             # at an epoch boundary the Trainer's set_epoch(next) does reach it and overrides this.
             self.es_stream.set_epoch(self.es_stream.current_epoch)
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``, restoring the ES state of ``resume_from_checkpoint`` first."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -375,7 +376,7 @@ class ESTrainer(Trainer):
                 )
         return base, head
 
-    def es_score(self, model, batch: dict) -> dict:
+    def es_score(self, model: torch.nn.Module, batch: dict) -> dict:
         """Keyword arguments of ``es.select`` for a meta-batch (no autograd): the
         model's logits and the labels (shifted for causal LMs), or with
         ``es_score_from_hidden`` the base model's last hidden states, the
@@ -429,7 +430,7 @@ class ESTrainer(Trainer):
             out.pop(SCALE_KEY, None)
         return out
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         """Fetch the step's meta-batches, select in each, then count
         ``num_items_in_batch`` over the selected rows (the Trainer's own code)."""
         selected = []
@@ -452,7 +453,9 @@ class ESTrainer(Trainer):
         return super().get_batch_samples(iter(selected), len(selected), device)
 
     # -- the loss ------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """The Trainer's loss on the selected rows, each sample's loss times its
         ESWP scale; after a selection from the state (the sampler's schedule)
         the rows' per-sample losses, detached, are observed."""
