@@ -12,7 +12,8 @@
 #                smoke run): writes bench/results/cpu_ops_<date>.json, appends
 #                to bench/results/history.csv, redraws bench/results/cpu_ops.png
 #   make aot     every Triton kernel variant compiled for sm_90a / sm_80 (an hour or more)
-#   make lint    ruff (lint + format check) and clang-format over the tree
+#   make lint    ruff (lint + format check), mypy (the static type check of
+#                es_kernels/, configured in pyproject.toml) and clang-format
 #   make clean   removes the build (the next make rebuilds); make distclean also .venv
 PYTHON ?= python3
 VENV ?= .venv
@@ -75,6 +76,7 @@ aot: install
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
 
 bench: install

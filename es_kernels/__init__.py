@@ -7,10 +7,23 @@ reference (:mod:`es_kernels.reference`).
 
 from . import lm, reference
 from ._ops import ops
-from .estimate import CostEstimate, estimate_cost
-from .functional import (
+
+# The defaults of every entry point (the ops' schemas, the functional API,
+# ESState.weights, the samplers), defined once in es_kernels/_spec.py.
+from ._spec import (  # noqa: F401  (exported: es_kernels.DEFAULT_LAM, ...)
+    DEFAULT_ANNEAL_FRAC,
     DEFAULT_BETA1,
     DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_IGNORE_INDEX,
+    DEFAULT_LABEL_SMOOTHING,
+    DEFAULT_LAM,
+    DEFAULT_PRUNE_RATIO,
+    DEFAULT_SELECT_MODE,
+    DEFAULT_W_MIN,
+)
+from .estimate import CostEstimate, estimate_cost
+from .functional import (
     PruneResult,
     StepResult,
     checked_mode,

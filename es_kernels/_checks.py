@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import struct
+from typing import Any
 
 import torch
 
@@ -27,7 +28,8 @@ def _names(dtypes) -> str:
     return ", ".join(str(t).replace("torch.", "") for t in dtypes)
 
 
-def tensor(x, name: str, *, dim=None, dtypes=None, device=None) -> None:
+def tensor(x: object, name: str, *, dim=None, dtypes=None, device=None) -> torch.Tensor:
+    """``x``, a tensor of ``dim`` dimensions, one of ``dtypes``, on ``device`` (each optional)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if dim is not None and x.dim() not in ((dim,) if isinstance(dim, int) else dim):
@@ -40,6 +42,7 @@ def tensor(x, name: str, *, dim=None, dtypes=None, device=None) -> None:
         raise ValueError(f"{name} must be on {device} (where the state is), got {here}")
     if here.type == "meta" and (device is None or torch.device(device).type != "meta"):
         raise ValueError(f"{name} is a meta tensor: it holds no values")
+    return x
 
 
 def integer(x, name: str, lo: int | None = _spec.INT64_MIN, hi: int | None = _spec.INT64_MAX) -> int:
@@ -162,7 +165,7 @@ def noise_source(host, given, name: str) -> None:
         raise ValueError(f"{name} must be 0 when {name}_tensor is given (the tensor is the value), got {host!r}")
 
 
-def op_noise(a) -> tuple:
+def op_noise(a) -> tuple[Any, Any]:
     """``(seed, step)`` of bound op arguments ``a``, after checking that an
     int and a tensor are not both given."""
     noise_source(a.seed, getattr(a, "seed_tensor", None), "seed")

@@ -31,37 +31,39 @@ import importlib.util
 import inspect
 import os
 import warnings
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from . import _checks
+from . import _checks, _spec
 
 NAMESPACE = "es_kernels"
 
+# The schemas' defaults are the package's (es_kernels/_spec.py): one value per setting.
+_BETAS = f"float beta1={_spec.DEFAULT_BETA1!r}, float beta2={_spec.DEFAULT_BETA2!r}"
+_LAM = f"float lam={_spec.DEFAULT_LAM!r}"
+_EPS = f"float eps={_spec.DEFAULT_EPS!r}"
+_W_MIN = f"float w_min={_spec.DEFAULT_W_MIN!r}"
+_MODE = f'str select_mode="{_spec.DEFAULT_SELECT_MODE}"'
+_CE = f"int ignore_index={_spec.DEFAULT_IGNORE_INDEX}, float label_smoothing={_spec.DEFAULT_LABEL_SMOOTHING!r}"
 _NOISE = "int seed=0, int step=0, Tensor? seed_tensor=None"
 SCHEMAS = {
-    "per_sample_cross_entropy": "(Tensor logits, Tensor targets, int ignore_index=-100, "
-    "float label_smoothing=0.0) -> Tensor",
-    "per_sample_cross_entropy_backward": "(Tensor grad, Tensor logits, Tensor targets, int ignore_index=-100, "
-    "float label_smoothing=0.0) -> Tensor",
-    "es_update": "(Tensor ids, Tensor losses, Tensor(a!) state, Tensor(b!) errors, float beta1, float beta2, "
-    "float lam=1.0, float w_min=1e-08) -> Tensor",
-    "weighted_select": f'(Tensor weights, int b, str select_mode="sample", {_NOISE}, Tensor? step_tensor=None, '
-    "float eps=0.0) -> Tensor",
-    "es_step_from_losses": "(Tensor losses, Tensor ids, Tensor(a!) state, Tensor(b!) errors, int b, "
-    "float beta1, float beta2, "
-    f'str select_mode="sample", {_NOISE}, Tensor(c!)? step_tensor=None, bool advance_step=False, '
-    "float lam=1.0, float eps=0.0, float w_min=1e-08, Tensor? mask=None) -> (Tensor, Tensor, Tensor)",
-    "es_step": "(Tensor logits, Tensor targets, Tensor ids, Tensor(a!) state, Tensor(b!) errors, int b, "
-    f'float beta1, float beta2, str select_mode="sample", {_NOISE}, Tensor(c!)? step_tensor=None, '
-    "bool advance_step=False, int ignore_index=-100, float label_smoothing=0.0, float lam=1.0, "
-    "float eps=0.0, float w_min=1e-08) -> (Tensor, Tensor, Tensor)",
+    "per_sample_cross_entropy": f"(Tensor logits, Tensor targets, {_CE}) -> Tensor",
+    "per_sample_cross_entropy_backward": f"(Tensor grad, Tensor logits, Tensor targets, {_CE}) -> Tensor",
+    "es_update": f"(Tensor ids, Tensor losses, Tensor(a!) state, Tensor(b!) errors, {_BETAS}, {_LAM}, {_W_MIN}) "
+    "-> Tensor",
+    "weighted_select": f"(Tensor weights, int b, {_MODE}, {_NOISE}, Tensor? step_tensor=None, {_EPS}) -> Tensor",
+    "es_step_from_losses": f"(Tensor losses, Tensor ids, Tensor(a!) state, Tensor(b!) errors, int b, {_BETAS}, "
+    f"{_MODE}, {_NOISE}, Tensor(c!)? step_tensor=None, bool advance_step=False, "
+    f"{_LAM}, {_EPS}, {_W_MIN}, Tensor? mask=None) -> (Tensor, Tensor, Tensor)",
+    "es_step": f"(Tensor logits, Tensor targets, Tensor ids, Tensor(a!) state, Tensor(b!) errors, int b, {_BETAS}, "
+    f"{_MODE}, {_NOISE}, Tensor(c!)? step_tensor=None, bool advance_step=False, {_CE}, {_LAM}, {_EPS}, {_W_MIN}) "
+    "-> (Tensor, Tensor, Tensor)",
     "eswp_prune": "(Tensor state, float prune_ratio, int seed=0, int epoch=0, int num_epochs=1, "
-    "float anneal_frac=0.125, bool rescale=True) -> (Tensor, Tensor, Tensor)",
-    "es_select_from_state": "(Tensor ids, Tensor state, Tensor(a!) errors, int b, float lam=1.0, "
-    f'float w_min=1e-08, str select_mode="sample", {_NOISE}, Tensor(b!)? step_tensor=None, '
-    "bool advance_step=False, float eps=0.0, Tensor? last_seen=None, int max_age=-1, Tensor? picks=None, "
-    "int cap=-1) -> (Tensor, Tensor)",
+    f"float anneal_frac={_spec.DEFAULT_ANNEAL_FRAC!r}, bool rescale=True) -> (Tensor, Tensor, Tensor)",
+    "es_select_from_state": f"(Tensor ids, Tensor state, Tensor(a!) errors, int b, {_LAM}, {_W_MIN}, {_MODE}, "
+    f"{_NOISE}, Tensor(b!)? step_tensor=None, bool advance_step=False, {_EPS}, Tensor? last_seen=None, "
+    "int max_age=-1, Tensor? picks=None, int cap=-1) -> (Tensor, Tensor)",
 }
 OP_NAMES = tuple(SCHEMAS)
 
@@ -82,8 +84,22 @@ class OpArgs(tuple):
 
     __slots__ = ()
 
+    # set by _args_class for each op (the schema's names are the fields)
+    _fields: ClassVar[tuple[str, ...]]
+    _casts: ClassVar[list[tuple[int, Callable[[Any], Any]]]]
+    _noise_at: ClassVar[list[int] | None]
+    signature: ClassVar[inspect.Signature]
+
+    if TYPE_CHECKING:  # what the namedtuple base of each op's class provides
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> OpArgs: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+
+        def _replace(self, **values: Any) -> OpArgs: ...
+
     @property
-    def noise(self) -> tuple:
+    def noise(self) -> tuple[Any, Any]:
         """``(seed, step)`` as the user gave them: the schema's tensor, where
         given, else its int (``seed_tensor`` / ``step_tensor`` win)."""
         seed_t, step_t = getattr(self, "seed_tensor", None), getattr(self, "step_tensor", None)
@@ -103,13 +119,13 @@ class OpArgs(tuple):
         return tuple.__new__(type(self), values)
 
 
-def _args_class(name: str) -> type:
+def _args_class(name: str) -> type[OpArgs]:
     schema = getattr(ops, name).default._schema
     fields = [a.name for a in schema.arguments]
     defaults = [a.default_value for a in schema.arguments if a.has_default_value()]
     if any(not a.has_default_value() for a in schema.arguments[len(fields) - len(defaults) :]):
         raise TypeError(f"{name}: arguments with defaults must come last")
-    base = collections.namedtuple(f"{name}_args", fields, defaults=defaults)
+    base = collections.namedtuple(f"{name}_args", fields, defaults=defaults)  # type: ignore[misc]  # from the schema
     params = [
         inspect.Parameter(
             a.name,
@@ -150,7 +166,7 @@ def binds(name: str):
         def call(*args, **kwargs):
             return fn(cls(*args, **kwargs))
 
-        call.__signature__ = cls.signature
+        call.__signature__ = cls.signature  # type: ignore[attr-defined]  # what inspect.signature shows
         return call
 
     return deco
@@ -305,7 +321,7 @@ try:
         raise ImportError("ES_KERNELS_NO_CPP is set")
     if importlib.util.find_spec(f"{__package__}._C") is None:  # say so plainly, not as Python's import error
         raise ImportError(f"no es_kernels._C library in {os.path.dirname(__file__)}")
-    from . import _C  # noqa: F401  (registers the CPU kernels: TORCH_LIBRARY_IMPL(es_kernels, CPU))
+    importlib.import_module(f"{__package__}._C")  # registers the CPU kernels: TORCH_LIBRARY_IMPL(es_kernels, CPU)
 
     HAS_CPP = True
 except ImportError as _exc:  # a pure-Python install: the reference serves the CPU

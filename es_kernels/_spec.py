@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import math
 
-# Defaults (spec sections 3 and 4). beta2 = 0.5 comes from the demo's first
-# ablation; lam = 2 from the fixed rule's grid (README, "How the defaults are
-# chosen"; bench/results/demo_ablation_rule). The ops' own schema default stays
-# lam = 1 (the paper's weight s + d).
+# The defaults (spec sections 3, 4, 5 and 7), defined once, here: the op
+# schemas (es_kernels/_ops.py), the reference, the functional API, ESState and
+# the samplers all take them from here; ``es_kernels`` exports them.
+# beta2 = 0.5 comes from the demo's first ablation; lam = 2 from the fixed
+# rule's grid (README, "How the defaults are chosen"; bench/results/demo_ablation_rule).
 DEFAULT_BETA1 = 0.2
 DEFAULT_BETA2 = 0.5
 DEFAULT_LAM = 2.0
 DEFAULT_EPS = 0.0
 DEFAULT_W_MIN = 1e-8
+DEFAULT_SELECT_MODE = "sample"
 DEFAULT_IGNORE_INDEX = -100
+DEFAULT_LABEL_SMOOTHING = 0.0
 DEFAULT_ANNEAL_FRAC = 0.125
+DEFAULT_PRUNE_RATIO = 0.5  # ESWPSampler's (eswp_prune takes it without a default)
 
 SELECT_MODES = ("sample", "topk")
 

@@ -32,7 +32,6 @@ refused at load, on every rank, before any collective.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator
 
@@ -42,11 +41,23 @@ import torch.distributed as dist
 from . import _checks
 from ._ops import ops
 from ._spec import (
+    DEFAULT_ANNEAL_FRAC,
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_IGNORE_INDEX,
+    DEFAULT_LABEL_SMOOTHING,
+    DEFAULT_LAM,
+    DEFAULT_PRUNE_RATIO,
+    DEFAULT_SELECT_MODE,
+    DEFAULT_W_MIN,
     INT64_MIN,
     SELECT_MEAN_BITS,
 )
 from .functional import checked_mode, per_sample_cross_entropy
 from .sampler import CHUNK, ESWPSampler, EvolvedSampler, Selection, _Plan
+from .schedule import ScoringSchedule
+from .state import ESState
 
 __all__ = [
     "PAD_ID",
@@ -98,7 +109,9 @@ def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
     return first
 
 
-def gathered_update(ids, losses, state, beta1, beta2, lam, w_min) -> torch.Tensor:
+def gathered_update(
+    ids: torch.Tensor, losses: torch.Tensor, state: ESState, beta1: float, beta2: float, lam: float, w_min: float
+) -> torch.Tensor:
     """Apply the observations of the gathered batch to ``state`` (spec section 11.1, Update).
 
     An id held by several positions is observed once, at its lowest position, and every
@@ -156,7 +169,15 @@ def eps_mix(w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rank_selection(
-    weights_all, rank: int, cap: int, n: int, b: int, select_mode: str, seed, step, eps: float = 0.0
+    weights_all: torch.Tensor,
+    rank: int,
+    cap: int,
+    n: int,
+    b: int,
+    select_mode: str,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor,
+    eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
     """The ``b`` positions that rank ``rank`` selects among its own (spec section 11.1, Selection).
 
@@ -201,7 +222,7 @@ def rank_selection(
     return pos
 
 
-def replica_digest(state, step: torch.Tensor) -> torch.Tensor:
+def replica_digest(state: ESState, step: torch.Tensor) -> torch.Tensor:
     """A digest of a replica, identical on every rank while the replicas are.
 
     Parameters
@@ -223,15 +244,6 @@ def replica_digest(state, step: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, state.errors[0], state.errors[1], step.reshape(())])
 
 
-def _extended_signature(base_init, init) -> inspect.Signature:
-    """The signature shown for a subclass's ``__init__(self, *args, <keyword-only
-    extras>, **kwargs)`` that passes ``args`` and ``kwargs`` to ``base_init``:
-    the base's parameters, then the extras."""
-    base = inspect.signature(base_init)
-    extras = [p for p in inspect.signature(init).parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
-    return base.replace(parameters=[*base.parameters.values(), *extras])
-
-
 # --------------------------------------------------------------------------- ES
 class DistributedEvolvedSampler(EvolvedSampler):
     """:class:`EvolvedSampler` on a process group: a full state replica per rank.
@@ -243,7 +255,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
 
     Parameters
     ----------
-    num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam, eps
+    num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam, eps, schedule
         As in :class:`EvolvedSampler`.
     process_group : ProcessGroup or None
         The group (``None``: the default, initialised group). Its
@@ -266,18 +278,34 @@ class DistributedEvolvedSampler(EvolvedSampler):
     device like a kernel.
     """
 
-    def __init__(self, *args, process_group=None, meta_batch: int | None = None, **kwargs):
+    def __init__(
+        self,
+        num_samples: int,
+        mini_batch: int,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        select_mode: str = DEFAULT_SELECT_MODE,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        w_min: float = DEFAULT_W_MIN,
+        *,
+        lam: float = DEFAULT_LAM,
+        eps: float = DEFAULT_EPS,
+        schedule: ScoringSchedule | str | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        meta_batch: int | None = None,
+    ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "DistributedEvolvedSampler needs torch.distributed initialised (init_process_group) on every rank"
             )
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            num_samples, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam=lam, eps=eps, schedule=schedule
+        )
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self.meta_batch = None if meta_batch is None else _checks.integer(meta_batch, "meta_batch", 1)
-
-    __init__.__signature__ = _extended_signature(EvolvedSampler.__init__, __init__)
 
     # ---- the exchange
     def _capacity(self, n: int) -> int:
@@ -313,7 +341,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
         _checks.ids_losses(ids, losses, self.device)
         return ids, losses
 
-    def observe(self, ids, losses) -> torch.Tensor:
+    def observe(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor | None:
         """Exchange and apply the observations of every rank without selecting
         (e.g. a full-batch loss that only feeds pruning).
 
@@ -355,8 +383,15 @@ class DistributedEvolvedSampler(EvolvedSampler):
             self.state.check()
         return w
 
-    def select(
-        self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100, label_smoothing: float = 0.0
+    def select(  # type: ignore[override]  # no hidden states or packed rows across ranks (yet)
+        self,
+        ids: torch.Tensor | None,
+        logits: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
+        *,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
     ) -> Selection:
         """As :meth:`EvolvedSampler.select`, on this rank's meta-batch.
 
@@ -386,11 +421,14 @@ class DistributedEvolvedSampler(EvolvedSampler):
         n = ids.shape[0]
         b = min(self.mini_batch, n)
         cap = self._capacity(n)
-        gathered = self._gather(ids, losses, cap) if cap > 0 else None
-        w_all = self._apply(gathered) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
+        if cap > 0:
+            gathered = self._gather(ids, losses, cap)
+            w_all, seen = self._apply(gathered), unpack(gathered)[0]  # every rank's ids
+        else:
+            w_all, seen = ids.new_empty(0, dtype=torch.float32), ids
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
         self._step.add_(1)
-        self._refresh(unpack(gathered)[0] if cap > 0 else ids)  # every rank's ids, on every replica
+        self._refresh(seen)  # every rank's ids, on every replica
         weights = w_all[self.rank * cap : self.rank * cap + n]
         return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), weights)
 
@@ -403,14 +441,15 @@ class DistributedEvolvedSampler(EvolvedSampler):
         n = ids.shape[0]
         b = min(self.mini_batch, n)
         cap = self._capacity(n)
-        sch, num = self.schedule, self.state.num_samples
+        sch, num, counters = self.schedule, self.state.num_samples, self._counters
+        assert counters is not None  # kept while the schedule selects from the state
         if cap == 0:
             w_all = ids.new_empty(0, dtype=torch.float32)
         else:
             gids, _ = unpack(self._gather(ids, torch.zeros(n, device=self.device), cap))
             _, w_all = ops.es_select_from_state(
                 gids, self.state.tensor, self.state.errors, 0, self.lam, self.w_min, self.select_mode, 0, 0, None,
-                self._step, False, 0.0, self._counters[0, :num], sch.max_age, self._counters[1, :num], sch.cap,
+                self._step, False, 0.0, counters[0, :num], sch.max_age, counters[1, :num], sch.cap,
             )  # fmt: skip
             self.state.errors[0] -= (gids == PAD_ID).sum()  # padding, counted as out of range
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
@@ -418,7 +457,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
         weights = w_all[self.rank * cap : self.rank * cap + n]
         due = (weights[pos] == math.inf).to(torch.float64)
         pids, pdue = unpack(self._gather(ids[pos], due, self.mini_batch))  # every rank's picks
-        slot, picks = self._slot(pids), self._counters[1]
+        slot, picks = self._slot(pids), counters[1]
         picks[slot] = torch.where(pdue != 0, 0, picks[slot] + 1)  # a priority pick refreshes
         self._host_step += 1
         self._scored_last = False
@@ -545,7 +584,9 @@ def shard_length(n: int, num_replicas: int, drop_last: bool) -> int:
     return math.ceil(n / num_replicas)
 
 
-def shard_indices(kept, num_replicas: int, rank: int, drop_last: bool):
+def shard_indices(
+    kept: list[int] | torch.Tensor, num_replicas: int, rank: int, drop_last: bool
+) -> list[int] | torch.Tensor:
     """This rank's share of the kept ids, with ``DistributedSampler``'s conventions.
 
     Pad to a multiple of ``num_replicas`` by wrapping around (or drop the tail
@@ -621,9 +662,19 @@ class DistributedESWPSampler(ESWPSampler):
     STATE_KEYS = ESWPSampler.STATE_KEYS + ("num_replicas",)
 
     def __init__(
-        self, *args, num_replicas: int | None = None, rank: int | None = None, drop_last: bool = False, **kwargs
-    ):
-        super().__init__(*args, **kwargs)
+        self,
+        es: EvolvedSampler,
+        num_epochs: int,
+        prune_ratio: float = DEFAULT_PRUNE_RATIO,
+        anneal_frac: float = DEFAULT_ANNEAL_FRAC,
+        rescale: bool = True,
+        seed: int | None = None,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(es, num_epochs, prune_ratio, anneal_frac, rescale, seed)
         es = self.es
         if num_replicas is None:
             num_replicas = es.world_size if isinstance(es, DistributedEvolvedSampler) else dist.get_world_size()
@@ -633,13 +684,11 @@ class DistributedESWPSampler(ESWPSampler):
         self.rank = _checks.integer(rank, "rank", 0, self.num_replicas - 1)
         self.drop_last = _checks.flag(drop_last, "drop_last")
 
-    __init__.__signature__ = _extended_signature(ESWPSampler.__init__, __init__)
-
     def _shard(self, plan: _Plan) -> _Shard:
         """``plan`` as this rank's share (a whole plan's ``pos`` is 0 or already in the share)."""
         if isinstance(plan, _Shard):
             return plan
-        ids = shard_indices(plan.ids, self.num_replicas, self.rank, self.drop_last).contiguous()
+        ids = torch.as_tensor(shard_indices(plan.ids, self.num_replicas, self.rank, self.drop_last)).contiguous()
         return _Shard(plan, ids)
 
     def _begin_shard(self) -> _Shard:

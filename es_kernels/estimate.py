@@ -28,7 +28,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -113,7 +114,7 @@ class CostEstimate(NamedTuple):
         "one third" that a backward of twice the forward would give)."""
         return self.score / self.train_full
 
-    def report(self, schedules=SCHEDULES) -> str:
+    def report(self, schedules: Sequence[tuple[str, float]] = SCHEDULES) -> str:
         """What ES and each scoring schedule cost, in plain words.
 
         Parameters
@@ -213,7 +214,7 @@ def _sync(device: torch.device) -> None:
 
 def estimate_cost(
     model: torch.nn.Module,
-    inputs,
+    inputs: Any,
     targets: torch.Tensor,
     mini_batch: int,
     *,
@@ -345,7 +346,7 @@ def estimate_cost(
     for _ in range(warmup):
         for fn in parts.values():
             fn()
-    times = {k: [] for k in parts}
+    times: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(repeats):
         for k, fn in parts.items():
             _sync(device)

@@ -9,7 +9,6 @@ step then also refuses duplicate ids and calls ``state.check()`` afterwards
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import NamedTuple
 
@@ -23,7 +22,9 @@ from ._spec import (
     DEFAULT_BETA2,
     DEFAULT_EPS,
     DEFAULT_IGNORE_INDEX,
+    DEFAULT_LABEL_SMOOTHING,
     DEFAULT_LAM,
+    DEFAULT_SELECT_MODE,
     DEFAULT_W_MIN,
 )
 from .state import ESState
@@ -99,7 +100,7 @@ def checked_mode() -> bool:
     return os.environ.get("ES_KERNELS_CHECKED", "").lower() in ("1", "true", "yes", "on")
 
 
-def _state(state) -> ESState:
+def _state(state: object) -> ESState:
     if not isinstance(state, ESState):
         raise ValueError(f"state must be an es_kernels.ESState, got {type(state).__name__}")
     return state
@@ -143,10 +144,10 @@ def _shift(logits, targets, shift_labels):
 
 
 def per_sample_cross_entropy(
-    logits,
-    targets,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
-    label_smoothing: float = 0.0,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
     *,
     shift_labels: bool = False,
 ) -> torch.Tensor:
@@ -188,7 +189,14 @@ def per_sample_cross_entropy(
 
 
 def es_update(
-    ids, losses, state, beta1=DEFAULT_BETA1, beta2=DEFAULT_BETA2, *, lam=DEFAULT_LAM, w_min=DEFAULT_W_MIN
+    ids: torch.Tensor,
+    losses: torch.Tensor,
+    state: ESState,
+    beta1: float = DEFAULT_BETA1,
+    beta2: float = DEFAULT_BETA2,
+    *,
+    lam: float = DEFAULT_LAM,
+    w_min: float = DEFAULT_W_MIN,
 ) -> torch.Tensor:
     """Update ``state`` with one observation per position (spec section 3).
 
@@ -228,7 +236,13 @@ def es_update(
 
 
 def weighted_select(
-    weights, b: int, select_mode: str = "sample", seed=0, step=0, *, eps: float = DEFAULT_EPS
+    weights: torch.Tensor,
+    b: int,
+    select_mode: str = DEFAULT_SELECT_MODE,
+    seed: int | torch.Tensor = 0,
+    step: int | torch.Tensor = 0,
+    *,
+    eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
     """Positions of ``b`` of the ``B`` weights (spec section 4).
 
@@ -269,15 +283,15 @@ def weighted_select(
 
 
 def es_select_from_state(
-    ids,
-    state,
+    ids: torch.Tensor,
+    state: ESState,
     b: int,
     *,
     lam: float = DEFAULT_LAM,
     w_min: float = DEFAULT_W_MIN,
-    select_mode: str = "sample",
-    seed=0,
-    step=0,
+    select_mode: str = DEFAULT_SELECT_MODE,
+    seed: int | torch.Tensor = 0,
+    step: int | torch.Tensor = 0,
     advance_step: bool = False,
     eps: float = DEFAULT_EPS,
     last_seen: torch.Tensor | None = None,
@@ -333,14 +347,15 @@ def es_select_from_state(
 
 
 # ------------------------------------------------------------ the fused step
-# The settings of a fused step: keyword-only arguments of es_step,
-# es_step_from_losses and lm.es_step_from_hidden, the settings an
-# EvolvedSampler holds (with its step counter). Defined once, here.
+# The settings of a fused step: the keyword-only arguments that es_step,
+# es_step_from_losses and lm.es_step_from_hidden share (each spells them out
+# in its signature), with their defaults; an EvolvedSampler holds them (with
+# its step counter). A test keeps the three signatures equal to this.
 STEP_SETTINGS = {
     "beta1": DEFAULT_BETA1,
     "beta2": DEFAULT_BETA2,
     "lam": DEFAULT_LAM,
-    "select_mode": "sample",
+    "select_mode": DEFAULT_SELECT_MODE,
     "eps": DEFAULT_EPS,
     "seed": 0,
     "step": 0,
@@ -348,86 +363,32 @@ STEP_SETTINGS = {
     "w_min": DEFAULT_W_MIN,
 }
 
-_STEP_SETTINGS_DOC = """\
-    Other Parameters
-    ----------------
-    beta1, beta2 : float in [0, 1]
-        Smoothing of the level ``s`` and of the trend ``d`` (spec section 3).
-    lam : float >= 0
-        Trend gain of the weight ``w = max(s + lam * d, w_min)``.
-    select_mode : {"sample", "topk"}
-        As in :func:`es_kernels.weighted_select`.
-    eps : float in [0, 1]
-        Exploration mix (``"sample"`` only).
-    seed, step : int in [0, 2**63) or 0-d int64 tensor on the state's device
-        The selection noise is a function of ``(seed, step, position)``
-        alone (spec section 9): the same inputs, seed and step select the
-        same positions on every run and backend. A tensor is read on the
-        device (no synchronisation; a captured CUDA graph replays with the
-        tensor's current value).
-    advance_step : bool
-        Add one to the ``step`` tensor after reading it (needs ``step`` as a
-        tensor): a training loop's counter, advanced without a host round-trip.
-    w_min : float > 0
-        Floor of the weight.
-"""
-
-
-def takes_keywords(defaults: dict, doc: str = ""):
-    """Decorate ``fn(..., **kw)`` to show the keyword-only parameters
-    ``defaults`` (name -> default) in its signature (``inspect.signature``,
-    ``help``), and ``doc`` (an *Other Parameters* section) in its docstring,
-    before *Raises*. ``fn`` fills them in with :func:`keywords`."""
-
-    def deco(fn):
-        sig = inspect.signature(fn)
-        own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()]
-        fn.__signature__ = sig.replace(parameters=own + extra)
-        if doc:
-            head, raises, tail = fn.__doc__.partition("\n    Raises\n")
-            fn.__doc__ = head.rstrip("\n ") + "\n\n" + doc + raises + tail
-        return fn
-
-    return deco
-
-
-def keywords(given: dict, defaults: dict, caller: str) -> dict:
-    """``defaults`` with the ``given`` values; ``TypeError`` for a name that
-    is not among them (as a Python call would raise it)."""
-    for name in given:
-        if name not in defaults:
-            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
-    return {**defaults, **given}
-
-
-# es_step, es_step_from_losses and lm.es_step_from_hidden take STEP_SETTINGS
-takes_step_settings = takes_keywords(STEP_SETTINGS, _STEP_SETTINGS_DOC)
-
 
 def step_kw(scope: dict) -> dict:
     """The step's settings (:data:`STEP_SETTINGS`) from a step function's ``locals()``, to pass on."""
     return {k: scope[k] for k in STEP_SETTINGS}
 
 
-def step_settings(given: dict, caller: str) -> dict:
-    """:data:`STEP_SETTINGS` with the ``given`` values (:func:`keywords`)."""
-    return keywords(given, STEP_SETTINGS, caller)
-
-
-@takes_step_settings
 def es_step(
-    logits,
-    targets,
-    ids,
-    state,
-    b,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ids: torch.Tensor | None,
+    state: ESState,
+    b: int,
     *,
-    ignore_index=DEFAULT_IGNORE_INDEX,
-    label_smoothing=0.0,
-    shift_labels=False,
-    segment_ids=None,
-    **settings,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+    shift_labels: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    beta1: float = DEFAULT_BETA1,
+    beta2: float = DEFAULT_BETA2,
+    lam: float = DEFAULT_LAM,
+    select_mode: str = DEFAULT_SELECT_MODE,
+    eps: float = DEFAULT_EPS,
+    seed: int | torch.Tensor = 0,
+    step: int | torch.Tensor = 0,
+    advance_step: bool = False,
+    w_min: float = DEFAULT_W_MIN,
 ) -> StepResult:
     """The fused ES step from logits, in one op (spec section 6).
 
@@ -456,6 +417,25 @@ def es_step(
         ``shift_labels=True`` also drops the positions whose next token
         starts another document. The returned ``losses`` and ``weights`` are
         per row.
+    beta1, beta2 : float in [0, 1]
+        Smoothing of the level ``s`` and of the trend ``d`` (spec section 3).
+    lam : float >= 0
+        Trend gain of the weight ``w = max(s + lam * d, w_min)``.
+    select_mode : {"sample", "topk"}
+        As in :func:`es_kernels.weighted_select`.
+    eps : float in [0, 1]
+        Exploration mix (``"sample"`` only).
+    seed, step : int in [0, 2**63) or 0-d int64 tensor on the state's device
+        The selection noise is a function of ``(seed, step, position)``
+        alone (spec section 9): the same inputs, seed and step select the
+        same positions on every run and backend. A tensor is read on the
+        device (no synchronisation; a captured CUDA graph replays with the
+        tensor's current value).
+    advance_step : bool
+        Add one to the ``step`` tensor after reading it (needs ``step`` as a
+        tensor): a training loop's counter, advanced without a host round-trip.
+    w_min : float > 0
+        Floor of the weight.
 
     Returns
     -------
@@ -479,22 +459,37 @@ def es_step(
     ``ES_KERNELS_CHECKED=1``); CUDA-graph and ``torch.compile`` friendly.
     One C++ call on the CPU; a fixed sequence of Triton launches on CUDA.
     """
-    settings = step_settings(settings, "es_step")
     _checks.no_grad_inputs(logits=logits)
     if segment_ids is not None:
         from .lm import packed_step_from_logits  # lm builds on this module
 
         shift = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, shift_labels=shift_labels)
-        return packed_step_from_logits(logits, targets, ids, state, b, segment_ids, **shift, **settings)
-    a = _op_args("es_step", locals() | settings)
+        return packed_step_from_logits(logits, targets, ids, state, b, segment_ids, **shift, **step_kw(locals()))
+    a = _op_args("es_step", locals())
     _checks.step_from_logits(a)
     logits, targets = _shift(logits, targets, shift_labels)
     a = a._replace(logits=logits, targets=targets).for_op()
-    return StepResult(*_run_checked(state, ids, ops.es_step, a))
+    return StepResult(*_run_checked(state, a.ids, ops.es_step, a))
 
 
-@takes_step_settings
-def es_step_from_losses(losses, ids, state, b, *, mask=None, segment_ids=None, **settings) -> StepResult:
+def es_step_from_losses(
+    losses: torch.Tensor,
+    ids: torch.Tensor | None,
+    state: ESState,
+    b: int,
+    *,
+    mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    beta1: float = DEFAULT_BETA1,
+    beta2: float = DEFAULT_BETA2,
+    lam: float = DEFAULT_LAM,
+    select_mode: str = DEFAULT_SELECT_MODE,
+    eps: float = DEFAULT_EPS,
+    seed: int | torch.Tensor = 0,
+    step: int | torch.Tensor = 0,
+    advance_step: bool = False,
+    w_min: float = DEFAULT_W_MIN,
+) -> StepResult:
     """The fused ES step from precomputed losses (any loss; spec section 6).
 
     Parameters
@@ -513,6 +508,8 @@ def es_step_from_losses(losses, ids, state, b, *, mask=None, segment_ids=None, *
     segment_ids : Tensor or None
         Packed rows, as in :func:`es_step` (``ids`` None): ``losses`` are
         then token losses ``[B, T]`` and the state is per document.
+    beta1, beta2, lam, select_mode, eps, seed, step, advance_step, w_min
+        The step's settings, as in :func:`es_step`.
 
     Returns
     -------
@@ -528,19 +525,17 @@ def es_step_from_losses(losses, ids, state, b, *, mask=None, segment_ids=None, *
     -----
     No host synchronisation (except in the checked mode).
     """
-    settings = step_settings(settings, "es_step_from_losses")
     if segment_ids is not None:
         from .lm import packed_step_from_losses  # lm builds on this module
 
-        return packed_step_from_losses(losses, ids, state, b, segment_ids, mask=mask, **settings)
-    a = _op_args("es_step_from_losses", locals() | settings)
+        return packed_step_from_losses(losses, ids, state, b, segment_ids, mask=mask, **step_kw(locals()))
+    a = _op_args("es_step_from_losses", locals())
     _checks.step_from_losses(a)
-    a = a.for_op()
-    return StepResult(*_run_checked(state, ids, ops.es_step_from_losses, a))
+    return StepResult(*_run_checked(state, a.ids, ops.es_step_from_losses, a.for_op()))
 
 
 def eswp_prune(
-    state,
+    state: ESState,
     prune_ratio: float,
     *,
     seed: int = 0,

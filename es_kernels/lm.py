@@ -28,15 +28,24 @@ value is read into Python.
 
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 import torch
 
 from . import _checks, _spec
 from ._ops import bind, ops
-from ._spec import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_IGNORE_INDEX, DEFAULT_LAM, DEFAULT_W_MIN
-from .functional import StepResult, _run_checked, _state, es_step_from_losses, keywords, step_kw, takes_keywords
+from ._spec import (
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_IGNORE_INDEX,
+    DEFAULT_LABEL_SMOOTHING,
+    DEFAULT_LAM,
+    DEFAULT_SELECT_MODE,
+    DEFAULT_W_MIN,
+)
+from .functional import StepResult, _run_checked, _state, es_step_from_losses, step_kw
+from .state import ESState
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
@@ -161,13 +170,13 @@ def _losses(hidden, weight, targets, bias, ignore_index, label_smoothing, worksp
 
 
 def per_sample_losses_from_hidden(
-    hidden,
-    weight,
-    targets,
-    bias=None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
     *,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
-    label_smoothing: float = 0.0,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
     shift_labels: bool = False,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> torch.Tensor:
@@ -221,28 +230,28 @@ def per_sample_losses_from_hidden(
 
 
 def es_step_from_hidden(
-    hidden,
-    weight,
-    targets,
-    ids,
-    state,
-    b,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ids: torch.Tensor | None,
+    state: ESState,
+    b: int,
     *,
-    bias=None,
-    beta1=DEFAULT_BETA1,
-    beta2=DEFAULT_BETA2,
-    lam=DEFAULT_LAM,
-    select_mode="sample",
-    eps=DEFAULT_EPS,
-    seed=0,
-    step=0,
-    advance_step=False,
-    ignore_index=DEFAULT_IGNORE_INDEX,
-    label_smoothing=0.0,
-    shift_labels=False,
-    workspace_bytes=DEFAULT_WORKSPACE_BYTES,
-    w_min=DEFAULT_W_MIN,
-    segment_ids=None,
+    bias: torch.Tensor | None = None,
+    beta1: float = DEFAULT_BETA1,
+    beta2: float = DEFAULT_BETA2,
+    lam: float = DEFAULT_LAM,
+    select_mode: str = DEFAULT_SELECT_MODE,
+    eps: float = DEFAULT_EPS,
+    seed: int | torch.Tensor = 0,
+    step: int | torch.Tensor = 0,
+    advance_step: bool = False,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+    shift_labels: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    w_min: float = DEFAULT_W_MIN,
+    segment_ids: torch.Tensor | None = None,
 ) -> StepResult:
     """The ES step from hidden states: :func:`per_sample_losses_from_hidden`
     then :func:`es_kernels.es_step_from_losses`.
@@ -304,7 +313,7 @@ def es_step_from_hidden(
     _check_hidden(
         hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes, device=st.device
     )
-    _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=st.device)
+    ids = _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=st.device)
     if ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"ids must have the batch size of hidden ({hidden.shape[0]}), got {ids.shape[0]}")
     _checks.hyper(beta1, beta2, lam, w_min)
@@ -383,7 +392,9 @@ def _check_segments(segment_ids, shape, device) -> None:
         raise ValueError(f"segment_ids: at most 2**32 - 1 tokens per call, got {segment_ids.numel()}")
 
 
-def _packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels):
+def _packed_tokens_from_logits(
+    logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token losses float32 [B, T], scored bool [B, T], documents int64 [B, T]) from logits."""
     t = shifted_targets(targets, ignore_index) if shift_labels else targets
     flat = logits.reshape(-1, logits.shape[-1])  # a view for a model's logits (pass them whole: shift_labels)
@@ -394,7 +405,7 @@ def _packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label
 
 def _packed_tokens_from_hidden(
     hidden, weight, targets, segment_ids, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t = shifted_targets(targets, ignore_index) if shift_labels else targets
     with torch.no_grad():
         tok = _token_losses(
@@ -410,7 +421,7 @@ def _packed_tokens_from_hidden(
     return tok, (t != ignore_index) & (doc >= 0), doc
 
 
-def _packed_tokens_from_losses(losses, segment_ids, mask):
+def _packed_tokens_from_losses(losses, segment_ids, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     doc = segment_ids.long()
     scored = doc >= 0
     if mask is not None:
@@ -437,7 +448,9 @@ def _check_packed_logits(logits, targets, segment_ids, ignore_index, label_smoot
     _check_segments(segment_ids, targets.shape, logits.device)
 
 
-def per_document_losses(losses, segment_ids, mask=None) -> DocumentLosses:
+def per_document_losses(
+    losses: torch.Tensor, segment_ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> DocumentLosses:
     """Per-document means of token losses of packed rows (docs/spec.md section 6.1).
 
     Parameters
@@ -463,11 +476,11 @@ def per_document_losses(losses, segment_ids, mask=None) -> DocumentLosses:
 
 
 def per_document_cross_entropy(
-    logits,
-    targets,
-    segment_ids,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    segment_ids: torch.Tensor,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
-    label_smoothing: float = 0.0,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
     *,
     shift_labels: bool = False,
 ) -> DocumentLosses:
@@ -509,16 +522,18 @@ def per_document_cross_entropy(
     )[0]
 
 
-# per_document_losses_from_hidden takes per_sample_losses_from_hidden's keyword-only options
-HIDDEN_OPTIONS = {
-    p.name: p.default
-    for p in inspect.signature(per_sample_losses_from_hidden).parameters.values()
-    if p.kind == inspect.Parameter.KEYWORD_ONLY
-}
-
-
-@takes_keywords(HIDDEN_OPTIONS)
-def per_document_losses_from_hidden(hidden, weight, targets, segment_ids, bias=None, **options) -> DocumentLosses:
+def per_document_losses_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    segment_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+    shift_labels: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> DocumentLosses:
     """:func:`per_document_cross_entropy` of ``hidden @ weight.T + bias`` without
     the logits (vocabulary chunks, as :func:`per_sample_losses_from_hidden`).
 
@@ -541,8 +556,7 @@ def per_document_losses_from_hidden(hidden, weight, targets, segment_ids, bias=N
     ValueError
         Naming the argument, for a wrong shape, dtype, device or value.
     """
-    o = keywords(options, HIDDEN_OPTIONS, "per_document_losses_from_hidden")
-    opts = (o["ignore_index"], o["label_smoothing"], o["shift_labels"], o["workspace_bytes"])
+    opts = (ignore_index, label_smoothing, shift_labels, workspace_bytes)
     _check_hidden(hidden, weight, targets, bias, *opts)
     _check_segments(segment_ids, targets.shape, hidden.device)
     if hidden.dim() != 3:

@@ -110,8 +110,8 @@ def uniform_from_bits(x: torch.Tensor) -> torch.Tensor:
 def per_sample_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    ignore_index: int = _spec.DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = _spec.DEFAULT_LABEL_SMOOTHING,
 ) -> torch.Tensor:
     """float32 ``[B]``: the row's cross-entropy for ``[B, C]`` logits, the
     mean token cross-entropy over non-ignored tokens for ``[B, T, V]`` logits
@@ -149,8 +149,8 @@ def per_sample_cross_entropy_backward(
     grad: torch.Tensor,
     logits: torch.Tensor,
     targets: torch.Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    ignore_index: int = _spec.DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = _spec.DEFAULT_LABEL_SMOOTHING,
 ) -> torch.Tensor:
     """The gradient of :func:`per_sample_cross_entropy` with respect to the
     logits (spec section 5.1), given ``grad`` ``[B]``, the gradient of the
@@ -184,7 +184,16 @@ def per_sample_cross_entropy_backward(
 # --------------------------------------------------------------------------
 # Section 3: state update
 # --------------------------------------------------------------------------
-def es_update(ids, losses, state, errors, beta1, beta2, lam=1.0, w_min=1e-8):
+def es_update(
+    ids,
+    losses,
+    state,
+    errors,
+    beta1=_spec.DEFAULT_BETA1,
+    beta2=_spec.DEFAULT_BETA2,
+    lam=_spec.DEFAULT_LAM,
+    w_min=_spec.DEFAULT_W_MIN,
+):
     """Apply one observation ``(ids[j], losses[j])`` per position, in place on
     ``state`` ``[N, 2]`` (columns s, d) and ``errors``; return the float32
     weights ``[B]``. An observation whose new s, d or weight would not be
@@ -278,7 +287,7 @@ def exact_mean_weights(w: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(w == math.inf, math.inf, v)  # a +inf weight is a priority (section 4)
 
 
-def selection_keys(weights, select_mode: str, seed: int, step: int, eps: float = 0.0) -> torch.Tensor:
+def selection_keys(weights, select_mode: str, seed: int, step: int, eps: float = _spec.DEFAULT_EPS) -> torch.Tensor:
     """The float32 key of each position; the ``b`` largest keys are selected.
 
     ``topk``: the weight. ``sample``: ``v / E`` with ``E = -log(u)`` a standard
@@ -302,7 +311,16 @@ def _top_positions(keys: torch.Tensor, b: int) -> torch.Tensor:
     return torch.sort(order[:b]).values
 
 
-def weighted_select(weights, b, select_mode="sample", seed=0, step=0, seed_tensor=None, step_tensor=None, eps=0.0):
+def weighted_select(
+    weights,
+    b,
+    select_mode=_spec.DEFAULT_SELECT_MODE,
+    seed=0,
+    step=0,
+    seed_tensor=None,
+    step_tensor=None,
+    eps=_spec.DEFAULT_EPS,
+):
     """int64 ascending positions of ``b`` of the ``B`` weights."""
     keys = selection_keys(weights, select_mode, _noise_value(seed, seed_tensor), _noise_value(step, step_tensor), eps)
     return _top_positions(keys, b)
@@ -392,7 +410,7 @@ def _to_int64(x: int) -> int:
 # --------------------------------------------------------------------------
 # Section 6.1: packed rows (segment_ids), as a plain loop over tokens and documents
 # --------------------------------------------------------------------------
-def packed_tokens(targets, segment_ids, shift_labels, ignore_index=-100):
+def packed_tokens(targets, segment_ids, shift_labels, ignore_index=_spec.DEFAULT_IGNORE_INDEX):
     """(targets int64 [B, T], documents int64 [B, T]): what position ``t`` is
     scored against and the document it counts for (-1: none). With the shift,
     position ``t`` scores ``targets[b, t + 1]`` when tokens ``t`` and ``t + 1``
@@ -430,7 +448,20 @@ def per_document_losses(tok, scored, doc):
 
 
 def packed_step(
-    tok, scored, doc, state, errors, b, beta1, beta2, select_mode, seed, step, lam=1.0, eps=0.0, w_min=1e-8
+    tok,
+    scored,
+    doc,
+    state,
+    errors,
+    b,
+    beta1,
+    beta2,
+    select_mode,
+    seed,
+    step,
+    lam=_spec.DEFAULT_LAM,
+    eps=_spec.DEFAULT_EPS,
+    w_min=_spec.DEFAULT_W_MIN,
 ):
     """The packed step: one section 3 observation per document, then each row's
     weight (the mean over its scored tokens of their document's weight) and
@@ -481,7 +512,8 @@ def prune_perm_keys(seed: int, epoch: int) -> tuple[int, int, int, int]:
     ``(seed, j = 0, step = epoch, stream 2)`` (spec section 7)."""
     z = torch.zeros(1, dtype=torch.int64)
     words = philox4x32(seed, z, z, z + (epoch & _M32), z + STREAM_PRUNE_ORDER)
-    return tuple(int(w) for w in words)
+    k0, k1, k2, k3 = (int(w) for w in words)
+    return k0, k1, k2, k3
 
 
 def _perm_round(v: torch.Tensor, key: int) -> torch.Tensor:
@@ -511,7 +543,7 @@ def prune_visit_order(n: int, seed: int, epoch: int, device=None) -> torch.Tenso
     return x[x < n]
 
 
-def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=0.125, rescale=True):
+def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=_spec.DEFAULT_ANNEAL_FRAC, rescale=True):
     """Returns ``(order[N], num_kept, scale[N])``: the kept ids first, in the
     visit order of ``(seed, epoch)`` (:func:`prune_visit_order`), then the
     dropped ones in ascending order; ``num_kept`` a 0-d int64 tensor;

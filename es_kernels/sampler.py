@@ -17,7 +17,18 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import _checks, _spec
-from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
+from ._spec import (
+    DEFAULT_ANNEAL_FRAC,
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_IGNORE_INDEX,
+    DEFAULT_LABEL_SMOOTHING,
+    DEFAULT_LAM,
+    DEFAULT_PRUNE_RATIO,
+    DEFAULT_SELECT_MODE,
+    DEFAULT_W_MIN,
+)
 from .functional import STEP_SETTINGS, es_select_from_state, es_step, es_step_from_losses, es_update, eswp_prune
 from .lm import DEFAULT_WORKSPACE_BYTES, es_step_from_hidden
 from .schedule import ScoringSchedule
@@ -101,9 +112,30 @@ class EvolvedSampler:
     device values (once each).
     """
 
-    SETTINGS = ("mini_batch", "beta1", "beta2", "lam", "select_mode", "eps", "seed", "w_min", "schedule")
-    STATE_KEYS = ("state", "step", "epoch", "scale", "counters") + SETTINGS
-    COUNTER_KEYS = ("last_seen", "picks")
+    SETTINGS: tuple[str, ...] = (
+        "mini_batch",
+        "beta1",
+        "beta2",
+        "lam",
+        "select_mode",
+        "eps",
+        "seed",
+        "w_min",
+        "schedule",
+    )
+    STATE_KEYS: tuple[str, ...] = ("state", "step", "epoch", "scale", "counters") + SETTINGS
+    COUNTER_KEYS: tuple[str, ...] = ("last_seen", "picks")
+
+    # the settings (SETTINGS), validated: set by _configure
+    mini_batch: int
+    beta1: float
+    beta2: float
+    lam: float
+    select_mode: str
+    eps: float
+    seed: int
+    w_min: float
+    schedule: ScoringSchedule
 
     def __init__(
         self,
@@ -111,15 +143,15 @@ class EvolvedSampler:
         mini_batch: int,
         beta1: float = DEFAULT_BETA1,
         beta2: float = DEFAULT_BETA2,
-        select_mode: str = "sample",
+        select_mode: str = DEFAULT_SELECT_MODE,
         seed: int = 0,
-        device=None,
+        device: torch.device | str | None = None,
         w_min: float = DEFAULT_W_MIN,
         *,
         lam: float = DEFAULT_LAM,
         eps: float = DEFAULT_EPS,
         schedule: ScoringSchedule | str | None = None,
-    ):
+    ) -> None:
         cfg = self._validate({k: v for k, v in locals().items() if k in self.SETTINGS})
         self.state = ESState(num_samples, device=device)
         self._counters: torch.Tensor | None = None  # int64 [2, N + 1]: last_seen, picks (+ a spare slot)
@@ -188,7 +220,7 @@ class EvolvedSampler:
         return self._scale
 
     @scale.setter
-    def scale(self, value) -> None:
+    def scale(self, value: torch.Tensor | None) -> None:
         if value is not None:
             _checks.tensor(value, "scale", dim=1, dtypes=(torch.float32,), device=self.device)
             if value.shape[0] != self.state.num_samples:
@@ -199,19 +231,19 @@ class EvolvedSampler:
 
     def select(
         self,
-        ids=None,
-        logits=None,
-        targets=None,
-        losses=None,
+        ids: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
         *,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
         shift_labels: bool = False,
-        hidden=None,
-        weight=None,
-        bias=None,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-        segment_ids=None,
+        segment_ids: torch.Tensor | None = None,
     ) -> Selection:
         """Score a meta-batch, update its state, pick ``mini_batch`` of it.
 
@@ -280,10 +312,10 @@ class EvolvedSampler:
         if hidden is None and (weight is not None or bias is not None):
             raise ValueError("weight and bias go with hidden")
         packed = segment_ids is not None
-        if packed:
+        if segment_ids is not None:
             if ids is not None:
                 raise ValueError("ids must be None when segment_ids are given (they hold the documents' ids)")
-            _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES)
+            segment_ids = _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES)
             ids = segment_ids = segment_ids.to(self.device, non_blocking=True)
         else:
             if not isinstance(ids, torch.Tensor):
@@ -302,6 +334,7 @@ class EvolvedSampler:
         if losses is not None:
             res = es_step_from_losses(losses, row_ids, self.state, b, segment_ids=segment_ids, **kw)
         elif hidden is not None:
+            assert weight is not None and targets is not None  # checked above
             res = es_step_from_hidden(
                 hidden,
                 weight,
@@ -318,6 +351,7 @@ class EvolvedSampler:
                 **kw,
             )
         else:
+            assert logits is not None and targets is not None  # checked above
             res = es_step(
                 logits,
                 targets,
@@ -350,7 +384,8 @@ class EvolvedSampler:
     def _select_from_state(self, ids) -> Selection:
         """A step without scores: es_select_from_state over the ids, then the picks' counters."""
         ids = self._batch_ids(ids)
-        n, sch = self.state.num_samples, self.schedule
+        n, sch, counters = self.state.num_samples, self.schedule, self._counters
+        assert counters is not None  # kept while the schedule selects from the state
         pos, w = es_select_from_state(
             ids,
             self.state,
@@ -362,13 +397,13 @@ class EvolvedSampler:
             step=self._step,
             advance_step=True,
             eps=self.eps,
-            last_seen=self._counters[0, :n],
+            last_seen=counters[0, :n],
             max_age=sch.max_age,
-            picks=self._counters[1, :n],
+            picks=counters[1, :n],
             cap=sch.cap,
         )
         slot = self._slot(ids[pos])
-        picks = self._counters[1]
+        picks = counters[1]
         picks[slot] = torch.where(w[pos] == float("inf"), 0, picks[slot] + 1)  # a priority pick refreshes
         self._host_step += 1
         self._scored_last = False
@@ -384,7 +419,7 @@ class EvolvedSampler:
         _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
         return ids.to(self.device, non_blocking=True)
 
-    def observe(self, ids, losses) -> torch.Tensor | None:
+    def observe(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor | None:
         """Observe the training pass's per-sample losses of the picks
         (docs/spec.md section 12.1), after a step that selected from the state.
 
@@ -545,7 +580,7 @@ class EvolvedSampler:
         # everything is valid: write
         self.state._load_validated(s, d, errors)
         self._configure(cfg)
-        if counters is not None:
+        if counters is not None and self._counters is not None:  # (_configure made them for the schedule)
             self._counters[:, :-1].copy_(counters)
         self._step.fill_(step)
         self._host_step = step
@@ -672,7 +707,7 @@ class ESWPSampler(Sampler[int]):
     synchronisation per epoch); yielding ids makes none.
     """
 
-    STATE_KEYS = (
+    STATE_KEYS: tuple[str, ...] = (
         "epoch",
         "position",
         "kept",
@@ -685,15 +720,22 @@ class ESWPSampler(Sampler[int]):
         "rescale",
     )
 
+    # the settings, validated: set from _settings
+    num_epochs: int
+    prune_ratio: float
+    anneal_frac: float
+    rescale: bool
+    seed: int
+
     def __init__(
         self,
         es: EvolvedSampler,
         num_epochs: int,
-        prune_ratio: float = 0.5,
+        prune_ratio: float = DEFAULT_PRUNE_RATIO,
         anneal_frac: float = DEFAULT_ANNEAL_FRAC,
         rescale: bool = True,
         seed: int | None = None,
-    ):
+    ) -> None:
         if not isinstance(es, EvolvedSampler):
             raise ValueError(f"es must be an EvolvedSampler, got {type(es).__name__}")
         cfg = self._settings(num_epochs, prune_ratio, anneal_frac, rescale, es.seed if seed is None else seed)
@@ -726,7 +768,7 @@ class ESWPSampler(Sampler[int]):
     def position(self) -> int:
         """Ids of the epoch in progress yielded so far (0 when none is in
         progress; a plan restored from a checkpoint counts from its position)."""
-        if self._active:
+        if self._active and self._plan is not None:
             return self._plan.pos
         return self._next.pos if self._next is not None else 0
 
@@ -826,7 +868,7 @@ class ESWPSampler(Sampler[int]):
             yield chunk
 
     def __len__(self) -> int:
-        if self._active:
+        if self._active and self._plan is not None:
             plan = self._plan
         elif self._finished is not None and self._next is None:
             return self._finished  # a checkpoint taken when its epoch was complete: as the saved sampler did
@@ -969,12 +1011,12 @@ class IndexedDataset(Dataset):
         index, another item follows it as one element.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; a map-style one has it
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> tuple:
         item = self.dataset[i]
         return (i, *item) if isinstance(item, tuple) else (i, item)

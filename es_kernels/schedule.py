@@ -126,7 +126,7 @@ class ScoringSchedule(NamedTuple):
         return out
 
     @classmethod
-    def parse(cls, value) -> ScoringSchedule:
+    def parse(cls, value: ScoringSchedule | str | None) -> ScoringSchedule:
         """A schedule from ``None`` (every step), a :class:`ScoringSchedule`
         or its string form.
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import _checks, _spec
+from ._spec import DEFAULT_LAM, DEFAULT_W_MIN
 
 
 class ESState:
@@ -50,7 +51,9 @@ class ESState:
 
     KEYS = ("s", "d", "errors")
 
-    def __init__(self, num_samples: int, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, num_samples: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         num_samples = _checks.integer(num_samples, "num_samples", 0, _spec.MAX_SAMPLES)
         if dtype not in _checks.STATE_DTYPES:
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -93,13 +96,13 @@ class ESState:
         """
         return ~torch.isnan(self.s)
 
-    def weights(self, lam: float = 1.0, w_min: float = 1e-8) -> torch.Tensor:
+    def weights(self, lam: float = DEFAULT_LAM, w_min: float = DEFAULT_W_MIN) -> torch.Tensor:
         """The current weight of every sample (spec section 3).
 
         Parameters
         ----------
         lam : float >= 0
-            Trend gain.
+            Trend gain (default ``DEFAULT_LAM``, as the samplers and the ops).
         w_min : float > 0
             Floor of the weight.
 
@@ -158,7 +161,7 @@ class ESState:
         """
         return {"s": self.s.clone(), "d": self.d.clone(), "errors": self.errors.clone()}
 
-    def validate_state_dict(self, state_dict, prefix: str = "state_dict") -> tuple:
+    def validate_state_dict(self, state_dict: dict, prefix: str = "state_dict") -> tuple:
         """Check a saved state without writing anything.
 
         Parameters
@@ -228,7 +231,7 @@ class ESState:
         self.tensor.copy_(new)
         self.errors.copy_(errors)
 
-    def to(self, device) -> ESState:
+    def to(self, device: torch.device | str) -> ESState:
         """A copy of the state on ``device``.
 
         Parameters

@@ -1,6 +1,8 @@
 """The public API: validation of bad input (docs/spec.md section 8), check(),
-the checked mode, ESState, opcheck and torch.compile."""
+the checked mode, ESState, opcheck and torch.compile; one default per
+setting at every entry point, and signatures written out."""
 
+import inspect
 import io
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 from conftest import new_state
 
 import es_kernels as ek
+from es_kernels import _ops, distributed, functional, lm, reference, sampler, state
 
 
 def fresh(n=16):
@@ -336,3 +339,138 @@ def test_compiled_sampler_loop_compiles_once():
         assert torch.equal(pos, ref.select(ids, losses=losses).positions)
     assert es.step == 20
     assert counts["frames"] <= 2, counts
+
+
+# --------------------------------------------------------------------------
+# One default per setting: every entry point that takes a setting (the op
+# schemas, the reference, the functional API, ESState, the samplers, the
+# distributed samplers) defaults it to the constant es_kernels exports; the
+# public signatures are written out (no **kwargs, none built at import time).
+
+# setting name -> the exported constant
+SETTING_DEFAULTS = {
+    "beta1": ek.DEFAULT_BETA1,
+    "beta2": ek.DEFAULT_BETA2,
+    "lam": ek.DEFAULT_LAM,
+    "eps": ek.DEFAULT_EPS,
+    "w_min": ek.DEFAULT_W_MIN,
+    "select_mode": ek.DEFAULT_SELECT_MODE,
+    "ignore_index": ek.DEFAULT_IGNORE_INDEX,
+    "label_smoothing": ek.DEFAULT_LABEL_SMOOTHING,
+    "anneal_frac": ek.DEFAULT_ANNEAL_FRAC,
+    "prune_ratio": ek.DEFAULT_PRUNE_RATIO,
+}
+
+# where a setting is a required argument, not a default
+REQUIRED_SETTINGS = {
+    ("eswp_prune", "prune_ratio"),  # the op and the function: the caller's choice
+}
+
+
+def test_the_package_defaults():
+    assert ek.DEFAULT_LAM == 2.0
+    assert (ek.DEFAULT_BETA1, ek.DEFAULT_BETA2) == (0.2, 0.5)
+    assert ek.DEFAULT_SELECT_MODE in ("sample", "topk")
+
+
+def _python_entry_points():
+    """(name, callable) of every public function and method of the modules
+    that take settings, and of the reference (which the ops fall back to)."""
+    for mod in (functional, lm, sampler, distributed, state, reference):
+        for name, obj in vars(mod).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isclass(obj):
+                for mname, member in vars(obj).items():
+                    if inspect.isfunction(member) and (mname == "__init__" or not mname.startswith("_")):
+                        yield f"{mod.__name__}.{name}.{mname}", member
+            elif inspect.isfunction(obj):
+                yield f"{mod.__name__}.{name}", obj
+
+
+def _setting_params(params):
+    return {p.name: p for p in params if p.name in SETTING_DEFAULTS}
+
+
+@pytest.mark.parametrize("name,fn", list(_python_entry_points()), ids=lambda x: x if isinstance(x, str) else "")
+def test_python_entry_points_default_to_the_constants(name, fn):
+    for pname, p in _setting_params(inspect.signature(fn).parameters.values()).items():
+        if p.default is inspect.Parameter.empty:
+            continue  # a required argument (e.g. gathered_update's, rank_selection's)
+        assert p.default == SETTING_DEFAULTS[pname] and type(p.default) is type(SETTING_DEFAULTS[pname]), (
+            f"{name}({pname}=...) defaults to {p.default!r}, the package's default is {SETTING_DEFAULTS[pname]!r}"
+        )
+
+
+@pytest.mark.parametrize("op", _ops.OP_NAMES)
+def test_op_schemas_default_to_the_constants(op):
+    schema = getattr(torch.ops.es_kernels, op).default._schema
+    args = {a.name: a for a in schema.arguments if a.name in SETTING_DEFAULTS}
+    for pname, a in args.items():
+        if (op, pname) in REQUIRED_SETTINGS:
+            assert not a.has_default_value()
+            continue
+        assert a.has_default_value(), f"{op}: {pname} has no default"
+        assert a.default_value == SETTING_DEFAULTS[pname], (
+            f"{op}({pname}={a.default_value!r}) vs {SETTING_DEFAULTS[pname]!r}"
+        )
+
+
+def test_every_setting_of_the_ops_has_its_default():
+    """The settings the op schemas take are the ones this test knows (a new one gets a constant)."""
+    known = set(SETTING_DEFAULTS) | {"seed", "step", "advance_step", "num_epochs", "epoch", "rescale", "max_age", "cap"}
+    for op in _ops.OP_NAMES:
+        schema = getattr(torch.ops.es_kernels, op).default._schema
+        for a in schema.arguments:
+            if a.has_default_value() and a.default_value is not None:
+                assert a.name in known, f"{op}: {a.name} defaults to {a.default_value!r}: give it a DEFAULT_ constant"
+
+
+@pytest.mark.parametrize("fn", [ek.es_step, ek.es_step_from_losses, ek.es_step_from_hidden])
+def test_fused_steps_spell_out_the_step_settings(fn):
+    params = inspect.signature(fn).parameters
+    for name, default in functional.STEP_SETTINGS.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default == default, name
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def test_sampler_holds_the_defaults():
+    es = ek.EvolvedSampler(8, 2)
+    for name in ("beta1", "beta2", "lam", "eps", "w_min", "select_mode"):
+        assert getattr(es, name) == SETTING_DEFAULTS[name], name
+    assert ek.ESWPSampler(es, num_epochs=2).prune_ratio == ek.DEFAULT_PRUNE_RATIO
+
+
+def test_raw_op_and_api_agree_without_settings():
+    """The op called without its settings computes what the API does without them."""
+    n, B = 16, 8
+    ids, losses = torch.arange(B), torch.rand(B)
+    st_api, st_op = ek.ESState(n), ek.ESState(n)
+    for _ in range(3):
+        losses = torch.rand(B)
+        w_api = ek.es_update(ids, losses, st_api)
+        w_op = torch.ops.es_kernels.es_update(ids, losses, st_op.tensor, st_op.errors)
+        torch.testing.assert_close(w_api, w_op, rtol=0, atol=0)
+    torch.testing.assert_close(st_api.weights()[:B], w_api, rtol=0, atol=0)
+
+
+def _public(name: str) -> bool:
+    """A name of the public API (the modules' ``__all__``; the reference, the
+    oracle, binds its fused steps to the op schemas and is not in it)."""
+    parts = name.split(".")
+    mod = {"functional": ek, "lm": lm, "distributed": distributed, "sampler": ek, "state": ek}.get(parts[1])
+    return mod is not None and parts[2] in mod.__all__
+
+
+@pytest.mark.parametrize(
+    "name,fn",
+    [(n, f) for n, f in _python_entry_points() if _public(n)],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_signatures_are_written_out(name, fn):
+    """What an editor or a type checker reads is what ``inspect`` shows: no
+    signature rewritten at import time, no ``**kwargs`` standing for settings."""
+    assert "__signature__" not in vars(fn), f"{name}: a signature built at import time"
+    kinds = [p.kind for p in inspect.signature(fn).parameters.values()]
+    assert inspect.Parameter.VAR_KEYWORD not in kinds, f"{name} takes **kwargs"

@@ -54,24 +54,24 @@ def test_first_observation_and_update(backend):
 
 
 def test_special_cases(backend):
-    """beta2=1: w = s; beta1=0, beta2=1: w = l; beta1=beta2=0: w = 2 l - l_prev."""
+    """lam=1 (the paper's s + d): beta2=1: w = s; beta1=0, beta2=1: w = l; beta1=beta2=0: w = 2 l - l_prev."""
     n = 50
     g = torch.Generator().manual_seed(1)
     l_prev, l = torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
     ids = torch.arange(n)
     for beta1, beta2, want in [(0.3, 1.0, None), (0.0, 1.0, l), (0.0, 0.0, 2 * l - l_prev)]:
         state = new_state(n, observed=0.0)
-        backend.es_update(ids, l_prev, *state, beta1, beta2)
-        w = backend.es_update(ids, l, *state, beta1, beta2)
+        backend.es_update(ids, l_prev, *state, beta1, beta2, 1.0)
+        w = backend.es_update(ids, l, *state, beta1, beta2, 1.0)
         torch.testing.assert_close(w, (state[0][:, 0] if want is None else want).clamp(min=1e-8))
 
 
 def test_trend_forecast_settles(backend):
-    """On a loss that falls by c per visit, s + d settles at l - c."""
+    """On a loss that falls by c per visit, s + d (lam=1) settles at l - c."""
     state = new_state(1, observed=0.0)
     c, loss = 0.01, 5.0
     for _ in range(400):
-        w = backend.es_update(torch.tensor([0]), torch.tensor([loss]), *state, 0.7, 0.6)
+        w = backend.es_update(torch.tensor([0]), torch.tensor([loss]), *state, 0.7, 0.6, 1.0)
         loss -= c
     assert w.item() == pytest.approx(loss, abs=1e-4)  # loss is now the next visit's: l_last - c
 

@@ -9,6 +9,7 @@ and counts stay on the device.
 from __future__ import annotations
 
 import struct
+from typing import Any, Callable
 
 import torch
 import triton
@@ -217,7 +218,7 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
 # CUDA kernel is the launcher itself: the dispatcher's check layer
 # (_ops.CHECKS) has validated the call. The module's functions (and OPS), for
 # direct calls, run the same checks first.
-KERNELS = {}
+KERNELS: dict[str, Callable[..., Any]] = {}
 
 
 def _op(name):

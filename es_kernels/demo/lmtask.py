@@ -66,7 +66,8 @@ def load_corpus(seq_len: int, n_train: int, n_test: int) -> tuple:
     files = stdlib_files()
     if not files:
         raise RuntimeError(f"no *.py files in the standard library folder {sysconfig.get_paths()['stdlib']}")
-    out, info = [], {"stdlib": str(files[0].parent)}
+    out: list[torch.Tensor] = []
+    info: dict[str, object] = {"stdlib": str(files[0].parent)}
     g = torch.Generator().manual_seed(0)
     for side, held, n in (("train", False, n_train), ("held_out", True, n_test)):
         chosen = [f for f in files if is_held_out(f.name) == held]

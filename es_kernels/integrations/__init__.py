@@ -22,7 +22,7 @@ imported here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -60,11 +60,11 @@ class ESDataset(Dataset):
         Any map-style dataset.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
 
     def __getitem__(self, key) -> ESItem:
         if isinstance(key, tuple):
@@ -105,9 +105,13 @@ class ESCollator:
         whose documents are not the items (:func:`packed_documents`).
     """
 
-    def __init__(self, collate_fn: Callable | None = None, keep_keys=None, packed: bool = False):
+    def __init__(
+        self, collate_fn: Callable | None = None, keep_keys: Iterable[str] | None = None, packed: bool = False
+    ) -> None:
         if collate_fn is None:
-            from torch.utils.data import default_collate as collate_fn
+            from torch.utils.data import default_collate
+
+            collate_fn = default_collate
         self.collate_fn = collate_fn
         self.keep_keys = None if keep_keys is None else frozenset(keep_keys)
         self.packed = _checks.flag(packed, "packed")
@@ -131,7 +135,7 @@ class ESCollator:
         return {ID_KEY: ids, SCALE_KEY: scales, "batch": batch}
 
 
-def take(data, positions: torch.Tensor, size: int):
+def take(data: Any, positions: torch.Tensor, size: int) -> Any:
     """The rows ``positions`` of a batch.
 
     Parameters
@@ -550,7 +554,7 @@ class ESStream(Sampler):
         es: EvolvedSampler | None = None,
         length: int | None = None,
         resume_mid_epoch: bool = False,
-    ):
+    ) -> None:
         if pruner is not None and not isinstance(pruner, ESWPSampler):
             raise ValueError(f"pruner must be an ESWPSampler or None, got {type(pruner).__name__}")
         if es is not None and not isinstance(es, EvolvedSampler):
@@ -714,7 +718,7 @@ class ESStream(Sampler):
         if not isinstance(saved, (list, tuple)):
             raise ValueError(f"{name}['plans'] must be a list, got {type(saved).__name__}")
         n = self.es.state.num_samples
-        plans = []
+        plans: list[_Plan] = []
         for j, p in enumerate(saved):
             at = f"{name}['plans'][{j}]"
             if not isinstance(p, (list, tuple)) or len(p) != 3:

@@ -38,8 +38,10 @@ identical on every rank (gather ids and losses before ``select``: not done here)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable
+
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .. import _checks
 from ..sampler import ESWPSampler, EvolvedSampler
@@ -47,6 +49,11 @@ from ..scoring import scoring
 from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
 
 RNG_KEY = "es_rng"  # the checkpoint's entry of torch's generator states
+
+if TYPE_CHECKING:  # the mixin goes before a LightningModule, whose hooks and attributes it uses
+    from lightning.pytorch import LightningModule as _Module
+else:
+    _Module = object
 
 
 def _get_rng_state(device: torch.device) -> dict:
@@ -73,6 +80,8 @@ class ESDataLoader(DataLoader):
         Those of ``torch.utils.data.DataLoader``, with an :class:`ESStream` as ``sampler``.
     """
 
+    sampler: ESStream
+
     def state_dict(self) -> dict:
         """The stream's position (``ESStream.state_dict``)."""
         return self.sampler.state_dict()
@@ -82,7 +91,7 @@ class ESDataLoader(DataLoader):
         self.sampler.load_state_dict(sd)
 
 
-class ESLightningMixin:
+class ESLightningMixin(_Module):
     """Mix into a ``LightningModule`` (before it) to train on ES's pick of each meta-batch.
 
     Call :meth:`es_setup` in ``__init__``, define :meth:`es_sample_losses`,
@@ -126,7 +135,9 @@ class ESLightningMixin:
         self.es_eswp = eswp
         self.es_stream = ESStream(eswp, es=es, resume_mid_epoch=True)
 
-    def es_dataloader(self, dataset, batch_size: int, collate_fn=None, **kwargs) -> ESDataLoader:
+    def es_dataloader(
+        self, dataset: Dataset, batch_size: int, collate_fn: Callable | None = None, **kwargs: Any
+    ) -> ESDataLoader:
         """The training loader: meta-batches of ``batch_size`` with ``es_id`` / ``es_scale``.
 
         Parameters
@@ -150,8 +161,9 @@ class ESLightningMixin:
         ValueError
             For a dataset of another size, or a ``batch_size`` below ``es.mini_batch``.
         """
-        if len(dataset) != self.es_sampler.state.num_samples:
-            raise ValueError(f"dataset has {len(dataset)} samples, es_sampler {self.es_sampler.state.num_samples}")
+        n = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
+        if n != self.es_sampler.state.num_samples:
+            raise ValueError(f"dataset has {n} samples, es_sampler {self.es_sampler.state.num_samples}")
         batch_size = _checks.integer(batch_size, "batch_size", 1)
         if self.es_sampler.mini_batch > batch_size:
             raise ValueError(
@@ -171,11 +183,11 @@ class ESLightningMixin:
             **kwargs,
         )
 
-    def es_sample_losses(self, batch) -> torch.Tensor:  # pragma: no cover - the user's
+    def es_sample_losses(self, batch: Any) -> torch.Tensor:  # pragma: no cover - the user's
         """Define it: the per-sample losses ``[B]`` of a batch (scoring and training)."""
         raise NotImplementedError("define es_sample_losses(batch) -> per-sample losses [B]")
 
-    def es_loss(self, batch) -> torch.Tensor:
+    def es_loss(self, batch: Any) -> torch.Tensor:
         """The training loss of the selected rows.
 
         Parameters
@@ -196,7 +208,7 @@ class ESLightningMixin:
         scale = batch.get(SCALE_KEY) if isinstance(batch, dict) else None
         return (losses * scale).mean() if scale is not None else losses.mean()
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning's hook: in training, score the meta-batch and keep the selected rows."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         trainer = getattr(self, "_trainer", None)

@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,10 +176,10 @@ class ESCheckpointCallback(TrainerCallback):
     trainer : ESTrainer
     """
 
-    def __init__(self, trainer: ESTrainer):
+    def __init__(self, trainer: ESTrainer) -> None:
         self.trainer = trainer
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """The Trainer's hook: save ``trainer.es_state_dict()`` on the main process."""
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -237,14 +238,14 @@ class ESTrainer(Trainer):
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         es_sampler: EvolvedSampler,
         eswp: ESWPSampler | None = None,
         es_shift_labels: bool | None = None,
         es_score_in_eval_mode: bool = True,
         es_score_from_hidden: bool = False,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         check_version()
         if not isinstance(es_sampler, EvolvedSampler):
             raise ValueError(f"es_sampler must be an EvolvedSampler, got {type(es_sampler).__name__}")
@@ -272,7 +273,7 @@ class ESTrainer(Trainer):
         self.es_stream = ESStream(eswp, es=es_sampler)
         self.es_score_in_eval_mode = bool(es_score_in_eval_mode)
         self.es_score_from_hidden = bool(es_score_from_hidden)
-        self._es_rng_checkpoint = None  # a resume's checkpoint, until its RNG state is restored
+        self._es_rng_checkpoint: str | None = None  # a resume's checkpoint, until its RNG state is restored
         self._es_rng_restored = False  # restored before the scoring pass: skip the Trainer's restore
         if self.es_score_from_hidden:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -283,15 +284,14 @@ class ESTrainer(Trainer):
             self._es_head()  # refuse a model without a plain lm_head now
         self._es_shift = es_shift_labels
         if self.train_dataset is not None:
-            if len(self.train_dataset) != es_sampler.state.num_samples:
-                raise ValueError(
-                    f"train_dataset has {len(self.train_dataset)} samples, es_sampler {es_sampler.state.num_samples}"
-                )
+            n = len(self.train_dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
+            if n != es_sampler.state.num_samples:
+                raise ValueError(f"train_dataset has {n} samples, es_sampler {es_sampler.state.num_samples}")
             self.train_dataset = ESDataset(self.train_dataset)
-        keep = None
+        keep: list[str] | None = None
         if self.args.remove_unused_columns:
             self._set_signature_columns_if_needed()
-            keep = list(self._signature_columns)
+            keep = list(self._signature_columns or ())  # set by the call above
         self.data_collator = ESCollator(self.data_collator, keep_keys=keep, packed=True)
         self.add_callback(ESCheckpointCallback(self))
 
@@ -319,7 +319,7 @@ class ESTrainer(Trainer):
             # at an epoch boundary the Trainer's set_epoch(next) does reach it and overrides this.
             self.es_stream.set_epoch(self.es_stream.current_epoch)
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``, restoring the ES state of ``resume_from_checkpoint`` first."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -334,7 +334,7 @@ class ESTrainer(Trainer):
                 )
             self.es_load_state_dict(torch.load(path, weights_only=False))
         self._es_rng_checkpoint = (
-            resume_from_checkpoint if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+            os.fspath(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
         )
         self._es_rng_restored = False
         try:
@@ -407,7 +407,7 @@ class ESTrainer(Trainer):
                 )
         return base, head
 
-    def es_score(self, model, batch: dict) -> dict:
+    def es_score(self, model: torch.nn.Module, batch: dict) -> dict:
         """Keyword arguments of ``es.select`` for a meta-batch (no autograd): the
         model's logits and the labels (shifted for causal LMs), or with
         ``es_score_from_hidden`` the base model's last hidden states, the
@@ -457,7 +457,7 @@ class ESTrainer(Trainer):
             out.pop(DOC_KEY, None)  # packed rows: the Trainer's own loss, on the picks' packed row
         return out
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         """Fetch the step's meta-batches, select in each, then count
         ``num_items_in_batch`` over the selected rows (the Trainer's own code)."""
         selected = []
@@ -480,7 +480,9 @@ class ESTrainer(Trainer):
         return super().get_batch_samples(iter(selected), len(selected), device)
 
     # -- the loss ------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """The Trainer's loss on the selected rows, each sample's loss times its
         ESWP scale (in a packed row, each token's loss times its document's);
         after a selection from the state (the sampler's schedule) the rows'
