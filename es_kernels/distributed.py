@@ -4,12 +4,16 @@
 Every rank holds a full replica of the per-sample state. Each step:
 
 1. rank ``r`` scores its own meta-batch of ``B_r <= cap`` samples (``cap`` =
-   ``meta_batch``, the same on every rank);
+   ``meta_batch``, the same on every rank) as the single process does, in
+   any form ``EvolvedSampler.select`` takes (losses, logits, hidden states);
 2. the ranks exchange ``(id, loss)`` pairs with ONE ``all_gather_into_tensor``
    of an int64 ``[cap, 2]`` buffer per rank (column 0 the id, column 1 the
-   loss as the bits of a float64): 16 bytes per position, ``world * cap``
-   positions received; no host synchronisation (on NCCL the collective is
-   queued on the device like a kernel);
+   loss as the bits of a float64, ``UNSCORED_BITS`` for a row with nothing
+   to score): 16 bytes per position, ``world * cap`` positions received; no
+   host synchronisation (on NCCL the collective is queued on the device like
+   a kernel). Packed rows (``segment_ids``) exchange per-document float64
+   loss sums and token counts instead (``document_update``), so that a
+   document split over several ranks' rows is observed once;
 3. every rank applies ALL observations of the step to its replica with the
    existing ``es_update`` op (the same input on every rank, so the replicas stay
    bit-identical) and selects ``min(mini_batch, B_r)`` of its OWN positions with
