@@ -103,27 +103,53 @@ def unpack(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gathered[:, 0], gathered[:, 1].contiguous().view(torch.float64)
 
 
-def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """For each position, the lowest position holding the same id (device ops only)."""
+def first_observation(ids: torch.Tensor, state) -> torch.Tensor:
+    """For each position, the lowest position holding the same id when the id is
+    in ``[0, N)``; the position itself for any other id (out of range, ``PAD_ID``).
+
+    O(positions) on the device, no sort: the positions are scattered with
+    ``amin`` into the scratch of the state's rows of these ids (the bits of
+    their ``d``, saved first and restored after), so no ``[N]`` table is
+    allocated. No host synchronisation; the state is unchanged on return.
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 ``[P]`` on the state's device.
+    state : ESState
+        Its ``d`` column is the scratch (restored bit for bit).
+
+    Returns
+    -------
+    Tensor
+        int64 ``[P]``.
+    """
     n = ids.shape[0]
-    ar = torch.arange(n, device=ids.device)
-    if n == 0:
-        return ar
-    sorted_ids, perm = torch.sort(ids, stable=True)
-    starts = torch.ones(n, dtype=torch.bool, device=ids.device)
-    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    lead = torch.cummax(torch.where(starts, ar, 0), 0).values  # sorted index of the group's start
-    first = torch.empty_like(perm)
-    first[perm] = perm[lead]  # stable sort: the group's start is its lowest position
-    return first
+    t = state.tensor
+    width = torch.int32 if t.dtype == torch.float32 else torch.int64
+    big = torch.iinfo(width).max
+    if n == 0 or t.shape[0] == 0 or n >= big:
+        return torch.arange(n, device=ids.device)
+    idx = ids.clamp(0, t.shape[0] - 1)
+    inside = idx == ids  # the others go to row 0 or N - 1 with position `big`: no effect on its minimum
+    ar = torch.arange(n, dtype=width, device=ids.device)
+    scratch = t.view(width)[:, 1]
+    saved = scratch.index_select(0, idx)  # (index_select and scatter_: the fast paths of a gather and a put)
+    scratch.index_fill_(0, idx, big)
+    scratch.scatter_reduce_(0, idx, torch.where(inside, ar, big), "amin")
+    first = torch.where(inside, scratch.index_select(0, idx), ar)
+    scratch.scatter_(0, idx, saved)  # duplicates restore the same saved bits
+    return first.long()
 
 
 def gathered_update(ids, losses, state, beta1, beta2, lam, w_min) -> torch.Tensor:
     """Apply the observations of the gathered batch to ``state`` (spec section 11.1, Update).
 
-    An id held by several positions is observed once, at its lowest position, and every
-    position holding it gets that weight (``DistributedSampler`` pads by repeating ids).
-    ``PAD_ID`` positions are skipped and not counted in ``errors``.
+    An id in ``[0, N)`` held by several positions is observed once, at its lowest
+    position, and every position holding it gets that weight (``DistributedSampler``
+    pads by repeating ids); an id out of range is counted at every position holding
+    it, as one process's ``es_update`` counts it. ``PAD_ID`` positions are skipped
+    and not counted in ``errors``.
 
     Parameters
     ----------
@@ -142,12 +168,12 @@ def gathered_update(ids, losses, state, beta1, beta2, lam, w_min) -> torch.Tenso
         float32 ``[W * cap]``: the weight of every gathered position. No host
         synchronisation.
     """
-    first = first_occurrence(ids)
+    first = first_observation(ids, state)
     dup = first != torch.arange(ids.shape[0], device=ids.device)
     upd = torch.where(dup, PAD_ID, ids)
     w = ops.es_update(upd, losses, state.tensor, state.errors, float(beta1), float(beta2), float(lam), float(w_min))
     state.errors[0] -= (upd == PAD_ID).sum()  # es_update counted them as out of range
-    return w[first]
+    return w.index_select(0, first)
 
 
 def document_update(ids, sums, counts, world: int, state, beta1, beta2, lam, w_min) -> torch.Tensor:
@@ -265,9 +291,12 @@ def _select_own(own, lo: int, b: int, select_mode: str, seed, step, eps: float) 
     """:func:`rank_selection` of the ``n`` weights ``own`` of the global positions ``lo + j``."""
     n = own.shape[0]
     own = own.to(torch.float32)
+    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
+    if select_mode == "topk":  # no noise: the keys are the weights, the order among own positions is the rule's
+        return ops.weighted_select(own, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0)
+    # the noise of global position lo + j: the op draws it for position lo + j of its input
     x = torch.full((lo + n,), -math.inf, dtype=torch.float32, device=own.device)
     x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
-    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
     pos = ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0) - lo
     if lo > 0 and b > 0:
         # An own key of -inf (a NaN or -inf weight: never one of es_update's) ties with
@@ -539,6 +568,10 @@ class DistributedEvolvedSampler(EvolvedSampler):
             self._scratch = ESState(0, device=self.device)
         scratch = self._scratch
         _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=self.device)
+        losses = sc["losses"]
+        if losses is not None and isinstance(losses, torch.Tensor) and losses.dim() == 1:
+            _checks.ids_losses(ids, losses, self.device)  # as the step op checks them
+            return losses.to(torch.float32, copy=True), torch.ones_like(ids, dtype=torch.bool)  # section 6
         oor = -1 - torch.arange(ids.shape[0], device=self.device)  # distinct, out of the scratch's range
         common = (scratch.tensor, scratch.errors, 0, self.beta1, self.beta2)
         if sc["logits"] is not None:
@@ -575,9 +608,9 @@ class DistributedEvolvedSampler(EvolvedSampler):
         w_all = self._apply(gathered) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
         self._step.add_(1)
-        self._refresh(unpack(gathered)[0] if cap > 0 else ids)  # every rank's ids, on every replica
+        self._refresh(gathered[:, 0] if cap > 0 else ids)  # every rank's ids, on every replica
         weights = w_all[self.rank * cap : self.rank * cap + n]
-        return Selection(pos, self.scales_of(ids[pos]), losses, weights)
+        return Selection(pos, self.scales_of(ids.index_select(0, pos)), losses, weights)
 
     # ---- packed rows
     def _packed_step(self, segment_ids: torch.Tensor, scoring: dict) -> Selection:

@@ -172,17 +172,47 @@ def test_shard_indices_matches_distributed_sampler():
 
 
 def test_gathered_update_pads_and_duplicates():
-    """In one process: PAD_ID positions are skipped uncounted; a repeated id is observed once."""
-    from es_kernels.distributed import PAD_ID, first_occurrence, gathered_update
+    """In one process: PAD_ID positions are skipped uncounted; a repeated id is observed
+    once; an id out of range is counted at each position (as es_update counts it)."""
+    from es_kernels.distributed import PAD_ID, first_observation, gathered_update
 
-    ids = torch.tensor([5, 3, PAD_ID, 5, 9, PAD_ID, 3])
-    assert first_occurrence(ids).tolist() == [0, 1, 2, 0, 4, 2, 1]
+    ids = torch.tensor([5, 3, PAD_ID, 5, 9, PAD_ID, 3, 12, 12])
     st = ek.ESState(10)
-    w = gathered_update(ids, torch.tensor([1.0, 2, 7, 4, 3, 7, 8], dtype=torch.float64), st, 0.2, 0.5, 1.0, 1e-8)
-    assert st.errors.tolist() == [0, 0]
+    assert first_observation(ids, st).tolist() == [0, 1, 2, 0, 4, 5, 1, 7, 8]
+    w = gathered_update(ids, torch.tensor([1.0, 2, 7, 4, 3, 7, 8, 1, 1], dtype=torch.float64), st, 0.2, 0.5, 1.0, 1e-8)
+    assert st.errors.tolist() == [2, 0]
     wm = float(torch.tensor(1e-8, dtype=torch.float32))
-    assert w.tolist() == [1.0, 2.0, wm, 1.0, 3.0, wm, 2.0]
+    assert w.tolist() == [1.0, 2.0, wm, 1.0, 3.0, wm, 2.0, wm, wm]
     assert st.s[[5, 3, 9]].tolist() == [1.0, 2.0, 3.0]
+
+
+def sorted_first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """The lowest position of each position's id, by a stable sort (the rule, plainly)."""
+    first = {}
+    return torch.tensor([first.setdefault(int(i), p) for p, i in enumerate(ids.tolist())], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_observation_equals_the_sort_and_restores_the_state(dtype):
+    """The scatter dedup gives the lowest position of every in-range id (as a sort
+    would), each out-of-range or padding position itself, and leaves the state's
+    bits as they were (NaN payloads included), on random inputs with repeats."""
+    from es_kernels.distributed import PAD_ID, first_observation
+
+    g = torch.Generator().manual_seed(3)
+    for n, N in ((1, 1), (50, 7), (300, 100), (2000, 5000)):
+        st = ek.ESState(N, dtype=dtype)
+        ek.es_update(torch.arange(0, N, 2), torch.rand((N + 1) // 2, generator=g, dtype=dtype), st)
+        st.tensor[-1, 1] = float("nan")
+        before = st.tensor.clone()
+        ids = torch.randint(-3, N + 3, (n,), generator=g)
+        ids[torch.rand(n, generator=g) < 0.1] = PAD_ID
+        got = first_observation(ids, st)
+        want = torch.where((ids >= 0) & (ids < N), sorted_first_occurrence(ids), torch.arange(n))
+        assert torch.equal(got, want), (n, N)
+        width = torch.int32 if dtype == torch.float32 else torch.int64
+        assert torch.equal(st.tensor.view(width), before.view(width))
+    assert first_observation(torch.tensor([0, 1]), ek.ESState(0)).tolist() == [0, 1]
 
 
 def test_demo_trains_under_ddp(group):
@@ -538,3 +568,37 @@ def test_every_form_equals_the_single_process_model(group):
         assert len(res[("forms", 1)][form]["rec"][1][0]) == min(W.FMINI, 2)  # the short rank
         if world == 3:
             assert len(res[("forms", 2)][form]["rec"][1][0]) == 0  # the empty rank
+
+
+def prefix_selection(own, lo, b, select_mode, seed, step, eps=0.0):
+    """The rule of spec section 11.1 plainly: one weighted_select over a prefix of
+    lo + n positions whose first lo are -inf, own positions' keys tied to the lower."""
+    from es_kernels.distributed import eps_mix
+
+    n = own.shape[0]
+    x = torch.full((lo + n,), -math.inf)
+    x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
+    keys = R.selection_keys(x, select_mode, seed, step)[lo:]
+    return torch.sort(torch.sort(keys, descending=True, stable=True).indices[:b]).values
+
+
+@pytest.mark.parametrize("select_mode,eps", [("topk", 0.0), ("sample", 0.0), ("sample", 0.3)])
+def test_rank_selection_picks_the_rule_on_random_weights(select_mode, eps):
+    """rank_selection (topk: over the rank's own positions alone) picks what the rule
+    picks on random weights with ties, NaN, -inf, +inf and zeros, at every rank."""
+    from es_kernels.distributed import rank_selection
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(30):
+        world, cap = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        w_all = torch.rand(world * cap, generator=g) * 3
+        special = torch.tensor([math.nan, -math.inf, math.inf, 0.0, 1.0])
+        pick = torch.rand(world * cap, generator=g) < 0.3
+        w_all[pick] = special[torch.randint(0, 5, (int(pick.sum()),), generator=g)]
+        step = int(torch.randint(0, 100, (1,), generator=g))
+        for r in range(world):
+            n = int(torch.randint(0, cap + 1, (1,), generator=g))
+            b = int(torch.randint(0, n + 1, (1,), generator=g))
+            got = rank_selection(w_all, r, cap, n, b, select_mode, 9, torch.tensor(step), eps)
+            want = prefix_selection(w_all[r * cap : r * cap + n], r * cap, b, select_mode, 9, step, eps)
+            assert torch.equal(got, want), (trial, r, got, want)
