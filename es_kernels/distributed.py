@@ -100,7 +100,7 @@ def pack(ids: torch.Tensor, losses: torch.Tensor, cap: int, scored: torch.Tensor
 
 def unpack(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids int64 [W*cap], losses float64 [W*cap])`` of a gathered buffer."""
-    return gathered[:, 0], gathered[:, 1].contiguous().view(torch.float64)
+    return gathered[:, 0], gathered[:, 1].view(torch.float64)  # strided views: no copy
 
 
 def first_observation(ids: torch.Tensor, state) -> torch.Tensor:
@@ -651,7 +651,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
         the document is not observed)."""
         w_slots = document_update(
             gathered[:, 0],
-            gathered[:, 1].contiguous().view(torch.float64),
+            gathered[:, 1].view(torch.float64),
             gathered[:, 2],
             self.world_size,
             self.state,
