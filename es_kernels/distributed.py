@@ -128,7 +128,9 @@ def first_observation(ids: torch.Tensor, state) -> torch.Tensor:
     t = state.tensor
     width = torch.int32 if t.dtype == torch.float32 else torch.int64
     big = torch.iinfo(width).max
-    if n == 0 or t.shape[0] == 0 or n >= big:
+    if n >= big:  # W * cap positions of 16 bytes: 32 GiB gathered per step before this
+        raise ValueError(f"{n} gathered positions: at most {big - 1} (the positions are {width} in the scratch)")
+    if n == 0 or t.shape[0] == 0:
         return torch.arange(n, device=ids.device)
     idx = ids.clamp(0, t.shape[0] - 1)
     inside = idx == ids  # the others go to row 0 or N - 1 with position `big`: no effect on its minimum
