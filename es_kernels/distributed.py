@@ -4,12 +4,16 @@
 Every rank holds a full replica of the per-sample state. Each step:
 
 1. rank ``r`` scores its own meta-batch of ``B_r <= cap`` samples (``cap`` =
-   ``meta_batch``, the same on every rank);
+   ``meta_batch``, the same on every rank) as the single process does, in
+   any form ``EvolvedSampler.select`` takes (losses, logits, hidden states);
 2. the ranks exchange ``(id, loss)`` pairs with ONE ``all_gather_into_tensor``
    of an int64 ``[cap, 2]`` buffer per rank (column 0 the id, column 1 the
-   loss as the bits of a float64): 16 bytes per position, ``world * cap``
-   positions received; no host synchronisation (on NCCL the collective is
-   queued on the device like a kernel);
+   loss as the bits of a float64, ``UNSCORED_BITS`` for a row with nothing
+   to score): 16 bytes per position, ``world * cap`` positions received; no
+   host synchronisation (on NCCL the collective is queued on the device like
+   a kernel). Packed rows (``segment_ids``) exchange per-document float64
+   loss sums and token counts instead (``document_update``), so that a
+   document split over several ranks' rows is observed once;
 3. every rank applies ALL observations of the step to its replica with the
    existing ``es_update`` op (the same input on every rank, so the replicas stay
    bit-identical) and selects ``min(mini_batch, B_r)`` of its OWN positions with
@@ -39,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from . import _checks
-from ._ops import ops
+from ._ops import bind, ops
 from ._spec import (
     DEFAULT_ANNEAL_FRAC,
     DEFAULT_BETA1,
@@ -51,10 +55,19 @@ from ._spec import (
     DEFAULT_PRUNE_RATIO,
     DEFAULT_SELECT_MODE,
     DEFAULT_W_MIN,
+    INT64_MAX,
     INT64_MIN,
     SELECT_MEAN_BITS,
 )
-from .functional import checked_mode, per_sample_cross_entropy
+from .functional import _shift, checked_mode
+from .lm import (
+    DEFAULT_WORKSPACE_BYTES,
+    _check_hidden,
+    _document_sums,
+    _row_means,
+    packed_tokens,
+    row_losses_from_hidden,
+)
 from .sampler import CHUNK, ESWPSampler, EvolvedSampler, Selection, _Plan
 from .schedule import ScoringSchedule
 from .state import ESState
@@ -66,24 +79,30 @@ __all__ = [
     "shard_indices",
     "shard_length",
     "gathered_update",
+    "document_update",
     "rank_selection",
     "eps_mix",
     "replica_digest",
 ]
 
 PAD_ID = INT64_MIN  # the id of a padding position: skipped and not counted as an error
+# The loss bits of a row with nothing to score (a target of ignore_index, a sequence of
+# ignored tokens): a float64 NaN whose low payload bits no float32 loss converts to.
+UNSCORED_BITS = 0x7FF0000000000001
 
 # all_gather_into_tensor, under its newer name where torch has it (2.13 deprecates the old one)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 # --------------------------------------------------------------------------- the step's pieces
-def pack(ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
-    """int64 ``[cap, 2]``: ``(id, bits of float64(loss))``, padded with ``(PAD_ID, 0)``."""
+def pack(ids: torch.Tensor, losses: torch.Tensor, cap: int, scored: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 ``[cap, 2]``: ``(id, bits of float64(loss))``, padded with ``(PAD_ID, 0)``;
+    ``UNSCORED_BITS`` in place of the loss where ``scored`` (bool ``[B]``) is False."""
     n = ids.shape[0]
     buf = torch.empty((cap, 2), dtype=torch.int64, device=ids.device)
     buf[:n, 0] = ids
-    buf[:n, 1] = losses.to(torch.float64).view(torch.int64)  # float64 holds any float loss exactly
+    bits = losses.to(torch.float64).view(torch.int64)  # float64 holds any float loss exactly
+    buf[:n, 1] = bits if scored is None else torch.where(scored, bits, UNSCORED_BITS)
     buf[n:, 0] = PAD_ID
     buf[n:, 1] = 0
     return buf
@@ -91,11 +110,25 @@ def pack(ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
 
 def unpack(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids int64 [W*cap], losses float64 [W*cap])`` of a gathered buffer."""
-    return gathered[:, 0], gathered[:, 1].contiguous().view(torch.float64)
+    return gathered[:, 0], gathered[:, 1].view(torch.float64)  # strided views: no copy
 
 
 def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """For each position, the lowest position holding the same id (device ops only)."""
+    """For each position, the lowest position holding the same id, whatever the id
+    (device ops only: a stable sort). The sharded sampler's deduplication of a
+    rank's own meta-batch (ids of other ranks included); the replicated exchange
+    uses :func:`first_observation`, which needs no sort.
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 ``[P]``.
+
+    Returns
+    -------
+    Tensor
+        int64 ``[P]``. No host synchronisation.
+    """
     n = ids.shape[0]
     ar = torch.arange(n, device=ids.device)
     if n == 0:
@@ -109,14 +142,57 @@ def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
     return first
 
 
+def first_observation(ids: torch.Tensor, state) -> torch.Tensor:
+    """For each position, the lowest position holding the same id when the id is
+    in ``[0, N)``; the position itself for any other id (out of range, ``PAD_ID``).
+
+    O(positions) on the device, no sort: the positions are scattered with
+    ``amin`` into the scratch of the state's rows of these ids (the bits of
+    their ``d``, saved first and restored after), so no ``[N]`` table is
+    allocated. No host synchronisation; the state is unchanged on return.
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 ``[P]`` on the state's device.
+    state : ESState
+        Its ``d`` column is the scratch (restored bit for bit).
+
+    Returns
+    -------
+    Tensor
+        int64 ``[P]``.
+    """
+    n = ids.shape[0]
+    t = state.tensor
+    width = torch.int32 if t.dtype == torch.float32 else torch.int64
+    big = torch.iinfo(width).max
+    if n >= big:  # W * cap positions of 16 bytes: 32 GiB gathered per step before this
+        raise ValueError(f"{n} gathered positions: at most {big - 1} (the positions are {width} in the scratch)")
+    if n == 0 or t.shape[0] == 0:
+        return torch.arange(n, device=ids.device)
+    idx = ids.clamp(0, t.shape[0] - 1)
+    inside = idx == ids  # the others go to row 0 or N - 1 with position `big`: no effect on its minimum
+    ar = torch.arange(n, dtype=width, device=ids.device)
+    scratch = t.view(width)[:, 1]
+    saved = scratch.index_select(0, idx)  # (index_select and scatter_: the fast paths of a gather and a put)
+    scratch.index_fill_(0, idx, big)
+    scratch.scatter_reduce_(0, idx, torch.where(inside, ar, big), "amin")
+    first = torch.where(inside, scratch.index_select(0, idx), ar)
+    scratch.scatter_(0, idx, saved)  # duplicates restore the same saved bits
+    return first.long()
+
+
 def gathered_update(
     ids: torch.Tensor, losses: torch.Tensor, state: ESState, beta1: float, beta2: float, lam: float, w_min: float
 ) -> torch.Tensor:
     """Apply the observations of the gathered batch to ``state`` (spec section 11.1, Update).
 
-    An id held by several positions is observed once, at its lowest position, and every
-    position holding it gets that weight (``DistributedSampler`` pads by repeating ids).
-    ``PAD_ID`` positions are skipped and not counted in ``errors``.
+    An id in ``[0, N)`` held by several positions is observed once, at its lowest
+    position, and every position holding it gets that weight (``DistributedSampler``
+    pads by repeating ids); an id out of range is counted at every position holding
+    it, as one process's ``es_update`` counts it. ``PAD_ID`` positions are skipped
+    and not counted in ``errors``.
 
     Parameters
     ----------
@@ -135,12 +211,67 @@ def gathered_update(
         float32 ``[W * cap]``: the weight of every gathered position. No host
         synchronisation.
     """
-    first = first_occurrence(ids)
+    first = first_observation(ids, state)
     dup = first != torch.arange(ids.shape[0], device=ids.device)
     upd = torch.where(dup, PAD_ID, ids)
     w = ops.es_update(upd, losses, state.tensor, state.errors, float(beta1), float(beta2), float(lam), float(w_min))
     state.errors[0] -= (upd == PAD_ID).sum()  # es_update counted them as out of range
-    return w[first]
+    return w.index_select(0, first)
+
+
+def document_update(ids, sums, counts, world: int, state, beta1, beta2, lam, w_min) -> torch.Tensor:
+    """Observe the documents of the gathered packed rows (spec section 11.1, Packed rows).
+
+    Each rank sends, for every document of its rows, the float64 sum of its
+    scored tokens' losses and their count (in slots ``r * S .. (r + 1) * S``).
+    A document is observed once, with ``L = f32((sum of the parts' sums, in
+    rank order, float64) / (sum of the counts))``: the token-weighted mean of
+    its parts, the loss one process would give it from all the rows.
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 ``[W * S]``, the documents (``PAD_ID`` at padding; distinct
+        within a rank's slots), on the state's device.
+    sums : Tensor
+        float64 ``[W * S]``, each part's loss sum.
+    counts : Tensor
+        int64 ``[W * S]``, each part's scored tokens (0: present in the rows,
+        not observed).
+    world : int
+        ``W``, the most parts a document has.
+    state : ESState
+        Mutated in place.
+    beta1, beta2, lam, w_min : float
+        As in :func:`es_kernels.es_update`.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[W * S]``: each slot's document weight (0 for padding and
+        for a document with no scored token). No host synchronisation.
+    """
+    n = ids.shape[0]
+    ar = torch.arange(n, device=ids.device)
+    sk, perm = torch.sort(ids, stable=True)  # a document's parts in rank order
+    start = torch.ones(n, dtype=torch.bool, device=ids.device)
+    start[1:] = sk[1:] != sk[:-1]
+    lead = torch.cummax(torch.where(start, ar, 0), 0).values  # the sorted index of each part's first part
+    v, c = sums[perm], counts[perm]
+    total, count = v.clone(), c.clone()
+    minus_zero = torch.full_like(v, -0.0)  # x + (-0.0) == x for every x: the identity of the sum
+    for k in range(1, world):  # at most W parts: add the k-th one to the first (fixed order, no atomics)
+        same = lead[k:] == ar[: n - k]
+        total[: n - k] += torch.where(same, v[k:], minus_zero[k:])
+        count[: n - k] += torch.where(same, c[k:], 0)
+    obs = start & (sk != PAD_ID) & (count > 0)
+    loss = torch.where(obs, total / count.clamp(min=1), 0.0).float()
+    upd = torch.where(obs, sk, -1 - ar)  # distinct; the others masked out: not read, not counted
+    a = bind("es_step_from_losses", loss.unsqueeze(1), upd, state.tensor, state.errors, 0, float(beta1), float(beta2))
+    _, _, w = ops.es_step_from_losses(*a._replace(lam=float(lam), w_min=float(w_min), mask=obs.unsqueeze(1)).for_op())
+    out = torch.empty_like(w)
+    out[perm] = w[lead]
+    return out
 
 
 def eps_mix(w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -204,10 +335,19 @@ def rank_selection(
     """
     _checks.integer(b, "b", 0, n)
     lo = rank * cap
-    x = torch.full((lo + n,), -math.inf, dtype=torch.float32, device=weights_all.device)
-    own = weights_all[lo : lo + n].to(torch.float32)
-    x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
+    return _select_own(weights_all[lo : lo + n], lo, b, select_mode, seed, step, eps)
+
+
+def _select_own(own, lo: int, b: int, select_mode: str, seed, step, eps: float) -> torch.Tensor:
+    """:func:`rank_selection` of the ``n`` weights ``own`` of the global positions ``lo + j``."""
+    n = own.shape[0]
+    own = own.to(torch.float32)
     seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
+    if select_mode == "topk":  # no noise: the keys are the weights, the order among own positions is the rule's
+        return ops.weighted_select(own, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0)
+    # the noise of global position lo + j: the op draws it for position lo + j of its input
+    x = torch.full((lo + n,), -math.inf, dtype=torch.float32, device=own.device)
+    x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
     pos = ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0) - lo
     if lo > 0 and b > 0:
         # An own key of -inf (a NaN or -inf weight: never one of es_update's) ties with
@@ -250,8 +390,10 @@ class DistributedEvolvedSampler(EvolvedSampler):
 
     Construct it on every rank with the same arguments, after
     ``torch.distributed.init_process_group``. ``select`` then takes THIS rank's
-    meta-batch (``ids`` and ``logits``/``targets`` or ``losses``) and returns
-    THIS rank's selection; every rank's state sees every rank's observations.
+    meta-batch, in every form :meth:`EvolvedSampler.select` takes (``ids`` with
+    ``logits``/``targets``, ``hidden``/``weight``/``targets`` or ``losses``, or
+    packed rows with ``segment_ids``), and returns THIS rank's selection; every
+    rank's state sees every rank's observations (docs/spec.md section 11.1).
 
     Parameters
     ----------
@@ -265,7 +407,13 @@ class DistributedEvolvedSampler(EvolvedSampler):
         padded to it. ``None``: agreed on the first call as the largest ``B`` of
         any rank (one host read, once). A call with more raises ``ValueError`` on
         that rank only (the others then wait in the collective): give it when
-        the first meta-batch may be short.
+        the first meta-batch may be short. With ``segment_ids`` it counts rows.
+    meta_tokens : int >= 1 or None
+        Packed rows only: the most tokens (``B * T``) one rank passes to
+        ``select(segment_ids=...)``, the size of the documents' exchange
+        (``None``: agreed on the first packed call as the largest ``B * T`` of
+        any rank, one host read, once; more raises ``ValueError`` on that rank
+        only, as for ``meta_batch``). The results do not depend on it.
 
     Every rank must construct it with the same settings and call ``select`` the
     same number of times (one collective per call). The checked mode
@@ -294,6 +442,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
         schedule: ScoringSchedule | str | None = None,
         process_group: dist.ProcessGroup | None = None,
         meta_batch: int | None = None,
+        meta_tokens: int | None = None,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -306,38 +455,47 @@ class DistributedEvolvedSampler(EvolvedSampler):
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self.meta_batch = None if meta_batch is None else _checks.integer(meta_batch, "meta_batch", 1)
+        self.meta_tokens = None if meta_tokens is None else _checks.integer(meta_tokens, "meta_tokens", 1)
+        self._scratch: ESState | None = None  # an empty state: the single-process step's scores, nothing observed
 
     # ---- the exchange
-    def _capacity(self, n: int) -> int:
-        if self.meta_batch is None:  # once: agree on the largest first meta-batch
-            t = torch.tensor([n], dtype=torch.int64, device=self.device)
+    def _capacity(self, n: int, tokens: int | None = None) -> int:
+        """``cap`` (and with ``tokens``, the packed rows' token capacity: returns
+        ``(cap, tokens_cap)``), agreed once over the ranks when not given."""
+        if self.meta_batch is None or (tokens is not None and self.meta_tokens is None):
+            # once: agree on the largest first meta-batch (and token grid)
+            t = torch.tensor([n, 0 if tokens is None else tokens], dtype=torch.int64, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-            agreed = int(t)
-            if agreed == 0:
-                return 0
-            self.meta_batch = agreed
-        if n > self.meta_batch:
+            agreed, agreed_tokens = (int(x) for x in t.tolist())
+            if self.meta_batch is None and agreed > 0:
+                self.meta_batch = agreed
+            if tokens is not None and self.meta_tokens is None and agreed_tokens > 0:
+                self.meta_tokens = agreed_tokens
+        cap = self.meta_batch or 0
+        if n > cap:
             raise ValueError(
-                f"meta-batch of {n} ids on rank {self.rank}, more than meta_batch="
-                f"{self.meta_batch} (the padded size every rank agreed on)"
+                f"meta-batch of {n} {'ids' if tokens is None else 'rows'} on rank {self.rank}, more than "
+                f"meta_batch={self.meta_batch} (the padded size every rank agreed on)"
             )
-        return self.meta_batch
+        if tokens is None:
+            return cap
+        tokens_cap = self.meta_tokens or 0
+        if tokens > tokens_cap:
+            raise ValueError(
+                f"packed meta-batch of {tokens} tokens on rank {self.rank}, more than meta_tokens="
+                f"{self.meta_tokens} (the padded size every rank agreed on)"
+            )
+        return cap, tokens_cap
 
-    def _gather(self, ids: torch.Tensor, losses: torch.Tensor, cap: int) -> torch.Tensor:
-        buf = pack(ids, losses, cap)
+    def _gather(self, ids: torch.Tensor, losses: torch.Tensor, cap: int, scored=None) -> torch.Tensor:
+        buf = pack(ids, losses, cap, scored)
         out = torch.empty((self.world_size * cap, 2), dtype=torch.int64, device=self.device)
         _all_gather_single(out, buf, group=self.process_group)
         return out
 
-    def _inputs(self, ids, logits, targets, losses, ignore_index, label_smoothing):
-        if (losses is None) == (logits is None):
-            raise ValueError("select takes either logits (with targets) or losses")
-        if logits is not None and targets is None:
-            raise ValueError("targets must be given with logits")
+    def _inputs(self, ids, losses):
         _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
         ids = ids.to(self.device, dtype=torch.int64, non_blocking=True)
-        if logits is not None:
-            losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
         _checks.ids_losses(ids, losses, self.device)
         return ids, losses
 
@@ -364,7 +522,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
         return self._observe(ids, losses)
 
     def _observe(self, ids, losses) -> torch.Tensor:
-        ids, losses = self._inputs(ids, None, None, losses.detach(), -100, 0.0)
+        ids, losses = self._inputs(ids, losses.detach())
         n = ids.shape[0]
         cap = self._capacity(n)
         gathered = self._gather(ids, losses, cap)
@@ -377,60 +535,185 @@ class DistributedEvolvedSampler(EvolvedSampler):
         gids, glosses = unpack(gathered)
         if checked_mode():
             self._check_distinct(gids, gathered.shape[0] // self.world_size)
-        w = gathered_update(gids, glosses, self.state, self.beta1, self.beta2, self.lam, self.w_min)
+        scored = gathered[:, 1] != UNSCORED_BITS  # a row with nothing to score: skipped, weight 0
+        w = gathered_update(
+            torch.where(scored, gids, PAD_ID), glosses, self.state, self.beta1, self.beta2, self.lam, self.w_min
+        )
+        self._checked()
+        return torch.where(scored, w, 0.0)
+
+    def _checked(self) -> None:
         if checked_mode():
             self.check_replicas()
             self.state.check()
-        return w
 
-    def select(  # type: ignore[override]  # no hidden states or packed rows across ranks (yet)
+    def select(
         self,
-        ids: torch.Tensor | None,
+        ids: torch.Tensor | None = None,
         logits: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         losses: torch.Tensor | None = None,
         *,
         ignore_index: int = DEFAULT_IGNORE_INDEX,
         label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+        shift_labels: bool = False,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        segment_ids: torch.Tensor | None = None,
     ) -> Selection:
         """As :meth:`EvolvedSampler.select`, on this rank's meta-batch.
 
         Parameters
         ----------
-        ids, logits, targets, losses, ignore_index, label_smoothing
-            As in :meth:`EvolvedSampler.select`, this rank's ``B`` samples.
+        ids, logits, targets, losses, ignore_index, label_smoothing, shift_labels
+            As in :meth:`EvolvedSampler.select`.
+        hidden, weight, bias, workspace_bytes, segment_ids
+            As in :meth:`EvolvedSampler.select`, this rank's ``B`` samples
+            (or ``B`` packed rows). Each rank scores its rows as the single
+            process does; the observations of every rank are then applied
+            to every replica (docs/spec.md section 11.1: an id passed by
+            several ranks is observed once; with ``segment_ids`` a document
+            split over several ranks' rows is one observation, of the
+            token-weighted mean of its parts).
 
         Returns
         -------
         Selection
             This rank's selection (positions into its own meta-batch).
 
+        Raises
+        ------
+        ValueError
+            Naming the argument, before anything is written or exchanged
+            (on this rank: the others then wait in the collective).
+
         Notes
         -----
-        One collective, no host synchronisation (but the first call when
-        ``meta_batch`` is None: one read, to agree on it).
+        One collective (two on a step that selects from the state), no host
+        synchronisation (but the first call when ``meta_batch`` or, with
+        ``segment_ids``, ``meta_tokens`` is None: one read, to agree on it).
         """
-        if logits is None and losses is None and self.schedule.selects_from_state:
-            if self.needs_scores:
-                raise ValueError(
-                    f"this step scores its meta-batch (schedule {self.schedule}): select takes logits "
-                    "(with targets) or losses; check needs_scores before the scoring forward"
-                )
-            return self._select_from_state(ids)
-        ids, losses = self._inputs(ids, logits, targets, losses, ignore_index, label_smoothing)
+        return super().select(
+            ids,
+            logits,
+            targets,
+            losses,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            shift_labels=shift_labels,
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            workspace_bytes=workspace_bytes,
+            segment_ids=segment_ids,
+        )
+
+    def _row_scores(self, ids: torch.Tensor, sc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(losses float32 [B], scored bool [B])``: this rank's rows as the
+        single-process step scores them. The step's own op runs on an empty
+        scratch state with ``b = 0`` (every id out of its range: nothing read
+        or written but the scratch's error count), so the losses and the rows
+        with nothing to score are those of :meth:`EvolvedSampler.select`."""
+        if self._scratch is None:
+            self._scratch = ESState(0, device=self.device)
+        scratch = self._scratch
+        _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=self.device)
+        losses = sc["losses"]
+        if losses is not None and isinstance(losses, torch.Tensor) and losses.dim() == 1:
+            _checks.ids_losses(ids, losses, self.device)  # as the step op checks them
+            return losses.to(torch.float32, copy=True), torch.ones_like(ids, dtype=torch.bool)  # section 6
+        oor = -1 - torch.arange(ids.shape[0], device=self.device)  # distinct, out of the scratch's range
+        common = (scratch.tensor, scratch.errors, 0, self.beta1, self.beta2)
+        if sc["logits"] is not None:
+            _checks.no_grad_inputs(logits=sc["logits"])
+            a = bind("es_step", sc["logits"], sc["targets"], oor, *common)
+            a = a._replace(ignore_index=sc["ignore_index"], label_smoothing=float(sc["label_smoothing"]))
+            _checks.step_from_logits(a)
+            logits, targets = _shift(sc["logits"], sc["targets"], sc["shift_labels"])
+            _, losses, w = ops.es_step(*a._replace(logits=logits, targets=targets).for_op())
+        elif sc["hidden"] is not None:
+            hidden, weight, targets, bias = (sc[k] for k in ("hidden", "weight", "targets", "bias"))
+            ce = (sc["ignore_index"], sc["label_smoothing"], sc["shift_labels"], sc["workspace_bytes"])
+            _checks.no_grad_inputs(hidden=hidden, weight=weight, bias=bias)
+            _check_hidden(hidden, weight, targets, bias, *ce, device=self.device)
+            if ids.shape[0] != hidden.shape[0]:
+                raise ValueError(f"ids must have the batch size of hidden ({hidden.shape[0]}), got {ids.shape[0]}")
+            row, scored = row_losses_from_hidden(hidden, weight, targets, bias, *ce)
+            a = bind("es_step_from_losses", row.unsqueeze(1), oor, *common)._replace(mask=scored.unsqueeze(1))
+            _, losses, w = ops.es_step_from_losses(*a.for_op())
+        else:
+            a = bind("es_step_from_losses", sc["losses"], oor, *common)
+            _, losses, w = ops.es_step_from_losses(*a.for_op())
+        return losses, w != 0  # a scored row's weight: f32(w_min) (out of range); an unscored row's: 0
+
+    def _scoring_step(self, ids: torch.Tensor, packed: bool, scoring: dict) -> Selection:
+        if packed:
+            return self._packed_step(ids, scoring)
+        ids = ids.to(torch.int64)
+        losses, scored = self._row_scores(ids, scoring)
         n = ids.shape[0]
         b = min(self.mini_batch, n)
         cap = self._capacity(n)
-        if cap > 0:
-            gathered = self._gather(ids, losses, cap)
-            w_all, seen = self._apply(gathered), unpack(gathered)[0]  # every rank's ids
-        else:
-            w_all, seen = ids.new_empty(0, dtype=torch.float32), ids
+        gathered = self._gather(ids, losses, cap, scored) if cap > 0 else None
+        w_all = self._apply(gathered) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
         self._step.add_(1)
-        self._refresh(seen)  # every rank's ids, on every replica
+        self._refresh(gathered[:, 0] if cap > 0 else ids)  # every rank's ids, on every replica
         weights = w_all[self.rank * cap : self.rank * cap + n]
-        return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), weights)
+        return Selection(pos, self.scales_of(ids.index_select(0, pos)), losses, weights)
+
+    # ---- packed rows
+    def _packed_step(self, segment_ids: torch.Tensor, scoring: dict) -> Selection:
+        """docs/spec.md sections 6.1 and 11.1: this rank's documents' partial sums
+        exchanged, every document observed once with the token-weighted mean
+        of its parts, this rank's rows selected by their token-weighted weights."""
+        rows = segment_ids.shape[0]
+        b = min(self.mini_batch, rows)
+        tok, scored, _ = packed_tokens(None, segment_ids, self.state, b, self._step_settings(), **scoring)
+        # every document with a token in the rows (the counters refresh them all), its
+        # scored tokens' float64 loss sum and count (0: present, not observed)
+        key = torch.where(segment_ids >= 0, segment_ids.long(), INT64_MAX)
+        keys, sums, counts, slot = _document_sums(tok, scored, key)
+        cap, slots = self._capacity(rows, keys.shape[0])
+        weights = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        gids = None
+        if slots > 0:
+            n = keys.shape[0]
+            buf = torch.empty((slots, 3), dtype=torch.int64, device=self.device)
+            buf[:n, 0] = torch.where((keys >= 0) & (keys != INT64_MAX), keys, PAD_ID)
+            buf[:n, 1] = sums.view(torch.int64)
+            buf[:n, 2] = counts
+            buf[n:, 0] = PAD_ID
+            buf[n:, 1:] = 0
+            gathered = torch.empty((self.world_size * slots, 3), dtype=torch.int64, device=self.device)
+            _all_gather_single(gathered, buf, group=self.process_group)
+            gids = gathered[:, 0]
+            w_docs = self._apply_documents(gathered)[self.rank * slots : self.rank * slots + n]
+            weights = _row_means(w_docs[slot], scored)
+        pos = _select_own(weights, self.rank * cap, b, self.select_mode, self.seed, self._step, self.eps)
+        self._step.add_(1)
+        self._refresh(gids if gids is not None else segment_ids)  # every rank's documents, on every replica
+        return Selection(pos, self.scales_of(segment_ids[pos]), _row_means(tok, scored), weights)
+
+    def _apply_documents(self, gathered: torch.Tensor) -> torch.Tensor:
+        """Observe every document of the gathered ``(id, float64 sum bits, count)``
+        rows once; float32 ``[W * slots]``: each row's document weight (0 when
+        the document is not observed)."""
+        w_slots = document_update(
+            gathered[:, 0],
+            gathered[:, 1].view(torch.float64),
+            gathered[:, 2],
+            self.world_size,
+            self.state,
+            self.beta1,
+            self.beta2,
+            self.lam,
+            self.w_min,
+        )
+        self._checked()
+        return w_slots
 
     def _select_from_state(self, ids) -> Selection:
         """A step without scores (docs/spec.md sections 11.1 and 12): the ids of

@@ -290,25 +290,9 @@ def es_step_from_hidden(
     kw = step_kw(locals())
     _checks.no_grad_inputs(hidden=hidden, weight=weight, bias=bias)
     if segment_ids is not None:
-        _check_packed_step(ids, segment_ids, st, b, **kw)
-        _check_hidden(
-            hidden,
-            weight,
-            targets,
-            bias,
-            ignore_index,
-            label_smoothing,
-            shift_labels,
-            workspace_bytes,
-            device=st.device,
-        )
-        if hidden.dim() != 3:
-            raise ValueError(f"segment_ids needs hidden [B, T, H], got {tuple(hidden.shape)}")
-        _check_segments(segment_ids, targets.shape, st.device)
-        tokens = _packed_tokens_from_hidden(
-            hidden, weight, targets, segment_ids, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
-        )
-        return packed_step(*tokens, st, b, **kw)
+        scoring = dict(hidden=hidden, weight=weight, targets=targets, bias=bias, workspace_bytes=workspace_bytes)
+        ce = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, shift_labels=shift_labels)
+        return packed_step(*packed_tokens(ids, segment_ids, st, b, kw, **scoring, **ce), st, b, **kw)
     _checks.state(st.tensor, st.errors)
     _check_hidden(
         hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes, device=st.device
@@ -319,15 +303,24 @@ def es_step_from_hidden(
     _checks.hyper(beta1, beta2, lam, w_min)
     _checks.selection(b, ids.shape[0], select_mode, seed, step, eps, st.device)
     _checks.step_tensor(step, advance_step)
+    losses, scored = row_losses_from_hidden(
+        hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes
+    )
+    return es_step_from_losses(losses.unsqueeze(1), ids, st, b, mask=scored.unsqueeze(1), **kw)
+
+
+def row_losses_from_hidden(hidden, weight, targets, bias, ignore_index, label_smoothing, shift_labels, workspace_bytes):
+    """The rows' losses and which rows have a target to score (validated
+    arguments): ``(float32 [B], bool [B])``, what :func:`es_step_from_hidden`
+    observes. A row (sequence) with no target to score is skipped, as from
+    logits: one token per row, masked where there is none (the mean of one
+    token is that token)."""
     if shift_labels:
         targets = shifted_targets(targets, ignore_index)
     with torch.no_grad():
         losses = _losses(hidden, weight, targets, bias, ignore_index, float(label_smoothing), workspace_bytes)
-    # a row (sequence) with no target to score is skipped, as from logits: one
-    # token per row, masked where there is none (the mean of one token is that token)
     scored = targets != ignore_index
-    scored = scored.any(dim=1) if hidden.dim() == 3 else scored
-    return es_step_from_losses(losses.unsqueeze(1), ids, st, b, mask=scored.unsqueeze(1), **kw)
+    return losses, scored.any(dim=1) if hidden.dim() == 3 else scored
 
 
 # --------------------------------------------------------------------------- packed rows (segment_ids)
@@ -357,10 +350,25 @@ def _group(tok, scored, doc):
     """Group the scored tokens by document id without a host read: sort the ids
     (unscored tokens last), number the runs of equal ids, and sum per number.
     Returns the :class:`DocumentLosses` and each token's slot (int64 ``[B, T]``)."""
-    n = doc.numel()
-    dev = doc.device
-    key = torch.where(scored, doc, _spec.INT64_MAX).reshape(-1)
-    sorted_key, perm = torch.sort(key)
+    ids, sums, counts, slot = _document_sums(tok, scored, torch.where(scored, doc, _spec.INT64_MAX))
+    has = counts > 0
+    losses = torch.where(has, sums / counts.clamp(min=1), 0.0).float()
+    return DocumentLosses(torch.where(has, ids, -1), losses, torch.where(has, counts, 0)), slot
+
+
+def _document_sums(tok, scored, key):
+    """The per-key sums of the scored tokens' losses, in ``S = B * T`` slots.
+
+    ``key`` int64 ``[B, T]`` groups the tokens (every scored token's key is its
+    document; a key may also hold unscored tokens). Sort the keys, number the
+    runs of equal keys, and sum per number: returns ``(keys int64 [S]``, the
+    distinct keys ascending then -1; ``sums`` float64 ``[S]``, the sum of
+    ``f64(tok)`` over each key's scored tokens (index_add in token order on a
+    CPU); ``counts`` int64 ``[S]``, their number; ``slot`` int64 ``[B, T]``,
+    each token's slot). No host read."""
+    n = key.numel()
+    dev = key.device
+    sorted_key, perm = torch.sort(key.reshape(-1))
     start = torch.ones(n, dtype=torch.bool, device=dev)
     start[1:] = sorted_key[1:] != sorted_key[:-1]
     slot_sorted = torch.cumsum(start, 0) - 1
@@ -371,10 +379,8 @@ def _group(tok, scored, doc):
         0, slot, torch.where(flat, tok.reshape(-1).double(), 0.0)
     )
     counts = torch.zeros(n, dtype=torch.int64, device=dev).index_add_(0, slot, flat.long())
-    ids = torch.full((n,), -1, dtype=torch.int64, device=dev).scatter_(0, slot_sorted, sorted_key)
-    has = counts > 0
-    losses = torch.where(has, sums / counts.clamp(min=1), 0.0).float()
-    return DocumentLosses(torch.where(has, ids, -1), losses, torch.where(has, counts, 0)), slot.view(doc.shape)
+    keys = torch.full((n,), -1, dtype=torch.int64, device=dev).scatter_(0, slot_sorted, sorted_key)
+    return keys, sums, counts, slot.view(key.shape)
 
 
 def _row_means(x, scored) -> torch.Tensor:
@@ -602,20 +608,55 @@ def _check_packed_step(ids, segment_ids, st, b, beta1, beta2, lam, select_mode, 
     _checks.step_tensor(step, advance_step)
 
 
+def packed_tokens(
+    ids,
+    segment_ids,
+    st,
+    b,
+    kw,
+    *,
+    logits=None,
+    targets=None,
+    losses=None,
+    mask=None,
+    hidden=None,
+    weight=None,
+    bias=None,
+    ignore_index=DEFAULT_IGNORE_INDEX,
+    label_smoothing=0.0,
+    shift_labels=False,
+    workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+):
+    """Validate a packed step (docs/spec.md section 6.1; ``kw`` its settings, ``st``
+    its state) and return its token grid ``(tok, scored, doc)`` from the
+    ``losses``, the ``hidden`` states or the ``logits``, whichever is given."""
+    _check_packed_step(ids, segment_ids, st, b, **kw)
+    if losses is not None:
+        _check_token_losses(losses, segment_ids, mask, device=st.device)
+        return _packed_tokens_from_losses(losses, segment_ids, mask)
+    ce = (ignore_index, label_smoothing, shift_labels)
+    if hidden is not None:
+        _checks.no_grad_inputs(hidden=hidden, weight=weight, bias=bias)
+        _check_hidden(hidden, weight, targets, bias, *ce, workspace_bytes, device=st.device)
+        if hidden.dim() != 3:
+            raise ValueError(f"segment_ids needs hidden [B, T, H], got {tuple(hidden.shape)}")
+        _check_segments(segment_ids, targets.shape, st.device)
+        return _packed_tokens_from_hidden(hidden, weight, targets, segment_ids, bias, *ce, workspace_bytes)
+    _checks.no_grad_inputs(logits=logits)
+    _check_packed_logits(logits, targets, segment_ids, *ce, device=st.device)
+    return _packed_tokens_from_logits(logits, targets, segment_ids, *ce)
+
+
 def packed_step_from_logits(
     logits, targets, ids, state, b, segment_ids, *, ignore_index, label_smoothing, shift_labels, **kw
 ) -> StepResult:
     """:func:`es_kernels.es_step` with ``segment_ids`` (validates, then :func:`packed_step`)."""
     st = _state(state)
-    _check_packed_step(ids, segment_ids, st, b, **kw)
-    _check_packed_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels, device=st.device)
-    tokens = _packed_tokens_from_logits(logits, targets, segment_ids, ignore_index, label_smoothing, shift_labels)
-    return packed_step(*tokens, st, b, **kw)
+    ce = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, shift_labels=shift_labels)
+    return packed_step(*packed_tokens(ids, segment_ids, st, b, kw, logits=logits, targets=targets, **ce), st, b, **kw)
 
 
 def packed_step_from_losses(losses, ids, state, b, segment_ids, *, mask, **kw) -> StepResult:
     """:func:`es_kernels.es_step_from_losses` with ``segment_ids``."""
     st = _state(state)
-    _check_packed_step(ids, segment_ids, st, b, **kw)
-    _check_token_losses(losses, segment_ids, mask, device=st.device)
-    return packed_step(*_packed_tokens_from_losses(losses, segment_ids, mask), st, b, **kw)
+    return packed_step(*packed_tokens(ids, segment_ids, st, b, kw, losses=losses, mask=mask), st, b, **kw)

@@ -325,45 +325,54 @@ class EvolvedSampler:
             if ids.device.type == "meta":
                 raise ValueError("ids is a meta tensor: it holds no values")
             ids = ids.to(self.device, non_blocking=True)
-        b = min(self.mini_batch, ids.shape[0])  # the last meta-batch of an epoch may be short
-        row_ids = None if packed else ids  # the step's ids argument (None: the documents are in segment_ids)
-        # the step settings: this sampler's values and its device step counter
-        kw = dict(
+        scoring = dict(
+            logits=logits,
+            targets=targets,
+            losses=losses,
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            shift_labels=shift_labels,
+            workspace_bytes=workspace_bytes,
+        )
+        return self._scoring_step(ids, packed, scoring)
+
+    def _step_settings(self) -> dict:
+        """The step settings: this sampler's values and its device step counter, advanced by the step."""
+        return dict(
             step=self._step, advance_step=True, **{k: getattr(self, k) for k in self.SETTINGS if k in STEP_SETTINGS}
         )
-        if losses is not None:
-            res = es_step_from_losses(losses, row_ids, self.state, b, segment_ids=segment_ids, **kw)
-        elif hidden is not None:
-            assert weight is not None and targets is not None  # checked above
+
+    def _scoring_step(self, ids: torch.Tensor, packed: bool, scoring: dict) -> Selection:
+        """The scoring step of :meth:`select` once its arguments are checked: ``ids``
+        on the device (``segment_ids`` when ``packed``), ``scoring`` the scores'
+        keyword arguments (``logits``, ``targets``, ``losses``, ``hidden``, ...)."""
+        sc = scoring
+        segment_ids = ids if packed else None
+        b = min(self.mini_batch, ids.shape[0])  # the last meta-batch of an epoch may be short
+        row_ids = None if packed else ids  # the step's ids argument (None: the documents are in segment_ids)
+        kw = self._step_settings()
+        ce = {k: sc[k] for k in ("ignore_index", "label_smoothing", "shift_labels")}
+        if sc["losses"] is not None:
+            res = es_step_from_losses(sc["losses"], row_ids, self.state, b, segment_ids=segment_ids, **kw)
+        elif sc["hidden"] is not None:
             res = es_step_from_hidden(
-                hidden,
-                weight,
-                targets,
+                sc["hidden"],
+                sc["weight"],
+                sc["targets"],
                 row_ids,
                 self.state,
                 b,
                 segment_ids=segment_ids,
-                bias=bias,
-                ignore_index=ignore_index,
-                label_smoothing=label_smoothing,
-                shift_labels=shift_labels,
-                workspace_bytes=workspace_bytes,
+                bias=sc["bias"],
+                workspace_bytes=sc["workspace_bytes"],
+                **ce,
                 **kw,
             )
         else:
-            assert logits is not None and targets is not None  # checked above
-            res = es_step(
-                logits,
-                targets,
-                row_ids,
-                self.state,
-                b,
-                segment_ids=segment_ids,
-                ignore_index=ignore_index,
-                label_smoothing=label_smoothing,
-                shift_labels=shift_labels,
-                **kw,
-            )
+            res = es_step(sc["logits"], sc["targets"], row_ids, self.state, b, segment_ids=segment_ids, **ce, **kw)
         self._refresh(ids)
         return Selection(res.positions, self.scales_of(ids[res.positions]), res.losses, res.weights)
 

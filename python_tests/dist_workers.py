@@ -251,3 +251,82 @@ def resume(rank, world, out):
     res["refused"] = refused
     res["after_refusal"] = (es.step, pr.epoch, pr.position, es.state.tensor.clone())
     return res
+
+
+# --------------------------------------------------------------------------- every form of select
+FN, FCAP, FMINI, FSTEPS, FT, FV, FH = 48, 5, 2, 4, 6, 7, 4
+FORMS = ("losses", "logits", "hidden", "packed_logits", "packed_hidden", "packed_losses")
+
+
+def form_rows(step: int, world: int) -> list:
+    """Rows per rank: uneven at step 1 (rank 1 short; rank 2 empty with 3 ranks)."""
+    sizes = [FCAP] * world
+    if step == 1:
+        sizes[1] = 2
+        if world > 2:
+            sizes[2] = 0
+    return sizes
+
+
+def form_inputs(step: int, world: int, form: str) -> list:
+    """Every rank's select() keyword arguments of a form at a step (one generator, the
+    same on every rank). Unpacked: ids distinct within a rank, step 2 holds an id on
+    two ranks, rows with nothing to score. Packed: several documents a row, padding,
+    a document split over rank 0's and rank 1's rows, one out of range at step 3."""
+    g = torch.Generator().manual_seed(1000 * step + FORMS.index(form))
+    sizes = form_rows(step, world)
+    perm = torch.randperm(FN, generator=g)
+    out, at = [], 0
+    for r, n in enumerate(sizes):
+        tgt = torch.randint(0, FV, (n, FT), generator=g)
+        if n > 1:
+            tgt[1] = -100  # nothing to score in this row
+        kw = {}
+        if form.startswith("packed"):
+            seg = torch.empty((n, FT), dtype=torch.int64)
+            for row in range(n):
+                cut = int(torch.randint(1, FT, (1,), generator=g))
+                seg[row, :cut], seg[row, cut:] = perm[at], perm[at + 1]
+                at += 2
+            if n:
+                seg[0, -1] = -1  # padding
+            if r == 1 and n:  # the document that ends rank 0's first row starts rank 1's
+                seg[0, :2] = out[0]["segment_ids"][0, -2]
+            if step == 3 and r == 0:
+                seg[-1, -1] = FN + 1  # out of range: counted once
+            kw["segment_ids"] = seg
+        else:
+            ids = perm[at : at + n].clone()
+            at += n
+            if step == 2 and r == world - 1 and n:
+                ids[-1] = out[0]["ids"][0]  # rank 0's first id again
+            kw["ids"] = ids
+        if form == "losses":
+            kw["losses"] = torch.rand(n, generator=g) * 3
+        elif form in ("logits", "packed_logits"):
+            kw.update(logits=torch.randn(n, FT, FV, generator=g), targets=tgt, shift_labels=True)
+        elif form in ("hidden", "packed_hidden"):
+            w = torch.randn(FV, FH, generator=torch.Generator().manual_seed(5))  # the model's: one for all ranks
+            kw.update(hidden=torch.randn(n, FT, FH, generator=g), weight=w, targets=tgt, workspace_bytes=40)
+        else:
+            kw["losses"] = torch.rand(n, FT, generator=g, dtype=torch.float64)
+        out.append(kw)
+    return out
+
+
+def forms(rank, world, out):
+    """Every form of select on every rank, FSTEPS steps each: the selections and the state."""
+    from es_kernels.distributed import DistributedEvolvedSampler as D
+
+    res = {}
+    for form in FORMS:
+        es = D(FN, FMINI, seed=7, meta_batch=FCAP)  # meta_tokens: agreed on the first packed call
+        rec = []
+        for step in range(FSTEPS):
+            kw = form_inputs(step, world, form)[rank]
+            guard = no_host_sync() if step == 2 else contextlib.nullcontext()
+            with guard:  # meta_tokens is agreed: the step's whole path, no host read
+                sel = es.select(**kw)
+            rec.append(tuple(getattr(sel, k) for k in ("positions", "scales", "losses", "weights")))
+        res[form] = {"rec": rec, "final": (es.state.tensor.clone(), es.state.errors.clone(), es.step)}
+    return res

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 SCENARIOS = {
-    2: ("es", "eswp", "checked", "resume", "demo"),
-    3: ("es", "eswp", "checked", "resume"),
+    2: ("es", "eswp", "checked", "resume", "forms", "demo"),
+    3: ("es", "eswp", "checked", "resume", "forms"),
 }  # demo: the costliest
 
 
@@ -172,17 +172,47 @@ def test_shard_indices_matches_distributed_sampler():
 
 
 def test_gathered_update_pads_and_duplicates():
-    """In one process: PAD_ID positions are skipped uncounted; a repeated id is observed once."""
-    from es_kernels.distributed import PAD_ID, first_occurrence, gathered_update
+    """In one process: PAD_ID positions are skipped uncounted; a repeated id is observed
+    once; an id out of range is counted at each position (as es_update counts it)."""
+    from es_kernels.distributed import PAD_ID, first_observation, gathered_update
 
-    ids = torch.tensor([5, 3, PAD_ID, 5, 9, PAD_ID, 3])
-    assert first_occurrence(ids).tolist() == [0, 1, 2, 0, 4, 2, 1]
+    ids = torch.tensor([5, 3, PAD_ID, 5, 9, PAD_ID, 3, 12, 12])
     st = ek.ESState(10)
-    w = gathered_update(ids, torch.tensor([1.0, 2, 7, 4, 3, 7, 8], dtype=torch.float64), st, 0.2, 0.5, 1.0, 1e-8)
-    assert st.errors.tolist() == [0, 0]
+    assert first_observation(ids, st).tolist() == [0, 1, 2, 0, 4, 5, 1, 7, 8]
+    w = gathered_update(ids, torch.tensor([1.0, 2, 7, 4, 3, 7, 8, 1, 1], dtype=torch.float64), st, 0.2, 0.5, 1.0, 1e-8)
+    assert st.errors.tolist() == [2, 0]
     wm = float(torch.tensor(1e-8, dtype=torch.float32))
-    assert w.tolist() == [1.0, 2.0, wm, 1.0, 3.0, wm, 2.0]
+    assert w.tolist() == [1.0, 2.0, wm, 1.0, 3.0, wm, 2.0, wm, wm]
     assert st.s[[5, 3, 9]].tolist() == [1.0, 2.0, 3.0]
+
+
+def sorted_first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """The lowest position of each position's id, by a stable sort (the rule, plainly)."""
+    first = {}
+    return torch.tensor([first.setdefault(int(i), p) for p, i in enumerate(ids.tolist())], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_observation_equals_the_sort_and_restores_the_state(dtype):
+    """The scatter dedup gives the lowest position of every in-range id (as a sort
+    would), each out-of-range or padding position itself, and leaves the state's
+    bits as they were (NaN payloads included), on random inputs with repeats."""
+    from es_kernels.distributed import PAD_ID, first_observation
+
+    g = torch.Generator().manual_seed(3)
+    for n, N in ((1, 1), (50, 7), (300, 100), (2000, 5000)):
+        st = ek.ESState(N, dtype=dtype)
+        ek.es_update(torch.arange(0, N, 2), torch.rand((N + 1) // 2, generator=g, dtype=dtype), st)
+        st.tensor[-1, 1] = float("nan")
+        before = st.tensor.clone()
+        ids = torch.randint(-3, N + 3, (n,), generator=g)
+        ids[torch.rand(n, generator=g) < 0.1] = PAD_ID
+        got = first_observation(ids, st)
+        want = torch.where((ids >= 0) & (ids < N), sorted_first_occurrence(ids), torch.arange(n))
+        assert torch.equal(got, want), (n, N)
+        width = torch.int32 if dtype == torch.float32 else torch.int64
+        assert torch.equal(st.tensor.view(width), before.view(width))
+    assert first_observation(torch.tensor([0, 1]), ek.ESState(0)).tolist() == [0, 1]
 
 
 def test_demo_trains_under_ddp(group):
@@ -360,5 +390,250 @@ def test_load_state_dict_refuses_bad_distributed_entries(tmp_path):
             assert (pr.epoch, pr.position, pr.num_epochs, pr.prune_ratio) == (0, 0, 5, 0.2)
         pr.load_state_dict(good_pr)
         assert pr.position == 6 and pr.epoch == 0 and torch.equal(cat_ids(pr.chunks()), good_pr["kept"][6:])
+    finally:
+        dist.destroy_process_group()
+
+
+def every_form(g: torch.Generator, n: int = 40) -> list:
+    """select() keyword arguments of every form EvolvedSampler.select takes, on random
+    inputs: ids with losses [B] and token losses [B, T], logits [B, C] and [B, T, V]
+    (ignored targets, rows with nothing to score, shift_labels), hidden states (with a
+    bias, shift_labels), and packed rows (segment_ids) from logits, hidden and token losses."""
+    B, T, V, H = 6, 7, 11, 5
+    ids = torch.randperm(n, generator=g)[:B]
+    tgt = torch.randint(0, V, (B, T), generator=g)
+    tgt[1] = -100  # a sequence with nothing to score
+    tgt[2, ::2] = -100
+    hid = torch.randn(B, T, H, generator=g)
+    wt, bias = torch.randn(V, H, generator=g), torch.randn(V, generator=g)
+    seg = torch.randint(0, 4, (B, T), generator=g) + torch.randint(0, n // 4, (B, 1), generator=g) * 4
+    seg[0, -2:] = -1  # padding
+    seg[3, :] = seg[4, 0]  # a document over two rows
+    seg[5, 3] = n + 2  # out of range: counted
+    tc = torch.randint(0, 9, (B,), generator=g)
+    tc[4] = -100
+    return [
+        dict(ids=ids, losses=torch.rand(B, generator=g) * 3),
+        dict(ids=ids.int(), losses=torch.rand(B, T, generator=g, dtype=torch.float64)),
+        dict(ids=ids, logits=torch.randn(B, 9, generator=g), targets=tc),
+        dict(ids=ids, logits=torch.randn(B, T, V, generator=g), targets=tgt, label_smoothing=0.1),
+        dict(ids=ids, logits=torch.randn(B, T, V, generator=g), targets=tgt, shift_labels=True),
+        dict(ids=ids, hidden=hid, weight=wt, bias=bias, targets=tgt, shift_labels=True, workspace_bytes=64),
+        dict(ids=ids, hidden=hid[:, 0], weight=wt, targets=tc),
+        dict(segment_ids=seg, logits=torch.randn(B, T, V, generator=g), targets=tgt, shift_labels=True),
+        dict(segment_ids=seg, hidden=hid, weight=wt, targets=tgt),
+        dict(segment_ids=seg, losses=torch.rand(B, T, generator=g)),
+    ]
+
+
+def assert_selection_equal(x, y, what) -> None:
+    for name in ("positions", "scales", "losses", "weights"):
+        a, b = getattr(x, name), getattr(y, name)
+        assert (a is None) == (b is None), (what, name)
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(
+                a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+            ), (
+                what,
+                name,
+                a,
+                b,
+            )
+
+
+def test_world_of_one_every_form_equals_the_single_process_sampler(tmp_path):
+    """W = 1, cap = B, eps = 0: every form of select (losses, token losses, logits with
+    ignored targets and shift_labels, hidden states, packed rows) gives the single-process
+    sampler's selection, losses, weights, scales, state and errors, bit for bit."""
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        for mode in ("sample", "topk"):
+            a = ek.EvolvedSampler(40, 3, seed=5, select_mode=mode)
+            d = DistributedEvolvedSampler(40, 3, seed=5, select_mode=mode, meta_batch=6)
+            g = torch.Generator().manual_seed(1)
+            for rnd in range(3):
+                for k, kw in enumerate(every_form(g)):
+                    x, y = a.select(**kw), d.select(**kw)
+                    assert_selection_equal(x, y, (mode, rnd, k))
+                    assert_state_equal((a.state.tensor, a.state.errors), (d.state.tensor, d.state.errors))
+            assert a.step == d.step
+            assert a.state.errors.tolist() == [6, 0]  # the out-of-range document: once a packed step (not shifted)
+    finally:
+        dist.destroy_process_group()
+
+
+def global_keys(world: int, cap: int, step: int, seed: int = 7) -> torch.Tensor:
+    """E of every global position p = r * cap + j (spec sections 9 and 11.1)."""
+    x0 = R._philox_words(world * cap, seed, step, R.STREAM_SELECT, "cpu")[0]
+    return -torch.log(R.uniform_from_bits(x0).double())
+
+
+def own_picks(weights: torch.Tensor, E: torch.Tensor, lo: int, mini: int) -> torch.Tensor:
+    """The rank's picks among its n positions: the b largest f32(w / E_q), ties to the lower."""
+    keys = (weights.double() / E[lo : lo + weights.shape[0]]).float()
+    b = min(mini, weights.shape[0])
+    return torch.sort(torch.sort(keys, descending=True, stable=True).indices[:b]).values
+
+
+def forms_model(world: int, form: str):
+    """The single-process model of spec section 11.1 for a form of select.
+
+    Unpacked: each rank's rows scored as the single-process sampler scores them (its
+    losses; a row with nothing to score has weight 0 and is not observed), every scored
+    id observed once at its lowest global position. Packed: each rank's documents'
+    float64 token-loss sums and counts (section 6.1's sums), a document's parts added in
+    rank order in float64 and divided by the total count, each document observed once,
+    each row's weight the token-weighted mean of its documents' weights."""
+    from es_kernels.lm import _document_sums, _packed_tokens_from_hidden, _packed_tokens_from_logits, _row_means
+
+    st = ek.ESState(W.FN)
+    state, errors = st.tensor, st.errors
+    out = []
+    for step in range(W.FSTEPS):
+        inputs = W.form_inputs(step, world, form)
+        E = global_keys(world, W.FCAP, step)
+        if not form.startswith("packed"):
+            parts = []
+            for kw in inputs:
+                sel = ek.EvolvedSampler(W.FN, W.FMINI).select(**kw)  # a fresh state: the rows' scores
+                parts.append((kw["ids"].long(), sel.losses, sel.weights != 0))
+            first = {}
+            for ids, losses, scored in parts:
+                for j in range(ids.shape[0]):
+                    if scored[j] and int(ids[j]) not in first:
+                        first[int(ids[j])] = float(losses[j])
+            obs = sorted(first)
+            w = R.es_update(
+                torch.tensor(obs), torch.tensor([first[i] for i in obs]), state, errors, 0.2, 0.5, DEFAULT_LAM
+            )
+            w_of = dict(zip(obs, w.tolist()))
+            rec = []
+            for r, (ids, losses, scored) in enumerate(parts):
+                weights = torch.tensor([w_of[int(i)] if s else 0.0 for i, s in zip(ids, scored)], dtype=torch.float32)
+                rec.append((own_picks(weights, E, r * W.FCAP, W.FMINI), losses, weights))
+            out.append(rec)
+            continue
+        grids, docs = [], {}
+        for kw in inputs:
+            seg = kw["segment_ids"]
+            if "logits" in kw:
+                tok, scored, doc = _packed_tokens_from_logits(kw["logits"], kw["targets"], seg, -100, 0.0, True)
+            elif "hidden" in kw:
+                h = (kw["hidden"], kw["weight"], kw["targets"], seg, None, -100, 0.0, False, kw["workspace_bytes"])
+                tok, scored, doc = _packed_tokens_from_hidden(*h)
+            else:
+                tok, scored, doc = kw["losses"], seg >= 0, seg
+            keys, sums, counts, _ = _document_sums(tok, scored, torch.where(scored, doc, 2**63 - 1))
+            for i, sm, c in zip(keys.tolist(), sums.tolist(), counts.tolist()):
+                if c > 0:  # parts in rank order
+                    d = docs.setdefault(i, [0.0, 0])
+                    d[0], d[1] = d[0] + sm, d[1] + c
+            grids.append((tok, scored, doc))
+        obs = sorted(docs)
+        losses = torch.tensor([docs[i][0] / docs[i][1] for i in obs], dtype=torch.float64).float()
+        w = R.es_update(torch.tensor(obs, dtype=torch.int64), losses, state, errors, 0.2, 0.5, DEFAULT_LAM)
+        w_of = dict(zip(obs, w.tolist()))
+        rec = []
+        for r, (tok, scored, doc) in enumerate(grids):
+            wd = torch.tensor([[w_of.get(int(i), 0.0) for i in row] for row in doc], dtype=torch.float32)
+            weights = _row_means(wd.reshape(doc.shape), scored)
+            rec.append((own_picks(weights, E, r * W.FCAP, W.FMINI), _row_means(tok, scored), weights))
+        out.append(rec)
+    return out, (state, errors)
+
+
+def test_every_form_equals_the_single_process_model(group):
+    """Logits (shift_labels, rows with nothing to score), hidden states, losses and packed
+    rows (documents split over two ranks' rows, padding, an id out of range) on 2 and 3
+    ranks with uneven and empty ranks: every rank's picks, losses and weights, and every
+    replica, equal the single-process model bit for bit."""
+    world, res = group
+    for form in W.FORMS:
+        want, (state, errors) = forms_model(world, form)
+        for r in range(world):
+            got = res[("forms", r)][form]
+            for step, (pos, scales, losses, weights) in enumerate(got["rec"]):
+                wpos, wlosses, wweights = want[step][r]
+                what = (form, r, step)
+                assert torch.equal(pos, wpos), what
+                assert torch.equal(losses, wlosses), what
+                assert torch.equal(weights, wweights), what
+                assert torch.equal(scales, torch.ones(scales.shape)), what
+            assert_state_equal(got["final"][:2], (state, errors))
+            assert got["final"][2] == W.FSTEPS
+        # the out-of-range document: counted once; with shift_labels its one token (a row's last) scores nothing
+        assert int(errors[0]) == (1 if form in ("packed_hidden", "packed_losses") else 0), form
+        assert len(res[("forms", 1)][form]["rec"][1][0]) == min(W.FMINI, 2)  # the short rank
+        if world == 3:
+            assert len(res[("forms", 2)][form]["rec"][1][0]) == 0  # the empty rank
+
+
+def prefix_selection(own, lo, b, select_mode, seed, step, eps=0.0):
+    """The rule of spec section 11.1 plainly: one weighted_select over a prefix of
+    lo + n positions whose first lo are -inf, own positions' keys tied to the lower."""
+    from es_kernels.distributed import eps_mix
+
+    n = own.shape[0]
+    x = torch.full((lo + n,), -math.inf)
+    x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
+    keys = R.selection_keys(x, select_mode, seed, step)[lo:]
+    return torch.sort(torch.sort(keys, descending=True, stable=True).indices[:b]).values
+
+
+@pytest.mark.parametrize("select_mode,eps", [("topk", 0.0), ("sample", 0.0), ("sample", 0.3)])
+def test_rank_selection_picks_the_rule_on_random_weights(select_mode, eps):
+    """rank_selection (topk: over the rank's own positions alone) picks what the rule
+    picks on random weights with ties, NaN, -inf, +inf and zeros, at every rank."""
+    from es_kernels.distributed import rank_selection
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(30):
+        world, cap = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        w_all = torch.rand(world * cap, generator=g) * 3
+        special = torch.tensor([math.nan, -math.inf, math.inf, 0.0, 1.0])
+        pick = torch.rand(world * cap, generator=g) < 0.3
+        w_all[pick] = special[torch.randint(0, 5, (int(pick.sum()),), generator=g)]
+        step = int(torch.randint(0, 100, (1,), generator=g))
+        for r in range(world):
+            n = int(torch.randint(0, cap + 1, (1,), generator=g))
+            b = int(torch.randint(0, n + 1, (1,), generator=g))
+            got = rank_selection(w_all, r, cap, n, b, select_mode, 9, torch.tensor(step), eps)
+            want = prefix_selection(w_all[r * cap : r * cap + n], r * cap, b, select_mode, 9, step, eps)
+            assert torch.equal(got, want), (trial, r, got, want)
+
+
+def test_select_refuses_bad_input_naming_the_argument(tmp_path):
+    """Every form's bad input: ValueError naming the argument, before anything is
+    written or exchanged (one-process group); a packed meta-batch over meta_tokens too."""
+    from es_kernels.distributed import DistributedEvolvedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        d = DistributedEvolvedSampler(40, 3, seed=5, meta_batch=6, meta_tokens=20)
+        ids, seg = torch.arange(4), torch.zeros(4, 5, dtype=torch.int64)
+        hid, wt, tgt = torch.randn(4, 5, 3), torch.randn(7, 3), torch.randint(0, 7, (4, 5))
+        bad = {
+            "weight and targets must be given with hidden": dict(ids=ids, hidden=hid, targets=tgt),
+            "ids must be None when segment_ids": dict(ids=ids, segment_ids=seg, losses=torch.rand(4, 5)),
+            "weight must have shape": dict(ids=ids, hidden=hid, weight=torch.randn(7, 2), targets=tgt),
+            "ids must have the batch size of hidden": dict(ids=ids[:3], hidden=hid, weight=wt, targets=tgt),
+            "shift_labels=True needs logits": dict(
+                ids=ids, logits=torch.randn(4, 7), targets=tgt[:, 0], shift_labels=True
+            ),
+            "segment_ids must have shape": dict(segment_ids=seg[:, :4], hidden=hid, weight=wt, targets=tgt),
+            "losses must be floating point": dict(ids=ids, losses=torch.ones(4, dtype=torch.int64)),
+            "hidden requires grad": dict(ids=ids, hidden=hid.clone().requires_grad_(), weight=wt, targets=tgt),
+            "25 tokens on rank 0, more than meta_tokens=20": dict(
+                segment_ids=torch.zeros(5, 5, dtype=torch.int64), losses=torch.rand(5, 5)
+            ),
+        }
+        for want, kw in bad.items():
+            with pytest.raises(ValueError, match=re.escape(want)):
+                d.select(**kw)
+            assert d.step == 0 and d.state.errors.tolist() == [0, 0] and bool(d.state.s.isnan().all()), want
+        d.select(segment_ids=seg, losses=torch.rand(4, 5))  # a good call goes through
+        assert d.step == 1
     finally:
         dist.destroy_process_group()
