@@ -1,5 +1,5 @@
 // Declarations of the es_kernels CPU ops (docs/spec.md sections 3-7). The
-// schemas are defined in Python (es_kernels/_ops.py); these functions take
+// schemas are defined in Python (es_kernels/_schema.py); these functions take
 // the schemas' arguments in order.
 #pragma once
 #include <ATen/ATen.h>

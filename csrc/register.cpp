@@ -1,6 +1,7 @@
 // Registers the CPU kernels for the torch ops of the `es_kernels` namespace.
 // The schemas (with `(a!)` on what an op mutates) and the fake
-// implementations are defined once, in Python: es_kernels/_ops.py.
+// implementations are defined once, in Python: es_kernels/_schema.py and
+// es_kernels/_ops.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>

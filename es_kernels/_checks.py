@@ -249,7 +249,7 @@ def ids_losses(ids, losses, device, token_losses: bool = False, mask=None) -> No
 
 
 # The op checks take the call's arguments bound to the op's schema
-# (``_ops.bind``); ``seed`` and ``step`` are checked as the user gave them
+# (``_schema.bind``); ``seed`` and ``step`` are checked as the user gave them
 # (``args.noise``: an int or a 0-d tensor).
 def update(a) -> None:
     state(a.state, a.errors)

@@ -5,7 +5,7 @@ favours clarity over speed, runs on any device PyTorch supports, and follows
 ``docs/spec.md`` section by section. Nothing here validates arguments: the
 public API (:mod:`es_kernels.functional`) and the fake implementations do
 that before any kernel runs. Each op takes the positional arguments of its
-schema (:mod:`es_kernels._ops`), so the reference is also the fallback kernel
+schema (:mod:`es_kernels._schema`), so the reference is also the fallback kernel
 of every device without a native one (it reads ``seed_tensor`` and
 ``step_tensor`` on the host there).
 
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from . import _ops, _spec
+from . import _schema, _spec
 
 __all__ = [
     "philox4x32",
@@ -340,8 +340,8 @@ def _step(losses, scored, a):
 
 
 # The fused steps take their schemas' arguments (``inspect.signature`` shows
-# them; es_kernels/_ops.py defines them once).
-@_ops.binds("es_step_from_losses")
+# them; es_kernels/_schema.py defines them once).
+@_schema.binds("es_step_from_losses")
 def es_step_from_losses(a):
     """``losses`` ``[B]``, or token losses ``[B, T]`` (with an optional bool
     ``mask``) whose per-row means are taken inside the op; a row with no
@@ -352,7 +352,7 @@ def es_step_from_losses(a):
     return _step(losses, scored, a)
 
 
-@_ops.binds("es_step")
+@_schema.binds("es_step")
 def es_step(a):
     """Per-sample cross-entropy of ``logits`` (section 5), then the step of
     :func:`es_step_from_losses`; a row or sequence with no target to score
@@ -390,7 +390,7 @@ def state_weights(ids, state, errors, lam, w_min, now, last_seen=None, max_age=-
     return w
 
 
-@_ops.binds("es_select_from_state")
+@_schema.binds("es_select_from_state")
 def es_select_from_state(a):
     """(positions, weights): :func:`state_weights` of the ids, then the
     selection of section 4; the step advanced as in section 6."""

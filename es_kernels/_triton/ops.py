@@ -214,7 +214,7 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
 
 
 # ---------------------------------------------------------------- the ops
-# Each launcher takes its op's schema arguments, bound by _ops.binds. The
+# Each launcher takes its op's schema arguments, bound by _schema.binds. The
 # CUDA kernel is the launcher itself: the dispatcher's check layer
 # (_ops.CHECKS) has validated the call. The module's functions (and OPS), for
 # direct calls, run the same checks first.
