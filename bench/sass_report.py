@@ -2,7 +2,7 @@
 
     python bench/sass_report.py            # writes bench/results/sass_report.md
 
-Every variant the launchers produce (the harness of es_kernels/_triton/aot.py,
+Every variant the launchers produce (the harness of bench/aot.py,
 the same as python_tests/test_aot_compile.py) is compiled for sm_90a; per
 variant this reports registers and shared memory (cuobjdump -res-usage,
 Triton's metadata), an occupancy estimate, and, from ``nvdisasm`` of the cubin,
@@ -24,7 +24,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunction
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from es_kernels._triton import aot  # noqa: E402
+import aot  # noqa: E402  (bench/aot.py, next to this script)
 
 # H100 / H200 (sm_90) per-SM limits
 SM90 = dict(
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         "",
         f"Written by `python bench/sass_report.py` (Triton {aot._triton_version()}, no GPU needed): every "
         f"variant the launchers produce ({len(rows)} for sm_90a), compiled through the harness of "
-        "es_kernels/_triton/aot.py.",
+        "bench/aot.py.",
         "",
         "## Method",
         "",

@@ -10,7 +10,9 @@ ES_KERNELS_NO_CPP=1 (a pure-Python install), the reference fallback.
 from __future__ import annotations
 
 import os
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,21 @@ except ImportError:  # Triton not installed: the C++ backend alone is tested
     triton_ops = None
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def aot_harness():
+    """bench/aot.py, the ahead-of-time compile harness (bench tooling, not in
+    the package), imported as ``aot`` with bench/ on ``sys.path``; the
+    calling test skips where there is no bench/ (the sdist ships python_tests/ alone)."""
+    if not (BENCH / "aot.py").is_file():
+        pytest.skip("bench/aot.py is not here (a checkout's tooling)", allow_module_level=True)
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import aot
+
+    return aot
+
 
 settings.register_profile(
     "ci",

@@ -3,7 +3,7 @@
 The rest of the suite runs the kernels under the Triton interpreter, which
 never runs Triton's code generator: a kernel can pass there and still fail to
 compile for a GPU. This test compiles, without a GPU, every variant the
-launchers produce (es_kernels/_triton/aot.py) for sm_90a and sm_80, and fails
+launchers produce (bench/aot.py) for sm_90a and sm_80, and fails
 on a compile error, on local memory or a stack frame, and on register
 spills. It writes bench/results/aot_kernels.md and .json (registers, shared
 and local memory per variant). Two more tests keep the check honest: every
@@ -28,14 +28,16 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed: no Triton kernels to compile")
 
-from es_kernels._triton import aot  # noqa: E402  (needs torch only)
+from conftest import BENCH, aot_harness  # noqa: E402
 
+aot = aot_harness()  # needs torch only
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
 def _python(args, cwd=None, timeout=1800):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), *filter(None, [env.get("PYTHONPATH")])])  # `import aot`
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +52,7 @@ def aot_run(tmp_path_factory):
     if not FULL:
         pytest.skip("the full AOT matrix runs with ES_KERNELS_AOT_FULL=1 (make aot)")
     out = tmp_path_factory.mktemp("aot") / "aot.json"
-    proc = _python(["-m", "es_kernels._triton.aot", "--json", str(out), "--tables", str(RESULTS)])
+    proc = _python([str(BENCH / "aot.py"), "--json", str(out), "--tables", str(RESULTS)])
     if not out.exists():
         pytest.fail(f"the AOT harness did not finish (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     data = json.loads(out.read_text())
@@ -77,7 +79,7 @@ def test_every_kernel_has_variants_on_every_arch(aot_run):
 
 RECORD = """
 import json
-from es_kernels._triton import aot
+import aot
 rec = aot.record_calls()
 vs = aot.variants(rec.calls)
 print(json.dumps({"defined": aot.defined_kernels(), "found": sorted({(v.name, v.arch) for v in vs}),
@@ -103,7 +105,8 @@ def test_every_kernel_is_launched_on_every_arch_fast():
 CE_LAUNCHES = """
 import json
 import torch
-from es_kernels._triton import aot, ops
+import aot
+from es_kernels._triton import ops
 base = {k: v[0][0] for k, v in aot.knobs().items()}
 points = [
     dict(base, V=50257, label_smoothing=0.1, logits_dim=2, select_mode="topk"),  # es_step, smoothing
@@ -187,7 +190,7 @@ TOY_DRIVER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import aot_toy
-from es_kernels._triton import aot
+import aot
 ops = {name: getattr(aot_toy, name) for name in ("good_op", "broken_op", "spilling_op")}
 rec = aot.record_calls(ops, [aot.input_matrix()[0]])  # one input: one variant of each
 vs = aot.variants(rec.calls, ["sm_90a"])

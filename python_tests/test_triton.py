@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE, clone_all, new_state, triton_ops
+from conftest import BACKENDS, DEVICE, aot_harness, clone_all, new_state, triton_ops
 
 pytestmark = pytest.mark.skipif(triton_ops is None, reason="Triton is not installed")
 CPP = torch.ops.es_kernels
@@ -174,8 +174,7 @@ def test_es_step_launches(logits_shape, eps, launches):
     losses take no launch of their own (6 launches; 7 before issue 13's
     fusion; the exploration mix adds two); [B, T, V] keeps a launch for the
     per-sequence means."""
-    from es_kernels._triton import aot
-
+    aot = aot_harness()
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(logits_shape, generator=g)
     targets = torch.randint(0, logits_shape[-1], logits_shape[:-1], generator=g)

@@ -41,10 +41,12 @@ How the variants are found (nothing is listed by hand but the op inputs):
    the spill bytes. Spills show as STACK, not LOCAL: :func:`problems` flags a
    compile error, LOCAL > 0, STACK > 0 and spill bytes.
 
-Run ``python -m es_kernels._triton.aot`` for a summary (``--help``). The
-test is python_tests/test_aot_compile.py; bench/sass_report.py uses the same
-harness. The kernels must be real ``JITFunction``s: run without
-``TRITON_INTERPRET=1`` (the test starts a subprocess without it).
+Run ``python bench/aot.py`` for a summary (``--help``). The test is
+python_tests/test_aot_compile.py; bench/sass_report.py uses the same harness
+(``import aot`` with bench/ on ``sys.path``, as a script in bench/ has it).
+The kernels must be real ``JITFunction``s: run without
+``TRITON_INTERPRET=1`` (the test starts a subprocess without it). It is
+tooling, not part of the installed package: run from a checkout.
 """
 
 from __future__ import annotations
@@ -68,9 +70,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the kernels of this checkout (as bench/sass_report.py), installed or not
+    sys.path.insert(0, str(ROOT))
 
 TARGETS = {"sm_90a": ("cuda", 90, 32), "sm_80": ("cuda", 80, 32)}
 PACKAGE = "es_kernels._triton"
@@ -339,7 +346,7 @@ def _mock(a):
 def recording(calls: list, origin: Callable[[], str] = lambda: ""):
     """Patch ``launch`` (in _launch and every module that imported it) to append a
     :class:`Call` to ``calls`` instead of running the kernel."""
-    from . import _launch
+    from es_kernels._triton import _launch
 
     original = _launch.launch
     sig = inspect.signature(original)
@@ -381,7 +388,7 @@ class Recorded:
 def record_calls(launchers: dict[str, Callable] | None = None, matrix: list[dict] | None = None) -> Recorded:
     """Run every launcher over the op-input matrix with ``launch`` recording."""
     if launchers is None:
-        from . import ops
+        from es_kernels._triton import ops
 
         launchers = dict(ops.OPS)
     matrix = input_matrix() if matrix is None else matrix
@@ -685,8 +692,6 @@ def defined_kernels(package: str = PACKAGE) -> list[str]:
     pkg = importlib.import_module(package)
     jit = {}
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name == "aot":
-            continue
         mod = importlib.import_module(f"{package}.{info.name}")
         for name, obj in vars(mod).items():
             fn = getattr(obj, "fn", None)
@@ -772,7 +777,7 @@ def write_tables(results: list[Result], md_path: str, json_path: str) -> None:
     lines = [
         "# Ahead-of-time compile of the Triton kernels",
         "",
-        f"Every variant the launchers produce (es_kernels/_triton/aot.py), compiled for sm_90a and sm_80 "
+        f"Every variant the launchers produce (bench/aot.py), compiled for sm_90a and sm_80 "
         f"with Triton {_triton_version()}; written by python_tests/test_aot_compile.py. Registers, local "
         "memory and stack (where spills go) from `cuobjdump -res-usage`, shared memory (bytes, dynamic) from "
         "Triton's metadata.",
