@@ -138,3 +138,71 @@ def reference():
 @pytest.fixture
 def api():
     return es_kernels
+
+
+# -- Lightning: the module and trainer of the integration tests --------------------------------
+def import_lightning():
+    """``lightning.pytorch``, or skip the test where Lightning is not installed."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pytest.skip("lightning is not installed (pip install -e '.[integrations]')")
+    return pl
+
+
+def lit_module(pl, n, batch_size, *, es=None, eswp=None, dropout=0.0, score_in_eval_mode=True, es_ids=True):
+    """An ``ESLightningMixin`` module: a linear classifier (6 features, 5
+    classes; with ``dropout``, a hidden layer of 16 and dropout) on ``n``
+    random samples, plain SGD (lr 0.5), batches of ``batch_size``. ``es``
+    (with ``eswp``) is set up in ``__init__`` when given; ``es_ids=False``
+    serves a plain ``DataLoader`` (batches without ``es_id``)."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from es_kernels.integrations.lightning import ESLightningMixin
+
+    class Lit(ESLightningMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            if dropout:
+                self.net = torch.nn.Sequential(
+                    torch.nn.Linear(6, 16), torch.nn.Dropout(dropout), torch.nn.Linear(16, 5)
+                )
+            else:
+                self.net = torch.nn.Linear(6, 5)
+            self.es_score_in_eval_mode = score_in_eval_mode
+            if es is not None:
+                self.es_setup(es, eswp=eswp)
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(n, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+            self.data = [{"x": x[i], "y": y[i]} for i in range(n)]
+
+        def es_sample_losses(self, batch):
+            return F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
+
+        def training_step(self, batch, i):
+            return self.es_loss(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            if es_ids:
+                return self.es_dataloader(self.data, batch_size=batch_size)
+            return DataLoader(self.data, batch_size=batch_size)
+
+    return Lit()
+
+
+def lit_trainer(pl, root, **kw):
+    """A quiet CPU ``pl.Trainer`` writing under ``root``; ``kw`` as ``pl.Trainer`` takes them."""
+    return pl.Trainer(
+        default_root_dir=str(root),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import import_lightning, lit_module, lit_trainer
 from torch.utils.data import DataLoader
 
 import es_kernels as ek
@@ -395,64 +396,15 @@ def test_trainer_unused_columns_and_version_check(tmp_path):
 
 
 # -- Lightning ------------------------------------------------------------------------------
-def _lightning():
-    try:
-        import lightning.pytorch as pl
-    except ImportError:
-        pytest.skip("lightning is not installed (pip install -e '.[integrations]')")
-    return pl
-
-
 def make_lit(pl, eswp, dropout=0.0, score_in_eval_mode=True):
-    from es_kernels.integrations.lightning import ESLightningMixin
-
-    class Lit(ESLightningMixin, pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            if dropout:
-                self.net = torch.nn.Sequential(
-                    torch.nn.Linear(6, 16), torch.nn.Dropout(dropout), torch.nn.Linear(16, 5)
-                )
-            else:
-                self.net = torch.nn.Linear(6, 5)
-            self.es_score_in_eval_mode = score_in_eval_mode
-            es = ek.EvolvedSampler(N, mini_batch=b, seed=1)
-            self.es_setup(es, eswp=ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None)
-            g = torch.Generator().manual_seed(0)
-            x, y = torch.randn(N, 6, generator=g), torch.randint(0, 5, (N,), generator=g)
-            self.data = [{"x": x[i], "y": y[i]} for i in range(N)]
-
-        def es_sample_losses(self, batch):
-            return F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
-
-        def training_step(self, batch, i):
-            return self.es_loss(batch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
-        def train_dataloader(self):
-            return self.es_dataloader(self.data, batch_size=B)
-
-    return Lit()
-
-
-def lit_trainer(pl, root, **kw):
-    return pl.Trainer(
-        default_root_dir=str(root),
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+    es = ek.EvolvedSampler(N, mini_batch=b, seed=1)
+    eswp = ek.ESWPSampler(es, num_epochs=6, prune_ratio=0.5) if eswp else None
+    return lit_module(pl, N, B, es=es, eswp=eswp, dropout=dropout, score_in_eval_mode=score_in_eval_mode)
 
 
 @pytest.mark.parametrize("eswp", [False, True])
 def test_lightning_mid_epoch_resume_is_exact(tmp_path, eswp):
-    pl = _lightning()
+    pl = import_lightning()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     # 4 steps an epoch; the checkpoint at step 6 is in the middle of epoch 1
@@ -476,7 +428,7 @@ def test_lightning_mid_epoch_resume_is_exact(tmp_path, eswp):
 def test_lightning_resume_with_dropout_is_exact(tmp_path, score_in_eval_mode, at_step):
     # dropout in the training step (and in the scoring pass when it runs in train mode): the
     # resumed run must draw the masks the uninterrupted run drew
-    pl = _lightning()
+    pl = import_lightning()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=2, save_top_k=-1)
@@ -497,7 +449,7 @@ def test_lightning_resume_with_dropout_is_exact(tmp_path, score_in_eval_mode, at
 
 def test_lightning_bf16_mixed_scores_under_autocast(tmp_path):
     # the scoring pass runs under the trainer's precision, as the training step does
-    pl = _lightning()
+    pl = import_lightning()
     m = make_lit(pl, eswp=False)
     dtypes = {True: set(), False: set()}  # grad enabled (training step) / not (scoring pass)
     orig = m.es_sample_losses
@@ -512,7 +464,7 @@ def test_lightning_bf16_mixed_scores_under_autocast(tmp_path):
 
 
 def test_lightning_matches_hand_loop(tmp_path):
-    pl = _lightning()
+    pl = import_lightning()
     m = make_lit(pl, eswp=True)
     seen = record_selections(m.es_sampler)
     lit_trainer(pl, tmp_path, max_steps=10).fit(m)

@@ -7,14 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import import_lightning, lit_module, lit_trainer
 from test_integrations import (
     B,
     N,
-    _lightning,
     b,
     collate,
     hf,
-    lit_trainer,
     make_data,
     make_lit,
     make_model,
@@ -258,29 +257,7 @@ def test_trainer_es_load_is_all_or_nothing(tmp_path, what):
 # -- Lightning ------------------------------------------------------------------------------
 def test_lightning_arguments_and_a_batch_without_ids(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    from es_kernels.integrations.lightning import ESLightningMixin
-
-    class Lit(ESLightningMixin, pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(6, 5)
-            g = torch.Generator().manual_seed(0)
-            x, y = torch.randn(N, 6, generator=g), torch.randint(0, 5, (N,), generator=g)
-            self.data = [{"x": x[i], "y": y[i]} for i in range(N)]
-
-        def es_sample_losses(self, batch):
-            return F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
-
-        def training_step(self, batch, i):
-            return self.es_loss(batch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        def train_dataloader(self):  # the user's own loader: no es_id
-            return DataLoader(self.data, batch_size=B)
-
-    m = Lit()
+    m = lit_module(pl, N, B, es_ids=False)  # the user's own loader: no es_id
     es = ek.EvolvedSampler(N, mini_batch=b)
     with pytest.raises(ValueError, match="es must be an EvolvedSampler"):
         m.es_setup("x")
@@ -289,23 +266,14 @@ def test_lightning_arguments_and_a_batch_without_ids(tmp_path):
     m.es_setup(es)
     with pytest.raises(ValueError, match="batch_size"):
         m.es_dataloader(m.data, batch_size=b - 1)
-    trainer = pl.Trainer(
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        max_steps=2,
-    )
+    trainer = lit_trainer(pl, tmp_path, enable_checkpointing=False, max_steps=2)
     with pytest.raises(ValueError, match="no 'es_id' key.*es_dataloader"):
         trainer.fit(m)
     assert es.step == 0
 
 
 def test_lightning_checkpoint_loads_all_or_nothing(tmp_path):
-    pl = _lightning()
+    pl = import_lightning()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=6, save_top_k=-1)

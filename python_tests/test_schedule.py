@@ -455,34 +455,10 @@ def test_trainer_with_a_schedule_matches_hand_loop(tmp_path):
 
 def test_lightning_with_a_schedule_observes_the_training_losses(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    import torch.nn.functional as F
-    from test_integrations import B, N, b, lit_trainer
+    from conftest import lit_module, lit_trainer
+    from test_integrations import B, N, b
 
-    from es_kernels.integrations.lightning import ESLightningMixin
-
-    class Lit(ESLightningMixin, pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = torch.nn.Linear(6, 5)
-            self.es_setup(ek.EvolvedSampler(N, mini_batch=b, seed=1, schedule="epoch:2"))
-            g = torch.Generator().manual_seed(0)
-            x, y = torch.randn(N, 6, generator=g), torch.randint(0, 5, (N,), generator=g)
-            self.data = [{"x": x[i], "y": y[i]} for i in range(N)]
-
-        def es_sample_losses(self, batch):
-            return F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
-
-        def training_step(self, batch, i):
-            return self.es_loss(batch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
-        def train_dataloader(self):
-            return self.es_dataloader(self.data, batch_size=B)
-
-    m = Lit()
+    m = lit_module(pl, N, B, es=ek.EvolvedSampler(N, mini_batch=b, seed=1, schedule="epoch:2"))
     calls = {"scored": 0, "from_state": 0, "observed": 0}
     orig_select, orig_observe = m.es_sampler.select, m.es_sampler._observe
     m.es_sampler.select = lambda ids, **kw: (
