@@ -75,7 +75,7 @@ class ScoringSchedule(NamedTuple):
         ScoringSchedule
             The schedule. No host synchronisation.
         """
-        return cls._build("epoch", every=_int(k, "k", 1), cap=_cap(cap))
+        return cls._build("epoch", cap, every=_int(k, "k", 1))
 
     @classmethod
     def fraction_of_steps(cls, p: float, cap: int | None = DEFAULT_CAP) -> ScoringSchedule:
@@ -88,7 +88,7 @@ class ScoringSchedule(NamedTuple):
         p : float in (0, 1]
             The share of scoring steps.
         cap : int >= 0 or None
-            Picks of an id from the state between two refreshes (None: no cap).
+            As in :meth:`every_epochs`.
 
         Returns
         -------
@@ -97,7 +97,7 @@ class ScoringSchedule(NamedTuple):
         """
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 < float(p) <= 1.0):
             raise ValueError(f"schedule: the fraction p must be a float in (0, 1], got {p!r}")
-        return cls._build("fraction", fraction=float(p), cap=_cap(cap))
+        return cls._build("fraction", cap, fraction=float(p))
 
     @classmethod
     def stale(cls, max_age: int, cap: int | None = DEFAULT_CAP) -> ScoringSchedule:
@@ -109,18 +109,20 @@ class ScoringSchedule(NamedTuple):
         max_age : int >= 0
             Steps after which an id's information is refreshed first.
         cap : int >= 0 or None
-            Picks of an id from the state between two refreshes (None: no cap).
+            As in :meth:`every_epochs`.
 
         Returns
         -------
         ScoringSchedule
             The schedule. No host synchronisation.
         """
-        return cls._build("stale", max_age=_int(max_age, "max_age", 0), cap=_cap(cap))
+        return cls._build("stale", cap, max_age=_int(max_age, "max_age", 0))
 
     @classmethod
-    def _build(cls, kind: str, **kw) -> ScoringSchedule:
-        out = cls(kind=kind, **kw)
+    def _build(cls, kind: str, cap: int | None, **kw) -> ScoringSchedule:
+        """The schedule of ``kind`` with ``cap`` validated (None: no cap, -1)
+        and the builder's validated fields ``kw``."""
+        out = cls(kind=kind, cap=-1 if cap is None else _int(cap, "cap", 0), **kw)
         if kind == "epoch" and out.every == 1 or kind == "fraction" and out.fraction == 1.0:
             return cls()  # scores every step: the counters would never be used
         return out
@@ -225,10 +227,6 @@ def _int(x, name: str, lo: int) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral) or int(x) < lo or int(x) >= 2**63:
         raise ValueError(f"schedule: {name} must be an int in [{lo}, 2**63), got {x!r}")
     return int(x)
-
-
-def _cap(cap) -> int:
-    return -1 if cap is None else _int(cap, "cap", 0)
 
 
 def _parse_int(text: str, name: str, value: str) -> int:
