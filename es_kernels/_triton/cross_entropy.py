@@ -161,6 +161,42 @@ def _row_offset(r, R, T, stride_b, stride_t):
     return q.to(tl.int64) * stride_b + p.to(tl.int64) * stride_t
 
 
+@triton.jit
+def _rows(logits_ptr, targets_ptr, R, T, stride_b, stride_t, ignore_index, ROWS: tl.constexpr):
+    """This program's ROWS token rows: ``(r, inr, live, rowp)``, the row
+    indices, which are below R, which are scored (in range, target not
+    ``ignore_index``) and their pointers. Only the live flag crosses the
+    loops: a 64-bit target kept there spilled to the stack on sm_80 (the AOT
+    test); a kernel reloads the target after them."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    inr = r < R
+    live = inr & (tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64) != ignore_index)
+    return r, inr, live, logits_ptr + _row_offset(r, R, T, stride_b, stride_t)
+
+
+@triton.jit
+def _max_sum(rowp, V, live, SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr):
+    """The pass over the live rows at ``rowp`` [ROWS]: ``(m, d, full_end, mx,
+    safe, total)``, each group's running max m and (with SMOOTH) sum d of
+    (m - x) [ROWS, BLOCK_V // G], the end of the full chunks, each row's max
+    mx, ``safe`` (mx, 0 for a row of -inf) and ``total``, the row's sum of
+    exp(x - mx). ce_kernel's one pass, which ce_grad_kernel repeats."""
+    NG: tl.constexpr = BLOCK_V // G
+    m = tl.full((live.shape[0], NG), float("-inf"), tl.float32)
+    s = tl.zeros((live.shape[0], NG), tl.float32)  # sum of exp(x - m)
+    d = tl.zeros((live.shape[0], NG), tl.float32)  # sum of (m - x), smoothing only: no cancellation
+    any_live = tl.max(live.to(tl.int32), 0) > 0
+    full_end = tl.where(any_live, (V // BLOCK_V) * BLOCK_V, 0)
+    for start in range(0, full_end, BLOCK_V):
+        m, s, d = _chunk(rowp[:, None], start, V, live[:, None], m, s, d, False, SMOOTH, ALIGNED, G)
+    for start in range(full_end, tl.where(any_live, V, 0), BLOCK_V):  # the tail: 0 or 1 chunk
+        m, s, d = _chunk(rowp[:, None], start, V, live[:, None], m, s, d, True, SMOOTH, ALIGNED, G)
+    # once per row: combine the groups
+    mx = tl.max(m, 1)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return m, d, full_end, mx, safe, tl.sum(s * tl.exp2((m - safe[:, None]) * LOG2E), 1)
+
+
 @triton.jit(do_not_specialize=["R", "T", "ignore_index"])
 def ce_kernel(
     logits_ptr,
@@ -182,32 +218,16 @@ def ce_kernel(
     G: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    inr = r < R
-    # only the live flag crosses the loop: a 64-bit target kept there spilled
-    # to the stack on sm_80 (the AOT test); the target is reloaded after it
-    live = inr & (tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64) != ignore_index)
-    rowp = logits_ptr + _row_offset(r, R, T, stride_b, stride_t)
-    NG: tl.constexpr = BLOCK_V // G
-    m = tl.full((ROWS, NG), float("-inf"), tl.float32)
-    s = tl.zeros((ROWS, NG), tl.float32)  # sum of exp(x - m)
-    d = tl.zeros((ROWS, NG), tl.float32)  # sum of (m - x), smoothing only: no cancellation
-    any_live = tl.max(live.to(tl.int32), 0) > 0
-    full_end = tl.where(any_live, (V // BLOCK_V) * BLOCK_V, 0)
-    for start in range(0, full_end, BLOCK_V):
-        m, s, d = _chunk(rowp[:, None], start, V, live[:, None], m, s, d, False, SMOOTH, ALIGNED, G)
-    for start in range(full_end, tl.where(any_live, V, 0), BLOCK_V):  # the tail: 0 or 1 chunk
-        m, s, d = _chunk(rowp[:, None], start, V, live[:, None], m, s, d, True, SMOOTH, ALIGNED, G)
-    # once per row: combine the groups
-    mx = tl.max(m, 1)
-    safe = tl.where(mx == float("-inf"), 0.0, mx)
-    log_s = tl.log(tl.sum(s * tl.exp2((m - safe[:, None]) * LOG2E), 1))
+    r, inr, live, rowp = _rows(logits_ptr, targets_ptr, R, T, stride_b, stride_t, ignore_index, ROWS)
+    m, d, full_end, mx, safe, total = _max_sum(rowp, V, live, SMOOTH, BLOCK_V, G, ALIGNED)
+    log_s = tl.log(total)
     t = tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64)
     valid = (t >= 0) & (t < V)
     x_t = tl.load(rowp + tl.where(valid, t, 0), mask=valid & live, other=0.0).to(tl.float32)
     loss = (mx - x_t) + log_s
     if SMOOTH:  # as F.cross_entropy: (1 - eps) nll + eps / V * sum_c -log p_c
         # columns in each group's d: NG per full chunk, then the tail's columns below V
+        NG: tl.constexpr = BLOCK_V // G
         first = full_end + tl.arange(0, NG)[None, :] * G
         n = (full_end // NG).to(tl.float32) + tl.minimum(tl.maximum(V - first, 0), G).to(tl.float32)
         shift = tl.where((n == 0.0) | (m == mx[:, None]), 0.0, n * (mx[:, None] - m))
@@ -239,28 +259,15 @@ def ce_grad_kernel(
     ALIGNED: tl.constexpr,
 ):
     """The gradient of per_sample_cross_entropy (docs/spec.md section 5.1)
-    for ROWS token rows: ce_kernel's first loop recomputes each row's max m
+    for ROWS token rows: ce_kernel's pass (_max_sum) recomputes each row's max m
     and sum s of exp(x - m), then one more pass over the row writes
     ``g exp(x - m) / s - g eps / V`` (less ``g (1 - eps)`` at the target) to
     the contiguous ``out`` in its dtype, ``g = scale[r // T]``. An ignored row
     is not read and gets zeros; a bad target, a NaN or +inf logit or a row of
     -inf only give a row of NaN."""
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    inr = r < R
-    live = inr & (tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64) != ignore_index)
-    rowp = logits_ptr + (r // T) * stride_b + (r % T) * stride_t
+    r, inr, live, rowp = _rows(logits_ptr, targets_ptr, R, T, stride_b, stride_t, ignore_index, ROWS)
+    _, _, _, mx, safe, total = _max_sum(rowp, V, live, False, BLOCK_V, G, ALIGNED)
     live3 = live[:, None, None]
-    m = tl.full((ROWS, BLOCK_V // G), float("-inf"), tl.float32)
-    s = tl.zeros((ROWS, BLOCK_V // G), tl.float32)
-    any_live = tl.max(live.to(tl.int32), 0) > 0
-    full_end = tl.where(any_live, (V // BLOCK_V) * BLOCK_V, 0)
-    for start in range(0, full_end, BLOCK_V):
-        m, s, _ = _chunk(rowp[:, None], start, V, live[:, None], m, s, s, False, False, ALIGNED, G)
-    for start in range(full_end, tl.where(any_live, V, 0), BLOCK_V):
-        m, s, _ = _chunk(rowp[:, None], start, V, live[:, None], m, s, s, True, False, ALIGNED, G)
-    mx = tl.max(m, 1)
-    safe = tl.where(mx == float("-inf"), 0.0, mx)
-    total = tl.sum(s * tl.exp2((m - safe[:, None]) * LOG2E), 1)
     t = tl.load(targets_ptr + r, mask=inr, other=0).to(tl.int64)
     g = tl.load(scale_ptr + r // T, mask=live, other=0.0)
     ok = (t >= 0) & (t < V) & (mx != float("-inf"))
