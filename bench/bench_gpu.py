@@ -392,6 +392,11 @@ COLUMNS = harness.table_columns(
 )
 
 
+# Llama 3.2 1B's shape and the narrow 2-layer copy of llama_1b_case(quick=True):
+# vocabulary, hidden size, intermediate size, layers, attention heads, key-value heads
+LLAMA_SHAPES = {"1b": (128256, 2048, 8192, 16, 32, 8), "quick": (1000, 64, 128, 2, 4, 2)}
+
+
 def llama_1b_case(device: str, quick: bool = False):
     """(model, inputs, targets, estimate_cost options): a Llama-style LM of
     about 1.2B parameters (Llama 3.2 1B's shape, random weights, no download),
@@ -401,29 +406,18 @@ def llama_1b_case(device: str, quick: bool = False):
 
     from es_kernels import per_sample_losses_from_hidden
 
-    if quick:
-        conf = LlamaConfig(
-            vocab_size=1000,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-        B, T = 4, 32
-    else:
-        conf = LlamaConfig(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            tie_word_embeddings=True,
-            max_position_embeddings=2048,
-        )
-        B, T = 8, 2048
+    vocab, hidden, inter, layers, heads, kv_heads = LLAMA_SHAPES["quick" if quick else "1b"]
+    conf = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
+    B, T = (4, 32) if quick else (8, 2048)
     conf._attn_implementation = "sdpa"
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
