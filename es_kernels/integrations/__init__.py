@@ -135,6 +135,18 @@ class ESCollator:
         return {ID_KEY: ids, SCALE_KEY: scales, "batch": batch}
 
 
+def check_samplers(es: Any, eswp: Any, name: str) -> None:
+    """``ValueError`` unless ``es`` is an :class:`EvolvedSampler` and ``eswp``
+    None or an :class:`ESWPSampler` built on it (``name``: ``es``'s argument
+    name in the caller): an integration's setup."""
+    if not isinstance(es, EvolvedSampler):
+        raise ValueError(f"{name} must be an EvolvedSampler, got {type(es).__name__}")
+    if eswp is not None and not isinstance(eswp, ESWPSampler):
+        raise ValueError(f"eswp must be an ESWPSampler or None, got {type(eswp).__name__}")
+    if eswp is not None and eswp.es is not es:
+        raise ValueError(f"eswp must be built on {name}")
+
+
 def take(data: Any, positions: torch.Tensor, size: int) -> Any:
     """The rows ``positions`` of a batch.
 

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import _checks
 from ..sampler import ESWPSampler, EvolvedSampler
 from ..scoring import scoring
-from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, observe_batch, select_batch
+from . import ID_KEY, PICKS_KEY, SCALE_KEY, ESCollator, ESDataset, ESStream, check_samplers, observe_batch, select_batch
 
 RNG_KEY = "es_rng"  # the checkpoint's entry of torch's generator states
 
@@ -125,12 +125,7 @@ class ESLightningMixin(_Module):
             For ``es`` not an ``EvolvedSampler``, ``eswp`` not an
             ``ESWPSampler`` or built on another sampler.
         """
-        if not isinstance(es, EvolvedSampler):
-            raise ValueError(f"es must be an EvolvedSampler, got {type(es).__name__}")
-        if eswp is not None and not isinstance(eswp, ESWPSampler):
-            raise ValueError(f"eswp must be an ESWPSampler or None, got {type(eswp).__name__}")
-        if eswp is not None and eswp.es is not es:
-            raise ValueError("eswp must be built on es")
+        check_samplers(es, eswp, "es")
         self.es_sampler = es
         self.es_eswp = eswp
         self.es_stream = ESStream(eswp, es=es, resume_mid_epoch=True)

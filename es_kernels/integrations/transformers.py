@@ -115,6 +115,7 @@ from . import (
     ESCollator,
     ESDataset,
     ESStream,
+    check_samplers,
     document_grid,
     document_slots,
     observe_batch,
@@ -247,12 +248,7 @@ class ESTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         check_version()
-        if not isinstance(es_sampler, EvolvedSampler):
-            raise ValueError(f"es_sampler must be an EvolvedSampler, got {type(es_sampler).__name__}")
-        if eswp is not None and not isinstance(eswp, ESWPSampler):
-            raise ValueError(f"eswp must be an ESWPSampler or None, got {type(eswp).__name__}")
-        if eswp is not None and eswp.es is not es_sampler:
-            raise ValueError("eswp must be built on es_sampler")
+        check_samplers(es_sampler, eswp, "es_sampler")
         if es_shift_labels is not None:
             _checks.flag(es_shift_labels, "es_shift_labels")
         _checks.flag(es_score_in_eval_mode, "es_score_in_eval_mode")
