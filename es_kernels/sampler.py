@@ -318,12 +318,7 @@ class EvolvedSampler:
             segment_ids = _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES)
             ids = segment_ids = segment_ids.to(self.device, non_blocking=True)
         else:
-            if not isinstance(ids, torch.Tensor):
-                raise ValueError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
-            if ids.dim() != 1:
-                raise ValueError(f"ids must have 1 dimensions, got shape {tuple(ids.shape)}")
-            if ids.device.type == "meta":
-                raise ValueError("ids is a meta tensor: it holds no values")
+            _checks.tensor(ids, "ids", dim=1)  # the dtype: the step's check
             ids = ids.to(self.device, non_blocking=True)
         scoring = dict(
             logits=logits,
@@ -419,12 +414,6 @@ class EvolvedSampler:
         return Selection(pos, self.scales_of(ids[pos]), None, w)
 
     def _batch_ids(self, ids) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor):
-            raise ValueError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.dim() != 1:
-            raise ValueError(f"ids must have 1 dimensions, got shape {tuple(ids.shape)}")
-        if ids.device.type == "meta":
-            raise ValueError("ids is a meta tensor: it holds no values")
         _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
         return ids.to(self.device, non_blocking=True)
 
