@@ -37,6 +37,7 @@ import torch
 from . import _checks, reference
 from ._schema import ARGS, NAMESPACE, OP_NAMES, SCHEMAS, OpArgs, bind, binds, ops
 
+# the schemas' names too: the package imports the ops from here, registered
 __all__ = ["ARGS", "CHECKS", "HAS_CPP", "NAMESPACE", "OP_NAMES", "SCHEMAS", "OpArgs", "bind", "binds", "checked", "ops"]
 
 # ------------------------------------------------------------------ checks
