@@ -13,8 +13,7 @@ import pathlib
 
 PACKAGE = "es_kernels"
 ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
-# es_kernels/demo is left out for now: the demo is being restructured on its own.
-EXCLUDED = ("demo",)
+EXCLUDED: tuple[str, ...] = ()
 EXTENSIONS = {f"{PACKAGE}._C"}  # built, not a source file: a leaf of the graph
 
 
@@ -127,6 +126,14 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+# The one cycle left: functional's packed steps (es_step(..., segment_ids=...))
+# import lm's packed-row code inside the function, and lm builds on functional.
+# Any other cycle fails the test, and so does this one's disappearing (drop it here then).
+KNOWN = [["es_kernels.functional", "es_kernels.lm"]]
+
+
 def test_no_import_cycles():
-    found = cycles(import_graph())
+    every = cycles(import_graph())
+    assert all(k in every for k in KNOWN), "a known cycle is gone: remove it from KNOWN"
+    found = [c for c in every if c not in KNOWN]
     assert not found, "import cycles among the package's modules: " + "; ".join(" <-> ".join(c) for c in found)
