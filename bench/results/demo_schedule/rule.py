@@ -144,6 +144,24 @@ def main() -> int:
     )
     out.append("Targets (RULE.md):\n")
     out += [f"- {x}" for x in lines]
+    out.append("\n## Summary: the package default (`es`, every step) and the rule's winner against the baselines\n")
+    out.append("Median time to target, % of full's time (reached/seeds); final accuracy (loss for the LM).\n")
+    cols = ("full", "uniform-time", "es", win, eswp)
+    cols = tuple(dict.fromkeys(c for c in cols if c))
+    out.append("| task | target | " + " | ".join(cols) + " | es before uniform-time | es before full |")
+    out.append("|---|---|" + "---|" * len(cols) + "---|---|")
+    for t, (goal, cells) in table.items():
+        row = [
+            f"{pct(cells[c]['ttt_pct'])} ({cells[c]['reached']}/{cells[c]['n']}), {goal.fmt(cells[c]['final'])}"
+            for c in cols
+        ]
+        es_ut = cells["es"]["ttt_median"] < cells["uniform-time"]["ttt_median"]
+        es_full = cells["es"]["ttt_median"] < cells["full"]["ttt_median"]
+        out.append(
+            f"| {t} | {goal.fmt(cells['full']['final'])} | "
+            + " | ".join(row)
+            + f" | {'yes' if es_ut else 'no'} | {'yes' if es_full else 'no'} |"
+        )
     print("\n".join(out).lstrip())
     return 0
 
