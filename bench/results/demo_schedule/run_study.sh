@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study's runs (RULE.md): bash bench/results/demo_schedule/run_study.sh 1|2  (from the repository root)
+# The study's runs (RULE.md): bash bench/results/demo_schedule/run_study.sh 1|2|TASK  (from the repository root)
 set -u
 PY=${PY:-python}
 OUT=bench/results/demo_schedule
@@ -12,13 +12,15 @@ run() {  # name, then demo arguments
         --out "$OUT/$name" "$@" > "$OUT/$name/demo.log" 2>&1
     echo "end   $(date -u +%FT%TZ) $(cut -d' ' -f1-3 /proc/loadavg) rc=$?" >> "$OUT/$name/load.txt"
 }
-if [ "$1" = 1 ]; then
-    run digits --datasets digits
-    run digits_noise40 --datasets digits --label-noise 0.4
-    run digits_noise60 --datasets digits --label-noise 0.6
-    run lm --task lm
-    run mnist1d_noise60 --datasets mnist1d --label-noise 0.6
-else
-    run mnist1d --datasets mnist1d
-    run mnist1d_noise40 --datasets mnist1d --label-noise 0.4
-fi
+case "$1" in
+    1) for t in digits digits_noise40 digits_noise60 lm mnist1d_noise60; do "$0" "$t"; done ;;
+    2) for t in mnist1d mnist1d_noise40; do "$0" "$t"; done ;;
+    digits) run digits --datasets digits ;;
+    digits_noise40) run digits_noise40 --datasets digits --label-noise 0.4 ;;
+    digits_noise60) run digits_noise60 --datasets digits --label-noise 0.6 ;;
+    lm) run lm --task lm ;;
+    mnist1d) run mnist1d --datasets mnist1d ;;
+    mnist1d_noise40) run mnist1d_noise40 --datasets mnist1d --label-noise 0.4 ;;
+    mnist1d_noise60) run mnist1d_noise60 --datasets mnist1d --label-noise 0.6 ;;
+    *) echo "usage: $0 1|2|TASK" >&2; exit 2 ;;
+esac
