@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import overload
 
 import torch
 import torch.distributed as dist
@@ -459,7 +460,13 @@ class DistributedEvolvedSampler(EvolvedSampler):
         self._scratch: ESState | None = None  # an empty state: the single-process step's scores, nothing observed
 
     # ---- the exchange
-    def _capacity(self, n: int, tokens: int | None = None) -> int:
+    @overload
+    def _capacity(self, n: int, tokens: None = None) -> int: ...
+
+    @overload
+    def _capacity(self, n: int, tokens: int) -> tuple[int, int]: ...
+
+    def _capacity(self, n: int, tokens: int | None = None) -> int | tuple[int, int]:
         """``cap`` (and with ``tokens``, the packed rows' token capacity: returns
         ``(cap, tokens_cap)``), agreed once over the ranks when not given."""
         if self.meta_batch is None or (tokens is not None and self.meta_tokens is None):
@@ -657,10 +664,10 @@ class DistributedEvolvedSampler(EvolvedSampler):
         b = min(self.mini_batch, n)
         cap = self._capacity(n)
         gathered = self._gather(ids, losses, cap, scored) if cap > 0 else None
-        w_all = self._apply(gathered) if cap > 0 else ids.new_empty(0, dtype=torch.float32)
+        w_all = self._apply(gathered) if gathered is not None else ids.new_empty(0, dtype=torch.float32)
         pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
         self._step.add_(1)
-        self._refresh(gathered[:, 0] if cap > 0 else ids)  # every rank's ids, on every replica
+        self._refresh(gathered[:, 0] if gathered is not None else ids)  # every rank's ids, on every replica
         weights = w_all[self.rank * cap : self.rank * cap + n]
         return Selection(pos, self.scales_of(ids.index_select(0, pos)), losses, weights)
 
@@ -865,6 +872,14 @@ def shard_length(n: int, num_replicas: int, drop_last: bool) -> int:
     if drop_last and n % num_replicas:
         return math.ceil((n - num_replicas) / num_replicas)
     return math.ceil(n / num_replicas)
+
+
+@overload
+def shard_indices(kept: list[int], num_replicas: int, rank: int, drop_last: bool) -> list[int]: ...
+
+
+@overload
+def shard_indices(kept: torch.Tensor, num_replicas: int, rank: int, drop_last: bool) -> torch.Tensor: ...
 
 
 def shard_indices(

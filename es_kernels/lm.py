@@ -626,7 +626,7 @@ def packed_tokens(
     label_smoothing=0.0,
     shift_labels=False,
     workspace_bytes=DEFAULT_WORKSPACE_BYTES,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a packed step (docs/spec.md section 6.1; ``kw`` its settings, ``st``
     its state) and return its token grid ``(tok, scored, doc)`` from the
     ``losses``, the ``hidden`` states or the ``logits``, whichever is given."""

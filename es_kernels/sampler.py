@@ -318,7 +318,7 @@ class EvolvedSampler:
             segment_ids = _checks.tensor(segment_ids, "segment_ids", dim=2, dtypes=_checks.INDEX_DTYPES)
             ids = segment_ids = segment_ids.to(self.device, non_blocking=True)
         else:
-            _checks.tensor(ids, "ids", dim=1)  # the dtype: the step's check
+            ids = _checks.tensor(ids, "ids", dim=1)  # the dtype: the step's check
             ids = ids.to(self.device, non_blocking=True)
         scoring = dict(
             logits=logits,

@@ -28,6 +28,7 @@ DTensors of global shape ``[N]``, so a checkpoint loads on any number of ranks.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,9 @@ from .distributed import PAD_ID, first_occurrence, rank_selection
 from .functional import checked_mode, per_sample_cross_entropy
 from .reference import philox4x32, prune_permute, uniform_from_bits
 from .sampler import MAX_EPOCH, ESWPSampler, EvolvedSampler, Selection, _Plan
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
     "ShardedEvolvedSampler",
@@ -122,7 +126,8 @@ def _order_keys(rank: int, seed: int, epoch: int) -> tuple[int, int, int, int]:
     """The round keys of rank ``rank``'s visit order: section 9, stream 2, step = epoch, j = rank."""
     z = torch.zeros(1, dtype=torch.int64)
     words = philox4x32(seed, z + (rank & _M32), z + (rank >> 32), z + (epoch & _M32), z + _spec.STREAM_PRUNE_ORDER)
-    return tuple(int(w) for w in words)  # host ints, from host tensors
+    k0, k1, k2, k3 = (int(w) for w in words)  # host ints, from host tensors
+    return k0, k1, k2, k3
 
 
 def _visit(n: int, lo: int, rank: int, seed: int, epoch: int, scale: torch.Tensor | None) -> torch.Tensor:
@@ -292,7 +297,7 @@ class ShardedEvolvedSampler(EvolvedSampler):
         self.num_samples, self.lo, self.hi = num_samples, lo, hi
         self.process_group, self.world_size, self.rank = process_group, world, rank
         self.meta_batch = None if meta_batch is None else _checks.integer(meta_batch, "meta_batch", 1)
-        self._mesh = None
+        self._mesh: DeviceMesh | None = None
 
     # ---- the step
     def _capacity(self, n: int) -> int:
@@ -328,7 +333,7 @@ class ShardedEvolvedSampler(EvolvedSampler):
         self.state.errors[0] -= (~keep | (ids == PAD_ID)).sum()  # repeats and padding: not counted
         return w[first]
 
-    def select(
+    def select(  # type: ignore[override]  # deliberately narrower: ids required, no hidden or segment_ids
         self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100, label_smoothing: float = 0.0
     ) -> Selection:
         """Score this rank's meta-batch, update its shard, pick ``mini_batch`` of it.
@@ -475,6 +480,7 @@ class ShardedEvolvedSampler(EvolvedSampler):
 
         if self._mesh is None:
             group = self.process_group if self.process_group is not None else dist.group.WORLD
+            assert group is not None  # the constructor checked that torch.distributed is initialised
             self._mesh = DeviceMesh.from_group(group, self.device.type)
         return DTensor.from_local(
             local, self._mesh, [Shard(0)], run_check=False, shape=torch.Size([self.num_samples]), stride=(1,)
@@ -655,6 +661,8 @@ class ShardedESWPSampler(ESWPSampler):
     two, the length) and their host synchronisations, once per epoch, on
     every rank; yielding ids makes none.
     """
+
+    es: ShardedEvolvedSampler  # the base class's es, narrowed: the constructor checks it
 
     STATE_KEYS = (
         "epoch",

@@ -9,6 +9,7 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,7 +60,9 @@ def parse_tasks(text: str) -> list:
 
 
 def parse_grid(spec: dict) -> dict:
-    grid = {k: [float(Fraction(v.strip())) for v in spec[k].split(",")] for k in ("beta1", "beta2", "lam", "eps")}
+    grid: dict[str, list[Any]] = {
+        k: [float(Fraction(v.strip())) for v in spec[k].split(",")] for k in ("beta1", "beta2", "lam", "eps")
+    }
     grid["ratio"] = [str(Fraction(v.strip())) for v in spec["ratio"].split(",")]
     return grid
 
@@ -102,7 +105,7 @@ def ablation_jobs(cfg: Config, tasks, settings) -> list:
 def task_config(cfg: Config, task: Task) -> Config:
     """The run's config on an ablation task: its epochs and label noise; the
     LM task (``lm:EPOCHS:0``) with the LM run's meta-batch and learning rate."""
-    lm = {k: LM[k] for k in ("task", "meta_batch", "lr")} if task.dataset == "lm" else {}
+    lm: dict[str, Any] = {k: LM[k] for k in ("task", "meta_batch", "lr")} if task.dataset == "lm" else {}
     return replace(cfg, epochs=task.epochs, label_noise=task.label_noise, **lm)
 
 
@@ -129,7 +132,7 @@ def run_ablation(cfg: Config, out_dir: Path, grid: dict | None = None, tasks=Non
     settings = grid_settings(grid)
     jobs = ablation_jobs(cfg, tasks, settings)
     warn = load_warning(cfg.threads, cfg.clock)
-    res = {
+    res: dict[str, Any] = {
         "config": asdict(cfg),
         "machine": machine(),
         "rule": RULE,

@@ -54,9 +54,9 @@ from .run import _key, calibrate, demo_jobs, run_demo
 from .tasks import device_data, load_dataset
 
 
-def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float:
+def estimate_only(cfg: Config, ablate: bool, grid: dict | None, tasks) -> float | None:
     """Time an epoch of full and of ES (b/B = 1/4) per data set, then the
-    planned run's time from the cost model (Eta). A real run refines it with
+    planned run's time from the cost model (Eta; None where it cannot tell). A real run refines it with
     every run it measures."""
     torch.set_num_threads(cfg.threads)
     eta = Eta(cfg.meta_batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -97,13 +98,15 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 # minutes of real time on 2 busy cores. --full: the study of the README's
 # tables (every method of METHODS on MNIST-1D and the digits, 3 seeds).
 DEFAULT_METHODS = ("full", "uniform", "es", "eswp", "uniform-time")
-DEFAULT_RUN = dict(seeds=3, methods=DEFAULT_METHODS)
+DEFAULT_RUN: dict[str, Any] = dict(seeds=3, methods=DEFAULT_METHODS)
 DEFAULT_DATASETS = ("digits",)  # the classification task's (the LM has its own)
-FULL_RUN = dict(seeds=3)  # and the task's methods and data sets: Config's, LM's for the LM
+FULL_RUN: dict[str, Any] = dict(seeds=3)  # and the task's methods and data sets: Config's, LM's for the LM
 CLI_THREADS = 1  # the command line's --threads and --clock (a Config's own defaults: torch's threads, wall)
 CLI_CLOCK = "process"
-QUICK = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
+QUICK: dict[str, Any] = dict(epochs=8, mnist1d_samples=6000, hidden=512, smoke_test=True)
 LM_METHODS = ("full", "uniform", "es", "eswp") + TIME_METHODS
 # the LM task's run (--task lm), fixed before its first run (README, "The LM task")
-LM = dict(task="lm", datasets=("lm",), methods=LM_METHODS, epochs=12, meta_batch=64, mini_batch=16, lr=2e-3)
-LM_QUICK = dict(epochs=3, lm_train_seqs=512, lm_test_seqs=128, smoke_test=True)
+LM: dict[str, Any] = dict(
+    task="lm", datasets=("lm",), methods=LM_METHODS, epochs=12, meta_batch=64, mini_batch=16, lr=2e-3
+)
+LM_QUICK: dict[str, Any] = dict(epochs=3, lm_train_seqs=512, lm_test_seqs=128, smoke_test=True)

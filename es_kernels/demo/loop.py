@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,22 +157,24 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
         from ..distributed import DistributedESWPSampler, DistributedEvolvedSampler, shard_indices
 
         model = torch.nn.parallel.DistributedDataParallel(net)
-        ES = functools.partial(DistributedEvolvedSampler, meta_batch=B)
-        Pruner = DistributedESWPSampler
+        ES: Callable[..., EvolvedSampler] = functools.partial(DistributedEvolvedSampler, meta_batch=B)
+        Pruner: Callable[..., ESWPSampler] = DistributedESWPSampler
     else:
         ES, Pruner = EvolvedSampler, ESWPSampler
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: the optimizer is not the bottleneck
     g = torch.Generator().manual_seed(seed)
-    es = pruner = None
+    es: EvolvedSampler | None = None
+    pruner: ESWPSampler | None = None
     if base in ("es", "eswp"):
         schedule = schedule_of(method, -(-n // B))
         if schedule != "step" and world > 1:
             raise ValueError(f"{method}: the demo runs a scoring schedule in one process")
-        sched_kw = {} if schedule == "step" else {"schedule": schedule}
+        sched_kw: dict[str, Any] = {} if schedule == "step" else {"schedule": schedule}
         es = ES(n, b, beta1=cfg.beta1, beta2=cfg.beta2, lam=cfg.lam, eps=cfg.eps, seed=seed, device=dev, **sched_kw)
     if base == "infobatch":  # score = the last training loss: s = l, d = 0
         es = ES(n, B, beta1=0.0, beta2=1.0, seed=seed, device=dev)
     if base in ("eswp", "infobatch"):
+        assert es is not None  # made above for both
         pruner = Pruner(es, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio, anneal_frac=cfg.anneal_frac, seed=seed)
     ac_dtype = score_autocast_dtype(cfg, dev)
     max_epochs = cfg.epochs if time_budget is None else 1000 * max(cfg.epochs, 1)
@@ -205,7 +209,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 pos = torch.randperm(ids.shape[0], generator=g)[:b].to(dev)
                 per = task.losses(model, x[pos], y[pos])
                 backward += pos.shape[0]
-            elif not es.needs_scores:  # a scoring schedule: select from the stored state
+            elif es is not None and not es.needs_scores:  # a scoring schedule: select from the stored state
                 ts = clock()
                 sel = es.select(ids)
                 score_s += clock() - ts
@@ -217,6 +221,7 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
                 per = per * sel.scales
                 backward += pos.shape[0]
             else:
+                assert es is not None  # es and eswp make it above
                 ts = clock()
                 with (
                     torch.inference_mode(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,7 +100,7 @@ def run_demo(cfg: Config, out_dir: Path, show_progress: bool = True, calibrate_e
     world, rank = _world()
     torch.set_num_threads(max(1, cfg.threads // world))
     warn = load_warning(cfg.threads, cfg.clock)
-    results = {
+    results: dict[str, Any] = {
         "config": asdict(cfg),
         "machine": machine(),
         "smoke_test": cfg.smoke_test,

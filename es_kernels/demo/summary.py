@@ -18,6 +18,7 @@ def fair_reference(runs: dict, goal: M.Goal = M.ACCURACY) -> dict:
     full = runs.get("full") or []
     target = statistics.fmean(r[goal.key] for r in full) if full else None
     es = runs.get("es") or []
+    window: float | None
     if es:
         window = statistics.fmean(r["wall_s"] for r in es)
     else:

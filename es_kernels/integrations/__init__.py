@@ -238,6 +238,7 @@ def packed_documents(batch: dict, size: int) -> tuple[torch.Tensor, tuple[int, .
         if int(cu[0]) != 0 or int(cu[-1]) != width or bool((lengths < 0).any()):
             raise ValueError(f"{CU_KEYS[0]} must rise from 0 to the row's {width} tokens, got {cu.tolist()}")
     else:
+        assert isinstance(pos, torch.Tensor)  # without cu, the guard above returned unless pos is a [1, T] tensor
         _grid_width(batch, "position_ids", 1)
         p = pos[0].detach().to("cpu", torch.int64)
         start = torch.ones(width, dtype=torch.bool)
