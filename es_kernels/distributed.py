@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from . import _checks
 from ._ops import bind, ops
+from ._packed import _document_sums, _row_means
 from ._spec import (
     DEFAULT_ANNEAL_FRAC,
     DEFAULT_BETA1,
@@ -61,14 +62,7 @@ from ._spec import (
     SELECT_MEAN_BITS,
 )
 from .functional import _shift, checked_mode
-from .lm import (
-    DEFAULT_WORKSPACE_BYTES,
-    _check_hidden,
-    _document_sums,
-    _row_means,
-    packed_tokens,
-    row_losses_from_hidden,
-)
+from .lm import DEFAULT_WORKSPACE_BYTES, _check_hidden, packed_tokens, row_losses_from_hidden
 from .sampler import CHUNK, ESWPSampler, EvolvedSampler, Selection, _Plan
 from .schedule import ScoringSchedule
 from .state import ESState

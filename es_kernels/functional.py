@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks
+from . import _checks, _packed
 from ._ops import ARGS, OpArgs, bind, ops
 from ._spec import (
     DEFAULT_ANNEAL_FRAC,
@@ -141,6 +141,50 @@ def _shift(logits, targets, shift_labels):
             f"shift_labels=True needs logits [B, T, V] and targets [B, T], got logits {tuple(logits.shape)}"
         )
     return logits[:, :-1], targets[:, 1:]
+
+
+# --------------------------------------------------------------------------- packed rows (segment_ids)
+def packed_step(tok, scored, doc, state, b, *, beta1, beta2, lam, select_mode, eps, seed, step, advance_step, w_min):
+    """The ES step of packed rows (docs/spec.md section 6.1) from token losses,
+    the scored mask and each token's document (arguments validated by the caller).
+
+    One observation per document (section 3, through the ``es_step_from_losses``
+    op on the ``B * T`` document slots, the empty slots masked: not read, not
+    counted), then each row's weight, the mean of its scored tokens' document
+    weights, and the selection of ``b`` rows (section 4). No host read."""
+    st = _state(state)
+    docs, slot = _packed._group(tok, scored, doc)
+    n = docs.ids.shape[0]
+    has = docs.counts > 0
+    # distinct ids in every slot (checked mode refuses duplicates); the empty slots are masked out
+    upd = torch.where(has, docs.ids, -1 - torch.arange(n, device=doc.device))
+    # the update alone: b = 0, no noise, the schema's defaults for the selection
+    update = bind("es_step_from_losses", docs.losses.unsqueeze(1), upd, st.tensor, st.errors, 0, beta1, beta2)
+    update = update._replace(lam=lam, w_min=w_min, mask=has.unsqueeze(1)).for_op()
+    _, _, w_docs = _run_checked(st, upd, ops.es_step_from_losses, update)
+    weights = _packed._row_means(w_docs[slot], scored)
+    seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
+    positions = ops.weighted_select(weights, b, select_mode, seed_i, step_i, seed_t, step_t, float(eps))
+    if advance_step:
+        step.add_(1)
+    return StepResult(positions, _packed._row_means(tok, scored), weights)
+
+
+def packed_step_from_logits(
+    logits, targets, ids, state, b, segment_ids, *, ignore_index, label_smoothing, shift_labels, **kw
+) -> StepResult:
+    """:func:`es_kernels.es_step` with ``segment_ids`` (validates, then :func:`packed_step`)."""
+    st = _state(state)
+    ce = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, shift_labels=shift_labels)
+    return packed_step(
+        *_packed.packed_tokens(ids, segment_ids, st, b, kw, logits=logits, targets=targets, **ce), st, b, **kw
+    )
+
+
+def packed_step_from_losses(losses, ids, state, b, segment_ids, *, mask, **kw) -> StepResult:
+    """:func:`es_kernels.es_step_from_losses` with ``segment_ids``."""
+    st = _state(state)
+    return packed_step(*_packed.packed_tokens(ids, segment_ids, st, b, kw, losses=losses, mask=mask), st, b, **kw)
 
 
 def per_sample_cross_entropy(
@@ -461,8 +505,6 @@ def es_step(
     """
     _checks.no_grad_inputs(logits=logits)
     if segment_ids is not None:
-        from .lm import packed_step_from_logits  # lm builds on this module
-
         shift = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, shift_labels=shift_labels)
         return packed_step_from_logits(logits, targets, ids, state, b, segment_ids, **shift, **step_kw(locals()))
     a = _op_args("es_step", locals())
@@ -526,8 +568,6 @@ def es_step_from_losses(
     No host synchronisation (except in the checked mode).
     """
     if segment_ids is not None:
-        from .lm import packed_step_from_losses  # lm builds on this module
-
         return packed_step_from_losses(losses, ids, state, b, segment_ids, mask=mask, **step_kw(locals()))
     a = _op_args("es_step_from_losses", locals())
     _checks.step_from_losses(a)

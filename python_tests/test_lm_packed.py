@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import es_kernels as ek
-from es_kernels import lm
+from es_kernels import _packed, functional, lm
 from es_kernels import reference as R
 from es_kernels._spec import DEFAULT_LAM
 
@@ -247,7 +247,8 @@ def test_sampler_select_packed_and_scales():
 @pytest.mark.skipif(triton_ops is None, reason="Triton is not installed")
 def test_packed_step_on_the_triton_ops(monkeypatch, backend):
     """The composition runs on whichever ops the device dispatches to: here each backend's."""
-    monkeypatch.setattr(lm, "ops", backend)
+    for module in (_packed, functional):  # the token losses, the update and the selection
+        monkeypatch.setattr(module, "ops", backend)
     seg = torch.tensor([[0, 0, 1, 1, 1, 2], [2, 2, -1, 3, 3, 3], [1, 1, 1, 1, 4, 4]])
     logits, targets = logits_batch(seg, 13, torch.float32, 3)
     state = observed_state(5, 2)
