@@ -43,8 +43,6 @@ from ._packed import (
     shifted_targets,
     token_documents,
 )
-from ._packed import _document_sums as _document_sums  # re-exported: es_kernels.lm's packed-row names
-from ._packed import _row_means as _row_means
 from ._spec import (
     DEFAULT_BETA1,
     DEFAULT_BETA2,

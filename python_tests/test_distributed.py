@@ -486,7 +486,8 @@ def forms_model(world: int, form: str):
     float64 token-loss sums and counts (section 6.1's sums), a document's parts added in
     rank order in float64 and divided by the total count, each document observed once,
     each row's weight the token-weighted mean of its documents' weights."""
-    from es_kernels.lm import _document_sums, _packed_tokens_from_hidden, _packed_tokens_from_logits, _row_means
+    from es_kernels._packed import _document_sums, _packed_tokens_from_logits, _row_means
+    from es_kernels.lm import _packed_tokens_from_hidden
 
     st = ek.ESState(W.FN)
     state, errors = st.tensor, st.errors

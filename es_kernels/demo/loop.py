@@ -7,7 +7,6 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -169,8 +168,9 @@ def train(method: str, data, cfg: Config, seed: int, progress=None, *, time_budg
         schedule = schedule_of(method, -(-n // B))
         if schedule != "step" and world > 1:
             raise ValueError(f"{method}: the demo runs a scoring schedule in one process")
-        sched_kw: dict[str, Any] = {} if schedule == "step" else {"schedule": schedule}
-        es = ES(n, b, beta1=cfg.beta1, beta2=cfg.beta2, lam=cfg.lam, eps=cfg.eps, seed=seed, device=dev, **sched_kw)
+        es = ES(
+            n, b, beta1=cfg.beta1, beta2=cfg.beta2, lam=cfg.lam, eps=cfg.eps, seed=seed, device=dev, schedule=schedule
+        )
     if base == "infobatch":  # score = the last training loss: s = l, d = 0
         es = ES(n, B, beta1=0.0, beta2=1.0, seed=seed, device=dev)
     if base in ("eswp", "infobatch"):
