@@ -5,7 +5,6 @@ document, a selection of documents, training on the packed row of the picks.
 Against a hand-written loop, bit for bit (tiny random-init GPT-2, CPU)."""
 
 import importlib.util
-import inspect
 import socket
 
 import pytest
@@ -383,18 +382,12 @@ def test_trainer_packed_resume_is_exact(tmp_path, dropout, at_step):
 
 
 # -- under DDP ------------------------------------------------------------------------------------------
-def _distributed_select_takes_segments() -> bool:
-    from es_kernels.distributed import DistributedEvolvedSampler
-
-    return "segment_ids" in inspect.signature(DistributedEvolvedSampler.select).parameters
+DDP_SCENARIOS = ("packed_trainer_run", "packed_hand_loop", "packed_trainer_hidden", "packed_hand_hidden")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not _distributed_select_takes_segments(),
-    reason="DistributedEvolvedSampler.select does not take segment_ids yet (packed batches under DDP need it)",
-)
-def test_trainer_packed_ddp_matches_hand_loop(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One spawn of 2 gloo processes for every DDP check (python_tests/dist_packed_workers.py)."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -402,19 +395,58 @@ def test_trainer_packed_ddp_matches_hand_loop(tmp_path):
         pytest.skip("torch.distributed with gloo is needed")
     import dist_packed_workers as W
 
+    out = tmp_path_factory.mktemp("ddp_packed")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    names = ("packed_trainer_run", "packed_hand_loop")
-    mp.spawn(W.entry, args=(2, port, str(tmp_path), names), nprocs=2, join=True)
-    runs = {(n, r): torch.load(tmp_path / f"{n}_{r}.pt", weights_only=False) for n in names for r in range(2)}
+    mp.spawn(W.entry, args=(2, port, str(out), DDP_SCENARIOS), nprocs=2, join=True)
+    return {(n, r): torch.load(out / f"{n}_{r}.pt", weights_only=False) for n in DDP_SCENARIOS for r in range(2)}
+
+
+def same_ddp(a, b):
+    assert a["seen"] == b["seen"]
+    assert a["step"] == b["step"]
+    assert torch.equal(a["state"].nan_to_num(-1), b["state"].nan_to_num(-1))
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+@pytest.mark.slow
+def test_trainer_packed_ddp_matches_hand_loop(ddp_runs):
+    import dist_packed_workers as W
+
     for r in range(2):
-        tr, hand = runs["packed_trainer_run", r], runs["packed_hand_loop", r]
-        assert len(tr["seen"]) == W.STEPS and tr["seen"] == hand["seen"]
-        assert tr["step"] == hand["step"]
-        assert torch.equal(tr["state"].nan_to_num(-1), hand["state"].nan_to_num(-1))
-        for k in tr["params"]:
-            assert torch.equal(tr["params"][k], hand["params"][k]), k
-    assert runs["packed_trainer_run", 0]["seen"] != runs["packed_trainer_run", 1]["seen"]
-    s0, s1 = (runs["packed_trainer_run", r]["state"].nan_to_num(-1) for r in range(2))
+        tr, hand = ddp_runs["packed_trainer_run", r], ddp_runs["packed_hand_loop", r]
+        assert len(tr["seen"]) == W.STEPS
+        same_ddp(tr, hand)
+    assert ddp_runs["packed_trainer_run", 0]["seen"] != ddp_runs["packed_trainer_run", 1]["seen"]
+    s0, s1 = (ddp_runs["packed_trainer_run", r]["state"].nan_to_num(-1) for r in range(2))
     assert torch.equal(s0, s1)
+
+
+@pytest.mark.slow
+def test_trainer_packed_ddp_hidden_eswp_dropout_matches_hand_loop(ddp_runs):
+    # scoring from the hidden states, DistributedESWPSampler into its pruned epochs, dropout in training
+    import dist_packed_workers as W
+
+    for r in range(2):
+        tr, hand = ddp_runs["packed_trainer_hidden", r]["full"], ddp_runs["packed_hand_hidden", r]
+        assert len(tr["seen"]) == W.HIDDEN_STEPS and tr["pruned"]
+        assert tr["plans"] == hand["plans"] and max(e for e, _ in tr["plans"]) >= 2
+        same_ddp(tr, hand)
+    full = [ddp_runs["packed_trainer_hidden", r]["full"] for r in range(2)]
+    assert full[0]["seen"] != full[1]["seen"] and full[0]["plans"] == full[1]["plans"]
+    assert torch.equal(full[0]["state"].nan_to_num(-1), full[1]["state"].nan_to_num(-1))
+    for k in full[0]["params"]:
+        assert torch.equal(full[0]["params"][k], full[1]["params"][k]), k
+
+
+@pytest.mark.slow
+def test_trainer_packed_ddp_resume_is_exact(ddp_runs):
+    # the checkpoint at step SAVE_AT is in the middle of loader epoch 1, in pruned ESWP epochs
+    import dist_packed_workers as W
+
+    for r in range(2):
+        full, resumed = ddp_runs["packed_trainer_hidden", r]["full"], ddp_runs["packed_trainer_hidden", r]["resumed"]
+        assert resumed["global_step"] == W.HIDDEN_STEPS and resumed["plans"] == full["plans"]
+        same_ddp({**full, "seen": full["seen"][W.SAVE_AT :]}, resumed)
