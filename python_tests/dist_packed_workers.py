@@ -80,12 +80,13 @@ def packed_trainer_run(rank, world, out):
     return result(es, tr.model, seen)
 
 
-def packed_trainer_hidden(rank, world, out):
+def packed_trainer_hidden(rank, world, out, name="hidden", dropout=DROPOUT, es_kw=None):
     """Hidden-state scoring, dropout, DistributedESWPSampler; a checkpoint at
     step SAVE_AT, then a fresh trainer resumed from it (another global RNG
     state on each rank: the checkpoint's must be restored)."""
-    root = Path(out) / "hidden"
-    kw = dict(eswp=True, dropout=DROPOUT, es_kw={"es_score_from_hidden": True}, max_steps=HIDDEN_STEPS)
+    root = Path(out) / name
+    es_kw = {"es_score_from_hidden": True, **(es_kw or {})}
+    kw = dict(eswp=True, dropout=dropout, es_kw=es_kw, max_steps=HIDDEN_STEPS)
     tr, es, seen = make_trainer(root, save_strategy="steps", save_steps=SAVE_AT, **kw)
     tr.train()
     full = result(es, tr.model, seen)
@@ -99,6 +100,14 @@ def packed_trainer_hidden(rank, world, out):
     resumed["global_step"] = tr2.state.global_step
     resumed["plans"] = [(p.epoch, p.ids.tolist()) for p in tr2.es_stream._plans]
     return {"full": full, "resumed": resumed}
+
+
+def packed_resume_scoring_dropout(rank, world, out):
+    """:func:`packed_trainer_hidden` with dropout in the scoring pass too
+    (``es_score_in_eval_mode=False``): a resume restores each rank's RNG state
+    before the scoring pass."""
+    kw = {"es_score_in_eval_mode": False}
+    return packed_trainer_hidden(rank, world, out, name="scoring_dropout", dropout=0.5, es_kw=kw)
 
 
 def packed_hand_loop(rank, world, out):

@@ -382,7 +382,10 @@ def test_trainer_packed_resume_is_exact(tmp_path, dropout, at_step):
 
 
 # -- under DDP ------------------------------------------------------------------------------------------
-DDP_SCENARIOS = ("packed_trainer_run", "packed_hand_loop", "packed_trainer_hidden", "packed_hand_hidden")
+DDP_SCENARIOS = (
+    "packed_trainer_run", "packed_hand_loop", "packed_trainer_hidden", "packed_hand_hidden",
+    "packed_resume_scoring_dropout",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -442,11 +445,13 @@ def test_trainer_packed_ddp_hidden_eswp_dropout_matches_hand_loop(ddp_runs):
 
 
 @pytest.mark.slow
-def test_trainer_packed_ddp_resume_is_exact(ddp_runs):
+@pytest.mark.parametrize("name", ["packed_trainer_hidden", "packed_resume_scoring_dropout"])
+def test_trainer_packed_ddp_resume_is_exact(ddp_runs, name):
     # the checkpoint at step SAVE_AT is in the middle of loader epoch 1, in pruned ESWP epochs
     import dist_packed_workers as W
 
     for r in range(2):
-        full, resumed = ddp_runs["packed_trainer_hidden", r]["full"], ddp_runs["packed_trainer_hidden", r]["resumed"]
+        full, resumed = ddp_runs[name, r]["full"], ddp_runs[name, r]["resumed"]
+        assert full["pruned"]
         assert resumed["global_step"] == W.HIDDEN_STEPS and resumed["plans"] == full["plans"]
         same_ddp({**full, "seen": full["seen"][W.SAVE_AT :]}, resumed)
