@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         report_to=[],
         disable_tqdm=a.tiny,
     )
-    model, docs = tiny_model_and_data(a.seed) if a.tiny else model_and_data(a)
+    with args.main_process_first(desc="loading and tokenizing"):  # the other ranks then read its cache
+        model, docs = tiny_model_and_data(a.seed) if a.tiny else model_and_data(a)
     model.config.use_cache = False  # with a cache, transformers would ignore the packing
     n, device = len(docs), args.device
     if args.world_size > 1:  # built after the process group: on every rank, with the same arguments
