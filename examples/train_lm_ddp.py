@@ -98,6 +98,7 @@ def model_and_data(a: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     cpu = a.tiny or not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun
     args = TrainingArguments(  # under torchrun, this initialises the process group
         output_dir=a.output_dir,
         per_device_train_batch_size=a.meta_batch,  # the meta-batch B, per rank
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=a.seed,
         bf16=a.bf16,
         use_cpu=cpu,
-        ddp_backend="gloo" if cpu else None,
+        ddp_backend="gloo" if cpu and launched else None,
         ddp_find_unused_parameters=False,
         report_to=[],
         disable_tqdm=a.tiny,
