@@ -242,6 +242,8 @@ def op_samples():
         ("es_update", (ids, torch.rand(6), st, e, 0.2, 0.9, 1.5, 1e-8)),
         ("weighted_select", (torch.rand(9), 4, "sample", 1, 2)),
         ("weighted_select", (torch.rand(9), 4, "sample", 0, 0, torch.tensor(3), torch.tensor(4), 0.25)),
+        ("weighted_select", (torch.rand(9), 4, "sample", 1, 2, None, None, 0.0, 2**40 + 5)),
+        ("weighted_select", (torch.rand(9), 4, "sample", 0, 0, torch.tensor(3), torch.tensor(4), 0.25, 4096)),
         ("es_step_from_losses", (torch.rand(6), ids, st, e, 3, 0.2, 0.9, "topk", 0, 0)),
         (
             "es_step_from_losses",
