@@ -65,13 +65,14 @@ def measure(world: int, cap: int, mini: int, steps: int, warmup: int, eps: float
     times: dict[tuple[str, int], list[float]] = {(i, r): [] for i in impls for r in ranks}
     for step in range(warmup + steps):
         picks = {}
-        for name, fn in impls.items():
-            for r in ranks:
-                out = []
-                ms = _thread_ms(lambda: out.append(fn(weights, r, cap, cap, mini, "sample", 7, step, eps)))  # noqa: B023
-                picks[name, r] = out[0]
-                if step >= warmup:
-                    times[name, r].append(ms)
+        order = [(name, r) for name in impls for r in ranks]
+        for name, r in order if step % 2 == 0 else order[::-1]:  # alternate the order: no position bias
+            out = []
+            call = impls[name]
+            ms = _thread_ms(lambda: out.append(call(weights, r, cap, cap, mini, "sample", 7, step, eps)))  # noqa: B023
+            picks[name, r] = out[0]
+            if step >= warmup:
+                times[name, r].append(ms)
         for r in ranks:
             if not torch.equal(picks["padded", r], picks["offset", r]):
                 raise AssertionError(f"rank {r}, step {step}: the two selections differ")
