@@ -166,6 +166,8 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
     # ints past 2**31 reach the kernels as i64 (step and epoch as their low 32 bits)
     ("seed",): {"seed": ([0, 2**40 + 3], {"seed", "seed_tensor"})},
     ("step",): {"step": ([7, 2**31 + 5], {"step", "step_tensor", "epoch"})},
+    # weighted_select's noise offset (a rank's first global position): 0, divisible by 16, past 2**32 (i64)
+    ("noise_offset", "eps"): {"noise_offset": ([0, 4096, 2**40 + 7], {"offset"}), "eps": ([0.0, 0.05], {"eps"})},
     ("ignore_index",): {"ignore_index": ([-100, 1, 16, 2**40], {"ignore_index"})},
     # the number of samples (N == 1 and N % 16 == 0 specialise) and the state dtype
     ("n_state", "state_dtype"): {
@@ -258,6 +260,7 @@ def _build_args(params: list[str], k: dict) -> dict:
         "max_age": lambda: 3 if k["counters"] else -1,
         "picks": lambda: t(torch.randint(0, 3, (N,), generator=g)) if k["counters"] else None,
         "cap": lambda: 1 if k["counters"] else -1,
+        "offset": lambda: k["noise_offset"],
     }
     return {p: builders[p]() for p in params if p in builders}
 

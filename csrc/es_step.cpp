@@ -141,9 +141,11 @@ std::vector<double> exploration_mix(const float* w, int64_t B, double eps) {
 // Section 4: ascending positions of the b largest keys, ties to the lower
 // position. Keys: w for topk; v / E with E = -log(u) ~ Exp(1) for sample
 // (the exponential race, equivalent to log v + Gumbel), in float64 rounded to
-// float32 so that every backend's libm gives the same key.
+// float32 so that every backend's libm gives the same key. Position j draws
+// the noise of counter offset + j (a rank's positions in a gathered batch).
 at::Tensor select_kernel(const float* w, int64_t B, int64_t b, bool sample, uint64_t seed,
-                         uint64_t step, double eps, const at::TensorOptions& opts) {
+                         uint64_t step, double eps, const at::TensorOptions& opts,
+                         uint64_t offset = 0) {
   TORCH_CHECK_VALUE(b >= 0 && b <= B, "b must be in [0, B] = [0, ", B, "], got ", b);
   at::Tensor out = at::empty({b}, opts.dtype(at::kLong));
   if (b == 0) return out;
@@ -159,7 +161,8 @@ at::Tensor select_kernel(const float* w, int64_t B, int64_t b, bool sample, uint
     for (int64_t j = begin; j < end; ++j) {
       float k = w[j];
       if (sample) {
-        const double u = uniform_from_bits(philox4x32_10(seed, j, step, kStreamSelect).x[0]);
+        const double u =
+            uniform_from_bits(philox4x32_10(seed, offset + j, step, kStreamSelect).x[0]);
         const double vj = v.empty() ? static_cast<double>(w[j]) : v[j];
         k = static_cast<float>(vj / -std::log(u));
       }
@@ -419,16 +422,18 @@ at::Tensor es_update(const at::Tensor& ids, const at::Tensor& losses, at::Tensor
 
 at::Tensor weighted_select(const at::Tensor& weights_in, int64_t b, c10::string_view select_mode,
                            int64_t seed, int64_t step, const OptTensor& seed_tensor,
-                           const OptTensor& step_tensor, double eps) {
+                           const OptTensor& step_tensor, double eps, int64_t offset) {
   check_cpu(weights_in, "weights");
   TORCH_CHECK_VALUE(weights_in.dim() == 1, "weights must be 1-D [B], got ", weights_in.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(weights_in.scalar_type()), "weights must be floating point");
   const bool sample = parse_mode(select_mode, eps);
   TORCH_CHECK_VALUE(weights_in.size(0) < (int64_t(1) << 32), "weights: at most 2^32 - 1 positions");
+  TORCH_CHECK_VALUE(offset >= 0 && offset < (int64_t(1) << 48), "offset must be in [0, 2^48), got ",
+                    offset);
   const at::Tensor w = weights_in.to(at::kFloat).contiguous();
-  return select_kernel(w.data_ptr<float>(), w.size(0), b, sample,
-                       noise_value(seed, seed_tensor, "seed"),
-                       noise_value(step, step_tensor, "step"), eps, w.options());
+  return select_kernel(
+      w.data_ptr<float>(), w.size(0), b, sample, noise_value(seed, seed_tensor, "seed"),
+      noise_value(step, step_tensor, "step"), eps, w.options(), static_cast<uint64_t>(offset));
 }
 
 Tensor3 es_step_from_losses(const at::Tensor& losses, const at::Tensor& ids, at::Tensor& state,

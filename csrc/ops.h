@@ -28,7 +28,7 @@ at::Tensor es_update(const at::Tensor& ids, const at::Tensor& losses, at::Tensor
 
 at::Tensor weighted_select(const at::Tensor& weights, int64_t b, c10::string_view select_mode,
                            int64_t seed, int64_t step, const OptTensor& seed_tensor,
-                           const OptTensor& step_tensor, double eps);
+                           const OptTensor& step_tensor, double eps, int64_t offset);
 
 Tensor3 es_step_from_losses(const at::Tensor& losses, const at::Tensor& ids, at::Tensor& state,
                             at::Tensor& errors, int64_t b, double beta1, double beta2,

@@ -298,6 +298,7 @@ def select(a) -> None:
     if not a.weights.dtype.is_floating_point:
         raise ValueError(f"weights must be floating point, got {a.weights.dtype}")
     selection(a.b, a.weights.shape[0], a.select_mode, *op_noise(a), a.eps, a.weights.device)
+    integer(a.offset, "offset", 0, _spec.MAX_SAMPLES)  # noise positions offset + j, as ids: below 2**48
 
 
 def prune(a) -> None:

@@ -34,7 +34,8 @@ SCHEMAS = {
     "per_sample_cross_entropy_backward": f"(Tensor grad, Tensor logits, Tensor targets, {_CE}) -> Tensor",
     "es_update": f"(Tensor ids, Tensor losses, Tensor(a!) state, Tensor(b!) errors, {_BETAS}, {_LAM}, {_W_MIN}) "
     "-> Tensor",
-    "weighted_select": f"(Tensor weights, int b, {_MODE}, {_NOISE}, Tensor? step_tensor=None, {_EPS}) -> Tensor",
+    "weighted_select": f"(Tensor weights, int b, {_MODE}, {_NOISE}, Tensor? step_tensor=None, {_EPS}, int offset=0) "
+    "-> Tensor",
     "es_step_from_losses": f"(Tensor losses, Tensor ids, Tensor(a!) state, Tensor(b!) errors, int b, {_BETAS}, "
     f"{_MODE}, {_NOISE}, Tensor(c!)? step_tensor=None, bool advance_step=False, "
     f"{_LAM}, {_EPS}, {_W_MIN}, Tensor? mask=None) -> (Tensor, Tensor, Tensor)",

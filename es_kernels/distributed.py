@@ -17,8 +17,9 @@ Every rank holds a full replica of the per-sample state. Each step:
 3. every rank applies ALL observations of the step to its replica with the
    existing ``es_update`` op (the same input on every rank, so the replicas stay
    bit-identical) and selects ``min(mini_batch, B_r)`` of its OWN positions with
-   the existing ``weighted_select`` op, the noise of its position ``j`` being
-   that of the global position ``r * cap + j``;
+   the existing ``weighted_select`` op over its own weights, the noise of its
+   position ``j`` being that of the global position ``r * cap + j`` (the op's
+   ``offset``);
 4. the device step counter advances by one on every rank.
 
 :class:`DistributedEvolvedSampler` does this; :class:`DistributedESWPSampler`
@@ -307,10 +308,10 @@ def rank_selection(
 ) -> torch.Tensor:
     """The ``b`` positions that rank ``rank`` selects among its own (spec section 11.1, Selection).
 
-    One ``weighted_select`` over the prefix ``[0, rank * cap + n)`` with every other
-    position's weight set to ``-inf``: those keys are ``-inf``, below every real key
-    (weights are ``>= f32(w_min) > 0``), and each real position keeps its global noise
-    index. The result never holds another rank's position, whatever the weights.
+    One ``weighted_select`` over the rank's ``n`` weights alone (O(n) on every
+    rank), its position ``j`` drawing the noise of the global position
+    ``rank * cap + j`` (the op's ``offset``). The result never holds another
+    rank's position, whatever the weights.
 
     Parameters
     ----------
@@ -338,23 +339,9 @@ def _select_own(own, lo: int, b: int, select_mode: str, seed, step, eps: float) 
     n = own.shape[0]
     own = own.to(torch.float32)
     seed_i, step_i, seed_t, step_t = _checks.split_noise(seed, step)
-    if select_mode == "topk":  # no noise: the keys are the weights, the order among own positions is the rule's
-        return ops.weighted_select(own, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0)
-    # the noise of global position lo + j: the op draws it for position lo + j of its input
-    x = torch.full((lo + n,), -math.inf, dtype=torch.float32, device=own.device)
-    x[lo:] = eps_mix(own, eps) if (eps > 0.0 and n > 0) else own
-    pos = ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0) - lo
-    if lo > 0 and b > 0:
-        # An own key of -inf (a NaN or -inf weight: never one of es_update's) ties with
-        # the other ranks' positions, which are lower and win the tie. Those come first
-        # in pos (negative); the lowest own positions not chosen take their places, as
-        # the tie rule among the rank's own positions says. On the device, no host read.
-        taken = torch.zeros(n + 1, dtype=torch.bool, device=pos.device)
-        taken[torch.where(pos >= 0, pos, n)] = True
-        free = ~taken[:n]
-        taken = taken[:n] | (free & (free.cumsum(0) <= (pos < 0).sum()))
-        pos = torch.sort((~taken).to(torch.uint8), stable=True).indices[:b]
-    return pos
+    # position j draws the noise of global position lo + j (the op's offset; topk draws none)
+    x = eps_mix(own, eps) if (select_mode == "sample" and eps > 0.0 and n > 0) else own
+    return ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0, lo)
 
 
 def replica_digest(state: ESState, step: torch.Tensor) -> torch.Tensor:

@@ -287,6 +287,7 @@ def weighted_select(
     step: int | torch.Tensor = 0,
     *,
     eps: float = DEFAULT_EPS,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Positions of ``b`` of the ``B`` weights (spec section 4).
 
@@ -306,6 +307,11 @@ def weighted_select(
     eps : float in [0, 1]
         Exploration mix (``"sample"`` only): selection by
         ``(1 - eps) w / mean(w) + eps``.
+    offset : int in [0, 2**48)
+        Position ``j`` draws the noise of position ``offset + j``: the
+        selection among a slice ``weights[lo:hi]`` of a larger batch with
+        ``offset=lo`` keys each position as the whole batch would (a rank's
+        own positions in a gathered batch). A host int (not read on the device).
 
     Returns
     -------

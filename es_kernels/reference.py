@@ -93,8 +93,9 @@ def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def _philox_words(n: int, seed: int, step: int, stream: int, device):
-    j = torch.arange(n, dtype=torch.int64, device=device)
+def _philox_words(n: int, seed: int, step: int, stream: int, device, offset: int = 0):
+    """The four words of counters ``j = offset, ..., offset + n - 1``."""
+    j = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     full = lambda v: torch.full_like(j, v)  # noqa: E731
     return philox4x32(seed, j & _M32, j >> 32, full(step & _M32), full(stream))
 
@@ -287,7 +288,9 @@ def exact_mean_weights(w: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(w == math.inf, math.inf, v)  # a +inf weight is a priority (section 4)
 
 
-def selection_keys(weights, select_mode: str, seed: int, step: int, eps: float = _spec.DEFAULT_EPS) -> torch.Tensor:
+def selection_keys(
+    weights, select_mode: str, seed: int, step: int, eps: float = _spec.DEFAULT_EPS, offset: int = 0
+) -> torch.Tensor:
     """The float32 key of each position; the ``b`` largest keys are selected.
 
     ``topk``: the weight. ``sample``: ``v / E`` with ``E = -log(u)`` a standard
@@ -295,11 +298,12 @@ def selection_keys(weights, select_mode: str, seed: int, step: int, eps: float =
     ``log v + Gumbel``, which draws successively without replacement in
     proportion to ``v``), ``v = w`` when ``eps = 0``, else the exploration mix.
     Computed in float64 and rounded to float32 so that every backend's libm
-    gives the same key. A NaN key counts as -inf.
+    gives the same key. A NaN key counts as -inf. Position ``j`` draws the
+    noise of counter ``offset + j``.
     """
     w = weights.float()
     if select_mode == "sample":
-        x0, _, _, _ = _philox_words(w.shape[0], seed, step, STREAM_SELECT, w.device)
+        x0, _, _, _ = _philox_words(w.shape[0], seed, step, STREAM_SELECT, w.device, offset)
         v = exact_mean_weights(w, eps) if eps > 0.0 else w.double()
         w = (v / -torch.log(uniform_from_bits(x0).double())).float()
     return torch.nan_to_num(w, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
@@ -320,9 +324,12 @@ def weighted_select(
     seed_tensor=None,
     step_tensor=None,
     eps=_spec.DEFAULT_EPS,
+    offset=0,
 ):
-    """int64 ascending positions of ``b`` of the ``B`` weights."""
-    keys = selection_keys(weights, select_mode, _noise_value(seed, seed_tensor), _noise_value(step, step_tensor), eps)
+    """int64 ascending positions of ``b`` of the ``B`` weights (position ``j``
+    with the noise of ``offset + j``)."""
+    seed, step = _noise_value(seed, seed_tensor), _noise_value(step, step_tensor)
+    keys = selection_keys(weights, select_mode, seed, step, eps, offset)
     return _top_positions(keys, b)
 
 

@@ -242,6 +242,8 @@ def op_samples():
         ("es_update", (ids, torch.rand(6), st, e, 0.2, 0.9, 1.5, 1e-8)),
         ("weighted_select", (torch.rand(9), 4, "sample", 1, 2)),
         ("weighted_select", (torch.rand(9), 4, "sample", 0, 0, torch.tensor(3), torch.tensor(4), 0.25)),
+        ("weighted_select", (torch.rand(9), 4, "sample", 1, 2, None, None, 0.0, 2**40 + 5)),
+        ("weighted_select", (torch.rand(9), 4, "sample", 0, 0, torch.tensor(3), torch.tensor(4), 0.25, 4096)),
         ("es_step_from_losses", (torch.rand(6), ids, st, e, 3, 0.2, 0.9, "topk", 0, 0)),
         (
             "es_step_from_losses",
@@ -419,6 +421,7 @@ def test_op_schemas_default_to_the_constants(op):
 def test_every_setting_of_the_ops_has_its_default():
     """The settings the op schemas take are the ones this test knows (a new one gets a constant)."""
     known = set(SETTING_DEFAULTS) | {"seed", "step", "advance_step", "num_epochs", "epoch", "rescale", "max_age", "cap"}
+    known.add("offset")  # weighted_select's first noise position: no setting
     for op in _ops.OP_NAMES:
         schema = getattr(torch.ops.es_kernels, op).default._schema
         for a in schema.arguments:

@@ -146,3 +146,13 @@ def test_bench_gpu_step_costs_run_on_cpu(tmp_path):
     for r in rows:
         assert r["train_full"] > 0 and r["score"] > 0 and set(r["schedules"]) >= {"every step", "every 3rd epoch"}
     assert list(tmp_path.glob("gpu_step_costs_*_quick.json"))
+
+
+def test_bench_rank_select_runs_and_agrees(tmp_path, capsys):
+    """bench/bench_rank_select.py: both constructions pick the same positions (it raises otherwise)."""
+    mod = _load("bench_rank_select")
+    assert mod.main(["--world", "3", "--cap", "64", "--mini", "9", "--steps", "3", "--warmup", "1", "--eps", "0.2",
+                     "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["world"] == 3 and data["offset_rank2_ms"] > 0
+    assert "| offset |" in capsys.readouterr().out

@@ -98,7 +98,7 @@ def _cases(name):
         "per_sample_cross_entropy_backward": _LOGITS
         + [("grad", lambda a: a.grad[:3]), ("grad", lambda a: a.grad.long())],
         "es_update": _SETTINGS + _IN_PLACE + [("losses", lambda a: a.losses.long())],
-        "weighted_select": step + [("weights", lambda a: a.weights.long())],
+        "weighted_select": step + [("weights", lambda a: a.weights.long()), ("offset", -1), ("offset", 2**48)],
         "es_step_from_losses": _SETTINGS + step + _IN_PLACE + [("mask", lambda a: torch.ones(5, 1, dtype=torch.bool))],
         "es_step": _SETTINGS + step + [c for c in _LOGITS if c[0] != "targets"] + _IN_PLACE[:2],
         "eswp_prune": [

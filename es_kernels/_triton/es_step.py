@@ -79,13 +79,16 @@ def _noise(seed, step_lo_arg, seed_ptr, step_ptr, SEED_FROM_PTR: tl.constexpr, S
 
 
 @triton.jit
-def _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, SAMPLE: tl.constexpr, HIST: tl.constexpr):
-    """The selection key of positions j: w (topk) or v / E (sample), float64 ->
+def _store_keys(
+    w, v, j, inb, seed, step_lo, noise_offset, keys_ptr, scratch_ptr, SAMPLE: tl.constexpr, HIST: tl.constexpr
+):
+    """The selection key of positions j: w (topk) or v / E (sample, E of the
+    noise of counter noise_offset + j), float64 ->
     float32; stored, and its top 8 bits counted into the first histogram: with
     HIST by a 256-bin histogram of the block (its non-zero bins added), else
     (a few positions per program, the cross-entropy epilogue) one atomic per key."""
     if SAMPLE:
-        x0, _ = philox_words(seed, j, step_lo, STREAM_SELECT)
+        x0, _ = philox_words(seed, j + noise_offset, step_lo, STREAM_SELECT)
         e = -tl.log(uniform(x0).to(tl.float64))
         key = (v / e).to(tl.float32)
     else:
@@ -119,7 +122,8 @@ def _threshold(scratch_ptr, b, PASSES: tl.constexpr):
 # runtime values (Triton binds a tuple argument element by element), and MODE,
 # one constexpr tuple of flags. ``observe_args`` builds both on the host.
 UPDATE = ("ids_ptr", "state_ptr", "err_ptr", "N", "beta1", "one_m_beta1", "beta2", "one_m_beta2", "lam", "w_min",
-          "weights_out_ptr", "keys_ptr", "scratch_ptr", "seed", "step_lo_arg", "seed_ptr", "step_ptr")  # fmt: skip
+          "weights_out_ptr", "keys_ptr", "scratch_ptr", "seed", "step_lo_arg", "seed_ptr", "step_ptr",
+          "noise_offset")  # fmt: skip
 MODE = ("DO_UPDATE", "DO_SELECT", "SAMPLE", "EPS_MIX", "SEED_FROM_PTR", "STEP_FROM_PTR")
 
 
@@ -140,7 +144,7 @@ def observe(loss, scored, j, inb, upd, MODE: tl.constexpr, HIST: tl.constexpr):
     cross-entropy kernel's epilogue (es_step from [B, C] logits in one launch).
     ``upd`` holds the values named in UPDATE, ``MODE`` the flags named in MODE."""
     (ids_ptr, state_ptr, err_ptr, N, beta1, one_m_beta1, beta2, one_m_beta2, lam, w_min,
-     weights_out_ptr, keys_ptr, scratch_ptr, seed, step_lo_arg, seed_ptr, step_ptr) = upd  # fmt: skip
+     weights_out_ptr, keys_ptr, scratch_ptr, seed, step_lo_arg, seed_ptr, step_ptr, noise_offset) = upd  # fmt: skip
     DO_UPDATE: tl.constexpr = MODE[0]
     DO_SELECT: tl.constexpr = MODE[1]
     SAMPLE: tl.constexpr = MODE[2]
@@ -182,7 +186,7 @@ def observe(loss, scored, j, inb, upd, MODE: tl.constexpr, HIST: tl.constexpr):
             tl.atomic_max(scratch_ptr + MIX_MAX, big.to(tl.int32, bitcast=True).to(tl.int64))
         else:
             seed, step_lo = _noise(seed, step_lo_arg, seed_ptr, step_ptr, SEED_FROM_PTR, STEP_FROM_PTR)
-            _store_keys(w, w.to(tl.float64), j, inb, seed, step_lo, keys_ptr, scratch_ptr, SAMPLE, HIST)
+            _store_keys(w, w.to(tl.float64), j, inb, seed, step_lo, noise_offset, keys_ptr, scratch_ptr, SAMPLE, HIST)
 
 
 @triton.jit
@@ -302,7 +306,7 @@ def mix_sum_kernel(w_ptr, B, scratch_ptr, BLOCK: tl.constexpr):
     tl.atomic_add(scratch_ptr + MIX_SUM, tl.sum(q, 0))
 
 
-@triton.jit(do_not_specialize=["B", "seed", "step_lo_arg", "eps_bits", "one_m_eps_bits"])
+@triton.jit(do_not_specialize=["B", "seed", "step_lo_arg", "eps_bits", "one_m_eps_bits", "noise_offset"])
 def mix_keys_kernel(
     w_ptr,
     B,
@@ -314,6 +318,7 @@ def mix_keys_kernel(
     step_lo_arg,
     seed_ptr,
     step_ptr,
+    noise_offset,
     SEED_FROM_PTR: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -330,7 +335,7 @@ def mix_keys_kernel(
     v = tl.where(big == 0.0, 1.0, (one_m_eps * _positive(w).to(tl.float64)) / mean + eps)
     v = tl.where(w == float("inf"), float("inf"), v)
     seed, step_lo = _noise(seed, step_lo_arg, seed_ptr, step_ptr, SEED_FROM_PTR, STEP_FROM_PTR)
-    _store_keys(w, v, j, inb, seed, step_lo, keys_ptr, scratch_ptr, True, True)
+    _store_keys(w, v, j, inb, seed, step_lo, noise_offset, keys_ptr, scratch_ptr, True, True)
 
 
 @triton.jit(do_not_specialize=["B", "N", "now_arg", "max_age", "cap"])

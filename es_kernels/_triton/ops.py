@@ -131,6 +131,7 @@ def _update_select(src, a, *, tokens=False, T=1, token_mask=None, store_losses=F
             step_lo_arg=step & 0xFFFFFFFF,
             seed_ptr=seed_tensor if seed_tensor is not None else any_ptr,
             step_ptr=step_tensor if step_tensor is not None else any_ptr,
+            noise_offset=arg("offset", 0),  # weighted_select's: position j draws the noise of offset + j
         )
         flags = dict(SEED_FROM_PTR=seed_tensor is not None, STEP_FROM_PTR=step_tensor is not None)
         eps_mix = do_select and eps > 0.0
