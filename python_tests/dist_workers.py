@@ -401,6 +401,9 @@ def schedule(rank, world, out):
         sh, rp = (cls(N, MINI, seed=7, meta_batch=CAP, schedule=sch) for cls in (S, D))
         rec = []
         for step in range(SSTEPS):
+            if step == 3:  # stale: epoch 0 scores, then from the state
+                sh.set_epoch(1)
+                rp.set_epoch(1)
             ids, losses = step_inputs(step % 4, world, owned=True)[rank]  # no id out of range
             scores = sh.needs_scores
             assert scores == rp.needs_scores
