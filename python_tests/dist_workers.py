@@ -376,6 +376,12 @@ def forms(rank, world, out, sharded: bool = False):
                 sel = es.select(**kw)
             rec.append(tuple(getattr(sel, k) for k in ("positions", "scales", "losses", "weights")))
         res[form] = {"rec": rec, "final": (es.state.tensor.clone(), es.state.errors.clone(), es.step)}
+    if sharded:  # a document of the next rank, over two rows: counted once, nothing else changes
+        es = D(FN, FMINI, seed=7, meta_batch=FCAP)
+        other, own = es.hi % FN, es.lo
+        seg = torch.tensor([[other, other, own], [other, -1, own]])
+        sel = es.select(segment_ids=seg, losses=torch.rand(2, 3, generator=torch.Generator().manual_seed(rank)))
+        res["foreign"] = (es.state.tensor.clone(), es.state.errors.clone(), sel.weights, es.lo)
     return res
 
 

@@ -602,6 +602,10 @@ def test_every_form_equals_the_single_process_model(group, mode):
         assert len(res[(mode, 1)][form]["rec"][1][0]) == min(W.FMINI, 2)  # the short rank
         if world == 3:
             assert len(res[(mode, 2)][form]["rec"][1][0]) == 0  # the empty rank
+    for r in range(world if sharded else 0):  # another rank's document: counted once, changes nothing
+        state, errors, weights, lo = res[(mode, r)]["foreign"]
+        seen = (~state[:, 0].isnan()).nonzero().view(-1).tolist()
+        assert errors.tolist() == [1, 0] and seen == [0] and bool((weights > 0).all())
 
 
 def test_schedule_sharded_equals_replicated(group):
