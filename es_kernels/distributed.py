@@ -680,6 +680,7 @@ class DistributedEvolvedSampler(EvolvedSampler):
     def _scoring_step(self, ids: torch.Tensor, packed: bool, scoring: dict) -> Selection:
         if packed:
             return self._packed_step(ids, scoring)
+        _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)  # before the conversion below
         ids = ids.to(torch.int64)
         losses, scored = self._row_scores(ids, scoring)
         n = ids.shape[0]

@@ -696,6 +696,7 @@ def test_select_refuses_bad_input_naming_the_argument(tmp_path):
             ),
             "segment_ids must have shape": dict(segment_ids=seg[:, :4], hidden=hid, weight=wt, targets=tgt),
             "losses must be floating point": dict(ids=ids, losses=torch.ones(4, dtype=torch.int64)),
+            "ids must have dtype": dict(ids=ids.double(), logits=torch.randn(4, 7), targets=tgt[:, 0]),
             "hidden requires grad": dict(ids=ids, hidden=hid.clone().requires_grad_(), weight=wt, targets=tgt),
             "25 tokens on rank 0, more than meta_tokens=20": dict(
                 segment_ids=torch.zeros(5, 5, dtype=torch.int64), losses=torch.rand(5, 5)
