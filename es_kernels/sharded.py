@@ -6,17 +6,22 @@ range cut at ``N``) and holds only their state: ``8 N / W`` bytes per rank
 instead of ``8 N``. Each rank's loader reads only the ids it owns
 (:class:`ShardedESWPSampler` is such a loader), so a step needs no exchange:
 
-1. rank ``r`` updates the state of its meta-batch's ids in its shard (an id
-   repeated in the meta-batch is observed once, at its first position, as
-   :func:`es_kernels.distributed.gathered_update` does; an id it does not own
-   is counted in ``errors`` and changes nothing);
+1. rank ``r`` scores its meta-batch in any form ``EvolvedSampler.select``
+   takes (losses, logits, hidden states, packed rows) as the replicated
+   sampler does, and updates the state of its ids in its shard (an id
+   repeated in the meta-batch is observed once, at its first scored position,
+   as :func:`es_kernels.distributed.gathered_update` does; a packed document
+   once, with its token-weighted loss; an id or document it does not own is
+   counted in ``errors`` and changes nothing);
 2. it selects ``min(mini_batch, B_r)`` of its positions exactly as the
    replicated sampler does (:func:`es_kernels.distributed.rank_selection`:
    the noise of global position ``r * cap + j``);
 3. the step counter advances on every rank.
 
-No collective and no host read per step. With the same inputs the replicated
-sampler computes the same state bits, weights and positions.
+A scoring schedule's steps without scores select from the shard, and its
+counters (``last_seen``, ``picks``) are sharded with the state. No collective
+and no host read per step. With the same inputs the replicated sampler
+computes the same state bits, counters, weights and positions.
 
 An ESWP epoch is planned with three collectives of fixed size (the threshold's
 maximum and fixed-point sum, and the longest rank's length); each rank then
@@ -271,8 +276,9 @@ class ShardedEvolvedSampler(EvolvedSampler):
     Notes
     -----
     :meth:`select` and :meth:`observe` make no collective and no host
-    synchronisation (but the first call when ``meta_batch`` is None).
-    :meth:`check`, :meth:`set_epoch`, :meth:`state_dict` and
+    synchronisation (but the first call when ``meta_batch`` is None, and
+    every call in the checked mode: one ``all_reduce``, docs/spec.md section
+    11.2). :meth:`check`, :meth:`set_epoch`, :meth:`state_dict` and
     :meth:`load_state_dict` are collectives: call them on every rank.
     """
 
