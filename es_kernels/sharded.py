@@ -346,6 +346,7 @@ class ShardedEvolvedSampler(EvolvedSampler):
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """int64: the shard's row of each owned id, -1 for any other id (no overflow)."""
+        ids = ids.long()  # int32 ids (packed rows) with a range past 2**31
         owned = (ids >= self.lo) & (ids < self.hi)
         return torch.where(owned, ids, self.lo - 1) - self.lo
 
