@@ -344,6 +344,66 @@ def _select_own(own, lo: int, b: int, select_mode: str, seed, step, eps: float) 
     return ops.weighted_select(x, b, select_mode, seed_i, step_i, seed_t, step_t, 0.0, lo)
 
 
+def row_scores(
+    ids: torch.Tensor, sc: dict, scratch: ESState, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's rows scored as the single-process step scores them (spec section 11.1, Scores).
+
+    The step's own op runs on an empty scratch state with ``b = 0`` (every id
+    out of its range: nothing read or written but the scratch's error count),
+    so the losses and the rows with nothing to score are those of
+    :meth:`EvolvedSampler.select`.
+
+    Parameters
+    ----------
+    ids : Tensor
+        int64 / int32 ``[B]`` on the scratch's device.
+    sc : dict
+        The scores' keyword arguments of ``select`` (``logits``, ``targets``,
+        ``losses``, ``hidden``, ``weight``, ``bias``, ``ignore_index``,
+        ``label_smoothing``, ``shift_labels``, ``workspace_bytes``).
+    scratch : ESState
+        An empty state (``N = 0``) on the device.
+    beta1, beta2 : float
+        The sampler's (validated by the op, unused).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(losses float32 [B], scored bool [B])``. Raises ValueError naming
+        the argument for bad input. No host synchronisation.
+    """
+    device = scratch.device
+    _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=device)
+    losses = sc["losses"]
+    if losses is not None and isinstance(losses, torch.Tensor) and losses.dim() == 1:
+        _checks.ids_losses(ids, losses, device)  # as the step op checks them
+        return losses.to(torch.float32, copy=True), torch.ones_like(ids, dtype=torch.bool)  # section 6
+    oor = -1 - torch.arange(ids.shape[0], device=device)  # distinct, out of the scratch's range
+    common = (scratch.tensor, scratch.errors, 0, beta1, beta2)
+    if sc["logits"] is not None:
+        _checks.no_grad_inputs(logits=sc["logits"])
+        a = bind("es_step", sc["logits"], sc["targets"], oor, *common)
+        a = a._replace(ignore_index=sc["ignore_index"], label_smoothing=float(sc["label_smoothing"]))
+        _checks.step_from_logits(a)
+        logits, targets = _shift(sc["logits"], sc["targets"], sc["shift_labels"])
+        _, losses, w = ops.es_step(*a._replace(logits=logits, targets=targets).for_op())
+    elif sc["hidden"] is not None:
+        hidden, weight, targets, bias = (sc[k] for k in ("hidden", "weight", "targets", "bias"))
+        ce = (sc["ignore_index"], sc["label_smoothing"], sc["shift_labels"], sc["workspace_bytes"])
+        _checks.no_grad_inputs(hidden=hidden, weight=weight, bias=bias)
+        _check_hidden(hidden, weight, targets, bias, *ce, device=device)
+        if ids.shape[0] != hidden.shape[0]:
+            raise ValueError(f"ids must have the batch size of hidden ({hidden.shape[0]}), got {ids.shape[0]}")
+        row, scored = row_losses_from_hidden(hidden, weight, targets, bias, *ce)
+        a = bind("es_step_from_losses", row.unsqueeze(1), oor, *common)._replace(mask=scored.unsqueeze(1))
+        _, losses, w = ops.es_step_from_losses(*a.for_op())
+    else:
+        a = bind("es_step_from_losses", sc["losses"], oor, *common)
+        _, losses, w = ops.es_step_from_losses(*a.for_op())
+    return losses, w != 0  # a scored row's weight: f32(w_min) (out of range); an unscored row's: 0
+
+
 def replica_digest(state: ESState, step: torch.Tensor) -> torch.Tensor:
     """A digest of a replica, identical on every rank while the replicas are.
 
@@ -599,46 +659,15 @@ class DistributedEvolvedSampler(EvolvedSampler):
         )
 
     def _row_scores(self, ids: torch.Tensor, sc: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(losses float32 [B], scored bool [B])``: this rank's rows as the
-        single-process step scores them. The step's own op runs on an empty
-        scratch state with ``b = 0`` (every id out of its range: nothing read
-        or written but the scratch's error count), so the losses and the rows
-        with nothing to score are those of :meth:`EvolvedSampler.select`."""
+        """``(losses float32 [B], scored bool [B])``: :func:`row_scores` of this rank's rows."""
         if self._scratch is None:
             self._scratch = ESState(0, device=self.device)
-        scratch = self._scratch
-        _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES, device=self.device)
-        losses = sc["losses"]
-        if losses is not None and isinstance(losses, torch.Tensor) and losses.dim() == 1:
-            _checks.ids_losses(ids, losses, self.device)  # as the step op checks them
-            return losses.to(torch.float32, copy=True), torch.ones_like(ids, dtype=torch.bool)  # section 6
-        oor = -1 - torch.arange(ids.shape[0], device=self.device)  # distinct, out of the scratch's range
-        common = (scratch.tensor, scratch.errors, 0, self.beta1, self.beta2)
-        if sc["logits"] is not None:
-            _checks.no_grad_inputs(logits=sc["logits"])
-            a = bind("es_step", sc["logits"], sc["targets"], oor, *common)
-            a = a._replace(ignore_index=sc["ignore_index"], label_smoothing=float(sc["label_smoothing"]))
-            _checks.step_from_logits(a)
-            logits, targets = _shift(sc["logits"], sc["targets"], sc["shift_labels"])
-            _, losses, w = ops.es_step(*a._replace(logits=logits, targets=targets).for_op())
-        elif sc["hidden"] is not None:
-            hidden, weight, targets, bias = (sc[k] for k in ("hidden", "weight", "targets", "bias"))
-            ce = (sc["ignore_index"], sc["label_smoothing"], sc["shift_labels"], sc["workspace_bytes"])
-            _checks.no_grad_inputs(hidden=hidden, weight=weight, bias=bias)
-            _check_hidden(hidden, weight, targets, bias, *ce, device=self.device)
-            if ids.shape[0] != hidden.shape[0]:
-                raise ValueError(f"ids must have the batch size of hidden ({hidden.shape[0]}), got {ids.shape[0]}")
-            row, scored = row_losses_from_hidden(hidden, weight, targets, bias, *ce)
-            a = bind("es_step_from_losses", row.unsqueeze(1), oor, *common)._replace(mask=scored.unsqueeze(1))
-            _, losses, w = ops.es_step_from_losses(*a.for_op())
-        else:
-            a = bind("es_step_from_losses", sc["losses"], oor, *common)
-            _, losses, w = ops.es_step_from_losses(*a.for_op())
-        return losses, w != 0  # a scored row's weight: f32(w_min) (out of range); an unscored row's: 0
+        return row_scores(ids, sc, self._scratch, self.beta1, self.beta2)
 
     def _scoring_step(self, ids: torch.Tensor, packed: bool, scoring: dict) -> Selection:
         if packed:
             return self._packed_step(ids, scoring)
+        _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)  # before the conversion below
         ids = ids.to(torch.int64)
         losses, scored = self._row_scores(ids, scoring)
         n = ids.shape[0]

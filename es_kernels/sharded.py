@@ -6,17 +6,22 @@ range cut at ``N``) and holds only their state: ``8 N / W`` bytes per rank
 instead of ``8 N``. Each rank's loader reads only the ids it owns
 (:class:`ShardedESWPSampler` is such a loader), so a step needs no exchange:
 
-1. rank ``r`` updates the state of its meta-batch's ids in its shard (an id
-   repeated in the meta-batch is observed once, at its first position, as
-   :func:`es_kernels.distributed.gathered_update` does; an id it does not own
-   is counted in ``errors`` and changes nothing);
+1. rank ``r`` scores its meta-batch in any form ``EvolvedSampler.select``
+   takes (losses, logits, hidden states, packed rows) as the replicated
+   sampler does, and updates the state of its ids in its shard (an id
+   repeated in the meta-batch is observed once, at its first scored position,
+   as :func:`es_kernels.distributed.gathered_update` does; a packed document
+   once, with its token-weighted loss; an id or document it does not own is
+   counted in ``errors`` and changes nothing);
 2. it selects ``min(mini_batch, B_r)`` of its positions exactly as the
    replicated sampler does (:func:`es_kernels.distributed.rank_selection`:
    the noise of global position ``r * cap + j``);
 3. the step counter advances on every rank.
 
-No collective and no host read per step. With the same inputs the replicated
-sampler computes the same state bits, weights and positions.
+A scoring schedule's steps without scores select from the shard, and its
+counters (``last_seen``, ``picks``) are sharded with the state. No collective
+and no host read per step. With the same inputs the replicated sampler
+computes the same state bits, counters, weights and positions.
 
 An ESWP epoch is planned with three collectives of fixed size (the threshold's
 maximum and fixed-point sum, and the longest rank's length); each rank then
@@ -35,11 +40,25 @@ import torch.distributed as dist
 
 from . import _checks, _spec
 from ._ops import ops
-from ._spec import DEFAULT_ANNEAL_FRAC, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, DEFAULT_LAM, DEFAULT_W_MIN
-from .distributed import PAD_ID, first_occurrence, rank_selection
-from .functional import checked_mode, per_sample_cross_entropy
+from ._packed import _document_sums, _row_means
+from ._spec import (
+    DEFAULT_ANNEAL_FRAC,
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_EPS,
+    DEFAULT_IGNORE_INDEX,
+    DEFAULT_LABEL_SMOOTHING,
+    DEFAULT_LAM,
+    DEFAULT_W_MIN,
+    INT64_MAX,
+)
+from .distributed import PAD_ID, _select_own, document_update, first_occurrence, row_scores
+from .functional import checked_mode
+from .lm import DEFAULT_WORKSPACE_BYTES, packed_tokens
 from .reference import philox4x32, prune_permute, uniform_from_bits
 from .sampler import MAX_EPOCH, ESWPSampler, EvolvedSampler, Selection, _Plan
+from .schedule import ScoringSchedule
+from .state import ESState
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -215,8 +234,12 @@ class ShardedEvolvedSampler(EvolvedSampler):
 
     Rank ``r`` holds the state of the ids :func:`shard_range` gives it and
     must only pass those ids to :meth:`select` (use :class:`ShardedESWPSampler`
-    as the loader's sampler, or a loader of the rank's range). A step makes
-    no collective. Construct it on every rank with the same arguments, after
+    as the loader's sampler, or a loader of the rank's range). ``select``
+    takes every form :meth:`EvolvedSampler.select` takes (losses, logits,
+    hidden states, packed rows of documents the rank owns, and a scoring
+    schedule's steps without scores); with the same inputs it gives the
+    replicated sampler's results bit for bit. A step makes no collective.
+    Construct it on every rank with the same arguments, after
     ``torch.distributed.init_process_group``.
 
     Parameters
@@ -226,8 +249,9 @@ class ShardedEvolvedSampler(EvolvedSampler):
         (``N > (W - 1) * ceil(N / W)``).
     mini_batch : int >= 1
         The samples this rank selects per step (``b_r = min(mini_batch, B_r)``).
-    beta1, beta2, select_mode, seed, device, w_min, lam, eps
-        As in :class:`EvolvedSampler`.
+    beta1, beta2, select_mode, seed, device, w_min, lam, eps, schedule
+        As in :class:`EvolvedSampler`; a schedule's counters (``last_seen``,
+        ``picks``) are sharded with the state.
     process_group : ProcessGroup or None
         The group (``None``: the default group).
     meta_batch : int >= 1 or None
@@ -252,17 +276,14 @@ class ShardedEvolvedSampler(EvolvedSampler):
     Notes
     -----
     :meth:`select` and :meth:`observe` make no collective and no host
-    synchronisation (but the first call when ``meta_batch`` is None).
-    :meth:`check`, :meth:`set_epoch`, :meth:`state_dict` and
+    synchronisation (but the first call when ``meta_batch`` is None, and
+    every call in the checked mode: one ``all_reduce``, docs/spec.md section
+    11.2). :meth:`check`, :meth:`set_epoch`, :meth:`state_dict` and
     :meth:`load_state_dict` are collectives: call them on every rank.
-    Scoring schedules, packed rows and hidden-state scoring are not
-    supported in this mode.
     """
 
     SHARDED_KEYS = ("num_samples", "world_size", "meta_batch")
-    STATE_KEYS = ("state", "step", "epoch", "scale", "scale_set", "sharded") + tuple(
-        k for k in EvolvedSampler.SETTINGS if k != "schedule"
-    )
+    STATE_KEYS = ("state", "step", "epoch", "scale", "scale_set", "counters", "sharded") + EvolvedSampler.SETTINGS
 
     def __init__(
         self,
@@ -277,6 +298,7 @@ class ShardedEvolvedSampler(EvolvedSampler):
         *,
         lam: float = DEFAULT_LAM,
         eps: float = DEFAULT_EPS,
+        schedule: ScoringSchedule | str | None = None,
         process_group=None,
         meta_batch: int | None = None,
     ):
@@ -293,11 +315,14 @@ class ShardedEvolvedSampler(EvolvedSampler):
                 f"(each rank owns ceil(N / W) = {-(-num_samples // world)} ids): use fewer ranks"
             )
         lo, hi = shard_range(num_samples, world, rank)
-        super().__init__(hi - lo, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam=lam, eps=eps)
+        super().__init__(
+            hi - lo, mini_batch, beta1, beta2, select_mode, seed, device, w_min, lam=lam, eps=eps, schedule=schedule
+        )
         self.num_samples, self.lo, self.hi = num_samples, lo, hi
         self.process_group, self.world_size, self.rank = process_group, world, rank
         self.meta_batch = None if meta_batch is None else _checks.integer(meta_batch, "meta_batch", 1)
         self._mesh: DeviceMesh | None = None
+        self._scratch: ESState | None = None  # an empty state: row_scores' scratch
 
     # ---- the step
     def _capacity(self, n: int) -> int:
@@ -319,38 +344,97 @@ class ShardedEvolvedSampler(EvolvedSampler):
         _checks.tensor(ids, "ids", dim=1, dtypes=_checks.INDEX_DTYPES)
         return ids.to(self.device, dtype=torch.int64, non_blocking=True)
 
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64: the shard's row of each owned id, -1 for any other id (no overflow)."""
+        ids = ids.long()  # int32 ids (packed rows) with a range past 2**31
+        owned = (ids >= self.lo) & (ids < self.hi)
+        return torch.where(owned, ids, self.lo - 1) - self.lo
+
+    def _slot(self, ids: torch.Tensor) -> torch.Tensor:
+        """Indices into the shard's counters: the row, or the spare slot ``n_r`` for another id."""
+        rows = self._rows(ids)
+        return torch.where(rows >= 0, rows, self.hi - self.lo)
+
+    def _checked_step(self, ids: torch.Tensor | None) -> None:
+        """Checked mode (``ES_KERNELS_CHECKED=1``, docs/spec.md section 11.2): one
+        ``all_reduce`` before the step writes, so that every rank raises together
+        when a rank passed a repeated id (``ids``, when given) or the ranks' step
+        counters differ (a rank that skipped a call). Nothing otherwise."""
+        if not checked_mode():
+            return
+        dup = ids is not None and torch.unique(ids).numel() != ids.numel()
+        t = torch.stack([torch.tensor(self.rank + 1 if dup else 0, device=self.device), self._step, -self._step])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        bad, hi, lo = t.tolist()
+        if bad:
+            raise RuntimeError(f"es_kernels checked mode: rank {bad - 1} passed duplicate ids in one step")
+        if hi != -lo:
+            raise RuntimeError(
+                f"es_kernels checked mode: the step counters of the ranks diverged (min {-lo}, max {hi}): "
+                "every rank must call select the same number of times"
+            )
+
     def _update(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        """Section 11.2's update of this rank's shard; float32 ``[B]`` weights."""
+        """Section 11.2's update of this rank's shard; float32 ``[B]`` weights
+        (``PAD_ID`` positions: skipped, not counted)."""
         n = ids.shape[0]
-        if checked_mode() and torch.unique(ids).numel() != n:
-            raise RuntimeError(f"es_kernels checked mode: rank {self.rank} passed duplicate ids in one step")
         first = first_occurrence(ids)
         keep = first == torch.arange(n, device=ids.device)
-        upd = torch.where(keep & (ids >= self.lo) & (ids < self.hi), ids - self.lo, -1)
+        upd = torch.where(keep, self._rows(ids), -1)
         w = ops.es_update(
             upd, losses, self.state.tensor, self.state.errors, self.beta1, self.beta2, self.lam, self.w_min
         )
         self.state.errors[0] -= (~keep | (ids == PAD_ID)).sum()  # repeats and padding: not counted
         return w[first]
 
-    def select(  # type: ignore[override]  # deliberately narrower: ids required, no hidden or segment_ids
-        self, ids, logits=None, targets=None, losses=None, *, ignore_index: int = -100, label_smoothing: float = 0.0
+    def _pick(self, weights: torch.Tensor, cap: int) -> torch.Tensor:
+        """Section 11.1's selection of this rank's positions (global ``rank * cap + j``); advances the step."""
+        b = min(self.mini_batch, weights.shape[0])
+        pos = _select_own(weights, self.rank * cap, b, self.select_mode, self.seed, self._step, self.eps)
+        self._step.add_(1)
+        return pos
+
+    def select(
+        self,
+        ids: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
+        *,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+        shift_labels: bool = False,
+        hidden: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        segment_ids: torch.Tensor | None = None,
     ) -> Selection:
-        """Score this rank's meta-batch, update its shard, pick ``mini_batch`` of it.
+        """As :meth:`EvolvedSampler.select`, on this rank's meta-batch of ids it owns.
 
         Parameters
         ----------
         ids : Tensor
             int64 / int32 ``[B]``, ``B <= meta_batch``: ids this rank owns
-            (another id is counted in ``errors`` and changes nothing).
-        logits, targets, losses, ignore_index, label_smoothing
-            As in :meth:`EvolvedSampler.select` (logits with targets, or losses).
+            (another id is counted in ``errors`` and changes nothing; an id
+            repeated in the meta-batch is observed once, at its first scored
+            position). With a schedule, ``select(ids)`` alone on a step that
+            does not score (:attr:`needs_scores` False) picks from the shard.
+        logits, targets, losses, ignore_index, label_smoothing, shift_labels
+            As in :meth:`EvolvedSampler.select`.
+        hidden, weight, bias, workspace_bytes
+            As in :meth:`EvolvedSampler.select`: hidden-state scoring.
+        segment_ids : Tensor
+            Packed rows (``ids`` None), as in :meth:`EvolvedSampler.select`:
+            ``[B, T]`` document ids, ``B <= meta_batch`` rows. Every document
+            must be one this rank owns (another is counted once per step in
+            ``errors`` and changes nothing).
 
         Returns
         -------
         Selection
             Positions into this rank's meta-batch, as the replicated sampler
-            would select them for the same inputs.
+            selects them for the same inputs (docs/spec.md section 11.2).
 
         Raises
         ------
@@ -360,43 +444,106 @@ class ShardedEvolvedSampler(EvolvedSampler):
         Notes
         -----
         No collective, no host synchronisation (but the first call when
-        ``meta_batch`` is None: one ``all_reduce`` and one read).
+        ``meta_batch`` is None: one ``all_reduce`` and one read; and in the
+        checked mode, one ``all_reduce`` and one read per step).
         """
-        if (losses is None) == (logits is None):
-            raise ValueError("select takes either logits (with targets) or losses")
-        if logits is not None and targets is None:
-            raise ValueError("targets must be given with logits")
-        ids = self._ids(ids)
-        if logits is not None:
-            losses = per_sample_cross_entropy(logits, targets, ignore_index, label_smoothing)
-        _checks.ids_losses(ids, losses, self.device)
-        n = ids.shape[0]
-        b = min(self.mini_batch, n)
-        cap = self._capacity(n)
-        w = self._update(ids, losses)
-        w_all = torch.empty(self.world_size * cap, dtype=torch.float32, device=self.device)
-        w_all[self.rank * cap : self.rank * cap + n] = w  # only this slice is read
-        pos = rank_selection(w_all, self.rank, cap, n, b, self.select_mode, self.seed, self._step, self.eps)
-        self._step.add_(1)
-        self._host_step += 1
-        return Selection(pos, self.scales_of(ids[pos]), losses.to(torch.float32, copy=True), w)
+        return super().select(
+            ids,
+            logits,
+            targets,
+            losses,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            shift_labels=shift_labels,
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            workspace_bytes=workspace_bytes,
+            segment_ids=segment_ids,
+        )
 
-    def observe(self, ids, losses) -> torch.Tensor:
+    def _scoring_step(self, ids: torch.Tensor, packed: bool, scoring: dict) -> Selection:
+        if packed:
+            return self._packed_step(ids, scoring)
+        ids = self._ids(ids)
+        if self._scratch is None:
+            self._scratch = ESState(0, device=self.device)
+        losses, scored = row_scores(ids, scoring, self._scratch, self.beta1, self.beta2)
+        cap = self._capacity(ids.shape[0])
+        self._checked_step(ids)
+        w = torch.where(scored, self._update(torch.where(scored, ids, PAD_ID), losses), 0.0)
+        pos = self._pick(w, cap)
+        self._refresh(ids)
+        return Selection(pos, self.scales_of(ids[pos]), losses, w)
+
+    def _packed_step(self, segment_ids: torch.Tensor, scoring: dict) -> Selection:
+        """Section 11.2's packed step: section 6.1 on the documents this rank owns."""
+        rows = segment_ids.shape[0]
+        b = min(self.mini_batch, rows)
+        tok, scored, _ = packed_tokens(None, segment_ids, self.state, b, self._step_settings(), **scoring)
+        keys, sums, counts, slot = _document_sums(
+            tok, scored, torch.where(segment_ids >= 0, segment_ids.long(), INT64_MAX)
+        )
+        cap = self._capacity(rows)
+        self._checked_step(None)
+        weights = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        if keys.shape[0] > 0:
+            doc = (keys >= 0) & (keys != INT64_MAX)
+            rows_of = self._rows(keys)  # another rank's document: a distinct id outside the shard, counted once
+            local = torch.where(doc, torch.where(rows_of >= 0, rows_of, -1 - keys), PAD_ID)
+            st = self.state
+            w_docs = document_update(local, sums, counts, 1, st, self.beta1, self.beta2, self.lam, self.w_min)
+            weights = _row_means(w_docs[slot], scored)
+        pos = self._pick(weights, cap)
+        self._refresh(segment_ids)
+        return Selection(pos, self.scales_of(segment_ids[pos]), _row_means(tok, scored), weights)
+
+    def _select_from_state(self, ids) -> Selection:
+        """Section 12's step without scores, on the shard (section 11.2)."""
+        ids = self._ids(ids)
+        cap = self._capacity(ids.shape[0])
+        self._checked_step(None)
+        sch, counters, m = self.schedule, self._counters, self.hi - self.lo
+        assert counters is not None  # kept while the schedule selects from the state
+        _, w = ops.es_select_from_state(
+            self._rows(ids), self.state.tensor, self.state.errors, 0, self.lam, self.w_min, self.select_mode, 0, 0,
+            None, self._step, False, 0.0, counters[0, :m], sch.max_age, counters[1, :m], sch.cap,
+        )  # fmt: skip
+        pos = self._pick(w, cap)
+        slot, picks = self._slot(ids[pos]), counters[1]
+        picks[slot] = torch.where(w[pos] == math.inf, 0, picks[slot] + 1)  # a priority pick refreshes
+        self._host_step += 1
+        self._scored_last = False
+        return Selection(pos, self.scales_of(ids[pos]), None, w)
+
+    def observe(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor | None:
         """Apply observations to this rank's shard without selecting.
 
         Parameters
         ----------
         ids, losses : Tensor
-            ``[B]`` ids this rank owns and their losses.
+            ``[B]`` ids this rank owns and their losses (on the state's device).
 
         Returns
         -------
-        Tensor
-            float32 ``[B]`` weights. No collective, no host synchronisation.
+        Tensor or None
+            float32 ``[B]`` weights. None, doing nothing, when the schedule
+            selects from the state and the last :meth:`select` scored (its
+            picks were observed by it; docs/spec.md section 12.1). No
+            collective, no host synchronisation (but in the checked mode).
         """
+        if self.schedule.selects_from_state and self._scored_last:
+            return None
+        return self._observe(ids, losses)
+
+    def _observe(self, ids, losses) -> torch.Tensor:
         ids = self._ids(ids)
         _checks.ids_losses(ids, losses, self.device)
-        return self._update(ids, losses.detach())
+        self._checked_step(ids)
+        w = self._update(ids, losses.detach())
+        if self._counters is not None:
+            self._counters[0, self._slot(ids)] = self._host_step - 1
+        return w
 
     def scales_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The loss scale of each id (the scale in force for the ids this rank
@@ -530,8 +677,11 @@ class ShardedEvolvedSampler(EvolvedSampler):
             ``state`` (``s`` and ``d``: ``Shard(0)`` DTensors ``[N]``;
             ``errors``: int64 ``[2]``, the sum over the ranks), ``step``,
             ``epoch``, ``scale`` (a DTensor ``[N]``, ones when ``scale_set``
-            is False), ``scale_set``, the settings and ``sharded``
-            (``num_samples``, ``world_size``, ``meta_batch``).
+            is False), ``scale_set``, the settings (``schedule`` as its
+            string), ``counters`` (with a schedule that selects from the
+            state: ``last_seen`` and ``picks``, int64 ``Shard(0)`` DTensors
+            ``[N]``; else None) and ``sharded`` (``num_samples``,
+            ``world_size``, ``meta_batch``).
 
         Raises
         ------
@@ -554,9 +704,14 @@ class ShardedEvolvedSampler(EvolvedSampler):
             "epoch": self.epoch,
             "scale": self._sharded(scale.clone()),
             "scale_set": self._scale is not None,
+            "counters": None,
             "sharded": {"num_samples": self.num_samples, "world_size": self.world_size, "meta_batch": self.meta_batch},
         }
-        out.update({k: getattr(self, k) for k in self.STATE_KEYS if k in EvolvedSampler.SETTINGS})
+        out.update({k: getattr(self, k) for k in EvolvedSampler.SETTINGS})
+        out["schedule"] = str(self.schedule)
+        if self._counters is not None:
+            m = self.hi - self.lo
+            out["counters"] = {k: self._sharded(self._counters[i, :m].clone()) for i, k in enumerate(self.COUNTER_KEYS)}
         return out
 
     def load_state_dict(self, sd: dict) -> None:
@@ -567,7 +722,9 @@ class ShardedEvolvedSampler(EvolvedSampler):
         ----------
         sd : dict
             This sampler's :meth:`state_dict` filled by
-            ``torch.distributed.checkpoint.load``, saved on any number of ranks.
+            ``torch.distributed.checkpoint.load``, saved on any number of ranks
+            (the template's sampler built with a schedule of the same kind: with
+            counters or without).
 
         Raises
         ------
@@ -578,8 +735,10 @@ class ShardedEvolvedSampler(EvolvedSampler):
         -----
         One ``all_reduce`` and host reads of the values.
         """
+        if isinstance(sd, dict) and "schedule" not in sd and "counters" not in sd:
+            sd = dict(sd, schedule="step", counters=None)  # saved before the sharded schedule existed
         _checks.keys(sd, "state_dict", self.STATE_KEYS)
-        cfg = self._validate({**{k: sd[k] for k in self.STATE_KEYS if k in EvolvedSampler.SETTINGS}, "schedule": None})
+        cfg = self._validate({k: sd[k] for k in EvolvedSampler.SETTINGS})
         step = _checks.integer(sd["step"], "state_dict['step']", 0)
         epoch = _checks.integer(sd["epoch"], "state_dict['epoch']", 0)
         scale_set = _checks.flag(sd["scale_set"], "state_dict['scale_set']")
@@ -603,6 +762,20 @@ class ShardedEvolvedSampler(EvolvedSampler):
         scale = self._local(sd["scale"], "state_dict['scale']", torch.float32)
         errors = sd["state"]["errors"]
         _checks.saved(errors, "state_dict['state']['errors']", torch.int64, 2)
+        counters = sd["counters"]
+        if not cfg["schedule"].selects_from_state:
+            if counters is not None:
+                raise ValueError("state_dict['counters'] must be None with the schedule 'step'")
+        else:
+            if counters is None:
+                raise ValueError(
+                    f"state_dict['counters'] is None with the schedule '{cfg['schedule']}': build the "
+                    "template's sampler with a schedule that selects from the state"
+                )
+            _checks.keys(counters, "state_dict['counters']", self.COUNTER_KEYS)
+            counters = [
+                self._local(counters[k], f"state_dict['counters']['{k}']", torch.int64) for k in self.COUNTER_KEYS
+            ]
         # the values: this rank's part, then one verdict for all
         problem = None
         if bool(torch.isinf(s).any()):
@@ -613,13 +786,18 @@ class ShardedEvolvedSampler(EvolvedSampler):
             problem = "state_dict['state']['errors'] holds a negative count"
         elif not bool((torch.isfinite(scale) & (scale >= 0)).all()):
             problem = "state_dict['scale'] must be finite and >= 0"
+        elif counters is not None and bool((counters[1] < 0).any()):
+            problem = "state_dict['counters']['picks'] must be >= 0"
         self._agree_valid(problem)
         # everything is valid: write
         mine = errors if self.rank == 0 else torch.zeros_like(errors)
         self.state._load_validated(s, d, mine)
         self._configure(cfg)
+        if counters is not None and self._counters is not None:  # (_configure made them for the schedule)
+            self._counters[:, :-1].copy_(torch.stack(counters))
         self._step.fill_(step)
         self._host_step = step
+        self._scored_last = True
         self.epoch = epoch
         self._scale = scale.detach().to(self.device, copy=True) if scale_set else None
         if world == self.world_size and self.meta_batch is None:

@@ -25,12 +25,23 @@ def entry(rank: int, world: int, init_file: str, out: str, scenarios: tuple) -> 
         dist.destroy_process_group()
 
 
-def step_inputs(step: int, world: int):
+def owned_perm(g: torch.Generator, n: int, world: int, r: int) -> torch.Tensor:
+    """A random order of the ids rank ``r`` owns in the sharded mode (docs/spec.md section 11.2)."""
+    from es_kernels.sharded import shard_range
+
+    lo, hi = shard_range(n, world, r)
+    return lo + torch.randperm(hi - lo, generator=g)
+
+
+def step_inputs(step: int, world: int, owned: bool = False):
     """Every rank's (ids, losses) of a step, from one generator (the same on every rank).
     Step 3 is uneven (one rank short, one empty with 3 ranks); step 4 holds an id
-    on two ranks (DistributedSampler's wrap-around padding); step 5 an id out of range."""
+    on two ranks (DistributedSampler's wrap-around padding; ``owned``: twice on the
+    last rank); step 5 an id out of range. ``owned``: each rank's ids from its own
+    range, the sharded mode's contract."""
     g = torch.Generator().manual_seed(100 + step)
     perm = torch.randperm(N, generator=g)
+    perms = [owned_perm(g, N, world, r) for r in range(world)] if owned else None
     sizes = [CAP] * world
     if step == 3:
         sizes[1] = 5
@@ -38,10 +49,10 @@ def step_inputs(step: int, world: int):
             sizes[2] = 0
     out, at = [], 0
     for r in range(world):
-        ids = perm[at : at + sizes[r]].clone()
+        ids = perms[r][: sizes[r]].clone() if owned else perm[at : at + sizes[r]].clone()
         at += sizes[r]
         if step == 4 and r == world - 1:
-            ids[-1] = out[0][0][0]  # rank 0's first id again
+            ids[-1] = ids[0] if owned else out[0][0][0]  # rank 0's (or this rank's) first id again
         if step == 5 and r == 0:
             ids[2] = N  # out of range: counted once in errors[0] on every rank
         out.append((ids, torch.rand(sizes[r], generator=g, dtype=torch.float64).float() * 3))
@@ -68,11 +79,17 @@ def no_host_sync():
             setattr(torch.Tensor, n, f)
 
 
-def es(rank, world, out):
+def es(rank, world, out, sharded: bool = False):
     """ES: three samplers (sample, sample with eps, topk) on the same inputs, and one
-    checkpointed after step 2 on rank 0 and resumed on every rank from that file."""
-    from es_kernels.distributed import DistributedEvolvedSampler as D
+    checkpointed after step 2 on rank 0 and resumed on every rank from that file.
+    ``sharded``: the same with the sharded state on each rank's own ids, checkpointed
+    with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
 
+    from es_kernels.distributed import DistributedEvolvedSampler
+    from es_kernels.sharded import ShardedEvolvedSampler
+
+    D = ShardedEvolvedSampler if sharded else DistributedEvolvedSampler
     kinds = {
         "sample": D(N, MINI, seed=7),  # meta_batch agreed on the first call
         "eps": D(N, MINI, seed=7, eps=0.25, meta_batch=CAP),
@@ -80,9 +97,9 @@ def es(rank, world, out):
     }
     resumed = D(N, MINI, seed=7, meta_batch=CAP)
     rec = {k: [] for k in list(kinds) + ["resumed"]}
-    ckpt = os.path.join(out, "es_ckpt.pt")
+    ckpt = os.path.join(out, "es_sharded_ckpt" if sharded else "es_ckpt.pt")
     for step in range(STEPS):
-        ids, losses = step_inputs(step, world)[rank]
+        ids, losses = step_inputs(step, world, owned=sharded)[rank]
         for k, s in kinds.items():
             guard = no_host_sync() if (k == "sample" and step == 1) else contextlib.nullcontext()
             with guard:  # the step's whole path: pack, all_gather, update, select
@@ -93,7 +110,13 @@ def es(rank, world, out):
             rec["errors"] = [s.state.errors.clone() for s in (*kinds.values(), resumed)]
             for s in (*kinds.values(), resumed):
                 s.state.reset_errors()
-        if step == 2:  # checkpoint on rank 0; every rank loads it into a sampler of other settings
+        if step == 2 and sharded:  # checkpoint every shard; every rank loads into a sampler of other settings
+            dcp.save(resumed.state_dict(), checkpoint_id=ckpt)
+            resumed = D(N, 1, seed=99, beta1=0.9)
+            sd = resumed.state_dict()
+            dcp.load(sd, checkpoint_id=ckpt)
+            resumed.load_state_dict(sd)
+        elif step == 2:  # checkpoint on rank 0; every rank loads it into a sampler of other settings
             if rank == 0:
                 torch.save(resumed.state_dict(), ckpt)
             dist.barrier()
@@ -102,6 +125,11 @@ def es(rank, world, out):
     final = {k: (s.state.tensor.clone(), s.state.errors.clone(), s.step) for k, s in kinds.items()}
     final["resumed"] = (resumed.state.tensor.clone(), resumed.state.errors.clone(), resumed.step)
     return {"rec": rec, "final": final}
+
+
+def es_sharded(rank, world, out):
+    """:func:`es` on the sharded state."""
+    return es(rank, world, out, sharded=True)
 
 
 def eswp(rank, world, out):
@@ -123,15 +151,17 @@ def eswp(rank, world, out):
     return res
 
 
-def checked(rank, world, out):
-    """Checked mode: a duplicate id on one rank and an injected divergence raise on every rank."""
+def checked(rank, world, out, sharded: bool = False):
+    """Checked mode: a duplicate id on one rank and an injected divergence raise on every
+    rank (``sharded``: a step counter drifts, the one value the ranks share)."""
     from es_kernels.distributed import DistributedEvolvedSampler
+    from es_kernels.sharded import ShardedEvolvedSampler
 
     os.environ["ES_KERNELS_CHECKED"] = "1"
     try:
-        es = DistributedEvolvedSampler(N, MINI, seed=3, meta_batch=CAP)
+        es = (ShardedEvolvedSampler if sharded else DistributedEvolvedSampler)(N, MINI, seed=3, meta_batch=CAP)
         msgs = []
-        ids, losses = step_inputs(0, world)[rank]
+        ids, losses = step_inputs(0, world, owned=sharded)[rank]
         es.select(ids, losses=losses)  # fine: the digests agree
         bad = ids.clone()
         if rank == 0:
@@ -140,10 +170,12 @@ def checked(rank, world, out):
             es.select(bad, losses=losses)
         except RuntimeError as e:
             msgs.append(str(e))
-        if rank == world - 1:  # one replica drifts by one ulp
+        if rank == world - 1 and sharded:  # one rank's step counter drifts
+            es.step_tensor.add_(1)
+        elif rank == world - 1:  # one replica drifts by one ulp
             i = int(ids[0])
             es.state.tensor[i, 0] = torch.nextafter(es.state.tensor[i, 0], torch.tensor(1e9))
-        ids, losses = step_inputs(1, world)[rank]
+        ids, losses = step_inputs(1, world, owned=sharded)[rank]
         try:
             es.select(ids, losses=losses)
         except RuntimeError as e:
@@ -151,6 +183,11 @@ def checked(rank, world, out):
         return msgs
     finally:
         del os.environ["ES_KERNELS_CHECKED"]
+
+
+def checked_sharded(rank, world, out):
+    """:func:`checked` on the sharded state."""
+    return checked(rank, world, out, sharded=True)
 
 
 def demo(rank, world, out):
@@ -268,16 +305,21 @@ def form_rows(step: int, world: int) -> list:
     return sizes
 
 
-def form_inputs(step: int, world: int, form: str) -> list:
+def form_inputs(step: int, world: int, form: str, owned: bool = False) -> list:
     """Every rank's select() keyword arguments of a form at a step (one generator, the
     same on every rank). Unpacked: ids distinct within a rank, step 2 holds an id on
     two ranks, rows with nothing to score. Packed: several documents a row, padding,
-    a document split over rank 0's and rank 1's rows, one out of range at step 3."""
+    a document split over rank 0's and rank 1's rows, one out of range at step 3.
+    ``owned`` (the sharded mode's contract): each rank's ids and documents from its
+    own range; step 2 holds an id twice on the last rank, and a document is split
+    over the first and the last row of a rank."""
     g = torch.Generator().manual_seed(1000 * step + FORMS.index(form))
     sizes = form_rows(step, world)
     perm = torch.randperm(FN, generator=g)
     out, at = [], 0
     for r, n in enumerate(sizes):
+        if owned:
+            perm, at = owned_perm(g, FN, world, r), 0
         tgt = torch.randint(0, FV, (n, FT), generator=g)
         if n > 1:
             tgt[1] = -100  # nothing to score in this row
@@ -290,7 +332,9 @@ def form_inputs(step: int, world: int, form: str) -> list:
                 at += 2
             if n:
                 seg[0, -1] = -1  # padding
-            if r == 1 and n:  # the document that ends rank 0's first row starts rank 1's
+            if owned and n > 2:  # the document that ends the rank's first row starts its last
+                seg[-1, :2] = seg[0, -2]
+            elif r == 1 and n and not owned:  # the document that ends rank 0's first row starts rank 1's
                 seg[0, :2] = out[0]["segment_ids"][0, -2]
             if step == 3 and r == 0:
                 seg[-1, -1] = FN + 1  # out of range: counted once
@@ -299,7 +343,7 @@ def form_inputs(step: int, world: int, form: str) -> list:
             ids = perm[at : at + n].clone()
             at += n
             if step == 2 and r == world - 1 and n:
-                ids[-1] = out[0]["ids"][0]  # rank 0's first id again
+                ids[-1] = ids[0] if owned else out[0]["ids"][0]  # rank 0's (this rank's) first id again
             kw["ids"] = ids
         if form == "losses":
             kw["losses"] = torch.rand(n, generator=g) * 3
@@ -314,19 +358,78 @@ def form_inputs(step: int, world: int, form: str) -> list:
     return out
 
 
-def forms(rank, world, out):
-    """Every form of select on every rank, FSTEPS steps each: the selections and the state."""
-    from es_kernels.distributed import DistributedEvolvedSampler as D
+def forms(rank, world, out, sharded: bool = False):
+    """Every form of select on every rank, FSTEPS steps each: the selections and the state
+    (``sharded``: the sharded state, on each rank's own ids and documents)."""
+    from es_kernels.distributed import DistributedEvolvedSampler
+    from es_kernels.sharded import ShardedEvolvedSampler
 
+    D = ShardedEvolvedSampler if sharded else DistributedEvolvedSampler
     res = {}
     for form in FORMS:
         es = D(FN, FMINI, seed=7, meta_batch=FCAP)  # meta_tokens: agreed on the first packed call
         rec = []
         for step in range(FSTEPS):
-            kw = form_inputs(step, world, form)[rank]
+            kw = form_inputs(step, world, form, owned=sharded)[rank]
             guard = no_host_sync() if step == 2 else contextlib.nullcontext()
             with guard:  # meta_tokens is agreed: the step's whole path, no host read
                 sel = es.select(**kw)
             rec.append(tuple(getattr(sel, k) for k in ("positions", "scales", "losses", "weights")))
         res[form] = {"rec": rec, "final": (es.state.tensor.clone(), es.state.errors.clone(), es.step)}
+    if sharded:  # a document of the next rank, over two rows: counted once, nothing else changes
+        es = D(FN, FMINI, seed=7, meta_batch=FCAP)
+        other, own = es.hi % FN, es.lo
+        seg = torch.tensor([[other, other, own], [other, -1, own]])
+        sel = es.select(segment_ids=seg, losses=torch.rand(2, 3, generator=torch.Generator().manual_seed(rank)))
+        res["foreign"] = (es.state.tensor.clone(), es.state.errors.clone(), sel.weights, es.lo)
+    return res
+
+
+def forms_sharded(rank, world, out):
+    """:func:`forms` on the sharded state."""
+    return forms(rank, world, out, sharded=True)
+
+
+# --------------------------------------------------------------------------- scoring schedules
+SCHEDULES = ("fraction:0.5", "stale:2,cap=1")
+SSTEPS = 8
+
+
+def schedule(rank, world, out):
+    """A scoring schedule on the sharded and the replicated sampler with the same inputs
+    (each rank's own ids, uneven at step 3): scoring steps, steps from the state, and
+    the picks' training losses observed; the selections, shards, replicas and counters."""
+    from es_kernels.distributed import DistributedEvolvedSampler as D
+    from es_kernels.sharded import ShardedEvolvedSampler as S
+
+    res = {}
+    for sch in SCHEDULES:
+        sh, rp = (cls(N, MINI, seed=7, meta_batch=CAP, schedule=sch) for cls in (S, D))
+        rec = []
+        for step in range(SSTEPS):
+            if step == 3:  # stale: epoch 0 scores, then from the state
+                sh.set_epoch(1)
+                rp.set_epoch(1)
+            ids, losses = step_inputs(step % 4, world, owned=True)[rank]  # no id out of range
+            scores = sh.needs_scores
+            assert scores == rp.needs_scores
+            kw = dict(losses=losses) if scores else {}
+            with no_host_sync() if step in (1, 2) else contextlib.nullcontext():
+                a = sh.select(ids, **kw)
+            b = rp.select(ids, **kw)
+            picked = ids[a.positions]
+            train = resume_losses(picked, step)
+            with no_host_sync() if step in (1, 2) else contextlib.nullcontext():
+                oa = sh.observe(picked, train)
+            ob = rp.observe(ids[b.positions], train)
+            rec.append((scores, a, b, oa, ob))
+        res[sch] = dict(
+            rec=rec,
+            shard=(sh.state.tensor.clone(), sh._counters.clone(), sh.lo, sh.hi),
+            replica=(rp.state.tensor.clone(), rp._counters.clone()),
+            sd={
+                k: (type(v).__name__, tuple(v.shape), v.to_local().clone())
+                for k, v in sh.state_dict()["counters"].items()
+            },
+        )
     return res

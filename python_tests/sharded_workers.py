@@ -343,3 +343,48 @@ def bad_value(rank, pair, out):
         empty = str(e)
     unchanged = torch.equal(before.view(torch.int32), fresh.state.tensor.view(torch.int32))
     return dict(msg=msg, unchanged=unchanged, empty=empty)
+
+
+# --------------------------------------------------------------------------- scoring schedules
+def schedule_run(es, world: int, r: int, steps: range) -> list:
+    """A schedule's loop on the rank's own ids: scores when asked, the picks' losses observed."""
+    rec = []
+    for step in steps:
+        ids, losses = step_inputs(step % 4, world)[r]  # no NaN loss
+        sel = es.select(ids, losses=losses) if es.needs_scores else es.select(ids)
+        es.observe(ids[sel.positions], resume_losses(ids[sel.positions], step))
+        rec.append((sel.positions, sel.weights))
+    return rec
+
+
+def schedule_reshard(rank, pair, out):
+    """A scoring schedule's counters in the checkpoint: saved on 2 ranks mid-run, resumed
+    on 2 (bit for bit) and loaded on 3 (resharded with the state)."""
+    from es_kernels.sharded import ShardedEvolvedSampler as S
+
+    path = os.path.join(out, "schedule_ckpt")
+    res = {}
+    if rank < 2:
+        es = S(N, MINI, seed=7, meta_batch=CAP, schedule="fraction:0.5", process_group=pair)
+        schedule_run(es, 2, rank, range(4))
+        dcp.save(es.state_dict(), checkpoint_id=path, process_group=pair)
+        saved = (es.state.tensor.clone(), es._counters[:, :-1].clone())
+        rest = schedule_run(es, 2, rank, range(4, 9))
+        again = S(N, 1, seed=99, schedule="stale:9", process_group=pair)  # other settings, counters kept
+        sd = again.state_dict()
+        dcp.load(sd, checkpoint_id=path, process_group=pair)
+        again.load_state_dict(sd)
+        resumed = schedule_run(again, 2, rank, range(4, 9))
+        res["pair"] = dict(
+            saved=saved,
+            rest=rest,
+            resumed=resumed,
+            final=[(s.state.tensor.clone(), s._counters.clone(), s.step) for s in (es, again)],
+        )
+    dist.barrier()
+    three = S(N, 1, seed=99, schedule="stale:9")
+    sd = three.state_dict()
+    dcp.load(sd, checkpoint_id=path)
+    three.load_state_dict(sd)
+    res["three"] = (three.state.tensor.clone(), three._counters[:, :-1].clone(), str(three.schedule), three.step)
+    return res

@@ -1,5 +1,6 @@
 """ES and ESWP on real gloo process groups of 2 and 3 processes (spawned), against a
-single process that applies the same global observations (docs/spec.md section 11.1).
+single process that applies the same global observations (docs/spec.md section 11.1);
+the sharded state (section 11.2) passes the same checks on each rank's own ids.
 
 One spawned group per world size runs every scenario (python_tests/dist_workers.py);
 the tests here read what each rank saved."""
@@ -26,9 +27,10 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
 )
 
+SHARDED = ("es_sharded", "checked_sharded", "forms_sharded", "schedule")
 SCENARIOS = {
-    2: ("es", "eswp", "checked", "resume", "forms", "demo"),
-    3: ("es", "eswp", "checked", "resume", "forms"),
+    2: ("es", "eswp", "checked", "resume", "forms", *SHARDED, "demo"),
+    3: ("es", "eswp", "checked", "resume", "forms", *SHARDED),
 }  # demo: the costliest
 
 
@@ -44,14 +46,15 @@ def group(request, tmp_path_factory):
     }
 
 
-def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
+def single_process(world: int, select_mode="sample", seed=7, eps=0.0, owned=False):
     """Apply every step's gathered observations to one state (an id seen twice in a step:
-    once, at its lowest global position), then each rank's selection from the global keys."""
+    once, at its lowest global position), then each rank's selection from the global keys
+    (``owned``: on the sharded mode's inputs, each rank's ids from its own range)."""
     st = ek.ESState(W.N)
     state, errors = st.tensor, st.errors
     picks = []
     for step in range(W.STEPS):
-        inputs = W.step_inputs(step, world)
+        inputs = W.step_inputs(step, world, owned)
         gids = torch.full((world * W.CAP,), -1, dtype=torch.int64)
         real = torch.zeros(world * W.CAP, dtype=torch.bool)
         glosses = torch.zeros(world * W.CAP)
@@ -85,37 +88,52 @@ def single_process(world: int, select_mode="sample", seed=7, eps=0.0):
     return picks, (state, errors)
 
 
-def test_es_replicas_identical_and_equal_to_one_process(group):
+def shard_of(x: torch.Tensor, world: int, r: int, sharded: bool) -> torch.Tensor:
+    """Rank r's rows of a full state (all of them in the replicated mode)."""
+    from es_kernels.sharded import shard_range
+
+    return x[slice(*shard_range(x.shape[0], world, r))] if sharded else x
+
+
+@pytest.mark.parametrize("mode", ["es", "es_sharded"])
+def test_es_replicas_identical_and_equal_to_one_process(group, mode):
+    """The replicated mode, and the sharded one on each rank's own ids: every rank's
+    picks and weights, and every replica (every shard: its rows), equal the model."""
     world, res = group
+    sharded = mode == "es_sharded"
     for kind, kw in {"sample": {}, "eps": dict(eps=0.25), "topk": dict(select_mode="topk", seed=0)}.items():
-        want, want_state = single_process(world, **kw)
+        want, want_state = single_process(world, owned=sharded, **kw)
         for r in range(world):
-            got = res[("es", r)]
+            got = res[(mode, r)]
             state, errors, step = got["final"][kind]
             assert step == W.STEPS
             want_errors = want_state[1].clone()
             want_errors.zero_()  # the test cleared the one out-of-range id after step 5
-            assert_state_equal((state, errors), (want_state[0], want_errors))
-            assert_state_equal((state, errors), res[("es", 0)]["final"][kind][:2])
+            assert_state_equal((state, errors), (shard_of(want_state[0], world, r, sharded), want_errors))
+            if not sharded:
+                assert_state_equal((state, errors), res[(mode, 0)]["final"][kind][:2])
             for step, (pos, weights, losses) in enumerate(got["rec"][kind]):
-                n = len(W.step_inputs(step, world)[r][0])
+                ids, want_losses = W.step_inputs(step, world, sharded)[r]
+                n = len(ids)
                 assert torch.equal(pos, want[step][0][r]), (kind, r, step)
                 assert torch.equal(weights, want[step][1][r * W.CAP : r * W.CAP + n].float()), (kind, r, step)
-                assert torch.equal(losses, W.step_inputs(step, world)[r][1])
+                assert torch.equal(losses, want_losses)
     # uneven step 3: rank 1 has 5 ids (and rank 2 none with 3 ranks)
-    assert len(res[("es", 1)]["rec"]["sample"][3][0]) == W.MINI
+    assert len(res[(mode, 1)]["rec"]["sample"][3][0]) == W.MINI
     if world == 3:
-        assert len(res[("es", 2)]["rec"]["sample"][3][0]) == 0
-    # step 5's out-of-range id: errors[0] == 1 on every rank and sampler, padding never counted
+        assert len(res[(mode, 2)]["rec"]["sample"][3][0]) == 0
+    # step 5's out-of-range id (rank 0's): errors[0] == 1 on every replica and sampler, padding
+    # never counted; in the sharded mode on rank 0's shard only (check() sums them)
     for r in range(world):
-        for e in res[("es", r)]["rec"]["errors"]:
-            assert e.tolist() == [1, 0]
+        for e in res[(mode, r)]["rec"]["errors"]:
+            assert e.tolist() == ([1 if r == 0 else 0, 0] if sharded else [1, 0])
 
 
-def test_es_resume_equals_uninterrupted(group):
+@pytest.mark.parametrize("mode", ["es", "es_sharded"])
+def test_es_resume_equals_uninterrupted(group, mode):
     world, res = group
     for r in range(world):
-        got = res[("es", r)]
+        got = res[(mode, r)]
         assert all(torch.equal(a[0], b) for a, b in zip(got["rec"]["sample"], got["rec"]["resumed"]))
         assert_state_equal(got["final"]["resumed"][:2], got["final"]["sample"][:2])
         assert got["final"]["resumed"][2] == W.STEPS
@@ -148,13 +166,17 @@ def test_eswp_shards_cover_the_kept_set(group):
                 assert len(flat) - len(kept) == per * world - len(kept) < world
 
 
-def test_checked_mode_catches_duplicates_and_divergence(group):
+@pytest.mark.parametrize("mode", ["checked", "checked_sharded"])
+def test_checked_mode_catches_duplicates_and_divergence(group, mode):
     world, res = group
     for r in range(world):
-        msgs = res[("checked", r)]
+        msgs = res[(mode, r)]
         assert len(msgs) == 2, msgs
         assert "rank 0 passed duplicate ids" in msgs[0]
-        assert "replicas of the ranks diverged" in msgs[1]
+        diverged = (
+            "step counters of the ranks diverged" if mode == "checked_sharded" else "replicas of the ranks diverged"
+        )
+        assert diverged in msgs[1]
 
 
 def test_shard_indices_matches_distributed_sampler():
@@ -477,7 +499,7 @@ def own_picks(weights: torch.Tensor, E: torch.Tensor, lo: int, mini: int) -> tor
     return torch.sort(torch.sort(keys, descending=True, stable=True).indices[:b]).values
 
 
-def forms_model(world: int, form: str):
+def forms_model(world: int, form: str, owned: bool = False):
     """The single-process model of spec section 11.1 for a form of select.
 
     Unpacked: each rank's rows scored as the single-process sampler scores them (its
@@ -493,7 +515,7 @@ def forms_model(world: int, form: str):
     state, errors = st.tensor, st.errors
     out = []
     for step in range(W.FSTEPS):
-        inputs = W.form_inputs(step, world, form)
+        inputs = W.form_inputs(step, world, form, owned)
         E = global_keys(world, W.FCAP, step)
         if not form.startswith("packed"):
             parts = []
@@ -545,16 +567,21 @@ def forms_model(world: int, form: str):
     return out, (state, errors)
 
 
-def test_every_form_equals_the_single_process_model(group):
+@pytest.mark.parametrize("mode", ["forms", "forms_sharded"])
+def test_every_form_equals_the_single_process_model(group, mode):
     """Logits (shift_labels, rows with nothing to score), hidden states, losses and packed
     rows (documents split over two ranks' rows, padding, an id out of range) on 2 and 3
     ranks with uneven and empty ranks: every rank's picks, losses and weights, and every
-    replica, equal the single-process model bit for bit."""
+    replica, equal the single-process model bit for bit. The sharded mode on each rank's
+    own ids and documents (a document split over two rows of a rank): the same, every
+    shard equal to its rows of the model, the error counts summed over the shards."""
     world, res = group
+    sharded = mode == "forms_sharded"
     for form in W.FORMS:
-        want, (state, errors) = forms_model(world, form)
+        want, (state, errors) = forms_model(world, form, owned=sharded)
+        shards = []
         for r in range(world):
-            got = res[("forms", r)][form]
+            got = res[(mode, r)][form]
             for step, (pos, scales, losses, weights) in enumerate(got["rec"]):
                 wpos, wlosses, wweights = want[step][r]
                 what = (form, r, step)
@@ -562,13 +589,57 @@ def test_every_form_equals_the_single_process_model(group):
                 assert torch.equal(losses, wlosses), what
                 assert torch.equal(weights, wweights), what
                 assert torch.equal(scales, torch.ones(scales.shape)), what
-            assert_state_equal(got["final"][:2], (state, errors))
+            if sharded:
+                shards.append(got["final"][:2])
+            else:
+                assert_state_equal(got["final"][:2], (state, errors))
             assert got["final"][2] == W.FSTEPS
+        if sharded:
+            joined = torch.cat([s for s, _ in shards]), sum(e for _, e in shards)
+            assert_state_equal(joined, (state, errors))
         # the out-of-range document: counted once; with shift_labels its one token (a row's last) scores nothing
         assert int(errors[0]) == (1 if form in ("packed_hidden", "packed_losses") else 0), form
-        assert len(res[("forms", 1)][form]["rec"][1][0]) == min(W.FMINI, 2)  # the short rank
+        assert len(res[(mode, 1)][form]["rec"][1][0]) == min(W.FMINI, 2)  # the short rank
         if world == 3:
-            assert len(res[("forms", 2)][form]["rec"][1][0]) == 0  # the empty rank
+            assert len(res[(mode, 2)][form]["rec"][1][0]) == 0  # the empty rank
+    for r in range(world if sharded else 0):  # another rank's document: counted once, changes nothing
+        state, errors, weights, lo = res[(mode, r)]["foreign"]
+        seen = (~state[:, 0].isnan()).nonzero().view(-1).tolist()
+        assert errors.tolist() == [1, 0] and seen == [0] and bool((weights > 0).all())
+
+
+def test_schedule_sharded_equals_replicated(group):
+    """A scoring schedule (scoring steps, steps from the state, the picks' training
+    losses observed) on each rank's own ids: the sharded sampler's selections, weights,
+    observations, shard and counters equal the replicated sampler's, bit for bit; its
+    state_dict holds the counters as Shard(0) DTensors of shape [N]."""
+    from es_kernels.sharded import shard_range
+
+    world, res = group
+    for sch in W.SCHEDULES:
+        kinds = set()
+        for r in range(world):
+            got = res[("schedule", r)][sch]
+            for step, (scores, a, b, oa, ob) in enumerate(got["rec"]):
+                kinds.add(scores)
+                assert_selection_equal(a, b, (sch, r, step))
+                assert (oa is None) == (ob is None) == scores, (sch, r, step)
+                if oa is not None:
+                    assert torch.equal(oa, ob), (sch, r, step)
+            state, counters, lo, hi = got["shard"]
+            assert (lo, hi) == shard_range(W.N, world, r)
+            rstate, rcounters = got["replica"]
+            assert_state_equal((state, counters[0, :-1]), (rstate[lo:hi], rcounters[0, lo:hi]))
+            assert torch.equal(counters[:, :-1], rcounters[:, lo:hi]), (sch, r)
+            for i, k in enumerate(("last_seen", "picks")):
+                kind, shape, local = got["sd"][k]
+                assert (kind, shape) == ("DTensor", (W.N,)) and torch.equal(local, counters[i, :-1])
+        assert kinds == {True, False}, sch  # both kinds of step ran
+        if sch.startswith("stale"):  # due ids: priorities from the state
+            recs = [x for r in range(world) for x in res[("schedule", r)][sch]["rec"] if not x[0]]
+            assert any(bool((a.weights == math.inf).any()) for _, a, _, _, _ in recs), sch
+        else:  # picks from the state counted
+            assert any(bool(res[("schedule", r)][sch]["shard"][1][1].any()) for r in range(world)), sch
 
 
 def prefix_selection(own, lo, b, select_mode, seed, step, eps=0.0):
@@ -625,6 +696,7 @@ def test_select_refuses_bad_input_naming_the_argument(tmp_path):
             ),
             "segment_ids must have shape": dict(segment_ids=seg[:, :4], hidden=hid, weight=wt, targets=tgt),
             "losses must be floating point": dict(ids=ids, losses=torch.ones(4, dtype=torch.int64)),
+            "ids must have dtype": dict(ids=ids.double(), logits=torch.randn(4, 7), targets=tgt[:, 0]),
             "hidden requires grad": dict(ids=ids, hidden=hid.clone().requires_grad_(), weight=wt, targets=tgt),
             "25 tokens on rank 0, more than meta_tokens=20": dict(
                 segment_ids=torch.zeros(5, 5, dtype=torch.int64), losses=torch.rand(5, 5)

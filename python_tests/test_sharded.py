@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
 )
 
-SCENARIOS = ("es", "eswp", "resume", "reshard", "bad_value")
+SCENARIOS = ("es", "eswp", "resume", "reshard", "bad_value", "schedule_reshard")
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +229,24 @@ def test_a_bad_value_on_one_rank_is_refused_on_every_rank(group):
         assert "num_samples=4 leaves rank 2 of 3 without ids" in group[("bad_value", r)]["empty"]
 
 
+def test_schedule_counters_resume_and_reshard(group):
+    """A schedule's counters go into the sharded checkpoint: resumed on as many ranks the
+    run continues bit for bit; on 3 ranks the state and counters are the saved ones."""
+    pair = [group[("schedule_reshard", r)]["pair"] for r in (0, 1)]
+    for p in pair:
+        for (a, wa), (b, wb) in zip(p["rest"], p["resumed"], strict=True):
+            assert torch.equal(a, b) and torch.equal(bits(wa), bits(wb))
+        (s1, c1, k1), (s2, c2, k2) = p["final"]
+        assert torch.equal(bits(s1), bits(s2)) and torch.equal(c1, c2) and k1 == k2 == 9
+    saved_state = torch.cat([p["saved"][0] for p in pair])
+    saved_counters = torch.cat([p["saved"][1] for p in pair], dim=1)
+    assert bool(saved_counters[1].any())  # picks from the state were counted
+    three = [group[("schedule_reshard", r)]["three"] for r in range(3)]
+    assert torch.equal(bits(torch.cat([t[0] for t in three])), bits(saved_state))
+    assert torch.equal(torch.cat([t[1] for t in three], dim=1), saved_counters)
+    assert all(t[2] == "fraction:0.5,cap=1" and t[3] == 4 for t in three)
+
+
 # --------------------------------------------------------------------------- one process
 @pytest.fixture
 def solo(tmp_path):
@@ -256,6 +274,68 @@ def test_world_of_one_equals_the_single_process_samplers(solo):
             assert torch.equal(x.positions, y.positions) and torch.equal(x.weights, y.weights)
             assert torch.equal(x.scales, y.scales)
     assert_state_equal((a.state.tensor, a.state.errors), (d.state.tensor, d.state.errors))
+
+
+def test_world_of_one_every_form_and_schedule_equal_the_single_process_sampler(solo):
+    """W = 1, cap = B, eps = 0: every form of select (token losses, logits with ignored
+    targets and shift_labels, hidden states, packed rows) and a scoring schedule's steps
+    (from the state, observe) give the single-process sampler's results bit for bit."""
+    from test_distributed import assert_selection_equal, every_form
+
+    from es_kernels.sharded import ShardedEvolvedSampler
+
+    for mode in ("sample", "topk"):
+        a = ek.EvolvedSampler(40, 3, seed=5, select_mode=mode)
+        s = ShardedEvolvedSampler(40, 3, seed=5, select_mode=mode, meta_batch=6)
+        g = torch.Generator().manual_seed(1)
+        for rnd in range(2):
+            for k, kw in enumerate(every_form(g)):
+                assert_selection_equal(a.select(**kw), s.select(**kw), (mode, rnd, k))
+                assert_state_equal((a.state.tensor, a.state.errors), (s.state.tensor, s.state.errors))
+    for sch in ("fraction:0.5", "stale:3,cap=1"):
+        a = ek.EvolvedSampler(40, 3, seed=5, schedule=sch)
+        s = ShardedEvolvedSampler(40, 3, seed=5, meta_batch=8, schedule=sch)
+        g = torch.Generator().manual_seed(2)
+        for step in range(12):
+            if step == 4:
+                a.set_epoch(1)
+                s.set_epoch(1)
+            ids = torch.randperm(40, generator=g)[:8]
+            kw = dict(losses=torch.rand(8, generator=g)) if a.needs_scores else {}
+            x, y = a.select(ids, **kw), s.select(ids, **kw)
+            assert_selection_equal(x, y, (sch, step))
+            loss = torch.rand(3, generator=g)
+            oa, os_ = a.observe(ids[x.positions], loss), s.observe(ids[y.positions], loss)
+            assert (oa is None) == (os_ is None) and (oa is None or torch.equal(oa, os_))
+            assert torch.equal(a._counters, s._counters)
+            assert_state_equal((a.state.tensor, a.state.errors), (s.state.tensor, s.state.errors))
+
+
+def test_every_form_refuses_bad_input_before_writing(solo):
+    """The new forms' bad input: ValueError naming the argument, nothing written."""
+    from es_kernels.sharded import ShardedEvolvedSampler
+
+    es = ShardedEvolvedSampler(40, 3, seed=5, meta_batch=6, schedule="fraction:0.5")
+    ids, seg = torch.arange(4), torch.zeros(4, 5, dtype=torch.int64)
+    hid, wt, tgt = torch.randn(4, 5, 3), torch.randn(7, 3), torch.randint(0, 7, (4, 5))
+    bad = {
+        "weight and targets must be given with hidden": dict(ids=ids, hidden=hid, targets=tgt),
+        "ids must be None when segment_ids": dict(ids=ids, segment_ids=seg, losses=torch.rand(4, 5)),
+        "weight must have shape": dict(ids=ids, hidden=hid, weight=torch.randn(7, 2), targets=tgt),
+        "ids must have the batch size of hidden": dict(ids=ids[:3], hidden=hid, weight=wt, targets=tgt),
+        "segment_ids must have shape": dict(segment_ids=seg[:, :4], hidden=hid, weight=wt, targets=tgt),
+        "ids must have dtype": dict(ids=ids.double(), logits=torch.randn(4, 7), targets=tgt[:, 0]),
+        "hidden requires grad": dict(ids=ids, hidden=hid.clone().requires_grad_(), weight=wt, targets=tgt),
+        "more than meta_batch=6": dict(segment_ids=torch.zeros(7, 2, dtype=torch.int64), losses=torch.rand(7, 2)),
+        "this step scores its meta-batch": dict(ids=ids),
+    }
+    for want, kw in bad.items():
+        with pytest.raises(ValueError, match=re.escape(want)):
+            es.select(**kw)
+        assert es.step == 0 and es.error_counts() == (0, 0) and bool(es.state.s.isnan().all()), want
+        assert not bool(es._counters.any()), want
+    es.select(segment_ids=seg, losses=torch.rand(4, 5))  # a good call goes through
+    assert es.step == 1
 
 
 def test_bad_arguments_raise_value_errors_naming_them(solo):
