@@ -99,8 +99,11 @@ def check_all(backend, state, expect_tau=None):
     below = [math.isfinite(x) and x < tau for x in scores]
     r_order, r_kept, r_scale = R.eswp_prune(state, R_DROP, 3, 0, 10, 0.125, True)
     assert below_of(r_scale) == below
-    if state.dtype in backend.state_dtypes:
+    try:  # the Triton launcher prunes float64 states too (its other ops take float32 only)
         order, kept, scale = backend.eswp_prune(state, R_DROP, 3, 0, 10, 0.125, True)
+    except ValueError:
+        assert state.dtype not in backend.state_dtypes
+    else:
         assert int(kept) == int(r_kept) and torch.equal(order, r_order) and torch.equal(scale, r_scale)
     return tau
 
