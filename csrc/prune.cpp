@@ -57,9 +57,12 @@ double score_of(const S* st, int64_t i) {
 
 // Section 7's threshold: the mean of score = float64(s) + float64(d) over
 // observed samples (finite score), from the exact sum of the fixed-point
-// trunc(score 2^(30 - e)), e from the largest |score|: an int64 sum per chunk
-// (below 2^45), the chunks' sums added exactly in two words (ExactSum: N up to
-// 2^48 goes past int64), so any split and any backend get the same bits.
+// floor(score 2^p), p = min(30 - e, 1074), e from the largest |score|: an int64
+// sum per chunk (at most 2^45), the chunks' sums added exactly in two words
+// (ExactSum: N up to 2^48 goes past int64), so any split and any backend get
+// the same bits. 2^p is applied as two finite factors 2^p1 2^p2 (2^p overflows
+// from p = 1024: float64 scores below 2^-993), and tau divides before scaling
+// up (p < 0), so a sum of scores near the float64 maximum cannot overflow.
 template <typename S>
 double prune_threshold(const S* st, int64_t N) {
   const int64_t nc = chunks(N);
@@ -87,18 +90,23 @@ double prune_threshold(const S* st, int64_t N) {
   if (big == 0.0) return 0.0;
   int e = 0;
   std::frexp(big, &e);
-  const double up = std::ldexp(1.0, kPruneMeanBits - e);
+  const int p = std::min(kPruneMeanBits - e, kPruneMaxShift);
+  const int p2 = std::max(p - 1023, 0);
+  const double up1 = std::ldexp(1.0, p - p2), up2 = std::ldexp(1.0, p2);
   for_chunks(N, [&](int64_t c, int64_t b, int64_t end) {
     int64_t acc = 0;
     for (int64_t i = b; i < end; ++i) {
       const double x = score_of(st, i);
-      if (std::isfinite(x)) acc += static_cast<int64_t>(std::trunc(x * up));
+      if (std::isfinite(x)) acc += static_cast<int64_t>(std::floor(x * up1 * up2));
     }
     psum[c] = acc;
   });
   ExactSum total;
   for (int64_t c = 0; c < nc; ++c) total.add(psum[c]);
-  return total.value() * std::ldexp(1.0, e - kPruneMeanBits) / static_cast<double>(observed);
+  const double count = static_cast<double>(observed);
+  // p >= 0: the product is exact (2^-p >= 2^-1074); p < 0: divide first
+  return p >= 0 ? total.value() * std::ldexp(1.0, -p) / count
+                : total.value() / count * std::ldexp(1.0, -p);
 }
 
 // perm: the visit order's bijection of [0, 2^k) (section 7): 4 Feistel rounds

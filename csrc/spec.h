@@ -13,6 +13,7 @@ namespace es_kernels {
 // Fixed-point exponents of the order-independent means (sections 4 and 7).
 constexpr int kSelectMeanBits = 31;
 constexpr int kPruneMeanBits = 30;
+constexpr int kPruneMaxShift = 1074;  // every float64 is a multiple of 2^-1074
 
 // K of the fixed-point sequence means (section 6): 62 - bit_length(T), so
 // that T values |q_t| < 2^K sum below 2^62 (as _spec.seq_mean_bits).

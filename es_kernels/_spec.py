@@ -34,7 +34,8 @@ STREAM_PRUNE_ORDER = 2  # j = 0: the four words are the keys of the visit order'
 
 # Fixed-point exponents of the order-independent means (spec sections 4 and 7).
 SELECT_MEAN_BITS = 31  # weights: q_j = floor(w_j * 2**(31 - e)) < 2**31
-PRUNE_MEAN_BITS = 30  # scores: q_i = trunc(score_i * 2**(30 - e)), |q_i| < 2**30
+PRUNE_MEAN_BITS = 30  # scores: q_i = floor(score_i * 2**p), p = prune_shift(e), -2**30 <= q_i < 2**30
+PRUNE_MAX_SHIFT = 1074  # every float64 is a multiple of 2**-1074: a larger p adds zero bits only
 
 
 def seq_mean_bits(T: int) -> int:
@@ -56,7 +57,7 @@ INT64_MAX = (1 << 63) - 1
 MAX_POSITIONS = (1 << 32) - 1  # positions of a batch enter Philox as one 32-bit word
 # N, the samples of a state (spec section 2): ids in [0, 2**48). The ids enter
 # Philox as two words (j mod 2**32, j >> 32); the visit order's domain is at most
-# 2**48; pruning's exact sum of |q_i| < 2**30 over N samples stays below 2**78.
+# 2**48; pruning's exact sum of |q_i| <= 2**30 over N samples stays below 2**78.
 MAX_SAMPLES = (1 << 48) - 1
 
 
@@ -72,12 +73,32 @@ def prune_perm_bits(n: int) -> int:
     return max((n - 1).bit_length(), PRUNE_PERM_MIN_BITS)
 
 
+def prune_shift(e: int) -> int:
+    """``p`` of spec section 7: ``q_i = floor(score_i * 2**p)``, ``e`` the frexp
+    exponent of the largest |score| (``-994 <= p <= 1074``)."""
+    return min(PRUNE_MEAN_BITS - e, PRUNE_MAX_SHIFT)
+
+
+def prune_scale(p: int) -> tuple[float, float]:
+    """``2**p`` as two finite float64 factors ``(2**p1, 2**p2)``, ``p2 = max(p -
+    1023, 0)``: ``x * 2**p1 * 2**p2`` is section 7's ``f64(ldexp(x, p))`` for
+    every float64 ``x`` with ``|x * 2**p| < 2**30`` (``2**p`` itself overflows
+    float64 from ``p = 1024``)."""
+    p2 = max(p - 1023, 0)
+    return 2.0 ** (p - p2), 2.0**p2
+
+
 def prune_mean(total: int, count: int, e: int) -> float:
     """``tau`` of spec section 7 from the exact integer sum of the ``count``
-    fixed-point scores ``q_i`` (``e``: the exponent of the largest |score|):
-    ``f64(total) * 2**(e - 30) / count``, ``f64(total)`` the correctly rounded
-    float64 of the exact sum (Python's int-to-float conversion)."""
-    return float(total) * 2.0 ** (e - PRUNE_MEAN_BITS) / count
+    fixed-point scores ``q_i`` (``e``: the exponent of the largest |score|,
+    ``p = prune_shift(e)``): ``f64(total) * 2**-p / count`` for ``p >= 0`` (the
+    product exact: ``2**-p >= 2**-1074``), ``f64(total) / count * 2**-p`` for
+    ``p < 0`` (no overflow); ``f64(total)`` the correctly rounded float64 of the
+    exact sum (Python's int-to-float conversion)."""
+    p = prune_shift(e)
+    if p >= 0:
+        return float(total) * 2.0**-p / count
+    return float(total) / count * 2.0**-p
 
 
 def drop_levels(prune_ratio: float) -> int:

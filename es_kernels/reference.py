@@ -509,8 +509,9 @@ def prune_threshold(state) -> tuple[torch.Tensor, torch.Tensor, float]:
     if big == 0.0:
         return score, observed, 0.0
     e = math.frexp(big)[1]
-    q = torch.trunc(sc * 2.0 ** (_spec.PRUNE_MEAN_BITS - e)).long()
-    total = sum(int(c.sum()) for c in q.split(1 << 32))  # exact: |q| < 2**30, a part's sum < 2**62
+    f1, f2 = _spec.prune_scale(_spec.prune_shift(e))
+    q = torch.floor(sc * f1 * f2).long()
+    total = sum(int(c.sum()) for c in q.split(1 << 32))  # exact: |q| <= 2**30, a part's sum < 2**63
     return score, observed, _spec.prune_mean(total, sc.numel(), e)
 
 

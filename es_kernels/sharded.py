@@ -126,17 +126,16 @@ def _threshold(amax: float, total: int, count: int) -> float:
         return math.nan
     if amax == 0.0:
         return 0.0
-    e = math.frexp(amax)[1]
-    return math.ldexp(float(total), e - _spec.PRUNE_MEAN_BITS) / count
+    return _spec.prune_mean(total, count, math.frexp(amax)[1])
 
 
 def _fixed_point(state: torch.Tensor, amax: float) -> torch.Tensor:
     """int64 ``[2]``: the sum of ``q_i`` over the scored rows, and their count (section 7)."""
     out = torch.zeros(2, dtype=torch.int64, device=state.device)
-    mult = math.ldexp(1.0, _spec.PRUNE_MEAN_BITS - math.frexp(amax)[1]) if amax > 0.0 else 0.0
+    f1, f2 = _spec.prune_scale(_spec.prune_shift(math.frexp(amax)[1])) if amax > 0.0 else (0.0, 0.0)
     for a, b in _chunks(state.shape[0]):
         score, scored = _scores(state[a:b])
-        q = torch.trunc(torch.where(scored, score, 0.0) * mult).to(torch.int64)  # exact (float32 state)
+        q = torch.floor(torch.where(scored, score, 0.0) * f1 * f2).to(torch.int64)
         out += torch.stack([q.sum(), scored.sum()])
     return out
 

@@ -250,7 +250,7 @@ def test_triton_threshold_at_a_virtual_n(sign, blocks):
     score, observed, _ = R.prune_threshold(st)
     big = float(score[observed].abs().max())
     e = math.frexp(big)[1]
-    small = int(torch.trunc(score[observed] * 2.0 ** (30 - e)).long().sum())
+    small = int(torch.floor(score[observed] * 2.0 ** (30 - e)).long().sum())
     hi, lo, virtual = _virtual_words(blocks, sign * (2**30 - 1))
     count = blocks * 1024
     acc = torch.tensor([0, count, hi, lo], dtype=torch.int64)

@@ -4,7 +4,8 @@ memory, with no host round-trip and no sort:
 1. ``prune_max_kernel``: the largest |score| (score = float64(s) + float64(d))
    and the count of observed samples, by integer atomics (the float64 bits of
    a non-negative number order like int64);
-2. ``prune_sum_kernel``: the exact fixed-point sum of trunc(score 2**(30 - e))
+2. ``prune_sum_kernel``: the exact fixed-point sum of floor(score 2**p),
+   p = min(30 - e, 1074) (2**p applied as two finite factors)
    by int64 atomic adds into two words (a block's sum split at bit SUM_SPLIT:
    exact for N up to 2**48, where one int64 would overflow; order-independent,
    so the mean's bits are the same on every backend);
@@ -30,7 +31,8 @@ from .. import _spec
 from .philox import philox_words
 
 PRUNE_BITS = tl.constexpr(_spec.PRUNE_MEAN_BITS)
-# A block's sum s (|s| < BLOCK 2**30) adds s >> SUM_SPLIT to one word and
+PRUNE_MAX_SHIFT = tl.constexpr(_spec.PRUNE_MAX_SHIFT)
+# A block's sum s (|s| <= BLOCK 2**30) adds s >> SUM_SPLIT to one word and
 # s mod 2**SUM_SPLIT to the other: the low word stays below 2**62 for up to
 # 2**38 blocks (N = 2**48 at BLOCK = 1024), the high one below 2**55.
 SUM_SPLIT = tl.constexpr(24)
@@ -56,13 +58,24 @@ def _scores(state_ptr, i, N):
 
 @triton.jit
 def _exponent(bits):
-    """frexp exponent of a positive float64 given by its bits (2**(e-1) <= x < 2**e)."""
-    return ((bits >> 52) & 0x7FF) - 1022
+    """frexp exponent of a positive float64 given by its bits (2**(e-1) <= x < 2**e);
+    a subnormal's from x 2**64 (normal), less 64."""
+    sub = bits < 0x0010000000000000
+    x = bits.to(tl.float64, bitcast=True)
+    y = tl.where(sub, x * 18446744073709551616.0, x).to(tl.int64, bitcast=True)
+    return ((y >> 52) & 0x7FF) - 1022 - tl.where(sub, 64, 0)
 
 
 @triton.jit
 def _pow2(e):
+    """2**e as float64, for -1022 <= e <= 1023."""
     return ((e + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _shift(bits):
+    """p of spec section 7 from the bits of the largest |score|."""
+    return tl.minimum(PRUNE_BITS - _exponent(bits), PRUNE_MAX_SHIFT)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -79,8 +92,9 @@ def prune_sum_kernel(state_ptr, N, acc_ptr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     score, observed = _scores(state_ptr, i, N)
     bits = tl.load(acc_ptr)
-    up = _pow2(-_exponent(bits) + PRUNE_BITS)
-    q = tl.where(observed & (bits > 0), (score * up).to(tl.int64), 0)  # the cast truncates
+    p = _shift(bits)
+    p2 = tl.maximum(p - 1023, 0)  # 2**p = 2**(p - p2) 2**p2, both finite
+    q = tl.where(observed & (bits > 0), tl.floor(score * _pow2(p - p2) * _pow2(p2)).to(tl.int64), 0)
     total = tl.sum(q, 0)
     tl.atomic_add(acc_ptr + 2, total >> SUM_SPLIT)  # arithmetic shift: floor
     tl.atomic_add(acc_ptr + 3, total & SUM_LOW)
@@ -104,8 +118,16 @@ def _sum_as_float64(acc_ptr):
 def _threshold(acc_ptr):
     """tau of spec section 7 from the words of prune_max_kernel and prune_sum_kernel."""
     bits = tl.load(acc_ptr)
-    count = tl.load(acc_ptr + 1)
-    mean = _sum_as_float64(acc_ptr) * _pow2(_exponent(bits) - PRUNE_BITS) / count.to(tl.float64)
+    count = tl.load(acc_ptr + 1).to(tl.float64)
+    total = _sum_as_float64(acc_ptr)
+    p = _shift(bits)
+    # p >= 0: total 2**-p, exact (in two steps: 2**-p is subnormal from p = 1023), then / count;
+    # p < 0: / count first, then 2**-p (exact; no overflow: a sum of scores near the float64 maximum)
+    down = tl.maximum(p, 0)
+    d2 = tl.maximum(down - 1022, 0)
+    small = total * _pow2(d2 - down) * _pow2(-d2) / count
+    large = total / count * _pow2(tl.maximum(-p, 0))
+    mean = tl.where(p >= 0, small, large)
     return tl.where(count == 0, float("nan"), tl.where(bits == 0, 0.0, mean))
 
 
