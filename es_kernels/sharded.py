@@ -81,7 +81,9 @@ def shard_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]
 
 
 # --------------------------------------------------------------------------- ESWP on a shard
-PLAN_CHUNK = 1 << 22  # ids per chunk of the threshold's two passes: their temporaries stay O(chunk)
+# ids per chunk of the threshold's two passes: their temporaries stay O(chunk), 2 MiB of
+# float64 a tensor, which a CPU's cache holds (3x faster than 32 MiB chunks at N = 4e6)
+PLAN_CHUNK = 1 << 18
 
 
 def _chunks(n: int):
@@ -92,8 +94,8 @@ def _score_max(state: torch.Tensor) -> torch.Tensor:
     """float64 ``[1]``: ``max |score_i|`` over the scored rows (0 when none)."""
     out = torch.zeros(1, dtype=torch.float64, device=state.device)
     for a, b in _chunks(state.shape[0]):
-        score, scored = prune_scores(state[a:b])
-        out = torch.maximum(out, torch.where(scored, score.abs(), 0.0).max())
+        score = prune_scores(state[a:b])[0]  # not scored: NaN or infinite, here 0
+        out = torch.maximum(out, score.nan_to_num_(0.0, 0.0, 0.0).abs_().max())
     return out
 
 
@@ -112,7 +114,7 @@ def _fixed_point(state: torch.Tensor, amax: float) -> torch.Tensor:
     mult = math.ldexp(1.0, _spec.PRUNE_MEAN_BITS - math.frexp(amax)[1]) if amax > 0.0 else 0.0
     for a, b in _chunks(state.shape[0]):
         score, scored = prune_scores(state[a:b])
-        q = torch.trunc(torch.where(scored, score, 0.0) * mult).to(torch.int64)  # exact (float32 state)
+        q = score.nan_to_num_(0.0, 0.0, 0.0).mul_(mult).trunc_().to(torch.int64)  # 0 where not scored
         out += torch.stack([q.sum(), scored.sum()])
     return out
 

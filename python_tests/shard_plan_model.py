@@ -7,6 +7,8 @@ times both)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from es_kernels import _spec
@@ -45,6 +47,24 @@ def drop_noise(j: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     full = lambda v: torch.full_like(j, v)  # noqa: E731
     x0 = philox4x32(seed, j & M32, j >> 32, full(epoch & M32), full(_spec.STREAM_PRUNE))[0]
     return uniform_from_bits(x0).double()
+
+
+def threshold(state, chunk=1 << 22) -> float:
+    """Section 11.2's threshold with W = 1 (one shard): the max pass, the fixed-point sum pass."""
+    amax = 0.0
+    for a, b in chunks(state.shape[0], chunk):
+        score = state[a:b, 0].double() + state[a:b, 1].double()
+        amax = max(amax, float(torch.where(torch.isfinite(score), score.abs(), 0.0).max()))
+    total = count = 0
+    e = math.frexp(amax)[1]
+    for a, b in chunks(state.shape[0], chunk):
+        score = state[a:b, 0].double() + state[a:b, 1].double()
+        seen = torch.isfinite(score)
+        total += int(torch.trunc(torch.where(seen, score, 0.0) * math.ldexp(1.0, 30 - e)).long().sum())
+        count += int(seen.sum())
+    if count == 0:
+        return math.nan
+    return 0.0 if amax == 0.0 else math.ldexp(float(total), e - 30) / count
 
 
 def plan(state, lo, rank, tau, prune_ratio, seed, epoch, num_epochs, anneal_frac=0.125, rescale=True, chunk=1 << 22):

@@ -169,3 +169,22 @@ def test_opcheck_with_the_new_arguments():
     op = torch.ops.es_kernels.eswp_prune.default
     torch.library.opcheck(op, (state, 0.5, 1, 0, 4, 0.125, True, 2**40, 3, 0.25))
     torch.library.opcheck(op, (state, 0.5, 1, 0, 4, 0.125, True), {"threshold": math.nan})
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_threshold_passes_add_up_to_the_whole_states(chunk, dtype, monkeypatch):
+    """The ranks' max and fixed-point sums give section 7's threshold of the whole
+    state, with unobserved rows and (float64) scores that overflow to infinity."""
+    monkeypatch.setattr(sharded, "PLAN_CHUNK", chunk)
+    n = 1000
+    state, _ = new_state(n, dtype, observed=0.7, seed=9)
+    if dtype == torch.float64:
+        state[5] = torch.tensor([1.7e308, 1.7e308], dtype=dtype)  # s + d = inf: not scored
+        state[6] = torch.tensor([-1.7e308, -1.7e308], dtype=dtype)
+    for world in (1, 3, 7):
+        parts = [state[a : min(a + -(-n // world), n)] for a in range(0, n, -(-n // world))]
+        amax = max(float(sharded._score_max(p)) for p in parts)
+        total, count = (sum(v) for v in zip(*(sharded._fixed_point(p, amax).tolist() for p in parts)))
+        assert sharded._threshold(amax, total, count) == R.prune_threshold(state)[2]
+        assert count == int(R.prune_scores(state)[1].sum())
