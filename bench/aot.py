@@ -176,6 +176,9 @@ SWEEPS: dict[tuple[str, ...], dict[str, tuple[list, set[str]]]] = {
     },
     # inputs one element past an aligned address: pointers not divisible by 16
     ("offset",): {"offset": ([0, 1], {"*"})},
+    # a shard's ESWP plan (spec section 11.2): ids past 2**32 (i64), an order key past
+    # 2**31 in its low word (i64), the whole state's threshold given
+    ("shard_plan",): {"shard_plan": ([False, True], {"id_offset", "order_key", "threshold"})},
 }
 
 
@@ -256,6 +259,9 @@ def _build_args(params: list[str], k: dict) -> dict:
         "num_epochs": lambda: 10,
         "anneal_frac": lambda: 0.125,
         "rescale": lambda: True,
+        "id_offset": lambda: 2**40 + 3 if k["shard_plan"] else 0,
+        "order_key": lambda: 2**32 + 2**31 + 5 if k["shard_plan"] else 0,
+        "threshold": lambda: 0.25 if k["shard_plan"] else None,
         "last_seen": lambda: t(torch.randint(0, 9, (N,), generator=g)) if k["counters"] else None,
         "max_age": lambda: 3 if k["counters"] else -1,
         "picks": lambda: t(torch.randint(0, 3, (N,), generator=g)) if k["counters"] else None,

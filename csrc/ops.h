@@ -50,14 +50,15 @@ std::tuple<at::Tensor, at::Tensor> es_select_from_state(
     const OptTensor& last_seen, int64_t max_age, const OptTensor& picks, int64_t cap);
 
 Tensor3 eswp_prune(const at::Tensor& state, double prune_ratio, int64_t seed, int64_t epoch,
-                   int64_t num_epochs, double anneal_frac, bool rescale);
+                   int64_t num_epochs, double anneal_frac, bool rescale, int64_t id_offset,
+                   int64_t order_key, std::optional<double> threshold);
 
 // Pieces of eswp_prune for the tests (es_kernels._C), at sizes no test can
-// allocate: perm(q) of the visit order of n samples (section 7), the exact
+// allocate: perm(q) of the visit order of n samples (section 7; keyed by order_key), the exact
 // two-word sum of the threshold as (hi, lo, value) with sum = hi 2^32 + lo,
 // and the Philox words of counters j (section 9: sample ids past 2^32).
 std::vector<int64_t> prune_visit_perm(int64_t n, int64_t seed, int64_t epoch,
-                                      const std::vector<int64_t>& q);
+                                      const std::vector<int64_t>& q, int64_t order_key);
 std::tuple<int64_t, int64_t, double> prune_exact_sum(const std::vector<int64_t>& terms);
 std::vector<std::array<uint32_t, 4>> philox_words(int64_t seed, const std::vector<int64_t>& j,
                                                   int64_t step, int64_t stream);

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "ops.h"
@@ -111,7 +112,7 @@ double prune_threshold(const S* st, int64_t N) {
 
 // perm: the visit order's bijection of [0, 2^k) (section 7): 4 Feistel rounds
 // over a high half of k - k/2 bits and a low half of k/2 bits, keyed by the
-// Philox words of (seed, j = 0, step = epoch, stream 2). The halves are 32-bit
+// Philox words of (seed, j = order_key, step = epoch, stream 2). The halves are 32-bit
 // words (k <= 48: at most 24 bits each); q and perm(q) are X = uint32_t when
 // k <= 32, else uint64_t. The same operations for every q: the loop over a
 // block vectorises.
@@ -119,8 +120,9 @@ struct VisitPerm {
   int k, lo;
   uint32_t key[4], mask[4];
 
-  VisitPerm(int64_t n, uint64_t seed, uint64_t epoch) : k(prune_perm_bits(n)), lo(k / 2) {
-    const Philox4 p = philox4x32_10(seed, 0, epoch, kStreamPruneOrder);
+  VisitPerm(int64_t n, uint64_t seed, uint64_t epoch, uint64_t order_key = 0)
+      : k(prune_perm_bits(n)), lo(k / 2) {
+    const Philox4 p = philox4x32_10(seed, order_key, epoch, kStreamPruneOrder);
     for (int r = 0; r < 4; ++r) {
       key[r] = p.x[r];
       const int width = r % 2 == 0 ? k - lo : lo;  // of the half round r xors
@@ -203,12 +205,16 @@ void write_kept(const VisitPerm& perm, int64_t domain, const std::vector<uint64_
   });
 }
 
+// The drop noise of row i is that of the id id_offset + i; the visit order is
+// keyed by order_key; tau is the state's own threshold unless given.
 template <typename S>
 void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoch, bool annealing,
-                  bool rescale, int64_t* order, int64_t* num_kept, float* scale) {
-  const double tau = prune_threshold(st, N);
+                  bool rescale, uint64_t id_offset, uint64_t order_key,
+                  const std::optional<double>& threshold, int64_t* order, int64_t* num_kept,
+                  float* scale) {
+  const double tau = threshold.has_value() ? *threshold : prune_threshold(st, N);
   const float kept_scale = rescale ? static_cast<float>(1.0 / (1.0 - r)) : 1.0f;
-  const VisitPerm perm(N, seed, epoch);
+  const VisitPerm perm(N, seed, epoch, order_key);
   const int64_t domain = int64_t(1) << perm.k;
 
   // skip[x] (a bit of x in [0, 2^k)): x >= N, or x dropped; the scales; drops per chunk
@@ -219,8 +225,9 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
     for (int64_t i = b; i < e; ++i) {
       const double score = score_of(st, i);
       const bool below = !annealing && std::isfinite(score) && score < tau;
-      const bool drop = below && static_cast<double>(uniform_from_bits(
-                                     philox4x32_10(seed, i, epoch, kStreamPrune).x[0])) < r;
+      const bool drop =
+          below && static_cast<double>(uniform_from_bits(
+                       philox4x32_10(seed, id_offset + i, epoch, kStreamPrune).x[0])) < r;
       skip[i >> 6] |= static_cast<uint64_t>(drop) << (i & 63);  // a word is one chunk's
       cnt += drop;
       scale[i] = drop ? 0.0f : (below ? kept_scale : 1.0f);
@@ -250,9 +257,11 @@ void prune_kernel(const S* st, int64_t N, double r, uint64_t seed, uint64_t epoc
 }  // namespace
 
 std::vector<int64_t> prune_visit_perm(int64_t n, int64_t seed, int64_t epoch,
-                                      const std::vector<int64_t>& q) {
+                                      const std::vector<int64_t>& q, int64_t order_key) {
   TORCH_CHECK_VALUE(n >= 1 && n <= kMaxSamples, "n must be in [1, 2^48)");
-  const VisitPerm perm(n, static_cast<uint64_t>(seed), static_cast<uint64_t>(epoch));
+  TORCH_CHECK_VALUE(order_key >= 0, "order_key must be >= 0");
+  const VisitPerm perm(n, static_cast<uint64_t>(seed), static_cast<uint64_t>(epoch),
+                       static_cast<uint64_t>(order_key));
   std::vector<int64_t> out(q.size());
   for (size_t j = 0; j < q.size(); ++j) {
     TORCH_CHECK_VALUE(q[j] >= 0 && q[j] < (int64_t(1) << perm.k), "q must be in [0, 2^k)");
@@ -279,10 +288,14 @@ std::vector<std::array<uint32_t, 4>> philox_words(int64_t seed, const std::vecto
 }
 
 Tensor3 eswp_prune(const at::Tensor& state_in, double prune_ratio, int64_t seed, int64_t epoch,
-                   int64_t num_epochs, double anneal_frac, bool rescale) {
+                   int64_t num_epochs, double anneal_frac, bool rescale, int64_t id_offset,
+                   int64_t order_key, std::optional<double> threshold) {
   check_state(state_in);
   TORCH_CHECK_VALUE(prune_ratio >= 0.0 && prune_ratio < 1.0, "prune_ratio must be in [0, 1), got ",
                     prune_ratio);
+  TORCH_CHECK_VALUE(id_offset >= 0 && id_offset <= kMaxSamples - state_in.size(0),
+                    "id_offset must be in [0, 2^48 - 1 - N], got ", id_offset);
+  TORCH_CHECK_VALUE(order_key >= 0, "order_key must be >= 0, got ", order_key);
   const at::Tensor st = state_in.contiguous();
   const int64_t N = st.size(0);
   at::Tensor order = at::empty({N}, st.options().dtype(at::kLong));
@@ -293,7 +306,8 @@ Tensor3 eswp_prune(const at::Tensor& state_in, double prune_ratio, int64_t seed,
   AT_DISPATCH_FLOATING_TYPES(st.scalar_type(), "eswp_prune", [&] {
     prune_kernel<scalar_t>(st.data_ptr<scalar_t>(), N, prune_ratio, static_cast<uint64_t>(seed),
                            static_cast<uint64_t>(epoch), annealing, rescale,
-                           order.data_ptr<int64_t>(), num_kept.data_ptr<int64_t>(),
+                           static_cast<uint64_t>(id_offset), static_cast<uint64_t>(order_key),
+                           threshold, order.data_ptr<int64_t>(), num_kept.data_ptr<int64_t>(),
                            scale.data_ptr<float>());
   });
   return {order, num_kept, scale};

@@ -25,7 +25,9 @@ TORCH_LIBRARY_IMPL(es_kernels, CPU, m) {
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "es_kernels C++ CPU kernels (registered as torch.ops.es_kernels.*)";
   mod.def("_prune_visit_perm", &es_kernels::prune_visit_perm,
-          "perm(q) of the visit order of n samples (docs/spec.md section 7)");
+          "perm(q) of the visit order of n samples (docs/spec.md section 7)", pybind11::arg("n"),
+          pybind11::arg("seed"), pybind11::arg("epoch"), pybind11::arg("q"),
+          pybind11::arg("order_key") = 0);
   mod.def("_prune_exact_sum", &es_kernels::prune_exact_sum,
           "(hi, lo, float64) of the exact sum of int64 terms (section 7's threshold)");
   mod.def("_philox_words", &es_kernels::philox_words,

@@ -309,6 +309,23 @@ def prune(a) -> None:
     integer(a.epoch, "epoch", 0)
     real(a.anneal_frac, "anneal_frac", 0.0, 1.0)
     flag(a.rescale, "rescale")
+    integer(a.id_offset, "id_offset", 0, _spec.MAX_SAMPLES - a.state.shape[0])  # ids below 2**48 - 1
+    integer(a.order_key, "order_key", 0)
+    if a.threshold is not None:
+        finite_or_nan(a.threshold, "threshold")  # NaN: nothing is below it
+
+
+def finite_or_nan(x, name: str) -> float:
+    """A host float, finite or NaN."""
+    if type(x) is not float and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
+        raise ValueError(f"{name} must be a Python float, got {type(x).__name__}")
+    try:
+        x = float(x)
+    except OverflowError:
+        x = math.inf
+    if math.isinf(x):
+        raise ValueError(f"{name} must be finite or NaN, got {x}")
+    return x
 
 
 def select_from_state(a) -> None:

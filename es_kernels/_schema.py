@@ -43,7 +43,8 @@ SCHEMAS = {
     f"{_MODE}, {_NOISE}, Tensor(c!)? step_tensor=None, bool advance_step=False, {_CE}, {_LAM}, {_EPS}, {_W_MIN}) "
     "-> (Tensor, Tensor, Tensor)",
     "eswp_prune": "(Tensor state, float prune_ratio, int seed=0, int epoch=0, int num_epochs=1, "
-    f"float anneal_frac={_spec.DEFAULT_ANNEAL_FRAC!r}, bool rescale=True) -> (Tensor, Tensor, Tensor)",
+    f"float anneal_frac={_spec.DEFAULT_ANNEAL_FRAC!r}, bool rescale=True, int id_offset=0, int order_key=0, "
+    "float? threshold=None) -> (Tensor, Tensor, Tensor)",
     "es_select_from_state": f"(Tensor ids, Tensor state, Tensor(a!) errors, int b, {_LAM}, {_W_MIN}, {_MODE}, "
     f"{_NOISE}, Tensor(b!)? step_tensor=None, bool advance_step=False, {_EPS}, Tensor? last_seen=None, "
     "int max_age=-1, Tensor? picks=None, int cap=-1) -> (Tensor, Tensor)",

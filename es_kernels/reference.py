@@ -496,12 +496,17 @@ def packed_step(
 # --------------------------------------------------------------------------
 # Section 7: ESWP pruning
 # --------------------------------------------------------------------------
+def prune_scores(state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score float64 [N], observed [N]): ``f64(s) + f64(d)``, and where it is finite."""
+    score = state[:, 0].double() + state[:, 1].double()
+    return score, torch.isfinite(score)  # s NaN (unseen) gives a NaN score
+
+
 def prune_threshold(state) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(score float64 [N], observed [N], tau): the mean score over observed
     samples by the order-independent fixed-point rule (NaN when none), from
     the exact integer sum of the fixed-point scores."""
-    score = state[:, 0].double() + state[:, 1].double()
-    observed = torch.isfinite(score)  # s NaN (unseen) gives a NaN score
+    score, observed = prune_scores(state)
     sc = score[observed]
     if sc.numel() == 0:
         return score, observed, math.nan
@@ -515,11 +520,12 @@ def prune_threshold(state) -> tuple[torch.Tensor, torch.Tensor, float]:
     return score, observed, _spec.prune_mean(total, sc.numel(), e)
 
 
-def prune_perm_keys(seed: int, epoch: int) -> tuple[int, int, int, int]:
+def prune_perm_keys(seed: int, epoch: int, order_key: int = 0) -> tuple[int, int, int, int]:
     """The four round keys of epoch ``epoch``'s visit order: the Philox words of
-    ``(seed, j = 0, step = epoch, stream 2)`` (spec section 7)."""
+    ``(seed, j = order_key, step = epoch, stream 2)`` (spec section 7; a shard's
+    order, section 11.2: ``order_key`` = the rank)."""
     z = torch.zeros(1, dtype=torch.int64)
-    words = philox4x32(seed, z, z, z + (epoch & _M32), z + STREAM_PRUNE_ORDER)
+    words = philox4x32(seed, z + (order_key & _M32), z + (order_key >> 32), z + (epoch & _M32), z + STREAM_PRUNE_ORDER)
     k0, k1, k2, k3 = (int(w) for w in words)
     return k0, k1, k2, k3
 
@@ -543,32 +549,49 @@ def prune_permute(q: torch.Tensor, k: int, keys) -> torch.Tensor:
     return (a << wb) | b
 
 
-def prune_visit_order(n: int, seed: int, epoch: int, device=None) -> torch.Tensor:
+def prune_visit_order(n: int, seed: int, epoch: int, device=None, order_key: int = 0) -> torch.Tensor:
     """int64 ``[n]``: ``perm(q)`` for ``q = 0, 1, ..., 2**k - 1``, those below ``n``:
     the order in which epoch ``epoch`` visits the samples it keeps."""
     k = _spec.prune_perm_bits(n)
-    x = prune_permute(torch.arange(1 << k, dtype=torch.int64, device=device), k, prune_perm_keys(seed, epoch))
+    keys = prune_perm_keys(seed, epoch, order_key)
+    x = prune_permute(torch.arange(1 << k, dtype=torch.int64, device=device), k, keys)
     return x[x < n]
 
 
-def eswp_prune(state, prune_ratio, seed=0, epoch=0, num_epochs=1, anneal_frac=_spec.DEFAULT_ANNEAL_FRAC, rescale=True):
+def eswp_prune(
+    state,
+    prune_ratio,
+    seed=0,
+    epoch=0,
+    num_epochs=1,
+    anneal_frac=_spec.DEFAULT_ANNEAL_FRAC,
+    rescale=True,
+    id_offset=0,
+    order_key=0,
+    threshold=None,
+):
     """Returns ``(order[N], num_kept, scale[N])``: the kept ids first, in the
-    visit order of ``(seed, epoch)`` (:func:`prune_visit_order`), then the
-    dropped ones in ascending order; ``num_kept`` a 0-d int64 tensor;
-    ``scale`` float32 per sample (0 for a dropped one)."""
+    visit order of ``(seed, epoch, order_key)`` (:func:`prune_visit_order`), then
+    the dropped ones in ascending order; ``num_kept`` a 0-d int64 tensor;
+    ``scale`` float32 per sample (0 for a dropped one). Row ``i`` draws the
+    drop noise of the id ``id_offset + i``; ``threshold``, when given, replaces
+    the state's own mean (a shard's plan, spec section 11.2)."""
     n = state.shape[0]
     dev = state.device
-    score, observed, tau = prune_threshold(state)
+    if threshold is None:
+        score, observed, tau = prune_threshold(state)
+    else:
+        (score, observed), tau = prune_scores(state), threshold
     below = observed & (score < tau)
     if epoch >= _spec.anneal_stop(num_epochs, anneal_frac):
         below = torch.zeros_like(below)
-    x0 = _philox_words(n, seed, epoch, STREAM_PRUNE, dev)[0]
+    x0 = _philox_words(n, seed, epoch, STREAM_PRUNE, dev, id_offset)[0]
     dropped = below & (uniform_from_bits(x0).double() < prune_ratio)
     scale = torch.ones(n, dtype=torch.float32, device=dev)
     scale[below] = _spec.kept_scale(prune_ratio, rescale)
     scale[dropped] = 0.0
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=dev), (~dropped).sum(), scale
-    visit = prune_visit_order(n, seed, epoch, dev)
+    visit = prune_visit_order(n, seed, epoch, dev, order_key)
     order = torch.cat([visit[~dropped[visit]], torch.nonzero(dropped).view(-1)])
     return order, (~dropped).sum(), scale

@@ -55,7 +55,7 @@ from ._spec import (
 from .distributed import PAD_ID, _select_own, document_update, first_occurrence, row_scores
 from .functional import checked_mode
 from .lm import DEFAULT_WORKSPACE_BYTES, packed_tokens
-from .reference import philox4x32, prune_permute, uniform_from_bits
+from .reference import prune_scores
 from .sampler import MAX_EPOCH, ESWPSampler, EvolvedSampler, Selection, _Plan
 from .schedule import ScoringSchedule
 from .state import ESState
@@ -69,8 +69,6 @@ __all__ = [
     "shard_range",
     "shard_prune_plan",
 ]
-
-_M32 = 0xFFFFFFFF
 
 
 def shard_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -100,24 +98,21 @@ def shard_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]
 
 
 # --------------------------------------------------------------------------- ESWP on a shard
-PLAN_CHUNK = 1 << 22  # ids per chunk of an epoch's planning: its temporaries stay O(chunk)
+# ids per chunk of the threshold's two passes: their temporaries stay O(chunk), 2 MiB of
+# float64 a tensor, which a CPU's cache holds (3x faster than 32 MiB chunks at N = 4e6)
+PLAN_CHUNK = 1 << 18
 
 
 def _chunks(n: int):
     return ((a, min(a + PLAN_CHUNK, n)) for a in range(0, n, PLAN_CHUNK))
 
 
-def _scores(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    score = state[:, 0].double() + state[:, 1].double()  # spec section 7: in float64
-    return score, torch.isfinite(score)  # s NaN (unseen) gives a NaN score
-
-
 def _score_max(state: torch.Tensor) -> torch.Tensor:
     """float64 ``[1]``: ``max |score_i|`` over the scored rows (0 when none)."""
     out = torch.zeros(1, dtype=torch.float64, device=state.device)
     for a, b in _chunks(state.shape[0]):
-        score, scored = _scores(state[a:b])
-        out = torch.maximum(out, torch.where(scored, score.abs(), 0.0).max())
+        score = prune_scores(state[a:b])[0]  # not scored: NaN or infinite, here 0
+        out = torch.maximum(out, score.nan_to_num_(0.0, 0.0, 0.0).abs_().max())
     return out
 
 
@@ -134,41 +129,20 @@ def _fixed_point(state: torch.Tensor, amax: float) -> torch.Tensor:
     out = torch.zeros(2, dtype=torch.int64, device=state.device)
     f1, f2 = _spec.prune_scale(_spec.prune_shift(math.frexp(amax)[1])) if amax > 0.0 else (0.0, 0.0)
     for a, b in _chunks(state.shape[0]):
-        score, scored = _scores(state[a:b])
-        q = torch.floor(torch.where(scored, score, 0.0) * f1 * f2).to(torch.int64)
+        score, scored = prune_scores(state[a:b])
+        q = score.nan_to_num_(0.0, 0.0, 0.0).mul_(f1).mul_(f2).floor_().to(torch.int64)  # 0 where not scored
         out += torch.stack([q.sum(), scored.sum()])
     return out
 
 
-def _order_keys(rank: int, seed: int, epoch: int) -> tuple[int, int, int, int]:
-    """The round keys of rank ``rank``'s visit order: section 9, stream 2, step = epoch, j = rank."""
-    z = torch.zeros(1, dtype=torch.int64)
-    words = philox4x32(seed, z + (rank & _M32), z + (rank >> 32), z + (epoch & _M32), z + _spec.STREAM_PRUNE_ORDER)
-    k0, k1, k2, k3 = (int(w) for w in words)  # host ints, from host tensors
-    return k0, k1, k2, k3
-
-
-def _visit(n: int, lo: int, rank: int, seed: int, epoch: int, scale: torch.Tensor | None) -> torch.Tensor:
+def _visit(state: torch.Tensor, lo: int, rank: int, seed: int, epoch: int, scale: torch.Tensor | None) -> torch.Tensor:
     """int64 CPU: the rank's ids ``lo + perm_r(q)`` in its visit order of ``epoch``, those
-    whose scale is not 0 (all of them when ``scale`` is None)."""
-    k = _spec.prune_perm_bits(n)
-    keys = _order_keys(rank, seed, epoch)
-    dev = torch.device("cpu") if scale is None else scale.device
-    out = [torch.zeros(0, dtype=torch.int64)]
-    for a, b in _chunks(1 << k):
-        x = prune_permute(torch.arange(a, b, dtype=torch.int64, device=dev), k, keys)
-        x = x[x < n]
-        if scale is not None:
-            x = x[scale[x] != 0]
-        out.append((x + lo).cpu())
-    return torch.cat(out)
-
-
-def _drop_noise(j: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-    """float64: ``u0_j`` of the ids ``j`` (int64; section 7: stream 1, j = the id)."""
-    full = lambda v: torch.full_like(j, v)  # noqa: E731
-    x0 = philox4x32(seed, j & _M32, j >> 32, full(epoch & _M32), full(_spec.STREAM_PRUNE))[0]
-    return uniform_from_bits(x0).double()
+    whose scale is not 0 (all of them when ``scale`` is None). The prune op with nothing
+    below the threshold (NaN) drops nothing: its order is the visit order itself."""
+    order = ops.eswp_prune(state, 0.0, seed, epoch, id_offset=lo, order_key=rank, threshold=math.nan)[0]
+    if scale is not None:
+        order = order[scale[order] != 0]
+    return (order + lo).cpu()
 
 
 def _epoch_ids(kept: torch.Tensor, length: int, everything) -> torch.Tensor:
@@ -211,20 +185,20 @@ def shard_prune_plan(
     tuple of Tensor
         ``(kept, scale)``: int64 ``[K_r]`` on the CPU, the kept ids (global)
         in the rank's visit order, and float32 ``[n_r]`` their scales (0:
-        dropped) on the state's device. Reads the kept ids to the host
-        (synchronisations, once per chunk of ``PLAN_CHUNK`` ids).
+        dropped) on the state's device. Two host synchronisations: the
+        count ``K_r`` and the copy of the kept ids.
+
+    Notes
+    -----
+    One call of the prune op (:func:`es_kernels.eswp_prune` with
+    ``id_offset=lo``, ``order_key=rank``, ``threshold=tau``) on the shard:
+    its temporaries on the state's device are those of the op, ``8 n_r``
+    bytes of ids and an ``n_r / 8``-byte mask.
     """
-    n = state.shape[0]
-    annealing = epoch >= _spec.anneal_stop(num_epochs, anneal_frac)
-    scale = torch.ones(n, dtype=torch.float32, device=state.device)
-    for a, b in _chunks(n):
-        score, scored = _scores(state[a:b])
-        below = (scored & (score < tau) & (not annealing)).nonzero().view(-1)  # the noise of these only
-        drop = below[_drop_noise(lo + a + below, seed, epoch) < prune_ratio]
-        part = scale[a:b]
-        part[below] = _spec.kept_scale(prune_ratio, rescale)
-        part[drop] = 0.0
-    return _visit(n, lo, rank, seed, epoch, scale), scale
+    order, num_kept, scale = ops.eswp_prune(
+        state, prune_ratio, seed, epoch, num_epochs, anneal_frac, rescale, id_offset=lo, order_key=rank, threshold=tau
+    )
+    return (order[: int(num_kept)] + lo).cpu(), scale
 
 
 # --------------------------------------------------------------------------- ES
@@ -880,10 +854,10 @@ class ShardedESWPSampler(ESWPSampler):
         """The plan of ``epoch`` from this rank's scales (0: dropped; ``kept``: their
         visit order when already known); one collective, the epoch's length."""
         es = self.es
-        n, lo, rank = es.hi - es.lo, es.lo, es.rank
+        st, lo, rank = es.state.tensor, es.lo, es.rank
         if kept is None:
-            kept = _visit(n, lo, rank, seed, epoch, scale)
-        ids = _epoch_ids(kept, self._length(kept), lambda: _visit(n, lo, rank, seed, epoch, None))
+            kept = _visit(st, lo, rank, seed, epoch, scale)
+        ids = _epoch_ids(kept, self._length(kept), lambda: _visit(st, lo, rank, seed, epoch, None))
         return _Plan(epoch, ids, scale, pos)
 
     def _compute(self, epoch: int) -> _Plan:

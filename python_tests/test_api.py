@@ -422,6 +422,7 @@ def test_every_setting_of_the_ops_has_its_default():
     """The settings the op schemas take are the ones this test knows (a new one gets a constant)."""
     known = set(SETTING_DEFAULTS) | {"seed", "step", "advance_step", "num_epochs", "epoch", "rescale", "max_age", "cap"}
     known.add("offset")  # weighted_select's first noise position: no setting
+    known |= {"id_offset", "order_key"}  # eswp_prune's shard arguments (0: the whole state)
     for op in _ops.OP_NAMES:
         schema = getattr(torch.ops.es_kernels, op).default._schema
         for a in schema.arguments:

@@ -40,10 +40,10 @@ needs_triton = pytest.mark.skipif(triton is None, reason="Triton is not installe
 if triton is not None:
 
     @triton.jit
-    def _perm_kernel(q_ptr, out_ptr, n, k, seed, epoch_lo, BLOCK: tl.constexpr):
+    def _perm_kernel(q_ptr, out_ptr, n, k, seed, epoch_lo, key_lo, key_hi, BLOCK: tl.constexpr):
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         q = tl.load(q_ptr + j, mask=j < n, other=0)
-        tl.store(out_ptr + j, TP._visit_perm(q, k, seed, epoch_lo), mask=j < n)
+        tl.store(out_ptr + j, TP._visit_perm(q, k, seed, epoch_lo, key_lo, key_hi), mask=j < n)
 
     @triton.jit
     def _drop_words_kernel(ids_ptr, out_ptr, n, seed, epoch_lo, BLOCK: tl.constexpr):
@@ -163,8 +163,11 @@ def test_triton_visit_permutation_agrees_at_sampled_positions(n):
         keys = R.prune_perm_keys(seed, epoch)
         qt = torch.tensor(q)
         out = torch.empty_like(qt)
-        _triton_call(_perm_kernel, len(q), qt, out, len(q), k, seed, epoch & M32)
+        _triton_call(_perm_kernel, len(q), qt, out, len(q), k, seed, epoch & M32, 0, 0)
         assert torch.equal(out, R.prune_permute(qt, k, keys))
+        key = 2**32 + 7 + s  # a shard's order (order_key = its rank): both words of j count
+        _triton_call(_perm_kernel, len(q), qt, out, len(q), k, seed, epoch & M32, key & M32, key >> 32)
+        assert torch.equal(out, R.prune_permute(qt, k, R.prune_perm_keys(seed, epoch, key)))
 
 
 # -- the drops (section 9, stream 1) at ids past 2**32 ------------------------------

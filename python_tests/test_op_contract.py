@@ -110,6 +110,10 @@ def _cases(name):
             ("anneal_frac", 1.5),
             ("anneal_frac", -0.1),
             ("state", lambda a: a.state[:, :1]),
+            ("id_offset", -1),
+            ("id_offset", 2**48 - 12),  # the last of the 12 ids would be 2**48 - 1
+            ("order_key", -1),
+            ("threshold", math.inf),
         ],
         "es_select_from_state": [c for c in _SETTINGS if c[0] in ("lam", "w_min")]
         + step

@@ -35,6 +35,7 @@ from .prune import (
     prune_decide_kernel,
     prune_max_kernel,
     prune_sum_kernel,
+    prune_threshold_kernel,
     prune_write_dropped_kernel,
     prune_write_kept_kernel,
 )
@@ -301,9 +302,14 @@ def eswp_prune(a):
         return torch.empty(0, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev), scale
     st = state.contiguous()
     grid = (triton.cdiv(n, PRUNE_BLOCK),)
-    acc = torch.zeros(4, dtype=torch.int64, device=dev)  # max |score| bits, count, fixed-point sum (2 words)
-    launch(prune_max_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
-    launch(prune_sum_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
+    if a.threshold is None:
+        tau = torch.empty(1, dtype=torch.float64, device=dev)
+        acc = torch.zeros(4, dtype=torch.int64, device=dev)  # max |score| bits, count, fixed-point sum (2 words)
+        launch(prune_max_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
+        launch(prune_sum_kernel, grid, dev, st, n, acc, BLOCK=PRUNE_BLOCK, **_meta(dev))
+        launch(prune_threshold_kernel, (1,), dev, acc, tau, **_meta(dev))
+    else:  # a shard's plan: the whole state's threshold (a fill, no host transfer)
+        tau = torch.full((1,), a.threshold, dtype=torch.float64, device=dev)
     k = _spec.prune_perm_bits(n)
     domain, blocks = 1 << k, grid[0]
     visits = triton.cdiv(domain, PRUNE_BLOCK)
@@ -316,7 +322,8 @@ def eswp_prune(a):
         dev,
         st,
         n,
-        acc,
+        a.id_offset,
+        tau,
         seed,
         epoch_lo,
         _spec.drop_levels(prune_ratio),
@@ -329,7 +336,7 @@ def eswp_prune(a):
         BLOCK=PRUNE_BLOCK,
         **_meta(dev),
     )
-    visit = (skip, k, seed, epoch_lo)
+    visit = (skip, k, seed, epoch_lo, a.order_key & 0xFFFFFFFF, a.order_key >> 32)
     launch(prune_count_kernel, (visits,), dev, *visit, counts, BLOCK=PRUNE_BLOCK, **_meta(dev))
     start = torch.zeros(visits + blocks + 1, dtype=torch.int64, device=dev)  # exclusive scan: first slots
     torch.cumsum(counts, 0, out=start[1:])

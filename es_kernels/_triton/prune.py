@@ -8,8 +8,11 @@ memory, with no host round-trip and no sort:
    p = min(30 - e, 1074) (2**p applied as two finite factors)
    by int64 atomic adds into two words (a block's sum split at bit SUM_SPLIT:
    exact for N up to 2**48, where one int64 would overflow; order-independent,
-   so the mean's bits are the same on every backend);
-3. ``prune_decide_kernel``: per id the drop and the scale; the drops as a
+   so the mean's bits are the same on every backend); ``prune_threshold_kernel``
+   turns the words into the threshold (float64). A given threshold (a shard's
+   plan, spec section 11.2) skips these three;
+3. ``prune_decide_kernel``: per id the drop and the scale (the drop noise of
+   row i is that of the id ``id_offset + i``); the drops as a
    bitmask ``skip`` over the visit domain ``[0, 2**k)`` (a set bit: dropped, or
    ``>= N``; N/8 bytes) and the dropped count of each block of ids;
 4. ``prune_count_kernel``: per block of ``q`` in ``[0, 2**k)``, how many
@@ -132,16 +135,23 @@ def _threshold(acc_ptr):
 
 
 @triton.jit
+def prune_threshold_kernel(acc_ptr, tau_ptr):
+    """tau_ptr[0] = the threshold (float64) of the words of prune_max_kernel and prune_sum_kernel."""
+    tl.store(tau_ptr, _threshold(acc_ptr))
+
+
+@triton.jit
 def _domain(k):
     """2**k as int64 (k <= 48)."""
     return tl.full((), 1, tl.int64) << k
 
 
-@triton.jit(do_not_specialize=["N", "seed", "epoch_lo", "drop_below", "k"])
+@triton.jit(do_not_specialize=["N", "id_offset", "seed", "epoch_lo", "drop_below", "k"])
 def prune_decide_kernel(
     state_ptr,
     N,
-    acc_ptr,
+    id_offset,
+    tau_ptr,
     seed,
     epoch_lo,
     drop_below,
@@ -153,7 +163,7 @@ def prune_decide_kernel(
     ANNEALING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    tau = _threshold(acc_ptr)
+    tau = tl.load(tau_ptr)
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = i < N
@@ -161,7 +171,7 @@ def prune_decide_kernel(
     below = observed & (score < tau)
     if ANNEALING:
         below = below & False
-    x0, _ = philox_words(seed, i, epoch_lo, STREAM_PRUNE)
+    x0, _ = philox_words(seed, i + id_offset, epoch_lo, STREAM_PRUNE)
     # u < r exactly <=> (x0 >> 9) < drop_below, drop_below computed on the host
     dropped = below & ((x0 >> 9).to(tl.int64) < drop_below)
     scale = tl.where(dropped, 0.0, tl.where(below, kept_scale, 1.0))
@@ -184,12 +194,14 @@ def _perm_round(b, key):
 
 
 @triton.jit
-def _visit_perm(q, k, seed, epoch_lo):
+def _visit_perm(q, k, seed, epoch_lo, key_lo, key_hi):
     """perm(q) of spec section 7: the 4-round Feistel bijection of [0, 2**k)
-    keyed by the Philox words of (seed, j = 0, step = epoch, stream 2); q, the
-    result: int64 in [0, 2**k), k <= 48; the halves (at most 24 bits): uint32."""
+    keyed by the Philox words of (seed, j = order_key, step = epoch, stream 2)
+    (``key_lo``, ``key_hi``: the words of order_key); q, the result: int64 in
+    [0, 2**k), k <= 48; the halves (at most 24 bits): uint32."""
     zero = tl.full((1,), 0, tl.uint32)
-    k0, k1, k2, k3 = tl.philox(seed, zero, zero, zero + epoch_lo.to(tl.uint32), zero + STREAM_PRUNE_ORDER)
+    c0, c1 = zero + key_lo.to(tl.uint32), zero + key_hi.to(tl.uint32)
+    k0, k1, k2, k3 = tl.philox(seed, c0, c1, zero + epoch_lo.to(tl.uint32), zero + STREAM_PRUNE_ORDER)
     lo = (k // 2).to(tl.uint32)
     mask_lo = (tl.full((1,), 1, tl.uint32) << lo) - 1
     mask_hi = (tl.full((1,), 1, tl.uint32) << (k.to(tl.uint32) - lo)) - 1
@@ -203,20 +215,20 @@ def _visit_perm(q, k, seed, epoch_lo):
 
 
 @triton.jit
-def _kept_in_visit(skip_ptr, q, k, seed, epoch_lo):
+def _kept_in_visit(skip_ptr, q, k, seed, epoch_lo, key_lo, key_hi):
     """(perm(q), kept) for the q (int64) of one block of the domain."""
     domain = _domain(k)
-    x = _visit_perm(q, k, seed, epoch_lo)
+    x = _visit_perm(q, k, seed, epoch_lo, key_lo, key_hi)
     word = tl.load(skip_ptr + (x >> 5), mask=q < domain, other=-1)
     kept = (q < domain) & (((word >> (x & 31).to(tl.int32)) & 1) == 0)
     return x, kept
 
 
-@triton.jit(do_not_specialize=["k", "seed", "epoch_lo"])
-def prune_count_kernel(skip_ptr, k, seed, epoch_lo, count_ptr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["k", "seed", "epoch_lo", "key_lo", "key_hi"])
+def prune_count_kernel(skip_ptr, k, seed, epoch_lo, key_lo, key_hi, count_ptr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo)
+    _, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo, key_lo, key_hi)
     tl.store(count_ptr + pid, tl.sum(kept.to(tl.int64), 0))
 
 
@@ -228,11 +240,11 @@ def _write_compacted(order_ptr, start_ptr, pid, value, keep):
     tl.store(order_ptr + slot, value, mask=keep)
 
 
-@triton.jit(do_not_specialize=["k", "seed", "epoch_lo"])
-def prune_write_kept_kernel(skip_ptr, k, seed, epoch_lo, start_ptr, order_ptr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["k", "seed", "epoch_lo", "key_lo", "key_hi"])
+def prune_write_kept_kernel(skip_ptr, k, seed, epoch_lo, key_lo, key_hi, start_ptr, order_ptr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo)
+    x, kept = _kept_in_visit(skip_ptr, q, k, seed, epoch_lo, key_lo, key_hi)
     _write_compacted(order_ptr, start_ptr, pid, x, kept)
 
 
