@@ -101,6 +101,7 @@ def shard_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]
 # ids per chunk of the threshold's two passes: their temporaries stay O(chunk), 2 MiB of
 # float64 a tensor, which a CPU's cache holds (3x faster than 32 MiB chunks at N = 4e6)
 PLAN_CHUNK = 1 << 18
+FIXED_LO_BITS = 15  # the fixed-point sum's low word (section 11.2)
 
 
 def _chunks(n: int):
@@ -116,22 +117,27 @@ def _score_max(state: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _threshold(amax: float, total: int, count: int) -> float:
+def _threshold(amax: float, words: list[int]) -> float:
+    """Section 7's ``tau`` from ``A`` and the summed words of :func:`_fixed_point`."""
+    hi, lo, count = words
     if count == 0:
         return math.nan
     if amax == 0.0:
         return 0.0
-    return _spec.prune_mean(total, count, math.frexp(amax)[1])
+    return _spec.prune_mean(hi * 2**FIXED_LO_BITS + lo, count, math.frexp(amax)[1])
 
 
 def _fixed_point(state: torch.Tensor, amax: float) -> torch.Tensor:
-    """int64 ``[2]``: the sum of ``q_i`` over the scored rows, and their count (section 7)."""
-    out = torch.zeros(2, dtype=torch.int64, device=state.device)
+    """int64 ``[3]``: the sums of ``q_i >> 15`` and ``q_i & (2**15 - 1)`` over the
+    scored rows, and their count (section 11.2): each word's sum over all ranks stays
+    below ``2**63`` for ``N < 2**48`` (``|q_i| <= 2**30``), where one int64 sum of
+    ``q_i`` would overflow from ``N`` about ``2**33``."""
+    out = torch.zeros(3, dtype=torch.int64, device=state.device)
     f1, f2 = _spec.prune_scale(_spec.prune_shift(math.frexp(amax)[1])) if amax > 0.0 else (0.0, 0.0)
     for a, b in _chunks(state.shape[0]):
         score, scored = prune_scores(state[a:b])
         q = score.nan_to_num_(0.0, 0.0, 0.0).mul_(f1).mul_(f2).floor_().to(torch.int64)  # 0 where not scored
-        out += torch.stack([q.sum(), scored.sum()])
+        out += torch.stack([(q >> FIXED_LO_BITS).sum(), (q & (2**FIXED_LO_BITS - 1)).sum(), scored.sum()])
     return out
 
 
@@ -865,8 +871,7 @@ class ShardedESWPSampler(ESWPSampler):
             raise ValueError(f"epoch {epoch} is past the last epoch ({MAX_EPOCH}): its successor is no int64")
         es = self.es
         amax = float(self._all_reduce(_score_max(es.state.tensor), dist.ReduceOp.MAX))
-        total, count = self._all_reduce(_fixed_point(es.state.tensor, amax), dist.ReduceOp.SUM).tolist()
-        tau = _threshold(amax, total, count)
+        tau = _threshold(amax, self._all_reduce(_fixed_point(es.state.tensor, amax), dist.ReduceOp.SUM).tolist())
         kept, scale = shard_prune_plan(
             es.state.tensor, es.lo, es.rank, tau, self.prune_ratio, self.seed, epoch, self.num_epochs,
             self.anneal_frac, self.rescale,

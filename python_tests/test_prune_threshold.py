@@ -90,8 +90,7 @@ def check_all(backend, state, expect_tau=None):
     _, _, r_tau = R.prune_threshold(state)
     assert r_tau == tau or (math.isnan(tau) and math.isnan(r_tau)), (r_tau, tau)
     amax = float(sharded._score_max(state))
-    total, count = sharded._fixed_point(state, amax).tolist()
-    s_tau = sharded._threshold(amax, total, count)
+    s_tau = sharded._threshold(amax, sharded._fixed_point(state, amax).tolist())
     assert s_tau == tau or (math.isnan(tau) and math.isnan(s_tau)), (s_tau, tau)
     if backend.name == "triton" and state.shape[0] > 0:
         t_tau = triton_tau(state)

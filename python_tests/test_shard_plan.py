@@ -185,6 +185,6 @@ def test_threshold_passes_add_up_to_the_whole_states(chunk, dtype, monkeypatch):
     for world in (1, 3, 7):
         parts = [state[a : min(a + -(-n // world), n)] for a in range(0, n, -(-n // world))]
         amax = max(float(sharded._score_max(p)) for p in parts)
-        total, count = (sum(v) for v in zip(*(sharded._fixed_point(p, amax).tolist() for p in parts)))
-        assert sharded._threshold(amax, total, count) == R.prune_threshold(state)[2]
-        assert count == int(R.prune_scores(state)[1].sum())
+        words = [sum(v) for v in zip(*(sharded._fixed_point(p, amax).tolist() for p in parts))]
+        assert sharded._threshold(amax, words) == R.prune_threshold(state)[2]
+        assert words[2] == int(R.prune_scores(state)[1].sum())

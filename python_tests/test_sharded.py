@@ -138,6 +138,19 @@ def test_eswp_epoch_start_collectives_do_not_depend_on_values(group):
             assert sorted(set(ids)) == list(range(lo, hi)) and bool((scale == 1).all())
 
 
+def test_threshold_sum_over_many_ranks_does_not_overflow():
+    """The all_reduce of the fixed-point words over 2**15 virtual ranks of 2**20 ids
+    each (N = 2**35, every q_i = -2**29): int64 sums of the words, as the collective
+    adds them, give the exact mean; one int64 sum of q_i would reach -2**64."""
+    import es_kernels.sharded as sharded
+
+    shard = torch.zeros(1 << 20, 2)
+    shard[:, 0] = -1.0  # score -1: e = 1, p = 29, q = -2**29
+    amax = float(sharded._score_max(shard))
+    words = sharded._fixed_point(shard, amax) * (1 << 15)  # what all_reduce(SUM) of 2**15 equal shards gives
+    assert sharded._threshold(amax, words.tolist()) == -1.0
+
+
 @pytest.mark.parametrize("chunk", [1 << 22, 37])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
 def test_shard_plans_in_one_process(world, chunk, monkeypatch):
@@ -155,8 +168,8 @@ def test_shard_plans_in_one_process(world, chunk, monkeypatch):
     _, _, tau = R.prune_threshold(st.tensor)
     parts = [st.tensor[slice(*shard_range(n, world, r))] for r in range(world)]
     amax = max(float(sharded._score_max(p)) for p in parts)
-    total, count = (sum(v) for v in zip(*(sharded._fixed_point(p, amax).tolist() for p in parts)))
-    assert sharded._threshold(amax, total, count) == tau  # the ranks' integer sums add up, bit for bit
+    words = [sum(v) for v in zip(*(sharded._fixed_point(p, amax).tolist() for p in parts))]
+    assert sharded._threshold(amax, words) == tau  # the ranks' integer sums add up, bit for bit
     for epoch, ratio in ((0, 0.5), (1, 0.9), (5, 0.5)):
         res = ek.eswp_prune(st, ratio, seed=3, epoch=epoch, num_epochs=6)
         kept, scales = [], []
