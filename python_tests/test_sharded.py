@@ -126,7 +126,7 @@ def test_eswp_plans_partition_the_single_process_plan(group):
 
 def test_eswp_epoch_start_collectives_do_not_depend_on_values(group):
     check = [("all_reduce", (2,), "torch.int64")]  # es.check(), when iter() starts the epoch
-    plan = [("all_reduce", (1,), "torch.float64"), ("all_reduce", (2,), "torch.int64")]  # threshold
+    plan = [("all_reduce", (1,), "torch.float64"), ("all_reduce", (3,), "torch.int64")]  # threshold
     plan += [("all_reduce", (1,), "torch.int64")]  # the epoch's length
     for world in (2, 3):
         for r in members(world):
