@@ -10,7 +10,8 @@ and local memory per variant). Two more tests keep the check honest: every
 kernel defined in es_kernels/_triton gets variants on both targets, and toy
 kernels that do not compile or that spill fail it. Two fast ones compile only
 ce_kernel's launches at language-model vocabularies, and those of the small
-vocabularies whose tiles hold several rows per thread (float32 V = 32).
+vocabularies whose tiles hold several rows per thread (float32 V = 32). Another
+checks that the matrix reaches the seed and step from device tensors.
 
 The harness runs in a subprocess without TRITON_INTERPRET (conftest sets it
 here, and then ``triton.jit`` makes interpreted functions that cannot be
@@ -103,6 +104,40 @@ def test_every_kernel_is_launched_on_every_arch_fast():
     idle = [op for op, n in data["accepted"].items() if n == 0]
     assert not idle, f"launchers that refused every input of aot.input_matrix: {idle}"
     assert data["variants"] > 1000
+
+
+DEVICE_SEED = """
+import json
+import re
+import aot
+from es_kernels._triton import ops
+names = ("weighted_select", "es_step_from_losses", "es_step", "es_select_from_state")
+points = [p for p in aot.input_matrix() if p["seed_as_tensor"]]
+rec = aot.record_calls({k: ops.OPS[k] for k in names}, points)
+flags = set()
+for v in aot.variants(rec.calls, ["sm_90a"]):
+    mode = re.search(r"MODE=\\(([^)]*)\\)", v.label)  # observe's flags: SEED_FROM_PTR, STEP_FROM_PTR 5th, 6th
+    on = mode.group(1).split(", ")[4:6] if mode else []
+    flags |= {(v.name, f) for f, x in zip(("seed", "step"), on) if x == "True"}
+    flags |= {(v.name, f) for f in ("seed", "step") if f"{f.upper()}_FROM_PTR=1" in v.label}
+    if "ADVANCE_STEP=1" in v.label:
+        flags.add((v.name, "advance"))
+print(json.dumps({"accepted": rec.accepted, "refused": rec.refused, "flags": sorted(flags)}))
+"""
+
+
+def test_the_matrix_reaches_seed_and_step_from_device_tensors():
+    """The seed_as_tensor knob of the input matrix gives accepted launches:
+    seed and step from 0-d device tensors (es_step's epilogue in ce_kernel,
+    observe_kernel, mix_keys_kernel) and the step counter advanced by the
+    last launch, compiled by the full matrix like every other variant."""
+    proc = _python(["-c", DEVICE_SEED], cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    flags = {tuple(f) for f in out["flags"]}
+    for kernel in ("ce_kernel", "observe_kernel", "mix_keys_kernel"):
+        assert {(kernel, "seed"), (kernel, "step")} <= flags, (kernel, out)
+    assert ("select_write_kernel", "advance") in flags, out
 
 
 CE_LAUNCHES = """
