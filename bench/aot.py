@@ -246,8 +246,9 @@ def _build_args(params: list[str], k: dict) -> dict:
         "lam": lambda: 1.0,
         "w_min": lambda: 1e-8,
         "select_mode": lambda: k["select_mode"],
-        "seed": lambda: torch.tensor(seed) if as_tensor and "seed_tensor" not in params else seed,
-        "step": lambda: torch.tensor(step) if as_tensor and "step_tensor" not in params else step,
+        # with seed_tensor / step_tensor the tensor is the value: the host int stays 0 (else refused)
+        "seed": lambda: (torch.tensor(seed) if "seed_tensor" not in params else 0) if as_tensor else seed,
+        "step": lambda: (torch.tensor(step) if "step_tensor" not in params else 0) if as_tensor else step,
         "seed_tensor": lambda: torch.tensor(seed) if as_tensor else None,
         "step_tensor": lambda: torch.tensor(step) if as_tensor else None,
         "advance_step": lambda: k["advance_step"],

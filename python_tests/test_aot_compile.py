@@ -8,8 +8,10 @@ on a compile error, on local memory or a stack frame, and on register
 spills. It writes bench/results/aot_kernels.md and .json (registers, shared
 and local memory per variant). Two more tests keep the check honest: every
 kernel defined in es_kernels/_triton gets variants on both targets, and toy
-kernels that do not compile or that spill fail it. A fast one compiles only
-ce_kernel's launches at language-model vocabularies.
+kernels that do not compile or that spill fail it. Two fast ones compile only
+ce_kernel's launches at language-model vocabularies, and those of the small
+vocabularies whose tiles hold several rows per thread (float32 V = 32). Another
+checks that the matrix reaches the seed and step from device tensors.
 
 The harness runs in a subprocess without TRITON_INTERPRET (conftest sets it
 here, and then ``triton.jit`` makes interpreted functions that cannot be
@@ -104,6 +106,40 @@ def test_every_kernel_is_launched_on_every_arch_fast():
     assert data["variants"] > 1000
 
 
+DEVICE_SEED = """
+import json
+import re
+import aot
+from es_kernels._triton import ops
+names = ("weighted_select", "es_step_from_losses", "es_step", "es_select_from_state")
+points = [p for p in aot.input_matrix() if p["seed_as_tensor"]]
+rec = aot.record_calls({k: ops.OPS[k] for k in names}, points)
+flags = set()
+for v in aot.variants(rec.calls, ["sm_90a"]):
+    mode = re.search(r"MODE=\\(([^)]*)\\)", v.label)  # observe's flags: SEED_FROM_PTR, STEP_FROM_PTR 5th, 6th
+    on = mode.group(1).split(", ")[4:6] if mode else []
+    flags |= {(v.name, f) for f, x in zip(("seed", "step"), on) if x == "True"}
+    flags |= {(v.name, f) for f in ("seed", "step") if f"{f.upper()}_FROM_PTR=1" in v.label}
+    if "ADVANCE_STEP=1" in v.label:
+        flags.add((v.name, "advance"))
+print(json.dumps({"accepted": rec.accepted, "refused": rec.refused, "flags": sorted(flags)}))
+"""
+
+
+def test_the_matrix_reaches_seed_and_step_from_device_tensors():
+    """The seed_as_tensor knob of the input matrix gives accepted launches:
+    seed and step from 0-d device tensors (es_step's epilogue in ce_kernel,
+    observe_kernel, mix_keys_kernel) and the step counter advanced by the
+    last launch, compiled by the full matrix like every other variant."""
+    proc = _python(["-c", DEVICE_SEED], cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    flags = {tuple(f) for f in out["flags"]}
+    for kernel in ("ce_kernel", "observe_kernel", "mix_keys_kernel"):
+        assert {(kernel, "seed"), (kernel, "step")} <= flags, (kernel, out)
+    assert ("select_write_kernel", "advance") in flags, out
+
+
 CE_LAUNCHES = """
 import json
 import torch
@@ -138,6 +174,43 @@ def test_ce_kernel_launches_of_lm_vocabularies_do_not_spill():
     assert out["variants"] >= 10, out
     assert not out["problems"], "\n".join(out["problems"])
     assert out["regs"] and max(out["regs"]) <= 128, out["regs"]
+
+
+ONE_WARP_TILES = """
+import itertools
+import json
+import torch
+import aot
+from es_kernels._triton import ops
+base = {k: v[0][0] for k, v in aot.knobs().items()}
+points = [  # float32 V = 32: 16 rows of 8 groups of 4 columns; es_step in every mode, smoothing, the mix
+    dict(base, V=32, logits_dim=2, select_mode=mode, b=b, label_smoothing=ls, eps=eps)
+    for mode, b, ls, eps in itertools.product(["sample", "topk"], [3, 0], [0.0, 0.1], [0.0, 0.05])
+] + [
+    dict(base, V=32, logits_dim=2, label_smoothing=0.1, logits_layout="sliced"),  # logits[:, 1:]
+    dict(base, V=64, logits_dim=2, logits_dtype=torch.bfloat16, label_smoothing=0.1),  # 16 rows of 8 groups of 8
+]
+if __name__ == "__main__":  # compile_all spawns workers
+    names = ("per_sample_cross_entropy", "per_sample_cross_entropy_backward", "es_step")
+    rec = aot.record_calls({k: ops.OPS[k] for k in names}, points)
+    vs = aot.variants([c for c in rec.calls if c.name in ("ce_kernel", "ce_grad_kernel")])
+    results = aot.compile_all(vs, workers=2)
+    print(json.dumps({"variants": len(vs), "problems": aot.problems(results)}))
+"""
+
+
+def test_ce_kernel_tiles_of_a_few_rows_per_thread_do_not_spill():
+    """ce_kernel and ce_grad_kernel on tiles of 16 rows of 8 vector groups
+    (float32 V = 32, 16-bit V = 64), with es_step's update in the epilogue
+    in each mode, label smoothing, the exploration mix and an unaligned view:
+    no stack frame or spills on sm_80 or sm_90a. On one warp (4 rows per
+    thread) ptxas kept float32 V = 32 at 80 registers with a 4-byte spill
+    on sm_80; config() gives such tiles 2 warps."""
+    proc = _python(["-c", ONE_WARP_TILES], timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["variants"] >= 30, out
+    assert not out["problems"], "\n".join(out["problems"])
 
 
 TOY = """

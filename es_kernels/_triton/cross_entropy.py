@@ -307,7 +307,15 @@ def config(V: int, element_size: int, on_gpu: bool, group: int | None = None) ->
     - num_warps: 64 bytes (four 16-byte loads) per thread and chunk, or 8
       scalar loads when G = 1; 1 to 8 (a tile smaller than the threads, e.g.
       16 rows of 2 classes on 4 warps, left ptxas an 8-byte stack frame on
-      sm_90a).
+      sm_90a); 2 where one warp would hold more than 2 rows per thread of a
+      tile of vector groups (a warp spreads its 32 lanes over the groups
+      first, then over the rows: 16 rows of 8 groups, float32 V = 32 or
+      16-bit V = 64, give each thread 4 rows, their pointers, masks and sums
+      live across the loop). On one warp ptxas, free to trade registers for
+      occupancy, kept float32 V = 32 (es_step, sample mode) at 80 registers
+      with a 4-byte spill on sm_80; on 2 warps it takes 48 and none. The
+      second warp takes rows, not groups: each row's reductions keep their
+      lanes and order, so the results are those of one warp.
     """
     if group is None:
         group = 16 // element_size if V % 16 == 0 else 1
@@ -316,6 +324,8 @@ def config(V: int, element_size: int, on_gpu: bool, group: int | None = None) ->
     rows = max(1, min(16, 1024 // block))
     per_thread = 64 // element_size if g > 1 else 8  # scalar loads: 8, fewer registers than 16 or 32
     warps = max(1, min(8, rows * block // (per_thread * 32)))
+    if g > 1 and warps == 1 and rows * min(block // g, 32) > 2 * 32:  # > 2 rows per thread on one warp
+        warps = 2
     return dict(ROWS=rows, BLOCK_V=block, G=g, num_warps=warps)
 
 
