@@ -49,12 +49,12 @@ FULL = os.environ.get("ES_KERNELS_AOT_FULL", "") not in ("", "0")
 @pytest.fixture(scope="session")
 def aot_run(tmp_path_factory):
     """The harness over the package's launchers, once per session: the whole
-    crossed matrix, about 1,400 compiles (an hour or more on 2 cores without
+    crossed matrix, 1,928 compiles (about half an hour on 2 cores without
     Triton's cache), so only with ES_KERNELS_AOT_FULL=1 (``make aot``)."""
     if not FULL:
         pytest.skip("the full AOT matrix runs with ES_KERNELS_AOT_FULL=1 (make aot)")
     out = tmp_path_factory.mktemp("aot") / "aot.json"
-    # no time limit: the matrix takes an hour or more on 2 cores (30 minutes
+    # no time limit: the matrix takes half an hour or more on 2 cores (30 minutes
     # cut it short there, leaving make aot to fail every time)
     proc = _python([str(BENCH / "aot.py"), "--json", str(out), "--tables", str(RESULTS)], timeout=None)
     if not out.exists():
