@@ -96,7 +96,7 @@ def plan_bench(args) -> None:
 
     def tau_of(x):
         amax = float(sharded._score_max(x))
-        return sharded._threshold(amax, *sharded._fixed_point(x, amax).tolist())
+        return sharded._threshold(amax, sharded._fixed_point(x, amax).tolist())
 
     def old():  # the threshold and the plan as before (chunks of 2**22 ids)
         taus["old"] = model.threshold(st.tensor)
@@ -137,7 +137,7 @@ def plan_bench(args) -> None:
         raise SystemExit(1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--num-samples", type=int, default=4_000_000)
@@ -146,7 +146,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--plan", action="store_true", help="time one rank's ESWP plan in one process")
     p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.plan:
         plan_bench(args)
         return

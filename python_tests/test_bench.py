@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -156,3 +157,14 @@ def test_bench_rank_select_runs_and_agrees(tmp_path, capsys):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["world"] == 3 and data["offset_rank2_ms"] > 0
     assert "| offset |" in capsys.readouterr().out
+
+
+def test_bench_sharded_plan_runs_and_agrees(capsys):
+    """bench/bench_sharded.py --plan: the sharded plan equals its earlier form (it exits 1 otherwise)."""
+    mod = _load("bench_sharded")
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--plan", "--num-samples", "5000", "--rounds", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "plans bit-identical (kept ids in order, scales): True" in capsys.readouterr().out
