@@ -117,6 +117,25 @@ def clone_all(t):
     return tuple(x.clone() for x in t)
 
 
+def bad_select_forms() -> dict:
+    """Bad input to every form of a sampler's ``select`` (a sampler of N = 40,
+    meta_batch 6): the error message each must raise, and the keyword arguments
+    that give it. Shared by the replicated and sharded distributed samplers' tests."""
+    ids, seg = torch.arange(4), torch.zeros(4, 5, dtype=torch.int64)
+    hid, wt, tgt = torch.randn(4, 5, 3), torch.randn(7, 3), torch.randint(0, 7, (4, 5))
+    return {
+        "weight and targets must be given with hidden": dict(ids=ids, hidden=hid, targets=tgt),
+        "ids must be None when segment_ids": dict(ids=ids, segment_ids=seg, losses=torch.rand(4, 5)),
+        "weight must have shape": dict(ids=ids, hidden=hid, weight=torch.randn(7, 2), targets=tgt),
+        "ids must have the batch size of hidden": dict(ids=ids[:3], hidden=hid, weight=wt, targets=tgt),
+        "shift_labels=True needs logits": dict(ids=ids, logits=torch.randn(4, 7), targets=tgt[:, 0], shift_labels=True),
+        "segment_ids must have shape": dict(segment_ids=seg[:, :4], hidden=hid, weight=wt, targets=tgt),
+        "losses must be floating point": dict(ids=ids, losses=torch.ones(4, dtype=torch.int64)),
+        "ids must have dtype": dict(ids=ids.double(), logits=torch.randn(4, 7), targets=tgt[:, 0]),
+        "hidden requires grad": dict(ids=ids, hidden=hid.clone().requires_grad_(), weight=wt, targets=tgt),
+    }
+
+
 def assert_state_equal(a, b):
     """Bit-exact equality of (state, errors), NaN == NaN, -0 != +0."""
     for x, y, name in zip(a, b, ("state", "errors")):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_state_equal
+from conftest import assert_state_equal, bad_select_forms
 
 import es_kernels as ek
 from es_kernels import reference as R
@@ -684,29 +684,15 @@ def test_select_refuses_bad_input_naming_the_argument(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
     try:
         d = DistributedEvolvedSampler(40, 3, seed=5, meta_batch=6, meta_tokens=20)
-        ids, seg = torch.arange(4), torch.zeros(4, 5, dtype=torch.int64)
-        hid, wt, tgt = torch.randn(4, 5, 3), torch.randn(7, 3), torch.randint(0, 7, (4, 5))
-        bad = {
-            "weight and targets must be given with hidden": dict(ids=ids, hidden=hid, targets=tgt),
-            "ids must be None when segment_ids": dict(ids=ids, segment_ids=seg, losses=torch.rand(4, 5)),
-            "weight must have shape": dict(ids=ids, hidden=hid, weight=torch.randn(7, 2), targets=tgt),
-            "ids must have the batch size of hidden": dict(ids=ids[:3], hidden=hid, weight=wt, targets=tgt),
-            "shift_labels=True needs logits": dict(
-                ids=ids, logits=torch.randn(4, 7), targets=tgt[:, 0], shift_labels=True
-            ),
-            "segment_ids must have shape": dict(segment_ids=seg[:, :4], hidden=hid, weight=wt, targets=tgt),
-            "losses must be floating point": dict(ids=ids, losses=torch.ones(4, dtype=torch.int64)),
-            "ids must have dtype": dict(ids=ids.double(), logits=torch.randn(4, 7), targets=tgt[:, 0]),
-            "hidden requires grad": dict(ids=ids, hidden=hid.clone().requires_grad_(), weight=wt, targets=tgt),
-            "25 tokens on rank 0, more than meta_tokens=20": dict(
-                segment_ids=torch.zeros(5, 5, dtype=torch.int64), losses=torch.rand(5, 5)
-            ),
-        }
+        bad = bad_select_forms()
+        bad["25 tokens on rank 0, more than meta_tokens=20"] = dict(
+            segment_ids=torch.zeros(5, 5, dtype=torch.int64), losses=torch.rand(5, 5)
+        )
         for want, kw in bad.items():
             with pytest.raises(ValueError, match=re.escape(want)):
                 d.select(**kw)
             assert d.step == 0 and d.state.errors.tolist() == [0, 0] and bool(d.state.s.isnan().all()), want
-        d.select(segment_ids=seg, losses=torch.rand(4, 5))  # a good call goes through
+        d.select(segment_ids=torch.zeros(4, 5, dtype=torch.int64), losses=torch.rand(4, 5))  # a good call goes through
         assert d.step == 1
     finally:
         dist.destroy_process_group()

@@ -12,7 +12,7 @@ import sharded_workers as SW
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_state_equal
+from conftest import assert_state_equal, bad_select_forms
 
 import es_kernels as ek
 from es_kernels import reference as R
@@ -329,25 +329,15 @@ def test_every_form_refuses_bad_input_before_writing(solo):
     from es_kernels.sharded import ShardedEvolvedSampler
 
     es = ShardedEvolvedSampler(40, 3, seed=5, meta_batch=6, schedule="fraction:0.5")
-    ids, seg = torch.arange(4), torch.zeros(4, 5, dtype=torch.int64)
-    hid, wt, tgt = torch.randn(4, 5, 3), torch.randn(7, 3), torch.randint(0, 7, (4, 5))
-    bad = {
-        "weight and targets must be given with hidden": dict(ids=ids, hidden=hid, targets=tgt),
-        "ids must be None when segment_ids": dict(ids=ids, segment_ids=seg, losses=torch.rand(4, 5)),
-        "weight must have shape": dict(ids=ids, hidden=hid, weight=torch.randn(7, 2), targets=tgt),
-        "ids must have the batch size of hidden": dict(ids=ids[:3], hidden=hid, weight=wt, targets=tgt),
-        "segment_ids must have shape": dict(segment_ids=seg[:, :4], hidden=hid, weight=wt, targets=tgt),
-        "ids must have dtype": dict(ids=ids.double(), logits=torch.randn(4, 7), targets=tgt[:, 0]),
-        "hidden requires grad": dict(ids=ids, hidden=hid.clone().requires_grad_(), weight=wt, targets=tgt),
-        "more than meta_batch=6": dict(segment_ids=torch.zeros(7, 2, dtype=torch.int64), losses=torch.rand(7, 2)),
-        "this step scores its meta-batch": dict(ids=ids),
-    }
+    bad = bad_select_forms()
+    bad["more than meta_batch=6"] = dict(segment_ids=torch.zeros(7, 2, dtype=torch.int64), losses=torch.rand(7, 2))
+    bad["this step scores its meta-batch"] = dict(ids=torch.arange(4))
     for want, kw in bad.items():
         with pytest.raises(ValueError, match=re.escape(want)):
             es.select(**kw)
         assert es.step == 0 and es.error_counts() == (0, 0) and bool(es.state.s.isnan().all()), want
         assert not bool(es._counters.any()), want
-    es.select(segment_ids=seg, losses=torch.rand(4, 5))  # a good call goes through
+    es.select(segment_ids=torch.zeros(4, 5, dtype=torch.int64), losses=torch.rand(4, 5))  # a good call goes through
     assert es.step == 1
 
 
