@@ -117,6 +117,19 @@ def clone_all(t):
     return tuple(x.clone() for x in t)
 
 
+def read_ahead(loader):
+    """Iterate like accelerate's DataLoaderShard: batch i+1 is fetched before
+    batch i is handed out. ESWP plans are made when the stream is first read
+    past the previous plan, so the read-ahead depth decides which ES state a
+    plan sees; the hand loop reads ahead as the Trainer does."""
+    it = iter(loader)
+    cur = next(it)
+    for nxt in it:
+        yield cur
+        cur = nxt
+    yield cur
+
+
 def bad_select_forms() -> dict:
     """Bad input to every form of a sampler's ``select`` (a sampler of N = 40,
     meta_batch 6): the error message each must raise, and the keyword arguments

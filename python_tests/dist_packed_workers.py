@@ -12,7 +12,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_integrations_packed import LR, N, V, collator, hand_documents, make_docs, make_model, trainer_args
+from test_integrations_packed import (
+    LR,
+    N,
+    V,
+    collator,
+    hand_document_scores,
+    hand_documents,
+    make_docs,
+    make_model,
+    trainer_args,
+)
 
 B, b = 4, 2  # per rank; N = 32 documents: 4 steps a loader epoch on 2 ranks
 STEPS = 6
@@ -130,7 +140,6 @@ def hand_loop(rank, world, steps, eswp=False, dropout=0.0, from_hidden=False):
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    import es_kernels as ek
     from es_kernels.integrations import ESCollator, ESDataset, ESStream
 
     model = make_model(dropout)
@@ -163,19 +172,7 @@ def hand_loop(rank, world, steps, eswp=False, dropout=0.0, from_hidden=False):
         ids, scales, y = batch.pop("es_id"), batch.pop("es_scale"), batch["labels"]
         docs = hand_documents(batch["position_ids"])
         seg = torch.cat([torch.full((1, n), k) for k, (_, n) in enumerate(docs)], 1)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        model.eval()
-        with torch.no_grad():
-            if from_hidden:
-                h = model.transformer(**inputs).last_hidden_state
-                d = ek.lm.per_document_losses_from_hidden(h, model.lm_head.weight, y, seg, shift_labels=True)
-            else:
-                d = ek.lm.per_document_cross_entropy(model(**inputs).logits, y, seg, shift_labels=True)
-        model.train()
-        doc_loss, doc_seg = torch.zeros(B, 1), torch.full((B, 1), -1)
-        for k, loss, c in zip(d.ids.tolist(), d.losses.tolist(), d.counts.tolist()):
-            if k >= 0 and c > 0:
-                doc_loss[k], doc_seg[k] = loss, ids[k]
+        doc_loss, doc_seg = hand_document_scores(model, batch, y, seg, ids, B, from_hidden)
         pos = es.select(losses=doc_loss, segment_ids=doc_seg).positions
         seen.append(doc_seg[pos, 0].tolist())  # -1: a pick without a scored token
         pos = pos.tolist()

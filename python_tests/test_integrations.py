@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import import_lightning, lit_module, lit_trainer
+from conftest import import_lightning, lit_module, lit_trainer, read_ahead
 from torch.utils.data import DataLoader
 
 import es_kernels as ek
@@ -137,19 +137,6 @@ def record_selections(es):
 
     es.select = select
     return seen
-
-
-def read_ahead(loader):
-    """Iterate like accelerate's DataLoaderShard: batch i+1 is fetched before
-    batch i is handed out. ESWP plans are made when the stream is first read
-    past the previous plan, so the read-ahead depth decides which ES state a
-    plan sees; the hand loop reads ahead as the Trainer does."""
-    it = iter(loader)
-    cur = next(it)
-    for nxt in it:
-        yield cur
-        cur = nxt
-    yield cur
 
 
 def bf16_autocast(on):

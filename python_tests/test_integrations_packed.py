@@ -10,6 +10,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_ahead
 from torch.utils.data import DataLoader
 
 import es_kernels as ek
@@ -114,20 +115,31 @@ def record(tr, es):
     return seen, losses
 
 
-def read_ahead(loader):
-    it = iter(loader)
-    cur = next(it)
-    for nxt in it:
-        yield cur
-        cur = nxt
-    yield cur
-
-
 def hand_documents(position_ids):
     """(start, length) of each document: a new one wherever position_ids restart at 0."""
     p = position_ids[0].tolist()
     starts = [t for t in range(len(p)) if p[t] == 0]
     return [(s, e - s) for s, e in zip(starts, starts[1:] + [len(p)])]
+
+
+def hand_document_scores(model, batch, y, seg, ids, rows, from_hidden):
+    """The scoring pass of docs/packing.md's loop (eval mode, no grad; from the logits
+    or the hidden states): one ``[rows, 1]`` row per document, ``(losses, segment_ids)``,
+    observed once each, none without a scored token (segment id -1)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        if from_hidden:
+            h = model.transformer(**inputs).last_hidden_state
+            d = ek.lm.per_document_losses_from_hidden(h, model.lm_head.weight, y, seg, shift_labels=True)
+        else:
+            d = ek.lm.per_document_cross_entropy(model(**inputs).logits, y, seg, shift_labels=True)
+    model.train()
+    doc_loss, doc_seg = torch.zeros(rows, 1), torch.full((rows, 1), -1)
+    for k, loss, c in zip(d.ids.tolist(), d.losses.tolist(), d.counts.tolist()):
+        if k >= 0 and c > 0:
+            doc_loss[k], doc_seg[k] = loss, ids[k]
+    return doc_loss, doc_seg
 
 
 def hand_loop(steps, flash=False, eswp=False, schedule="step", accum=1, from_hidden=False):
@@ -154,20 +166,7 @@ def hand_loop(steps, flash=False, eswp=False, schedule="step", accum=1, from_hid
             seg = torch.cat([torch.full((1, n), k) for k, (_, n) in enumerate(docs)], 1)
             scored = es.needs_scores
             if scored:
-                model.eval()
-                with torch.no_grad():
-                    inputs = {k: v for k, v in batch.items() if k != "labels"}
-                    if from_hidden:
-                        h = model.transformer(**inputs).last_hidden_state
-                        d = ek.lm.per_document_losses_from_hidden(h, model.lm_head.weight, y, seg, shift_labels=True)
-                    else:
-                        d = ek.lm.per_document_cross_entropy(model(**inputs).logits, y, seg, shift_labels=True)
-                model.train()
-                # one [B, 1] row per document: observed once each, none without a scored token
-                doc_loss, doc_seg = torch.zeros(B, 1), torch.full((B, 1), -1)
-                for k, loss, c in zip(d.ids.tolist(), d.losses.tolist(), d.counts.tolist()):
-                    if k >= 0 and c > 0:
-                        doc_loss[k], doc_seg[k] = loss, ids[k]
+                doc_loss, doc_seg = hand_document_scores(model, batch, y, seg, ids, B, from_hidden)
                 sel = es.select(losses=doc_loss, segment_ids=doc_seg)
                 seen.append(doc_seg[sel.positions, 0].tolist())  # -1: a pick without a scored token
             else:
