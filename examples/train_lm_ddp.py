@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)  # last: the ES state and the stream resume bit for bit
     trainer.save_model()  # the final model in --output-dir
+    if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads can abort a rank
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
